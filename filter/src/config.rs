@@ -1,0 +1,584 @@
+//! The `pluginConfig` contract: parsed from JSON, validated, and compiled into [`Config`].
+//!
+//! Every rejection names the field (`traces.sampling_ratio`) and says why, so that a user
+//! reading Envoy's log or `meshtel validate` output knows exactly what to fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A rejected configuration: the dotted path of the offending field and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the field, e.g. `traces.sampling_ratio`; `.` for the document itself.
+    pub field: String,
+    /// Why the value was refused.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Trace context formats the filter reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Propagation {
+    /// W3C Trace Context Level 1: `traceparent` and `tracestate`.
+    #[serde(rename = "w3c")]
+    W3c,
+    /// B3: the `x-b3-*` headers, and the single `b3` header when the request carried one.
+    #[serde(rename = "b3")]
+    B3,
+}
+
+/// How spans are named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpanNaming {
+    /// `GET /api/items`: method and path, without the query string.
+    MethodPath,
+    /// `GET`: the method only (lowest cardinality, what the HTTP conventions ask for when no route is known).
+    Method,
+}
+
+/// The validated configuration the filter runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where telemetry goes.
+    pub collector: Collector,
+    /// Tracing settings.
+    pub traces: Traces,
+    /// Metric settings.
+    pub metrics: Metrics,
+    /// Batching, queueing and retry settings shared by all signals.
+    pub export: Export,
+    /// Extra resource attributes added to everything the proxy exports.
+    pub resource_attributes: BTreeMap<String, String>,
+}
+
+/// The OTLP/HTTP collector, reached through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Collector {
+    /// Envoy cluster name passed to `dispatch_http_call`.
+    pub cluster: String,
+    /// `:authority` of export requests.
+    pub authority: String,
+    /// Timeout of one export call.
+    pub timeout: Duration,
+    /// Extra request headers (e.g. an API key), in a stable order.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Tracing settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traces {
+    /// Whether spans are recorded and exported (context is propagated either way).
+    pub enabled: bool,
+    /// Probability that a new trace (one with no incoming decision) is sampled.
+    pub sampling_ratio: f64,
+    /// Formats read (first valid one wins, in this order) and written (all of them).
+    pub propagation: Vec<Propagation>,
+    /// How spans are named.
+    pub span_name: SpanNaming,
+}
+
+/// Metric settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metrics {
+    /// Whether Istio's standard metrics are recorded and exported.
+    pub enabled: bool,
+    /// Interval between two metric exports.
+    pub export_interval: Duration,
+}
+
+/// Batching, queueing and retry settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Export {
+    /// A batch is sent at least this often when items are waiting.
+    pub flush_interval: Duration,
+    /// Most items in one export request; a full batch is sent without waiting for the interval.
+    pub max_batch: usize,
+    /// Most items waiting per proxy worker; past it the oldest are dropped and counted.
+    pub max_queue: usize,
+    /// Most export calls in flight per proxy worker.
+    pub max_in_flight: usize,
+    /// Retries of a retryable failure (429, 502, 503, 504, no answer) before the batch is dropped.
+    pub max_retries: u32,
+}
+
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const MAX_INTERVAL_MS: u64 = 3_600_000;
+const MAX_BATCH: usize = 16_384;
+const MAX_QUEUE: usize = 1_048_576;
+
+/// Parse and validate a `pluginConfig` JSON document.
+pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() {
+            ".".to_string()
+        } else {
+            path
+        };
+        ConfigError::new(&field, e.into_inner().to_string())
+    })?;
+    Config::try_from(raw)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    collector: Option<RawCollector>,
+    #[serde(default)]
+    traces: RawTraces,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    export: RawExport,
+    #[serde(default)]
+    resource: RawResource,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCollector {
+    cluster: Option<String>,
+    authority: Option<String>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTraces {
+    enabled: bool,
+    sampling_ratio: f64,
+    propagation: Vec<Propagation>,
+    span_name: SpanNaming,
+}
+
+impl Default for RawTraces {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sampling_ratio: 1.0,
+            propagation: vec![Propagation::W3c, Propagation::B3],
+            span_name: SpanNaming::MethodPath,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    enabled: bool,
+    export_interval_ms: u64,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            export_interval_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawExport {
+    flush_interval_ms: u64,
+    max_batch: usize,
+    max_queue: usize,
+    max_in_flight: usize,
+    max_retries: u32,
+}
+
+impl Default for RawExport {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1_000,
+            max_batch: 512,
+            max_queue: 8_192,
+            max_in_flight: 4,
+            max_retries: 3,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let collector = raw
+            .collector
+            .ok_or_else(|| ConfigError::new("collector", "is required"))?;
+        Ok(Config {
+            collector: collector.compile()?,
+            traces: raw.traces.compile()?,
+            metrics: raw.metrics.compile()?,
+            export: raw.export.compile()?,
+            resource_attributes: compile_resource(raw.resource)?,
+        })
+    }
+}
+
+impl RawCollector {
+    fn compile(self) -> Result<Collector, ConfigError> {
+        let cluster = self.cluster.unwrap_or_default();
+        if cluster.trim().is_empty() {
+            return Err(ConfigError::new(
+                "collector.cluster",
+                "is required: the Envoy cluster of the OTLP/HTTP collector, e.g. outbound|4318||otel-collector.observability.svc.cluster.local",
+            ));
+        }
+        let authority = match self.authority {
+            Some(a) if a.trim().is_empty() => {
+                return Err(ConfigError::new("collector.authority", "must not be empty"))
+            }
+            Some(a) => a,
+            None => istio_cluster_authority(&cluster).ok_or_else(|| {
+                ConfigError::new(
+                    "collector.authority",
+                    format!("is required when collector.cluster is not an Istio cluster name (outbound|PORT|SUBSET|HOST), got {cluster:?}"),
+                )
+            })?,
+        };
+        in_range("collector.timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in self.headers {
+            let field = format!("collector.headers.{name}");
+            if !is_header_name(&name) {
+                return Err(ConfigError::new(
+                    &field,
+                    "header names must be lower-case HTTP tokens",
+                ));
+            }
+            if RESERVED_HEADERS.contains(&name.as_str()) {
+                return Err(ConfigError::new(
+                    &field,
+                    "is set by meshtel itself and cannot be overridden",
+                ));
+            }
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(ConfigError::new(
+                    &field,
+                    "header values must not contain CR, LF or NUL",
+                ));
+            }
+            headers.push((name, value));
+        }
+        Ok(Collector {
+            cluster,
+            authority,
+            timeout: Duration::from_millis(self.timeout_ms),
+            headers,
+        })
+    }
+}
+
+const RESERVED_HEADERS: &[&str] = &["content-type", "content-length", "host", "te"];
+
+impl RawTraces {
+    fn compile(self) -> Result<Traces, ConfigError> {
+        let ratio = self.sampling_ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(ConfigError::new(
+                "traces.sampling_ratio",
+                format!("must be between 0 and 1, got {ratio}"),
+            ));
+        }
+        let mut propagation = Vec::with_capacity(self.propagation.len());
+        for p in self.propagation {
+            if propagation.contains(&p) {
+                return Err(ConfigError::new(
+                    "traces.propagation",
+                    format!("lists {p:?} twice"),
+                ));
+            }
+            propagation.push(p);
+        }
+        Ok(Traces {
+            enabled: self.enabled,
+            sampling_ratio: ratio,
+            propagation,
+            span_name: self.span_name,
+        })
+    }
+}
+
+impl RawMetrics {
+    fn compile(self) -> Result<Metrics, ConfigError> {
+        in_range(
+            "metrics.export_interval_ms",
+            self.export_interval_ms,
+            1_000,
+            MAX_INTERVAL_MS,
+        )?;
+        Ok(Metrics {
+            enabled: self.enabled,
+            export_interval: Duration::from_millis(self.export_interval_ms),
+        })
+    }
+}
+
+impl RawExport {
+    fn compile(self) -> Result<Export, ConfigError> {
+        in_range(
+            "export.flush_interval_ms",
+            self.flush_interval_ms,
+            10,
+            MAX_INTERVAL_MS,
+        )?;
+        in_range("export.max_batch", self.max_batch, 1, MAX_BATCH)?;
+        in_range("export.max_queue", self.max_queue, 1, MAX_QUEUE)?;
+        if self.max_queue < self.max_batch {
+            return Err(ConfigError::new(
+                "export.max_queue",
+                format!(
+                    "must be at least export.max_batch ({}), got {}",
+                    self.max_batch, self.max_queue
+                ),
+            ));
+        }
+        in_range("export.max_in_flight", self.max_in_flight, 1, 64)?;
+        in_range("export.max_retries", self.max_retries, 0, 10)?;
+        Ok(Export {
+            flush_interval: Duration::from_millis(self.flush_interval_ms),
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            max_in_flight: self.max_in_flight,
+            max_retries: self.max_retries,
+        })
+    }
+}
+
+fn compile_resource(raw: RawResource) -> Result<BTreeMap<String, String>, ConfigError> {
+    if let Some(key) = raw.attributes.keys().find(|k| k.trim().is_empty()) {
+        return Err(ConfigError::new(
+            "resource.attributes",
+            format!("attribute names must not be empty, got {key:?}"),
+        ));
+    }
+    Ok(raw.attributes)
+}
+
+fn in_range<T: PartialOrd + fmt::Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be between {min} and {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+/// The `host:port` an Istio cluster name such as `outbound|4318||otel.obs.svc.cluster.local` points at.
+pub fn istio_cluster_authority(cluster: &str) -> Option<String> {
+    let mut parts = cluster.split('|');
+    let (direction, port, _subset, host) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || direction != "outbound" || host.is_empty() {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{host}:{port}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        parse(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = r#"{"collector":{"cluster":"outbound|4318||otel-collector.observability.svc.cluster.local"}}"#;
+
+    #[test]
+    fn minimal_config_takes_documented_defaults() {
+        let c = parse(MINIMAL.as_bytes()).unwrap();
+        assert_eq!(
+            c.collector.authority,
+            "otel-collector.observability.svc.cluster.local:4318"
+        );
+        assert_eq!(c.collector.timeout, Duration::from_secs(5));
+        assert!(c.traces.enabled && c.metrics.enabled);
+        assert_eq!(c.traces.sampling_ratio, 1.0);
+        assert_eq!(
+            c.traces.propagation,
+            vec![Propagation::W3c, Propagation::B3]
+        );
+        assert_eq!(c.traces.span_name, SpanNaming::MethodPath);
+        assert_eq!(c.metrics.export_interval, Duration::from_secs(10));
+        assert_eq!(c.export.flush_interval, Duration::from_secs(1));
+        assert_eq!((c.export.max_batch, c.export.max_queue), (512, 8192));
+        assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
+    }
+
+    #[test]
+    fn full_documented_example_parses() {
+        let c = parse(
+            br#"{
+              "collector": {"cluster": "outbound|4318||otel-collector.observability.svc.cluster.local",
+                            "authority": "otel:4318", "timeout_ms": 2000, "headers": {"x-api-key": "k"}},
+              "traces": {"enabled": true, "sampling_ratio": 0.25, "propagation": ["b3"], "span_name": "method"},
+              "metrics": {"enabled": false, "export_interval_ms": 15000},
+              "export": {"flush_interval_ms": 500, "max_batch": 100, "max_queue": 1000, "max_in_flight": 2, "max_retries": 0},
+              "resource": {"attributes": {"deployment.environment.name": "prod"}}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.collector.authority, "otel:4318");
+        assert_eq!(c.collector.headers, vec![("x-api-key".into(), "k".into())]);
+        assert_eq!(c.traces.propagation, vec![Propagation::B3]);
+        assert_eq!(c.traces.span_name, SpanNaming::Method);
+        assert!(!c.metrics.enabled);
+        assert_eq!(c.export.max_retries, 0);
+        assert_eq!(c.resource_attributes["deployment.environment.name"], "prod");
+    }
+
+    #[test]
+    fn rejects_sampling_ratio_out_of_range_naming_the_field() {
+        assert_eq!(
+            err(
+                r#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local"},"traces":{"sampling_ratio":1.5}}"#
+            ),
+            "traces.sampling_ratio: must be between 0 and 1, got 1.5"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_their_path() {
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"sampling":1}}"#);
+        assert!(
+            e.starts_with("traces.sampling: unknown field `sampling`"),
+            "{e}"
+        );
+        let e = err(r#"{"collector":{"cluster":"x","authority":"a"},"tracing":{}}"#);
+        assert!(e.starts_with("tracing: unknown field `tracing`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_wrong_types_and_unknown_propagation() {
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"export":{"max_batch":"10"}}"#);
+        assert!(e.starts_with("export.max_batch: invalid type"), "{e}");
+        let e = err(
+            r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["jaeger"]}}"#,
+        );
+        assert!(
+            e.starts_with("traces.propagation[0]: unknown variant `jaeger`"),
+            "{e}"
+        );
+        let e = err(
+            r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["b3","b3"]}}"#,
+        );
+        assert_eq!(e, "traces.propagation: lists B3 twice");
+    }
+
+    #[test]
+    fn requires_a_collector_cluster() {
+        assert_eq!(err("{}"), "collector: is required");
+        assert!(err(r#"{"collector":{}}"#).starts_with("collector.cluster: is required"));
+        assert!(err("not json").starts_with(".: expected"));
+    }
+
+    #[test]
+    fn requires_authority_for_non_istio_cluster_names() {
+        let e = err(r#"{"collector":{"cluster":"otel"}}"#);
+        assert!(e.starts_with("collector.authority: is required"), "{e}");
+        let c = parse(br#"{"collector":{"cluster":"otel","authority":"otel:4318"}}"#).unwrap();
+        assert_eq!(c.collector.cluster, "otel");
+    }
+
+    #[test]
+    fn rejects_out_of_range_export_settings() {
+        let base = r#"{"collector":{"cluster":"outbound|4318||c"},"export":"#;
+        assert_eq!(
+            err(&format!(r#"{base}{{"max_batch":0}}}}"#)),
+            "export.max_batch: must be between 1 and 16384, got 0"
+        );
+        assert_eq!(
+            err(&format!(r#"{base}{{"max_batch":100,"max_queue":10}}}}"#)),
+            "export.max_queue: must be at least export.max_batch (100), got 10"
+        );
+        assert_eq!(
+            err(&format!(r#"{base}{{"flush_interval_ms":1}}}}"#)),
+            "export.flush_interval_ms: must be between 10 and 3600000, got 1"
+        );
+        assert!(
+            err(r#"{"collector":{"cluster":"outbound|4318||c","timeout_ms":0}}"#)
+                .starts_with("collector.timeout_ms: must be between 1 and 60000")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_collector_headers() {
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"X-Key":"v"}}}"#);
+        assert_eq!(
+            e,
+            "collector.headers.X-Key: header names must be lower-case HTTP tokens"
+        );
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"x-key":"a\nb"}}}"#);
+        assert_eq!(
+            e,
+            "collector.headers.x-key: header values must not contain CR, LF or NUL"
+        );
+        let e =
+            err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"content-type":"x"}}}"#);
+        assert!(e.starts_with("collector.headers.content-type: is set by meshtel"));
+    }
+
+    #[test]
+    fn derives_authority_only_from_outbound_istio_names() {
+        assert_eq!(
+            istio_cluster_authority("outbound|4318|v1|otel.obs.svc.cluster.local").as_deref(),
+            Some("otel.obs.svc.cluster.local:4318")
+        );
+        assert_eq!(istio_cluster_authority("inbound|4318||"), None);
+        assert_eq!(istio_cluster_authority("outbound|http||otel"), None);
+        assert_eq!(istio_cluster_authority("outbound|4318||"), None);
+        assert_eq!(istio_cluster_authority("otel"), None);
+    }
+}

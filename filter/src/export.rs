@@ -1,0 +1,507 @@
+//! Bounded buffering and the export call state machine, independent of the proxy.
+//!
+//! Items wait in a [`BoundedQueue`] (oldest dropped and counted past its cap). The root context
+//! drains batches on its tick, encodes them, and hands each payload to a [`Sender`], which tracks
+//! calls in flight, classifies answers, schedules retries with backoff within a fixed budget, and
+//! reports health changes so that the proxy logs once per change, never once per request.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// A FIFO with a hard cap: pushing onto a full queue drops the oldest item.
+#[derive(Debug)]
+pub struct BoundedQueue<T> {
+    items: VecDeque<T>,
+    cap: usize,
+    dropped: u64,
+}
+
+impl<T> BoundedQueue<T> {
+    /// An empty queue holding at most `cap` items (at least one).
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        Self {
+            items: VecDeque::with_capacity(cap.min(1024)),
+            cap,
+            dropped: 0,
+        }
+    }
+
+    /// Append an item, dropping the oldest one if the queue is full.
+    pub fn push(&mut self, item: T) {
+        if self.items.len() >= self.cap {
+            self.items.pop_front();
+            self.dropped += 1;
+        }
+        self.items.push_back(item);
+    }
+
+    /// Take up to `max` of the oldest items.
+    pub fn take(&mut self, max: usize) -> Vec<T> {
+        let n = max.min(self.items.len());
+        self.items.drain(..n).collect()
+    }
+
+    /// Items waiting.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Items dropped because the queue was full, since creation.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+/// Decides when a batch is due: when a full batch waits, or the flush interval has passed.
+#[derive(Debug, Clone)]
+pub struct FlushTimer {
+    interval_ns: u64,
+    last_flush_ns: u64,
+}
+
+impl FlushTimer {
+    /// A timer flushing at least every `interval`.
+    pub fn new(interval: Duration, now_ns: u64) -> Self {
+        Self {
+            interval_ns: duration_ns(interval),
+            last_flush_ns: now_ns,
+        }
+    }
+
+    /// Whether a batch should be sent now, given how many items wait and the batch size.
+    pub fn due(&self, waiting: usize, max_batch: usize, now_ns: u64) -> bool {
+        waiting >= max_batch
+            || (waiting > 0 && now_ns.saturating_sub(self.last_flush_ns) >= self.interval_ns)
+    }
+
+    /// Record that a flush happened.
+    pub fn flushed(&mut self, now_ns: u64) {
+        self.last_flush_ns = now_ns;
+    }
+}
+
+/// An encoded export request and the number of items it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload {
+    /// OTLP protobuf body.
+    pub body: Vec<u8>,
+    /// Spans, data points or log records in it.
+    pub items: u64,
+    /// Calls already made with this payload.
+    pub attempts: u32,
+}
+
+impl Payload {
+    /// A payload not yet sent.
+    pub fn new(body: Vec<u8>, items: u64) -> Self {
+        Self {
+            body,
+            items,
+            attempts: 0,
+        }
+    }
+}
+
+/// How an export call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted; `rejected` items were refused by the collector (OTLP partial success).
+    Success {
+        /// Items the collector refused.
+        rejected: u64,
+    },
+    /// A transient failure worth retrying; `after` is the collector's `Retry-After`, if any.
+    Retry {
+        /// What went wrong.
+        reason: String,
+        /// Delay the collector asked for.
+        after: Option<Duration>,
+    },
+    /// A permanent failure: the payload is dropped.
+    Fail {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Classify an OTLP/HTTP answer (OTLP spec, "Failures"): 2xx succeeds; 429, 502, 503 and 504
+/// are retryable; no answer at all (connection refused, timeout, reset) is retryable too;
+/// everything else is a permanent failure.
+pub fn classify(status: Option<u32>, retry_after: Option<&str>) -> Outcome {
+    match status {
+        Some(200..=299) => Outcome::Success { rejected: 0 },
+        Some(code @ (429 | 502 | 503 | 504)) => Outcome::Retry {
+            reason: format!("collector answered {code}"),
+            after: retry_after.and_then(parse_retry_after),
+        },
+        Some(code) => Outcome::Fail {
+            reason: format!("collector answered {code}"),
+        },
+        None => Outcome::Retry {
+            reason: "no answer from the collector (refused, reset or timed out)".into(),
+            after: None,
+        },
+    }
+}
+
+/// Longest `Retry-After` honoured; a collector asking for more gets this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// First retry delay; it doubles per attempt up to [`MAX_BACKOFF`].
+pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest computed backoff.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// `Retry-After` in delay-seconds form; HTTP dates are ignored (the backoff applies instead).
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let secs: u64 = v.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Backoff before retry number `attempt` (1-based).
+pub fn backoff(attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(16);
+    INITIAL_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+/// Counters of one signal's export, cumulative since the VM started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Items the collector accepted.
+    pub exported: u64,
+    /// Items refused by the collector or dropped after a permanent failure or exhausted retries.
+    pub failed: u64,
+    /// Export calls that failed (each retry counts).
+    pub failed_requests: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+}
+
+/// Whether exports currently work; changes are logged once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The last call succeeded (or none was made yet).
+    Healthy,
+    /// The last call failed for this reason.
+    Failing(String),
+}
+
+/// Tracks export calls of one signal: in flight, waiting for a retry, and their outcomes.
+#[derive(Debug)]
+pub struct Sender {
+    in_flight: Vec<(u32, Payload)>,
+    waiting: VecDeque<(u64, Payload)>,
+    max_in_flight: usize,
+    max_retries: u32,
+    stats: ExportStats,
+    health: Health,
+}
+
+impl Sender {
+    /// A sender allowing `max_in_flight` concurrent calls and `max_retries` retries per payload.
+    pub fn new(max_in_flight: usize, max_retries: u32) -> Self {
+        Self {
+            in_flight: Vec::new(),
+            waiting: VecDeque::new(),
+            max_in_flight: max_in_flight.max(1),
+            max_retries,
+            stats: ExportStats::default(),
+            health: Health::Healthy,
+        }
+    }
+
+    /// Whether another call may start now.
+    pub fn has_capacity(&self) -> bool {
+        self.in_flight.len() < self.max_in_flight
+    }
+
+    /// A payload whose retry delay has passed, if a call may start.
+    pub fn due_retry(&mut self, now_ns: u64) -> Option<Payload> {
+        if !self.has_capacity() {
+            return None;
+        }
+        let pos = self.waiting.iter().position(|(due, _)| *due <= now_ns)?;
+        self.waiting.remove(pos).map(|(_, p)| p)
+    }
+
+    /// Record a call made with `payload`, answered later under `token`.
+    pub fn sent(&mut self, token: u32, mut payload: Payload) {
+        payload.attempts += 1;
+        self.in_flight.push((token, payload));
+    }
+
+    /// Record a call the proxy refused to make (e.g. unknown cluster); it is retried like a
+    /// failed call. Returns a health change to log, if any.
+    pub fn not_sent(
+        &mut self,
+        mut payload: Payload,
+        reason: String,
+        now_ns: u64,
+    ) -> Option<String> {
+        payload.attempts += 1;
+        self.failed(
+            payload,
+            Outcome::Retry {
+                reason,
+                after: None,
+            },
+            now_ns,
+        )
+    }
+
+    /// Record the answer to call `token`. Returns a health change to log, if any.
+    /// Unknown tokens are ignored.
+    pub fn completed(&mut self, token: u32, outcome: Outcome, now_ns: u64) -> Option<String> {
+        let pos = self.in_flight.iter().position(|(t, _)| *t == token)?;
+        let (_, payload) = self.in_flight.swap_remove(pos);
+        match outcome {
+            Outcome::Success { rejected } => {
+                let rejected = rejected.min(payload.items);
+                self.stats.exported += payload.items - rejected;
+                self.stats.failed += rejected;
+                self.set_health(Health::Healthy)
+            }
+            failure => self.failed(payload, failure, now_ns),
+        }
+    }
+
+    fn failed(&mut self, payload: Payload, outcome: Outcome, now_ns: u64) -> Option<String> {
+        self.stats.failed_requests += 1;
+        let reason = match outcome {
+            Outcome::Retry { reason, after } if payload.attempts <= self.max_retries => {
+                let delay = after.unwrap_or_else(|| backoff(payload.attempts));
+                self.stats.retries += 1;
+                // Retries wait in a buffer no larger than the in-flight limit: the oldest gives way.
+                if self.waiting.len() >= self.max_in_flight {
+                    if let Some((_, old)) = self.waiting.pop_front() {
+                        self.stats.failed += old.items;
+                    }
+                }
+                self.waiting
+                    .push_back((now_ns.saturating_add(duration_ns(delay)), payload));
+                reason
+            }
+            Outcome::Retry { reason, .. } | Outcome::Fail { reason } => {
+                self.stats.failed += payload.items;
+                reason
+            }
+            Outcome::Success { .. } => return None,
+        };
+        self.set_health(Health::Failing(reason))
+    }
+
+    fn set_health(&mut self, health: Health) -> Option<String> {
+        if self.health == health {
+            return None;
+        }
+        let msg = match &health {
+            Health::Healthy => "export recovered".to_string(),
+            Health::Failing(reason) => format!("export failing: {reason}"),
+        };
+        self.health = health;
+        Some(msg)
+    }
+
+    /// Counters since the VM started.
+    pub fn stats(&self) -> &ExportStats {
+        &self.stats
+    }
+
+    /// Current health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Payloads waiting for a retry.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+}
+
+/// Nanoseconds in a duration, saturating.
+pub fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn payload(items: u64) -> Payload {
+        Payload::new(vec![1, 2, 3], items)
+    }
+
+    #[test]
+    fn queue_drops_oldest_past_its_cap() {
+        let mut q = BoundedQueue::new(3);
+        for i in 0..5 {
+            q.push(i);
+        }
+        assert_eq!((q.len(), q.dropped()), (3, 2));
+        assert_eq!(q.take(2), vec![2, 3]);
+        assert_eq!(q.take(10), vec![4]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn flush_is_due_on_full_batch_or_interval() {
+        let mut t = FlushTimer::new(Duration::from_secs(1), 0);
+        assert!(!t.due(0, 10, 5 * S));
+        assert!(!t.due(3, 10, S / 2));
+        assert!(t.due(10, 10, S / 2));
+        assert!(t.due(3, 10, S));
+        t.flushed(S);
+        assert!(!t.due(3, 10, S + 1));
+    }
+
+    #[test]
+    fn classifies_per_otlp_http() {
+        assert_eq!(classify(Some(200), None), Outcome::Success { rejected: 0 });
+        for code in [429, 502, 503, 504] {
+            assert!(matches!(
+                classify(Some(code), None),
+                Outcome::Retry { after: None, .. }
+            ));
+        }
+        assert!(
+            matches!(classify(Some(503), Some("7")), Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
+        );
+        assert!(
+            matches!(classify(Some(503), Some("99999")), Outcome::Retry { after: Some(d), .. } if d == MAX_RETRY_AFTER)
+        );
+        assert!(matches!(
+            classify(Some(429), Some("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Outcome::Retry { after: None, .. }
+        ));
+        for code in [400, 401, 404, 500, 501] {
+            assert!(
+                matches!(classify(Some(code), None), Outcome::Fail { .. }),
+                "{code}"
+            );
+        }
+        assert!(matches!(classify(None, None), Outcome::Retry { .. }));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(100), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn success_counts_exported_and_partial_rejections() {
+        let mut s = Sender::new(2, 3);
+        s.sent(1, payload(10));
+        assert_eq!(
+            s.completed(1, Outcome::Success { rejected: 3 }, 0),
+            None,
+            "healthy from the start"
+        );
+        assert_eq!((s.stats().exported, s.stats().failed), (7, 3));
+        assert_eq!(
+            s.completed(1, Outcome::Success { rejected: 0 }, 0),
+            None,
+            "unknown token ignored"
+        );
+        assert_eq!(s.stats().exported, 7);
+    }
+
+    #[test]
+    fn retries_within_budget_then_drops() {
+        let mut s = Sender::new(1, 2);
+        s.sent(1, payload(5));
+        assert!(!s.has_capacity());
+        let log = s.completed(1, classify(Some(503), None), 0);
+        assert_eq!(
+            log.as_deref(),
+            Some("export failing: collector answered 503")
+        );
+        assert_eq!(s.due_retry(S / 2), None, "waits for the 1 s backoff");
+        let p = s.due_retry(S).unwrap();
+        assert_eq!(p.attempts, 1);
+        s.sent(2, p);
+        assert_eq!(
+            s.completed(2, classify(Some(503), None), S),
+            None,
+            "same state, no new log line"
+        );
+        assert_eq!(s.due_retry(2 * S), None, "second backoff is 2 s");
+        let p = s.due_retry(3 * S).unwrap();
+        s.sent(3, p);
+        s.completed(3, classify(Some(503), None), 3 * S);
+        assert_eq!(s.waiting(), 0, "budget of 2 retries spent");
+        assert_eq!(
+            *s.stats(),
+            ExportStats {
+                exported: 0,
+                failed: 5,
+                failed_requests: 3,
+                retries: 2
+            }
+        );
+    }
+
+    #[test]
+    fn permanent_failures_are_dropped_at_once_and_recovery_is_logged() {
+        let mut s = Sender::new(4, 3);
+        s.sent(1, payload(4));
+        let log = s.completed(1, classify(Some(400), None), 0);
+        assert_eq!(
+            log.as_deref(),
+            Some("export failing: collector answered 400")
+        );
+        assert_eq!((s.waiting(), s.stats().failed), (0, 4));
+        s.sent(2, payload(1));
+        assert_eq!(
+            s.completed(2, classify(Some(200), None), 0).as_deref(),
+            Some("export recovered")
+        );
+        assert_eq!(*s.health(), Health::Healthy);
+    }
+
+    #[test]
+    fn retry_after_is_honoured() {
+        let mut s = Sender::new(1, 3);
+        s.sent(1, payload(1));
+        s.completed(1, classify(Some(429), Some("5")), 0);
+        assert_eq!(s.due_retry(4 * S), None);
+        assert!(s.due_retry(5 * S).is_some());
+    }
+
+    #[test]
+    fn calls_the_proxy_refused_are_retried_then_dropped() {
+        let mut s = Sender::new(1, 1);
+        let log = s.not_sent(payload(2), "cluster not found".into(), 0);
+        assert_eq!(log.as_deref(), Some("export failing: cluster not found"));
+        let p = s.due_retry(S).unwrap();
+        assert_eq!(s.not_sent(p, "cluster not found".into(), S), None);
+        assert_eq!((s.waiting(), s.stats().failed), (0, 2));
+    }
+
+    #[test]
+    fn waiting_retries_are_bounded() {
+        let mut s = Sender::new(2, 5);
+        for t in 0..2 {
+            s.sent(t, payload(1));
+        }
+        s.completed(0, classify(None, None), 0);
+        s.completed(1, classify(None, None), 0);
+        s.not_sent(payload(1), "x".into(), 0);
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(s.stats().failed, 1, "the oldest waiting payload gave way");
+    }
+}

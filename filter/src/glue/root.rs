@@ -1,0 +1,242 @@
+//! The root context: configuration, node identity, and export on the tick.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
+
+use super::host::{self, log, property, property_string, Counter};
+use super::http::Http;
+use crate::config::{self, Config};
+use crate::export::Payload;
+use crate::node::{decode_pairs, NodeInfo};
+use crate::otlp;
+use crate::telemetry::{Telemetry, TelemetryStats};
+
+/// Longest tick: a full batch waits at most this long for its flush.
+const MAX_TICK: Duration = Duration::from_millis(100);
+/// Most bytes of a collector answer read (an OTLP partial-success message is small).
+const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// Per-VM root: owns the telemetry state shared with this VM's HTTP contexts.
+#[derive(Default)]
+pub struct Root {
+    telemetry: Option<Rc<RefCell<Telemetry>>>,
+    stats: Option<Stats>,
+}
+
+/// meshtel's counters in the proxy's stats, shared by all VMs of the proxy.
+struct Stats {
+    spans_recorded: Counter,
+    spans_exported: Counter,
+    spans_dropped: Counter,
+    spans_failed: Counter,
+    export_failures: Counter,
+    export_retries: Counter,
+    reported: TelemetryStats,
+}
+
+impl Stats {
+    fn define() -> Self {
+        Self {
+            spans_recorded: Counter::define("meshtel.spans_recorded"),
+            spans_exported: Counter::define("meshtel.spans_exported"),
+            spans_dropped: Counter::define("meshtel.spans_dropped"),
+            spans_failed: Counter::define("meshtel.spans_failed"),
+            export_failures: Counter::define("meshtel.export_failures"),
+            export_retries: Counter::define("meshtel.export_retries"),
+            reported: TelemetryStats::default(),
+        }
+    }
+
+    /// Add what changed since the last report.
+    fn report(&mut self, now: TelemetryStats) {
+        let was = &self.reported;
+        self.spans_recorded
+            .add(now.spans_recorded - was.spans_recorded);
+        self.spans_dropped
+            .add(now.spans_dropped - was.spans_dropped);
+        self.spans_exported
+            .add(now.traces.exported - was.traces.exported);
+        self.spans_failed.add(now.traces.failed - was.traces.failed);
+        self.export_failures
+            .add(now.traces.failed_requests - was.traces.failed_requests);
+        self.export_retries
+            .add(now.traces.retries - was.traces.retries);
+        self.reported = now;
+    }
+}
+
+fn read_node() -> NodeInfo {
+    let meta = |key: &str| property_string(&["xds", "node", "metadata", key]).unwrap_or_default();
+    NodeInfo {
+        id: property_string(&["xds", "node", "id"]).unwrap_or_default(),
+        name: meta("NAME"),
+        namespace: meta("NAMESPACE"),
+        workload_name: meta("WORKLOAD_NAME"),
+        labels: property(&["xds", "node", "metadata", "LABELS"])
+            .and_then(|b| decode_pairs(&b))
+            .map(|pairs| pairs.into_iter().collect())
+            .unwrap_or_default(),
+        mesh_id: meta("MESH_ID"),
+        cluster_id: meta("CLUSTER_ID"),
+    }
+}
+
+fn seed() -> u64 {
+    // Entropy from the host (WASI random_get); the clock only if that fails.
+    getrandom::u64().unwrap_or_else(|_| host::now_ns() ^ 0x9e37_79b9_7f4a_7c15)
+}
+
+impl Root {
+    fn configure(&mut self, config: Config) {
+        let tick = config.export.flush_interval.min(MAX_TICK);
+        let node = read_node();
+        log(
+            LogLevel::Info,
+            &format!(
+                "meshtel {} configured: service {:?} ({}), collector {}, traces {}, sampling {}",
+                otlp::VERSION,
+                node.canonical_service().unwrap_or("unknown"),
+                if node.is_gateway() {
+                    "gateway"
+                } else {
+                    "sidecar"
+                },
+                config.collector.cluster,
+                if config.traces.enabled { "on" } else { "off" },
+                config.traces.sampling_ratio,
+            ),
+        );
+        let telemetry = Telemetry::new(config, node, seed(), host::now_ns());
+        self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
+        self.stats.get_or_insert_with(Stats::define);
+        if hostcalls::set_tick_period(tick).is_err() {
+            log(
+                LogLevel::Error,
+                "meshtel: the proxy refused a tick period; nothing will be exported",
+            );
+        }
+    }
+
+    fn dispatch(&self, telemetry: &mut Telemetry, payload: Payload, now: u64) -> Option<String> {
+        let c = &telemetry.config().collector;
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "POST"),
+            (":path", otlp::TRACES_PATH),
+            (":authority", &c.authority),
+            ("content-type", otlp::CONTENT_TYPE),
+        ];
+        headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        match hostcalls::dispatch_http_call(
+            &c.cluster,
+            headers,
+            Some(&payload.body),
+            vec![],
+            c.timeout,
+        ) {
+            Ok(token) => {
+                telemetry.sent(token, payload);
+                None
+            }
+            Err(status) => {
+                let reason = format!("the proxy refused the call to cluster {:?} ({status:?}): is the cluster defined?", c.cluster);
+                telemetry.not_sent(payload, reason, now)
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        let Ok(mut telemetry) = telemetry.try_borrow_mut() else {
+            return;
+        };
+        let header = |name: &str| {
+            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name)
+                .ok()
+                .flatten()
+        };
+        let status = header(":status").and_then(|s| s.parse::<u32>().ok());
+        let retry_after = header("retry-after");
+        let body = if body_size > 0 && status.is_some_and(|s| (200..300).contains(&s)) {
+            hostcalls::get_buffer(
+                BufferType::HttpCallResponseBody,
+                0,
+                body_size.min(MAX_RESPONSE_BODY),
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let now = host::now_ns();
+        if let Some(line) = telemetry.completed(token, status, retry_after.as_deref(), &body, now) {
+            log(LogLevel::Warn, &format!("meshtel: {line}"));
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match config::parse(&raw) {
+            Ok(config) => {
+                self.configure(config);
+                true
+            }
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("meshtel: invalid pluginConfig, refused: {e}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.telemetry.clone() else {
+            return;
+        };
+        let Ok(mut telemetry) = shared.try_borrow_mut() else {
+            return;
+        };
+        let now = host::now_ns();
+        while let Some(payload) = telemetry.next_export(now) {
+            if let Some(line) = self.dispatch(&mut telemetry, payload, now) {
+                log(LogLevel::Warn, &format!("meshtel: {line}"));
+            }
+        }
+        if let Some(line) = telemetry.drop_report() {
+            log(LogLevel::Warn, &format!("meshtel: {line}"));
+        }
+        if let Some(stats) = self.stats.as_mut() {
+            stats.report(telemetry.stats());
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http::new(self.telemetry.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

@@ -1,0 +1,20 @@
+//! meshtel's proxy-wasm filter.
+//!
+//! Everything but [`glue`] is host-independent: it compiles natively, is unit-tested natively
+//! and on `wasm32-wasip1`, and is reused by the installer (the config parser). Only `glue`, built
+//! for the proxy, imports `proxy_wasm`.
+
+pub mod config;
+pub mod export;
+pub mod node;
+pub mod otlp;
+pub mod propagation;
+pub mod response_flags;
+pub mod sampler;
+pub mod span;
+pub mod telemetry;
+pub mod trace_context;
+
+// Unit-test binaries are commands with their own entry point; the glue is the reactor's.
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod glue;

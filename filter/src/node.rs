@@ -1,0 +1,207 @@
+//! The proxy's own identity, read once per VM from Istio's node metadata.
+
+use std::collections::BTreeMap;
+
+/// Istio label naming a workload's canonical service.
+pub const LABEL_CANONICAL_NAME: &str = "service.istio.io/canonical-name";
+/// Istio label naming a workload's canonical revision.
+pub const LABEL_CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
+
+/// What Istio's node metadata says about this proxy. Missing fields are empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `node.id`, e.g. `sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local`.
+    pub id: String,
+    /// Pod name (`NAME`).
+    pub name: String,
+    /// Namespace (`NAMESPACE`).
+    pub namespace: String,
+    /// Workload, e.g. the Deployment name (`WORKLOAD_NAME`).
+    pub workload_name: String,
+    /// Pod labels (`LABELS`).
+    pub labels: BTreeMap<String, String>,
+    /// Mesh id (`MESH_ID`).
+    pub mesh_id: String,
+    /// Cluster id (`CLUSTER_ID`).
+    pub cluster_id: String,
+}
+
+impl NodeInfo {
+    /// Istio gateways run with a node id of type `router`.
+    pub fn is_gateway(&self) -> bool {
+        self.id.starts_with("router~")
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn non_empty(s: &str) -> Option<&str> {
+        (!s.is_empty()).then_some(s)
+    }
+
+    /// The `app` of Istio's labels: `app.kubernetes.io/name`, else `app`.
+    pub fn app(&self) -> Option<&str> {
+        self.label("app.kubernetes.io/name")
+            .or_else(|| self.label("app"))
+    }
+
+    /// The `version` of Istio's labels: `app.kubernetes.io/version`, else `version`.
+    pub fn version(&self) -> Option<&str> {
+        self.label("app.kubernetes.io/version")
+            .or_else(|| self.label("version"))
+    }
+
+    /// Canonical service as Istio derives it: the label, else the app, else the workload name.
+    pub fn canonical_service(&self) -> Option<&str> {
+        self.label(LABEL_CANONICAL_NAME)
+            .or_else(|| self.app())
+            .or_else(|| Self::non_empty(&self.workload_name))
+    }
+
+    /// Canonical revision as Istio derives it: the label, else the version, else `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        self.label(LABEL_CANONICAL_REVISION)
+            .or_else(|| self.version())
+            .unwrap_or("latest")
+    }
+}
+
+/// Decode a proxy-wasm pairs map (as the host returns `xds.node.metadata.LABELS`):
+/// a `u32` count, then `count` pairs of `u32` key and value sizes, then each key and value
+/// followed by a NUL. Returns `None` on any inconsistency; pairs that are not UTF-8 are skipped.
+pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+    let read_u32 = |at: usize| -> Option<usize> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let count = read_u32(0)?;
+    let sizes_end = count.checked_mul(8)?.checked_add(4)?;
+    if sizes_end > bytes.len() {
+        return None;
+    }
+    let mut pairs = Vec::with_capacity(count);
+    let mut data = sizes_end;
+    for i in 0..count {
+        let key_len = read_u32(4 + i * 8)?;
+        let value_len = read_u32(8 + i * 8)?;
+        let key = bytes.get(data..data.checked_add(key_len)?)?;
+        data = data.checked_add(key_len)?.checked_add(1)?;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data = data.checked_add(value_len)?.checked_add(1)?;
+        if let (Ok(k), Ok(v)) = (std::str::from_utf8(key), std::str::from_utf8(value)) {
+            pairs.push((k.to_string(), v.to_string()));
+        }
+    }
+    (data <= bytes.len()).then_some(pairs)
+}
+
+#[cfg(test)]
+pub(crate) fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(k.as_bytes());
+        out.push(0);
+        out.extend(v.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(labels: &[(&str, &str)], workload: &str) -> NodeInfo {
+        NodeInfo {
+            workload_name: workload.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decodes_pairs_round_trip() {
+        let bytes = encode_pairs(&[("app", "reviews"), ("version", "v2"), ("", "")]);
+        assert_eq!(
+            decode_pairs(&bytes).unwrap(),
+            vec![
+                ("app".into(), "reviews".into()),
+                ("version".into(), "v2".into()),
+                ("".into(), "".into())
+            ]
+        );
+        assert_eq!(decode_pairs(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn rejects_truncated_or_lying_pairs() {
+        let bytes = encode_pairs(&[("app", "reviews")]);
+        for cut in 1..bytes.len() {
+            assert_eq!(decode_pairs(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut huge = bytes.clone();
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_pairs(&huge), None);
+    }
+
+    #[test]
+    fn canonical_names_follow_istio_precedence() {
+        let n = node(
+            &[
+                (LABEL_CANONICAL_NAME, "canon"),
+                ("app", "a"),
+                (LABEL_CANONICAL_REVISION, "r1"),
+                ("version", "v1"),
+            ],
+            "w",
+        );
+        assert_eq!(
+            (n.canonical_service(), n.canonical_revision()),
+            (Some("canon"), "r1")
+        );
+        let n = node(
+            &[
+                ("app.kubernetes.io/name", "k8sapp"),
+                ("app", "a"),
+                ("version", "v1"),
+            ],
+            "w",
+        );
+        assert_eq!(
+            (n.canonical_service(), n.canonical_revision()),
+            (Some("k8sapp"), "v1")
+        );
+        assert_eq!(n.app(), Some("k8sapp"));
+        let n = node(&[], "w");
+        assert_eq!(
+            (n.canonical_service(), n.canonical_revision()),
+            (Some("w"), "latest")
+        );
+        assert_eq!(node(&[], "").canonical_service(), None);
+    }
+
+    #[test]
+    fn gateways_are_router_nodes() {
+        let mut n = NodeInfo {
+            id: "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        assert!(n.is_gateway());
+        n.id = "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local".into();
+        assert!(!n.is_gateway());
+    }
+}

@@ -1,0 +1,314 @@
+//! The span recorded for one request: plain data captured on the request path, turned into
+//! OTLP only at flush time (see [`crate::otlp`]).
+
+use crate::config::SpanNaming;
+use crate::node::NodeInfo;
+use crate::propagation::{Headers, TraceDecision};
+
+/// Span kind from the proxy's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpanKind {
+    /// Inbound sidecar traffic and gateway traffic.
+    #[default]
+    Server,
+    /// Outbound sidecar traffic.
+    Client,
+}
+
+/// Envoy's `xds.listener_direction` value for inbound listeners.
+pub const LISTENER_INBOUND: u64 = 1;
+/// Envoy's `xds.listener_direction` value for outbound listeners.
+pub const LISTENER_OUTBOUND: u64 = 2;
+
+/// Decide the span kind of a request. Gateways serve; a sidecar serves on inbound listeners
+/// and is a client on outbound ones. Without a listener direction, Istio's cluster naming
+/// (`inbound|...` / `outbound|...`) decides; without either, the proxy is taken as a server.
+pub fn span_kind(
+    node: &NodeInfo,
+    listener_direction: Option<u64>,
+    cluster: Option<&str>,
+) -> SpanKind {
+    if node.is_gateway() {
+        return SpanKind::Server;
+    }
+    match listener_direction {
+        Some(LISTENER_OUTBOUND) => SpanKind::Client,
+        Some(LISTENER_INBOUND) => SpanKind::Server,
+        _ if cluster.is_some_and(|c| c.starts_with("outbound|")) => SpanKind::Client,
+        _ => SpanKind::Server,
+    }
+}
+
+/// What the request headers say, captured when the request arrives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// `:method`.
+    pub method: String,
+    /// `:path` without the query string.
+    pub path: String,
+    /// `:scheme` (`http` when absent).
+    pub scheme: String,
+    /// `:authority`.
+    pub authority: String,
+    /// `user-agent`.
+    pub user_agent: Option<String>,
+}
+
+/// Longest value kept for a recorded header or path; longer ones are cut at a char boundary.
+pub const MAX_ATTRIBUTE_LEN: usize = 1024;
+
+impl RequestInfo {
+    /// Capture the request's pseudo-headers and user agent.
+    pub fn from_headers(headers: Headers<'_>) -> Self {
+        let get = |name: &str| headers.single(name).map(|v| truncate(v, MAX_ATTRIBUTE_LEN));
+        let path = get(":path").unwrap_or_default();
+        let path = match path.split_once('?') {
+            Some((p, _)) => p.to_string(),
+            None => path,
+        };
+        Self {
+            method: get(":method").unwrap_or_default(),
+            path,
+            scheme: get(":scheme").unwrap_or_else(|| "http".into()),
+            authority: get(":authority").unwrap_or_default(),
+            user_agent: get("user-agent"),
+        }
+    }
+}
+
+/// What is known when the request completes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// End time, nanoseconds since the Unix epoch.
+    pub end_unix_nanos: u64,
+    /// HTTP status sent downstream; 0 when no response was sent.
+    pub status_code: u32,
+    /// Envoy response flags, short form (`-`, `UF`, ...).
+    pub response_flags: String,
+    /// Upstream cluster name.
+    pub upstream_cluster: Option<String>,
+    /// `HTTP/1.1`, `HTTP/2`, ... as Envoy reports `request.protocol`.
+    pub protocol: Option<String>,
+    /// Downstream peer address (`ip:port`).
+    pub client_address: Option<String>,
+    /// Span kind.
+    pub kind: SpanKind,
+}
+
+/// A finished span, ready to be queued for export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanRecord {
+    /// Ids and sampling of the request's trace.
+    pub trace: TraceDecision,
+    /// Span name.
+    pub name: String,
+    /// Start time, nanoseconds since the Unix epoch.
+    pub start_unix_nanos: u64,
+    /// Request facts.
+    pub request: RequestInfo,
+    /// Completion facts.
+    pub completion: Completion,
+}
+
+impl SpanRecord {
+    /// Assemble a span from what was captured at the start and the end of a request.
+    pub fn new(
+        trace: TraceDecision,
+        naming: SpanNaming,
+        start_unix_nanos: u64,
+        request: RequestInfo,
+        completion: Completion,
+    ) -> Self {
+        let method = if request.method.is_empty() {
+            "HTTP"
+        } else {
+            request.method.as_str()
+        };
+        let name = match naming {
+            SpanNaming::Method => method.to_string(),
+            SpanNaming::MethodPath if request.path.is_empty() => method.to_string(),
+            SpanNaming::MethodPath => format!("{method} {}", request.path),
+        };
+        Self {
+            trace,
+            name,
+            start_unix_nanos,
+            request,
+            completion,
+        }
+    }
+
+    /// Whether the span is an error per the HTTP conventions: 5xx on servers, 4xx and 5xx on
+    /// clients, and any request that got no response.
+    pub fn is_error(&self) -> bool {
+        let code = self.completion.status_code;
+        match self.completion.kind {
+            _ if code == 0 => true,
+            SpanKind::Server => code >= 500,
+            SpanKind::Client => code >= 400,
+        }
+    }
+
+    /// `error.type`: the status code, else the response flags, else `_OTHER`; `None` when no error.
+    pub fn error_type(&self) -> Option<String> {
+        if !self.is_error() {
+            return None;
+        }
+        let c = &self.completion;
+        Some(if c.status_code != 0 {
+            c.status_code.to_string()
+        } else if c.response_flags != "-" && !c.response_flags.is_empty() {
+            c.response_flags.clone()
+        } else {
+            "_OTHER".to_string()
+        })
+    }
+}
+
+/// Cut `s` to at most `max` bytes at a char boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace_context::{SpanId, TraceId};
+
+    fn decision() -> TraceDecision {
+        TraceDecision {
+            trace_id: TraceId([1; 16]),
+            span_id: SpanId([2; 8]),
+            parent_span_id: None,
+            sampled: true,
+            tracestate: None,
+        }
+    }
+
+    fn record(kind: SpanKind, code: u32, flags: &str) -> SpanRecord {
+        let completion = Completion {
+            kind,
+            status_code: code,
+            response_flags: flags.into(),
+            ..Default::default()
+        };
+        SpanRecord::new(
+            decision(),
+            SpanNaming::MethodPath,
+            0,
+            RequestInfo::default(),
+            completion,
+        )
+    }
+
+    #[test]
+    fn kind_follows_gateway_listener_direction_then_cluster() {
+        let sidecar = NodeInfo {
+            id: "sidecar~1~a.ns~ns.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let gateway = NodeInfo {
+            id: "router~1~gw.istio-system~x".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            span_kind(&gateway, Some(LISTENER_OUTBOUND), Some("outbound|80||a")),
+            SpanKind::Server
+        );
+        assert_eq!(
+            span_kind(&sidecar, Some(LISTENER_OUTBOUND), None),
+            SpanKind::Client
+        );
+        assert_eq!(
+            span_kind(&sidecar, Some(LISTENER_INBOUND), Some("outbound|80||a")),
+            SpanKind::Server
+        );
+        assert_eq!(
+            span_kind(&sidecar, None, Some("outbound|80||a")),
+            SpanKind::Client
+        );
+        assert_eq!(
+            span_kind(&sidecar, None, Some("inbound|80||")),
+            SpanKind::Server
+        );
+        assert_eq!(span_kind(&sidecar, Some(0), None), SpanKind::Server);
+    }
+
+    #[test]
+    fn request_info_drops_the_query_string() {
+        let h: Vec<(String, Vec<u8>)> = [
+            (":method", "GET"),
+            (":path", "/items?token=secret"),
+            (":authority", "shop:8080"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let r = RequestInfo::from_headers(Headers(&h));
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str(), r.scheme.as_str()),
+            ("GET", "/items", "http")
+        );
+        assert_eq!(r.authority, "shop:8080");
+        assert_eq!(r.user_agent, None);
+    }
+
+    #[test]
+    fn names_spans_by_method_and_path() {
+        let req = RequestInfo {
+            method: "POST".into(),
+            path: "/a".into(),
+            ..Default::default()
+        };
+        let s = SpanRecord::new(
+            decision(),
+            SpanNaming::MethodPath,
+            0,
+            req.clone(),
+            Completion::default(),
+        );
+        assert_eq!(s.name, "POST /a");
+        let s = SpanRecord::new(
+            decision(),
+            SpanNaming::Method,
+            0,
+            req,
+            Completion::default(),
+        );
+        assert_eq!(s.name, "POST");
+    }
+
+    #[test]
+    fn error_status_follows_http_conventions() {
+        assert!(!record(SpanKind::Server, 404, "-").is_error());
+        assert!(record(SpanKind::Server, 503, "UF").is_error());
+        assert!(record(SpanKind::Client, 404, "-").is_error());
+        assert!(!record(SpanKind::Client, 200, "-").is_error());
+        assert_eq!(
+            record(SpanKind::Server, 503, "UF").error_type().as_deref(),
+            Some("503")
+        );
+        assert_eq!(
+            record(SpanKind::Server, 0, "DC").error_type().as_deref(),
+            Some("DC")
+        );
+        assert_eq!(
+            record(SpanKind::Server, 0, "-").error_type().as_deref(),
+            Some("_OTHER")
+        );
+        assert_eq!(record(SpanKind::Server, 200, "-").error_type(), None);
+    }
+
+    #[test]
+    fn truncates_at_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
