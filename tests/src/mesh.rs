@@ -1,0 +1,163 @@
+//! Istio-shaped proxies on 127.0.0.1: sidecars with inbound and outbound listeners, and a gateway.
+
+use serde_json::{json, Value};
+
+use crate::envoy::{Cluster, Direction, Envoy, Listener, Node, Proxy, COLLECTOR_CLUSTER};
+use crate::free_port;
+
+/// The plugin config the tests start from: the collector cluster and a short flush interval,
+/// with `overrides` merged in (objects merge key by key, anything else replaces).
+pub fn plugin_config(overrides: Value) -> Value {
+    let mut config = json!({
+        "collector": {"cluster": COLLECTOR_CLUSTER},
+        "export": {"flush_interval_ms": 100},
+    });
+    merge(&mut config, overrides);
+    config
+}
+
+/// Merge `patch` into `base`.
+pub fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+/// The Istio cluster name of service `host` (e.g. `b.ns-b.svc.cluster.local`) on port 8080.
+pub fn service_cluster(host: &str) -> String {
+    format!("outbound|8080||{host}")
+}
+
+/// A running sidecar proxy.
+pub struct Sidecar {
+    /// The Envoy process.
+    pub envoy: Envoy,
+    /// Port of the inbound listener (what other proxies call).
+    pub inbound: u16,
+    /// Port of the outbound listener (what the app calls).
+    pub outbound: u16,
+}
+
+/// What a sidecar is started with.
+pub struct SidecarSpec {
+    /// App label and canonical service.
+    pub app: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Port of the app behind the inbound listener.
+    pub app_port: u16,
+    /// Service host and port the outbound listener routes to, if any.
+    pub upstream: Option<(String, u16)>,
+    /// Port of the OTLP receiver (an unused port simulates a collector that is down).
+    pub collector_port: u16,
+    /// meshtel's plugin config; `None` runs without meshtel.
+    pub plugin_config: Option<Value>,
+    /// Worker threads.
+    pub concurrency: u32,
+}
+
+impl SidecarSpec {
+    /// A sidecar for `app` in `namespace` with the default test plugin config and one worker.
+    pub fn new(app: &str, namespace: &str, app_port: u16, collector_port: u16) -> Self {
+        Self {
+            app: app.into(),
+            namespace: namespace.into(),
+            app_port,
+            upstream: None,
+            collector_port,
+            plugin_config: Some(plugin_config(json!({}))),
+            concurrency: 1,
+        }
+    }
+
+    /// Route the outbound listener to `host` at `port`.
+    pub fn upstream(mut self, host: &str, port: u16) -> Self {
+        self.upstream = Some((host.into(), port));
+        self
+    }
+
+    /// Merge `overrides` into the plugin config.
+    pub fn config(mut self, overrides: Value) -> Self {
+        self.plugin_config = Some(plugin_config(overrides));
+        self
+    }
+
+    /// Use this many worker threads.
+    pub fn concurrency(mut self, n: u32) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// The Envoy configuration this spec describes, with the ports chosen.
+    pub fn proxy(&self) -> (Proxy, u16, u16) {
+        let (inbound, outbound) = (free_port(), free_port());
+        let inbound_cluster = format!("inbound|{}||", 8080);
+        let mut listeners = vec![Listener {
+            name: "virtualInbound".into(),
+            port: inbound,
+            direction: Direction::Inbound,
+            cluster: inbound_cluster.clone(),
+        }];
+        let mut clusters = vec![
+            Cluster::new(&inbound_cluster, self.app_port),
+            Cluster::new(COLLECTOR_CLUSTER, self.collector_port),
+        ];
+        if let Some((host, port)) = &self.upstream {
+            listeners.push(Listener {
+                name: "0.0.0.0_8080".into(),
+                port: outbound,
+                direction: Direction::Outbound,
+                cluster: service_cluster(host),
+            });
+            clusters.push(Cluster::new(&service_cluster(host), *port));
+        }
+        let proxy = Proxy {
+            node: Node::sidecar(&self.app, &self.namespace),
+            listeners,
+            clusters,
+            plugin_config: self.plugin_config.clone(),
+            concurrency: self.concurrency,
+        };
+        (proxy, inbound, outbound)
+    }
+
+    /// Start the sidecar.
+    pub fn start(self) -> Sidecar {
+        let (proxy, inbound, outbound) = self.proxy();
+        Sidecar { envoy: Envoy::start(&proxy), inbound, outbound }
+    }
+}
+
+/// A running ingress gateway.
+pub struct Gateway {
+    /// The Envoy process.
+    pub envoy: Envoy,
+    /// Port of its listener.
+    pub port: u16,
+}
+
+/// Start an ingress gateway routing everything to service `host` at `port`.
+pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gateway {
+    let listen = free_port();
+    let proxy = Proxy {
+        node: Node::gateway(),
+        listeners: vec![Listener {
+            name: "0.0.0.0_8080".into(),
+            port: listen,
+            direction: Direction::Outbound,
+            cluster: service_cluster(host),
+        }],
+        clusters: vec![
+            Cluster::new(&service_cluster(host), port),
+            Cluster::new(COLLECTOR_CLUSTER, collector_port),
+        ],
+        plugin_config: Some(config),
+        concurrency: 1,
+    };
+    Gateway { envoy: Envoy::start(&proxy), port: listen }
+}
