@@ -52,7 +52,11 @@ impl App {
                 })
             })
             .collect();
-        App { port, server, workers }
+        App {
+            port,
+            server,
+            workers,
+        }
     }
 }
 
@@ -72,11 +76,19 @@ fn handle(req: tiny_http::Request, behavior: Behavior) {
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
+        .map(|h| {
+            (
+                h.field.as_str().as_str().to_ascii_lowercase(),
+                h.value.as_str().to_string(),
+            )
+        })
         .collect();
     let (status, body) = match behavior {
         Behavior::Echo => {
-            let status = path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200);
+            let status = path
+                .strip_prefix("/status/")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200);
             let mut map = Map::new();
             for (k, v) in &headers {
                 map.insert(k.clone(), Value::String(v.clone()));
@@ -95,6 +107,11 @@ fn handle(req: tiny_http::Request, behavior: Behavior) {
             }
         }
     };
-    let ct = Header::from_bytes(&b"content-type"[..], &b"application/json"[..]).expect("valid header");
-    let _ = req.respond(Response::from_string(body).with_status_code(status).with_header(ct));
+    let ct =
+        Header::from_bytes(&b"content-type"[..], &b"application/json"[..]).expect("valid header");
+    let _ = req.respond(
+        Response::from_string(body)
+            .with_status_code(status)
+            .with_header(ct),
+    );
 }

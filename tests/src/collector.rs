@@ -4,7 +4,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
@@ -31,7 +33,10 @@ pub fn value_string(v: &Option<AnyValue>) -> Option<String> {
 }
 
 fn find(attrs: &[KeyValue], key: &str) -> Option<String> {
-    attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_string(&kv.value))
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| value_string(&kv.value))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -113,7 +118,13 @@ impl Collector {
                 })
             })
             .collect();
-        Collector { port, server, state, answer, workers }
+        Collector {
+            port,
+            server,
+            state,
+            answer,
+            workers,
+        }
     }
 
     /// Change how export requests are answered from now on.
@@ -137,13 +148,22 @@ impl Collector {
         loop {
             let spans = self.spans();
             let bad = self.state.lock().unwrap().bad_requests.clone();
-            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
+            assert!(
+                bad.is_empty(),
+                "the receiver got malformed exports: {bad:?}"
+            );
             if spans.len() >= n {
                 return spans;
             }
             if Instant::now() > deadline {
-                let names: Vec<String> = spans.iter().map(|s| format!("{} ({})", s.span.name, s.service())).collect();
-                panic!("expected {n} spans within {timeout:?}, got {}: {names:?}", spans.len());
+                let names: Vec<String> = spans
+                    .iter()
+                    .map(|s| format!("{} ({})", s.span.name, s.service()))
+                    .collect();
+                panic!(
+                    "expected {n} spans within {timeout:?}, got {}: {names:?}",
+                    spans.len()
+                );
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -153,10 +173,17 @@ impl Collector {
     pub fn wait_for_child_of(&self, parent_span_id: &str, timeout: Duration) -> ReceivedSpan {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.spans().into_iter().find(|s| s.parent_span_id() == parent_span_id) {
+            if let Some(s) = self
+                .spans()
+                .into_iter()
+                .find(|s| s.parent_span_id() == parent_span_id)
+            {
                 return s;
             }
-            assert!(Instant::now() < deadline, "no span with parent {parent_span_id} within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no span with parent {parent_span_id} within {timeout:?}"
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -195,7 +222,10 @@ fn handle(mut req: tiny_http::Request, state: &Mutex<State>, answer: &Mutex<Answ
                             let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
                             for ss in rs.scope_spans {
                                 for span in ss.spans {
-                                    st.spans.push(ReceivedSpan { span, resource: resource.clone() });
+                                    st.spans.push(ReceivedSpan {
+                                        span,
+                                        resource: resource.clone(),
+                                    });
                                 }
                             }
                         }
@@ -207,9 +237,11 @@ fn handle(mut req: tiny_http::Request, state: &Mutex<State>, answer: &Mutex<Answ
         }
     }
     let response = match answer {
-        Answer::Ok => Response::from_data(ExportTraceServiceResponse::default().encode_to_vec()).with_status_code(200),
+        Answer::Ok => Response::from_data(ExportTraceServiceResponse::default().encode_to_vec())
+            .with_status_code(200),
         Answer::Status(code) => Response::from_data(Vec::new()).with_status_code(code),
     };
-    let ct = Header::from_bytes(&b"content-type"[..], &b"application/x-protobuf"[..]).expect("valid header");
+    let ct = Header::from_bytes(&b"content-type"[..], &b"application/x-protobuf"[..])
+        .expect("valid header");
     let _ = req.respond(response.with_header(ct));
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::{free_port, repo_root, http_get};
+use crate::{free_port, http_get, repo_root};
 
 /// The collector's Istio cluster name, as a sidecar sees it.
 pub const COLLECTOR_CLUSTER: &str = "outbound|4318||otel-collector.observability.svc.cluster.local";
@@ -33,9 +33,9 @@ pub fn envoy_bin() -> PathBuf {
 
 /// The release build of the filter: `$MESHTEL_WASM`, else `target/wasm32-wasip1/release`.
 pub fn wasm_path() -> PathBuf {
-    let p = std::env::var("MESHTEL_WASM").map(PathBuf::from).unwrap_or_else(|_| {
-        repo_root().join("target/wasm32-wasip1/release/meshtel_filter.wasm")
-    });
+    let p = std::env::var("MESHTEL_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target/wasm32-wasip1/release/meshtel_filter.wasm"));
     assert!(
         p.exists(),
         "{} is missing: run `make wasm` (cargo build --release --target wasm32-wasip1 -p meshtel-filter)",
@@ -133,7 +133,10 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster named `name` pointing at 127.0.0.1:`port`.
     pub fn new(name: &str, port: u16) -> Self {
-        Self { name: name.into(), port }
+        Self {
+            name: name.into(),
+            port,
+        }
     }
 }
 
@@ -265,19 +268,30 @@ impl Envoy {
         let admin_port = free_port();
         let bootstrap = dir.join("bootstrap.json");
         let wasm = wasm_path();
-        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
+        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string())
+            .map_err(|e| e.to_string())?;
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&bootstrap)
             .args(["--concurrency", &proxy.concurrency.to_string()])
-            .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"])
+            .args([
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+                "--component-log-level",
+                "wasm:info",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", envoy_bin().display()))?;
-        let mut envoy = Envoy { child, admin_port, dir };
+        let mut envoy = Envoy {
+            child,
+            admin_port,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -302,8 +316,14 @@ impl Envoy {
 
     /// A counter or gauge from `/stats` (e.g. `wasmcustom.meshtel.spans_exported`); 0 if absent.
     pub fn stat(&self, name: &str) -> u64 {
-        let url = format!("http://127.0.0.1:{}/stats?filter=^{}$", self.admin_port, name.replace('.', "\\."));
-        let Some((200, body)) = http_get(&url) else { return 0 };
+        let url = format!(
+            "http://127.0.0.1:{}/stats?filter=^{}$",
+            self.admin_port,
+            name.replace('.', "\\.")
+        );
+        let Some((200, body)) = http_get(&url) else {
+            return 0;
+        };
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())

@@ -59,6 +59,8 @@ pub struct SidecarSpec {
     pub plugin_config: Option<Value>,
     /// Worker threads.
     pub concurrency: u32,
+    /// Port of the outbound listener, when the app must know it before the sidecar starts.
+    pub outbound_port: Option<u16>,
 }
 
 impl SidecarSpec {
@@ -72,7 +74,14 @@ impl SidecarSpec {
             collector_port,
             plugin_config: Some(plugin_config(json!({}))),
             concurrency: 1,
+            outbound_port: None,
         }
+    }
+
+    /// Bind the outbound listener to `port` (chosen with [`free_port`] before the app starts).
+    pub fn outbound_port(mut self, port: u16) -> Self {
+        self.outbound_port = Some(port);
+        self
     }
 
     /// Route the outbound listener to `host` at `port`.
@@ -95,7 +104,7 @@ impl SidecarSpec {
 
     /// The Envoy configuration this spec describes, with the ports chosen.
     pub fn proxy(&self) -> (Proxy, u16, u16) {
-        let (inbound, outbound) = (free_port(), free_port());
+        let (inbound, outbound) = (free_port(), self.outbound_port.unwrap_or_else(free_port));
         let inbound_cluster = format!("inbound|{}||", 8080);
         let mut listeners = vec![Listener {
             name: "virtualInbound".into(),
@@ -129,7 +138,11 @@ impl SidecarSpec {
     /// Start the sidecar.
     pub fn start(self) -> Sidecar {
         let (proxy, inbound, outbound) = self.proxy();
-        Sidecar { envoy: Envoy::start(&proxy), inbound, outbound }
+        Sidecar {
+            envoy: Envoy::start(&proxy),
+            inbound,
+            outbound,
+        }
     }
 }
 
@@ -159,5 +172,8 @@ pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gat
         plugin_config: Some(config),
         concurrency: 1,
     };
-    Gateway { envoy: Envoy::start(&proxy), port: listen }
+    Gateway {
+        envoy: Envoy::start(&proxy),
+        port: listen,
+    }
 }
