@@ -10,7 +10,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use tiny_http::{Header, Response, Server};
+
+use crate::server::{HttpServer, Req, Resp};
 
 /// A span as received, with its resource's attributes.
 #[derive(Debug, Clone)]
@@ -95,35 +96,23 @@ struct State {
 pub struct Collector {
     /// Port it listens on.
     pub port: u16,
-    server: Arc<Server>,
     state: Arc<Mutex<State>>,
     answer: Arc<Mutex<Answer>>,
-    workers: Vec<thread::JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 impl Collector {
     /// Start a receiver on a free port.
     pub fn start() -> Collector {
-        let server = Arc::new(Server::http("127.0.0.1:0").expect("bind the OTLP receiver"));
-        let port = server.server_addr().to_ip().expect("an IP address").port();
         let state = Arc::new(Mutex::new(State::default()));
         let answer = Arc::new(Mutex::new(Answer::Ok));
-        let workers = (0..4)
-            .map(|_| {
-                let (server, state, answer) = (server.clone(), state.clone(), answer.clone());
-                thread::spawn(move || {
-                    while let Ok(req) = server.recv() {
-                        handle(req, &state, &answer);
-                    }
-                })
-            })
-            .collect();
+        let (st, ans) = (state.clone(), answer.clone());
+        let server = HttpServer::start(move |req| handle(req, &st, &ans));
         Collector {
-            port,
-            server,
+            port: server.port,
             state,
             answer,
-            workers,
+            _server: server,
         }
     }
 
@@ -189,59 +178,38 @@ impl Collector {
     }
 }
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        for _ in &self.workers {
-            self.server.unblock();
-        }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-    }
-}
-
-fn handle(mut req: tiny_http::Request, state: &Mutex<State>, answer: &Mutex<Answer>) {
-    let path = req.url().to_string();
-    let content_type = req
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("content-type"))
-        .map(|h| h.value.as_str().to_string())
-        .unwrap_or_default();
-    let mut body = Vec::new();
-    let _ = req.as_reader().read_to_end(&mut body);
+fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
     let answer = *answer.lock().unwrap();
-    {
-        let mut st = state.lock().unwrap();
-        st.requests.push((path.clone(), content_type));
-        if answer == Answer::Ok {
-            match path.as_str() {
-                "/v1/traces" => match ExportTraceServiceRequest::decode(body.as_slice()) {
-                    Ok(export) => {
-                        for rs in export.resource_spans {
-                            let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
-                            for ss in rs.scope_spans {
-                                for span in ss.spans {
-                                    st.spans.push(ReceivedSpan {
-                                        span,
-                                        resource: resource.clone(),
-                                    });
-                                }
-                            }
+    let mut st = state.lock().unwrap();
+    st.requests.push((
+        req.path.clone(),
+        req.header("content-type").unwrap_or_default().to_string(),
+    ));
+    if let Answer::Status(code) = answer {
+        return Resp::new(code, "application/x-protobuf", Vec::new());
+    }
+    match req.path.as_str() {
+        "/v1/traces" => match ExportTraceServiceRequest::decode(req.body.as_slice()) {
+            Ok(export) => {
+                for rs in export.resource_spans {
+                    let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for span in ss.spans {
+                            st.spans.push(ReceivedSpan {
+                                span,
+                                resource: resource.clone(),
+                            });
                         }
                     }
-                    Err(e) => st.bad_requests.push(format!("{path}: {e}")),
-                },
-                other => st.bad_requests.push(format!("unexpected path {other}")),
+                }
             }
-        }
+            Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
+        },
+        other => st.bad_requests.push(format!("unexpected path {other}")),
     }
-    let response = match answer {
-        Answer::Ok => Response::from_data(ExportTraceServiceResponse::default().encode_to_vec())
-            .with_status_code(200),
-        Answer::Status(code) => Response::from_data(Vec::new()).with_status_code(code),
-    };
-    let ct = Header::from_bytes(&b"content-type"[..], &b"application/x-protobuf"[..])
-        .expect("valid header");
-    let _ = req.respond(response.with_header(ct));
+    Resp::new(
+        200,
+        "application/x-protobuf",
+        ExportTraceServiceResponse::default().encode_to_vec(),
+    )
 }

@@ -4,6 +4,7 @@ pub mod app;
 pub mod collector;
 pub mod envoy;
 pub mod mesh;
+pub mod server;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
