@@ -20,10 +20,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: &str, reason: impl Into<String>) -> Self {
-        Self {
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        Self { field: field.to_string(), reason: reason.into() }
     }
 }
 
@@ -104,6 +101,20 @@ pub struct Metrics {
     pub enabled: bool,
     /// Interval between two metric exports.
     pub export_interval: Duration,
+    /// Cumulative (one series per proxy and label set, Prometheus' model) or delta.
+    pub temporality: Temporality,
+    /// Most label sets per proxy; later ones fold into the `otel.metric.overflow` series.
+    pub max_series: usize,
+}
+
+/// Aggregation temporality of exported metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Temporality {
+    /// Totals since a start time.
+    Cumulative,
+    /// Changes since the previous export.
+    Delta,
 }
 
 /// Batching, queueing and retry settings.
@@ -125,17 +136,14 @@ const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_INTERVAL_MS: u64 = 3_600_000;
 const MAX_BATCH: usize = 16_384;
 const MAX_QUEUE: usize = 1_048_576;
+const MAX_SERIES: usize = 100_000;
 
 /// Parse and validate a `pluginConfig` JSON document.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
     let de = &mut serde_json::Deserializer::from_slice(json);
     let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path.is_empty() {
-            ".".to_string()
-        } else {
-            path
-        };
+        let field = if path.is_empty() { ".".to_string() } else { path };
         ConfigError::new(&field, e.into_inner().to_string())
     })?;
     Config::try_from(raw)
@@ -191,14 +199,13 @@ impl Default for RawTraces {
 struct RawMetrics {
     enabled: bool,
     export_interval_ms: u64,
+    temporality: Temporality,
+    max_series: usize,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            export_interval_ms: 10_000,
-        }
+        Self { enabled: true, export_interval_ms: 10_000, temporality: Temporality::Cumulative, max_series: 2_000 }
     }
 }
 
@@ -214,13 +221,7 @@ struct RawExport {
 
 impl Default for RawExport {
     fn default() -> Self {
-        Self {
-            flush_interval_ms: 1_000,
-            max_batch: 512,
-            max_queue: 8_192,
-            max_in_flight: 4,
-            max_retries: 3,
-        }
+        Self { flush_interval_ms: 1_000, max_batch: 512, max_queue: 8_192, max_in_flight: 4, max_retries: 3 }
     }
 }
 
@@ -239,9 +240,7 @@ impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let collector = raw
-            .collector
-            .ok_or_else(|| ConfigError::new("collector", "is required"))?;
+        let collector = raw.collector.ok_or_else(|| ConfigError::new("collector", "is required"))?;
         Ok(Config {
             collector: collector.compile()?,
             traces: raw.traces.compile()?,
@@ -278,31 +277,17 @@ impl RawCollector {
         for (name, value) in self.headers {
             let field = format!("collector.headers.{name}");
             if !is_header_name(&name) {
-                return Err(ConfigError::new(
-                    &field,
-                    "header names must be lower-case HTTP tokens",
-                ));
+                return Err(ConfigError::new(&field, "header names must be lower-case HTTP tokens"));
             }
             if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(ConfigError::new(
-                    &field,
-                    "is set by meshtel itself and cannot be overridden",
-                ));
+                return Err(ConfigError::new(&field, "is set by meshtel itself and cannot be overridden"));
             }
             if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-                return Err(ConfigError::new(
-                    &field,
-                    "header values must not contain CR, LF or NUL",
-                ));
+                return Err(ConfigError::new(&field, "header values must not contain CR, LF or NUL"));
             }
             headers.push((name, value));
         }
-        Ok(Collector {
-            cluster,
-            authority,
-            timeout: Duration::from_millis(self.timeout_ms),
-            headers,
-        })
+        Ok(Collector { cluster, authority, timeout: Duration::from_millis(self.timeout_ms), headers })
     }
 }
 
@@ -312,62 +297,41 @@ impl RawTraces {
     fn compile(self) -> Result<Traces, ConfigError> {
         let ratio = self.sampling_ratio;
         if !(0.0..=1.0).contains(&ratio) {
-            return Err(ConfigError::new(
-                "traces.sampling_ratio",
-                format!("must be between 0 and 1, got {ratio}"),
-            ));
+            return Err(ConfigError::new("traces.sampling_ratio", format!("must be between 0 and 1, got {ratio}")));
         }
         let mut propagation = Vec::with_capacity(self.propagation.len());
         for p in self.propagation {
             if propagation.contains(&p) {
-                return Err(ConfigError::new(
-                    "traces.propagation",
-                    format!("lists {p:?} twice"),
-                ));
+                return Err(ConfigError::new("traces.propagation", format!("lists {p:?} twice")));
             }
             propagation.push(p);
         }
-        Ok(Traces {
-            enabled: self.enabled,
-            sampling_ratio: ratio,
-            propagation,
-            span_name: self.span_name,
-        })
+        Ok(Traces { enabled: self.enabled, sampling_ratio: ratio, propagation, span_name: self.span_name })
     }
 }
 
 impl RawMetrics {
     fn compile(self) -> Result<Metrics, ConfigError> {
-        in_range(
-            "metrics.export_interval_ms",
-            self.export_interval_ms,
-            1_000,
-            MAX_INTERVAL_MS,
-        )?;
+        in_range("metrics.export_interval_ms", self.export_interval_ms, 1_000, MAX_INTERVAL_MS)?;
+        in_range("metrics.max_series", self.max_series, 1, MAX_SERIES)?;
         Ok(Metrics {
             enabled: self.enabled,
             export_interval: Duration::from_millis(self.export_interval_ms),
+            temporality: self.temporality,
+            max_series: self.max_series,
         })
     }
 }
 
 impl RawExport {
     fn compile(self) -> Result<Export, ConfigError> {
-        in_range(
-            "export.flush_interval_ms",
-            self.flush_interval_ms,
-            10,
-            MAX_INTERVAL_MS,
-        )?;
+        in_range("export.flush_interval_ms", self.flush_interval_ms, 10, MAX_INTERVAL_MS)?;
         in_range("export.max_batch", self.max_batch, 1, MAX_BATCH)?;
         in_range("export.max_queue", self.max_queue, 1, MAX_QUEUE)?;
         if self.max_queue < self.max_batch {
             return Err(ConfigError::new(
                 "export.max_queue",
-                format!(
-                    "must be at least export.max_batch ({}), got {}",
-                    self.max_batch, self.max_queue
-                ),
+                format!("must be at least export.max_batch ({}), got {}", self.max_batch, self.max_queue),
             ));
         }
         in_range("export.max_in_flight", self.max_in_flight, 1, 64)?;
@@ -384,41 +348,27 @@ impl RawExport {
 
 fn compile_resource(raw: RawResource) -> Result<BTreeMap<String, String>, ConfigError> {
     if let Some(key) = raw.attributes.keys().find(|k| k.trim().is_empty()) {
-        return Err(ConfigError::new(
-            "resource.attributes",
-            format!("attribute names must not be empty, got {key:?}"),
-        ));
+        return Err(ConfigError::new("resource.attributes", format!("attribute names must not be empty, got {key:?}")));
     }
     Ok(raw.attributes)
 }
 
-fn in_range<T: PartialOrd + fmt::Display>(
-    field: &str,
-    value: T,
-    min: T,
-    max: T,
-) -> Result<(), ConfigError> {
+fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, min: T, max: T) -> Result<(), ConfigError> {
     if value < min || value > max {
-        return Err(ConfigError::new(
-            field,
-            format!("must be between {min} and {max}, got {value}"),
-        ));
+        return Err(ConfigError::new(field, format!("must be between {min} and {max}, got {value}")));
     }
     Ok(())
 }
 
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
-        })
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The `host:port` an Istio cluster name such as `outbound|4318||otel.obs.svc.cluster.local` points at.
 pub fn istio_cluster_authority(cluster: &str) -> Option<String> {
     let mut parts = cluster.split('|');
-    let (direction, port, _subset, host) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let (direction, port, _subset, host) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || direction != "outbound" || host.is_empty() {
         return None;
     }
@@ -434,24 +384,20 @@ mod tests {
         parse(json.as_bytes()).unwrap_err().to_string()
     }
 
-    const MINIMAL: &str = r#"{"collector":{"cluster":"outbound|4318||otel-collector.observability.svc.cluster.local"}}"#;
+    const MINIMAL: &str =
+        r#"{"collector":{"cluster":"outbound|4318||otel-collector.observability.svc.cluster.local"}}"#;
 
     #[test]
     fn minimal_config_takes_documented_defaults() {
         let c = parse(MINIMAL.as_bytes()).unwrap();
-        assert_eq!(
-            c.collector.authority,
-            "otel-collector.observability.svc.cluster.local:4318"
-        );
+        assert_eq!(c.collector.authority, "otel-collector.observability.svc.cluster.local:4318");
         assert_eq!(c.collector.timeout, Duration::from_secs(5));
         assert!(c.traces.enabled && c.metrics.enabled);
         assert_eq!(c.traces.sampling_ratio, 1.0);
-        assert_eq!(
-            c.traces.propagation,
-            vec![Propagation::W3c, Propagation::B3]
-        );
+        assert_eq!(c.traces.propagation, vec![Propagation::W3c, Propagation::B3]);
         assert_eq!(c.traces.span_name, SpanNaming::MethodPath);
         assert_eq!(c.metrics.export_interval, Duration::from_secs(10));
+        assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Cumulative, 2000));
         assert_eq!(c.export.flush_interval, Duration::from_secs(1));
         assert_eq!((c.export.max_batch, c.export.max_queue), (512, 8192));
         assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
@@ -464,7 +410,7 @@ mod tests {
               "collector": {"cluster": "outbound|4318||otel-collector.observability.svc.cluster.local",
                             "authority": "otel:4318", "timeout_ms": 2000, "headers": {"x-api-key": "k"}},
               "traces": {"enabled": true, "sampling_ratio": 0.25, "propagation": ["b3"], "span_name": "method"},
-              "metrics": {"enabled": false, "export_interval_ms": 15000},
+              "metrics": {"enabled": false, "export_interval_ms": 15000, "temporality": "delta", "max_series": 50},
               "export": {"flush_interval_ms": 500, "max_batch": 100, "max_queue": 1000, "max_in_flight": 2, "max_retries": 0},
               "resource": {"attributes": {"deployment.environment.name": "prod"}}
             }"#,
@@ -475,6 +421,7 @@ mod tests {
         assert_eq!(c.traces.propagation, vec![Propagation::B3]);
         assert_eq!(c.traces.span_name, SpanNaming::Method);
         assert!(!c.metrics.enabled);
+        assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Delta, 50));
         assert_eq!(c.export.max_retries, 0);
         assert_eq!(c.resource_attributes["deployment.environment.name"], "prod");
     }
@@ -482,9 +429,7 @@ mod tests {
     #[test]
     fn rejects_sampling_ratio_out_of_range_naming_the_field() {
         assert_eq!(
-            err(
-                r#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local"},"traces":{"sampling_ratio":1.5}}"#
-            ),
+            err(r#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local"},"traces":{"sampling_ratio":1.5}}"#),
             "traces.sampling_ratio: must be between 0 and 1, got 1.5"
         );
     }
@@ -492,10 +437,7 @@ mod tests {
     #[test]
     fn rejects_unknown_fields_with_their_path() {
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"sampling":1}}"#);
-        assert!(
-            e.starts_with("traces.sampling: unknown field `sampling`"),
-            "{e}"
-        );
+        assert!(e.starts_with("traces.sampling: unknown field `sampling`"), "{e}");
         let e = err(r#"{"collector":{"cluster":"x","authority":"a"},"tracing":{}}"#);
         assert!(e.starts_with("tracing: unknown field `tracing`"), "{e}");
     }
@@ -504,16 +446,9 @@ mod tests {
     fn rejects_wrong_types_and_unknown_propagation() {
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"export":{"max_batch":"10"}}"#);
         assert!(e.starts_with("export.max_batch: invalid type"), "{e}");
-        let e = err(
-            r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["jaeger"]}}"#,
-        );
-        assert!(
-            e.starts_with("traces.propagation[0]: unknown variant `jaeger`"),
-            "{e}"
-        );
-        let e = err(
-            r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["b3","b3"]}}"#,
-        );
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["jaeger"]}}"#);
+        assert!(e.starts_with("traces.propagation[0]: unknown variant `jaeger`"), "{e}");
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["b3","b3"]}}"#);
         assert_eq!(e, "traces.propagation: lists B3 twice");
     }
 
@@ -547,26 +482,17 @@ mod tests {
             err(&format!(r#"{base}{{"flush_interval_ms":1}}}}"#)),
             "export.flush_interval_ms: must be between 10 and 3600000, got 1"
         );
-        assert!(
-            err(r#"{"collector":{"cluster":"outbound|4318||c","timeout_ms":0}}"#)
-                .starts_with("collector.timeout_ms: must be between 1 and 60000")
-        );
+        assert!(err(r#"{"collector":{"cluster":"outbound|4318||c","timeout_ms":0}}"#)
+            .starts_with("collector.timeout_ms: must be between 1 and 60000"));
     }
 
     #[test]
     fn rejects_bad_collector_headers() {
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"X-Key":"v"}}}"#);
-        assert_eq!(
-            e,
-            "collector.headers.X-Key: header names must be lower-case HTTP tokens"
-        );
+        assert_eq!(e, "collector.headers.X-Key: header names must be lower-case HTTP tokens");
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"x-key":"a\nb"}}}"#);
-        assert_eq!(
-            e,
-            "collector.headers.x-key: header values must not contain CR, LF or NUL"
-        );
-        let e =
-            err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"content-type":"x"}}}"#);
+        assert_eq!(e, "collector.headers.x-key: header values must not contain CR, LF or NUL");
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"content-type":"x"}}}"#);
         assert!(e.starts_with("collector.headers.content-type: is set by meshtel"));
     }
 

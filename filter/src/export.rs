@@ -20,11 +20,7 @@ impl<T> BoundedQueue<T> {
     /// An empty queue holding at most `cap` items (at least one).
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(1);
-        Self {
-            items: VecDeque::with_capacity(cap.min(1024)),
-            cap,
-            dropped: 0,
-        }
+        Self { items: VecDeque::with_capacity(cap.min(1024)), cap, dropped: 0 }
     }
 
     /// Append an item, dropping the oldest one if the queue is full.
@@ -68,16 +64,12 @@ pub struct FlushTimer {
 impl FlushTimer {
     /// A timer flushing at least every `interval`.
     pub fn new(interval: Duration, now_ns: u64) -> Self {
-        Self {
-            interval_ns: duration_ns(interval),
-            last_flush_ns: now_ns,
-        }
+        Self { interval_ns: duration_ns(interval), last_flush_ns: now_ns }
     }
 
     /// Whether a batch should be sent now, given how many items wait and the batch size.
     pub fn due(&self, waiting: usize, max_batch: usize, now_ns: u64) -> bool {
-        waiting >= max_batch
-            || (waiting > 0 && now_ns.saturating_sub(self.last_flush_ns) >= self.interval_ns)
+        waiting >= max_batch || (waiting > 0 && now_ns.saturating_sub(self.last_flush_ns) >= self.interval_ns)
     }
 
     /// Record that a flush happened.
@@ -89,6 +81,8 @@ impl FlushTimer {
 /// An encoded export request and the number of items it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
+    /// OTLP/HTTP path it goes to (`/v1/traces`, `/v1/metrics`).
+    pub path: &'static str,
     /// OTLP protobuf body.
     pub body: Vec<u8>,
     /// Spans, data points or log records in it.
@@ -98,13 +92,9 @@ pub struct Payload {
 }
 
 impl Payload {
-    /// A payload not yet sent.
-    pub fn new(body: Vec<u8>, items: u64) -> Self {
-        Self {
-            body,
-            items,
-            attempts: 0,
-        }
+    /// A payload for `path` not yet sent.
+    pub fn new(path: &'static str, body: Vec<u8>, items: u64) -> Self {
+        Self { path, body, items, attempts: 0 }
     }
 }
 
@@ -140,13 +130,10 @@ pub fn classify(status: Option<u32>, retry_after: Option<&str>) -> Outcome {
             reason: format!("collector answered {code}"),
             after: retry_after.and_then(parse_retry_after),
         },
-        Some(code) => Outcome::Fail {
-            reason: format!("collector answered {code}"),
-        },
-        None => Outcome::Retry {
-            reason: "no answer from the collector (refused, reset or timed out)".into(),
-            after: None,
-        },
+        Some(code) => Outcome::Fail { reason: format!("collector answered {code}") },
+        None => {
+            Outcome::Retry { reason: "no answer from the collector (refused, reset or timed out)".into(), after: None }
+        }
     }
 }
 
@@ -215,6 +202,11 @@ impl Sender {
         }
     }
 
+    /// Whether call `token` is one of this sender's.
+    pub fn owns(&self, token: u32) -> bool {
+        self.in_flight.iter().any(|(t, _)| *t == token)
+    }
+
     /// Whether another call may start now.
     pub fn has_capacity(&self) -> bool {
         self.in_flight.len() < self.max_in_flight
@@ -237,21 +229,9 @@ impl Sender {
 
     /// Record a call the proxy refused to make (e.g. unknown cluster); it is retried like a
     /// failed call. Returns a health change to log, if any.
-    pub fn not_sent(
-        &mut self,
-        mut payload: Payload,
-        reason: String,
-        now_ns: u64,
-    ) -> Option<String> {
+    pub fn not_sent(&mut self, mut payload: Payload, reason: String, now_ns: u64) -> Option<String> {
         payload.attempts += 1;
-        self.failed(
-            payload,
-            Outcome::Retry {
-                reason,
-                after: None,
-            },
-            now_ns,
-        )
+        self.failed(payload, Outcome::Retry { reason, after: None }, now_ns)
     }
 
     /// Record the answer to call `token`. Returns a health change to log, if any.
@@ -282,8 +262,7 @@ impl Sender {
                         self.stats.failed += old.items;
                     }
                 }
-                self.waiting
-                    .push_back((now_ns.saturating_add(duration_ns(delay)), payload));
+                self.waiting.push_back((now_ns.saturating_add(duration_ns(delay)), payload));
                 reason
             }
             Outcome::Retry { reason, .. } | Outcome::Fail { reason } => {
@@ -340,7 +319,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn payload(items: u64) -> Payload {
-        Payload::new(vec![1, 2, 3], items)
+        Payload::new("/v1/traces", vec![1, 2, 3], items)
     }
 
     #[test]
@@ -370,10 +349,7 @@ mod tests {
     fn classifies_per_otlp_http() {
         assert_eq!(classify(Some(200), None), Outcome::Success { rejected: 0 });
         for code in [429, 502, 503, 504] {
-            assert!(matches!(
-                classify(Some(code), None),
-                Outcome::Retry { after: None, .. }
-            ));
+            assert!(matches!(classify(Some(code), None), Outcome::Retry { after: None, .. }));
         }
         assert!(
             matches!(classify(Some(503), Some("7")), Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7))
@@ -386,10 +362,7 @@ mod tests {
             Outcome::Retry { after: None, .. }
         ));
         for code in [400, 401, 404, 500, 501] {
-            assert!(
-                matches!(classify(Some(code), None), Outcome::Fail { .. }),
-                "{code}"
-            );
+            assert!(matches!(classify(Some(code), None), Outcome::Fail { .. }), "{code}");
         }
         assert!(matches!(classify(None, None), Outcome::Retry { .. }));
     }
@@ -406,17 +379,9 @@ mod tests {
     fn success_counts_exported_and_partial_rejections() {
         let mut s = Sender::new(2, 3);
         s.sent(1, payload(10));
-        assert_eq!(
-            s.completed(1, Outcome::Success { rejected: 3 }, 0),
-            None,
-            "healthy from the start"
-        );
+        assert_eq!(s.completed(1, Outcome::Success { rejected: 3 }, 0), None, "healthy from the start");
         assert_eq!((s.stats().exported, s.stats().failed), (7, 3));
-        assert_eq!(
-            s.completed(1, Outcome::Success { rejected: 0 }, 0),
-            None,
-            "unknown token ignored"
-        );
+        assert_eq!(s.completed(1, Outcome::Success { rejected: 0 }, 0), None, "unknown token ignored");
         assert_eq!(s.stats().exported, 7);
     }
 
@@ -426,33 +391,18 @@ mod tests {
         s.sent(1, payload(5));
         assert!(!s.has_capacity());
         let log = s.completed(1, classify(Some(503), None), 0);
-        assert_eq!(
-            log.as_deref(),
-            Some("export failing: collector answered 503")
-        );
+        assert_eq!(log.as_deref(), Some("export failing: collector answered 503"));
         assert_eq!(s.due_retry(S / 2), None, "waits for the 1 s backoff");
         let p = s.due_retry(S).unwrap();
         assert_eq!(p.attempts, 1);
         s.sent(2, p);
-        assert_eq!(
-            s.completed(2, classify(Some(503), None), S),
-            None,
-            "same state, no new log line"
-        );
+        assert_eq!(s.completed(2, classify(Some(503), None), S), None, "same state, no new log line");
         assert_eq!(s.due_retry(2 * S), None, "second backoff is 2 s");
         let p = s.due_retry(3 * S).unwrap();
         s.sent(3, p);
         s.completed(3, classify(Some(503), None), 3 * S);
         assert_eq!(s.waiting(), 0, "budget of 2 retries spent");
-        assert_eq!(
-            *s.stats(),
-            ExportStats {
-                exported: 0,
-                failed: 5,
-                failed_requests: 3,
-                retries: 2
-            }
-        );
+        assert_eq!(*s.stats(), ExportStats { exported: 0, failed: 5, failed_requests: 3, retries: 2 });
     }
 
     #[test]
@@ -460,16 +410,10 @@ mod tests {
         let mut s = Sender::new(4, 3);
         s.sent(1, payload(4));
         let log = s.completed(1, classify(Some(400), None), 0);
-        assert_eq!(
-            log.as_deref(),
-            Some("export failing: collector answered 400")
-        );
+        assert_eq!(log.as_deref(), Some("export failing: collector answered 400"));
         assert_eq!((s.waiting(), s.stats().failed), (0, 4));
         s.sent(2, payload(1));
-        assert_eq!(
-            s.completed(2, classify(Some(200), None), 0).as_deref(),
-            Some("export recovered")
-        );
+        assert_eq!(s.completed(2, classify(Some(200), None), 0).as_deref(), Some("export recovered"));
         assert_eq!(*s.health(), Health::Healthy);
     }
 

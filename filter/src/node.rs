@@ -33,10 +33,7 @@ impl NodeInfo {
     }
 
     fn label(&self, key: &str) -> Option<&str> {
-        self.labels
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.labels.get(key).map(String::as_str).filter(|v| !v.is_empty())
     }
 
     fn non_empty(s: &str) -> Option<&str> {
@@ -45,28 +42,22 @@ impl NodeInfo {
 
     /// The `app` of Istio's labels: `app.kubernetes.io/name`, else `app`.
     pub fn app(&self) -> Option<&str> {
-        self.label("app.kubernetes.io/name")
-            .or_else(|| self.label("app"))
+        self.label("app.kubernetes.io/name").or_else(|| self.label("app"))
     }
 
     /// The `version` of Istio's labels: `app.kubernetes.io/version`, else `version`.
     pub fn version(&self) -> Option<&str> {
-        self.label("app.kubernetes.io/version")
-            .or_else(|| self.label("version"))
+        self.label("app.kubernetes.io/version").or_else(|| self.label("version"))
     }
 
     /// Canonical service as Istio derives it: the label, else the app, else the workload name.
     pub fn canonical_service(&self) -> Option<&str> {
-        self.label(LABEL_CANONICAL_NAME)
-            .or_else(|| self.app())
-            .or_else(|| Self::non_empty(&self.workload_name))
+        self.label(LABEL_CANONICAL_NAME).or_else(|| self.app()).or_else(|| Self::non_empty(&self.workload_name))
     }
 
     /// Canonical revision as Istio derives it: the label, else the version, else `latest`.
     pub fn canonical_revision(&self) -> &str {
-        self.label(LABEL_CANONICAL_REVISION)
-            .or_else(|| self.version())
-            .unwrap_or("latest")
+        self.label(LABEL_CANONICAL_REVISION).or_else(|| self.version()).unwrap_or("latest")
     }
 }
 
@@ -125,10 +116,7 @@ mod tests {
     fn node(labels: &[(&str, &str)], workload: &str) -> NodeInfo {
         NodeInfo {
             workload_name: workload.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             ..Default::default()
         }
     }
@@ -138,11 +126,7 @@ mod tests {
         let bytes = encode_pairs(&[("app", "reviews"), ("version", "v2"), ("", "")]);
         assert_eq!(
             decode_pairs(&bytes).unwrap(),
-            vec![
-                ("app".into(), "reviews".into()),
-                ("version".into(), "v2".into()),
-                ("".into(), "".into())
-            ]
+            vec![("app".into(), "reviews".into()), ("version".into(), "v2".into()), ("".into(), "".into())]
         );
         assert_eq!(decode_pairs(&[]).unwrap(), vec![]);
     }
@@ -161,36 +145,15 @@ mod tests {
     #[test]
     fn canonical_names_follow_istio_precedence() {
         let n = node(
-            &[
-                (LABEL_CANONICAL_NAME, "canon"),
-                ("app", "a"),
-                (LABEL_CANONICAL_REVISION, "r1"),
-                ("version", "v1"),
-            ],
+            &[(LABEL_CANONICAL_NAME, "canon"), ("app", "a"), (LABEL_CANONICAL_REVISION, "r1"), ("version", "v1")],
             "w",
         );
-        assert_eq!(
-            (n.canonical_service(), n.canonical_revision()),
-            (Some("canon"), "r1")
-        );
-        let n = node(
-            &[
-                ("app.kubernetes.io/name", "k8sapp"),
-                ("app", "a"),
-                ("version", "v1"),
-            ],
-            "w",
-        );
-        assert_eq!(
-            (n.canonical_service(), n.canonical_revision()),
-            (Some("k8sapp"), "v1")
-        );
+        assert_eq!((n.canonical_service(), n.canonical_revision()), (Some("canon"), "r1"));
+        let n = node(&[("app.kubernetes.io/name", "k8sapp"), ("app", "a"), ("version", "v1")], "w");
+        assert_eq!((n.canonical_service(), n.canonical_revision()), (Some("k8sapp"), "v1"));
         assert_eq!(n.app(), Some("k8sapp"));
         let n = node(&[], "w");
-        assert_eq!(
-            (n.canonical_service(), n.canonical_revision()),
-            (Some("w"), "latest")
-        );
+        assert_eq!((n.canonical_service(), n.canonical_revision()), (Some("w"), "latest"));
         assert_eq!(node(&[], "").canonical_service(), None);
     }
 

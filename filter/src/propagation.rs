@@ -6,8 +6,8 @@
 use crate::config::Propagation;
 use crate::sampler::RatioSampler;
 use crate::trace_context::{
-    format_b3_single, format_traceparent, parse_b3_multi, parse_b3_single, parse_traceparent,
-    sanitize_tracestate, Extracted, SpanId, TraceId,
+    format_b3_single, format_traceparent, parse_b3_multi, parse_b3_single, parse_traceparent, sanitize_tracestate,
+    Extracted, SpanId, TraceId,
 };
 
 /// Request headers as the proxy hands them over: lower-case names, raw values, repeats kept.
@@ -157,10 +157,7 @@ pub fn start_trace(
     let continued_w3c = matches!(chosen, Some((Propagation::W3c, _)));
     let original_tracestate = headers.joined(TRACESTATE);
     let tracestate = if continued_w3c {
-        original_tracestate
-            .as_deref()
-            .and_then(sanitize_tracestate)
-            .filter(|s| !s.is_empty())
+        original_tracestate.as_deref().and_then(sanitize_tracestate).filter(|s| !s.is_empty())
     } else {
         None
     };
@@ -197,10 +194,7 @@ fn extract(format: Propagation, headers: Headers<'_>) -> Option<Extracted> {
     match format {
         Propagation::W3c => {
             let (parent, sampled) = parse_traceparent(headers.single(TRACEPARENT)?)?;
-            Some(Extracted {
-                parent: Some(parent),
-                sampled: Some(sampled),
-            })
+            Some(Extracted { parent: Some(parent), sampled: Some(sampled) })
         }
         Propagation::B3 => {
             // The single header takes precedence when both forms are present.
@@ -222,15 +216,10 @@ fn extract(format: Propagation, headers: Headers<'_>) -> Option<Extracted> {
 fn push_b3_ops(d: &TraceDecision, headers: Headers<'_>, ops: &mut Vec<HeaderOp>) {
     ops.push(HeaderOp::Set(B3_TRACE_ID, d.trace_id.to_hex()));
     ops.push(HeaderOp::Set(B3_SPAN_ID, d.span_id.to_hex()));
-    ops.push(HeaderOp::Set(
-        B3_SAMPLED,
-        if d.sampled { "1" } else { "0" }.into(),
-    ));
+    ops.push(HeaderOp::Set(B3_SAMPLED, if d.sampled { "1" } else { "0" }.into()));
     match d.parent_span_id {
         Some(p) => ops.push(HeaderOp::Set(B3_PARENT_SPAN_ID, p.to_hex())),
-        None if headers.contains(B3_PARENT_SPAN_ID) => {
-            ops.push(HeaderOp::Remove(B3_PARENT_SPAN_ID))
-        }
+        None if headers.contains(B3_PARENT_SPAN_ID) => ops.push(HeaderOp::Remove(B3_PARENT_SPAN_ID)),
         None => {}
     }
     if !d.sampled && headers.contains(B3_FLAGS) {
@@ -238,15 +227,7 @@ fn push_b3_ops(d: &TraceDecision, headers: Headers<'_>, ops: &mut Vec<HeaderOp>)
     }
     // Keep a single `b3` header consistent when the caller used that form.
     if headers.contains(B3) {
-        ops.push(HeaderOp::Set(
-            B3,
-            format_b3_single(
-                &d.trace_id,
-                &d.span_id,
-                d.sampled,
-                d.parent_span_id.as_ref(),
-            ),
-        ));
+        ops.push(HeaderOp::Set(B3, format_b3_single(&d.trace_id, &d.span_id, d.sampled, d.parent_span_id.as_ref())));
     }
 }
 
@@ -259,24 +240,12 @@ mod tests {
     const BOTH: &[Propagation] = &[Propagation::W3c, Propagation::B3];
 
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
     }
 
-    fn run(
-        formats: &[Propagation],
-        ratio: f64,
-        pairs: &[(&str, &str)],
-    ) -> (TraceDecision, Vec<HeaderOp>) {
+    fn run(formats: &[Propagation], ratio: f64, pairs: &[(&str, &str)]) -> (TraceDecision, Vec<HeaderOp>) {
         let headers = h(pairs);
-        start_trace(
-            formats,
-            &RatioSampler::new(ratio),
-            Headers(&headers),
-            &mut IdGenerator::with_seed(1),
-        )
+        start_trace(formats, &RatioSampler::new(ratio), Headers(&headers), &mut IdGenerator::with_seed(1))
     }
 
     fn set<'a>(ops: &'a [HeaderOp], name: &str) -> Option<&'a str> {
@@ -297,57 +266,28 @@ mod tests {
 
     #[test]
     fn w3c_parent_is_continued_and_bridged_to_b3() {
-        let (d, ops) = run(
-            BOTH,
-            0.0,
-            &[
-                ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
-                ("tracestate", "a=1"),
-            ],
-        );
+        let (d, ops) = run(BOTH, 0.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1")]);
         assert_eq!(d.trace_id.to_hex(), TRACE);
         assert_eq!(d.parent_span_id.unwrap().to_hex(), SPAN);
         assert!(d.sampled, "incoming decision beats ratio 0");
         assert_eq!(d.tracestate.as_deref(), Some("a=1"));
         let own = d.span_id.to_hex();
-        assert_eq!(
-            set(&ops, "traceparent").unwrap(),
-            format!("00-{TRACE}-{own}-01")
-        );
-        assert_eq!(
-            set(&ops, "tracestate"),
-            None,
-            "a valid tracestate is left as it is"
-        );
+        assert_eq!(set(&ops, "traceparent").unwrap(), format!("00-{TRACE}-{own}-01"));
+        assert_eq!(set(&ops, "tracestate"), None, "a valid tracestate is left as it is");
         assert_eq!(set(&ops, "x-b3-traceid"), Some(TRACE));
         assert_eq!(set(&ops, "x-b3-spanid"), Some(own.as_str()));
         assert_eq!(set(&ops, "x-b3-parentspanid"), Some(SPAN));
         assert_eq!(set(&ops, "x-b3-sampled"), Some("1"));
-        assert_eq!(
-            set(&ops, "b3"),
-            None,
-            "the single form is only written when it arrived"
-        );
+        assert_eq!(set(&ops, "b3"), None, "the single form is only written when it arrived");
     }
 
     #[test]
     fn b3_multi_parent_is_continued_and_bridged_to_w3c() {
-        let (d, ops) = run(
-            BOTH,
-            1.0,
-            &[
-                ("x-b3-traceid", TRACE),
-                ("x-b3-spanid", SPAN),
-                ("x-b3-sampled", "0"),
-            ],
-        );
+        let (d, ops) = run(BOTH, 1.0, &[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN), ("x-b3-sampled", "0")]);
         assert_eq!(d.trace_id.to_hex(), TRACE);
         assert!(!d.sampled, "incoming 'not sampled' beats ratio 1");
         let own = d.span_id.to_hex();
-        assert_eq!(
-            set(&ops, "traceparent").unwrap(),
-            format!("00-{TRACE}-{own}-00")
-        );
+        assert_eq!(set(&ops, "traceparent").unwrap(), format!("00-{TRACE}-{own}-00"));
         assert_eq!(set(&ops, "x-b3-sampled"), Some("0"));
     }
 
@@ -357,10 +297,7 @@ mod tests {
         let own = d.span_id.to_hex();
         assert_eq!(set(&ops, "b3").unwrap(), format!("{TRACE}-{own}-1-{SPAN}"));
         assert_eq!(set(&ops, "x-b3-spanid"), Some(own.as_str()));
-        assert_eq!(
-            set(&ops, "traceparent").unwrap(),
-            format!("00-{TRACE}-{own}-01")
-        );
+        assert_eq!(set(&ops, "traceparent").unwrap(), format!("00-{TRACE}-{own}-01"));
     }
 
     #[test]
@@ -381,31 +318,16 @@ mod tests {
         ];
         let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
         assert_eq!(run(BOTH, 1.0, &pairs).0.trace_id.to_hex(), TRACE);
-        assert_eq!(
-            run(&[Propagation::B3, Propagation::W3c], 1.0, &pairs)
-                .0
-                .trace_id
-                .to_hex(),
-            other
-        );
+        assert_eq!(run(&[Propagation::B3, Propagation::W3c], 1.0, &pairs).0.trace_id.to_hex(), other);
     }
 
     #[test]
     fn invalid_traceparent_restarts_the_trace_and_drops_tracestate() {
-        let (d, ops) = run(
-            BOTH,
-            1.0,
-            &[
-                ("traceparent", &format!("00-{TRACE}-{SPAN}-1")),
-                ("tracestate", "a=1"),
-            ],
-        );
+        let (d, ops) = run(BOTH, 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-1")), ("tracestate", "a=1")]);
         assert_ne!(d.trace_id.to_hex(), TRACE);
         assert_eq!(d.parent_span_id, None);
         assert!(removed(&ops, "tracestate"));
-        assert!(set(&ops, "traceparent")
-            .unwrap()
-            .starts_with(&format!("00-{}-", d.trace_id.to_hex())));
+        assert!(set(&ops, "traceparent").unwrap().starts_with(&format!("00-{}-", d.trace_id.to_hex())));
     }
 
     #[test]
@@ -417,14 +339,7 @@ mod tests {
 
     #[test]
     fn invalid_tracestate_is_dropped_but_the_parent_kept() {
-        let (d, ops) = run(
-            BOTH,
-            1.0,
-            &[
-                ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
-                ("tracestate", "a=1,a=2"),
-            ],
-        );
+        let (d, ops) = run(BOTH, 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1,a=2")]);
         assert_eq!(d.trace_id.to_hex(), TRACE);
         assert_eq!(d.tracestate, None);
         assert!(removed(&ops, "tracestate"));
@@ -435,18 +350,10 @@ mod tests {
         let (d, ops) = run(
             BOTH,
             1.0,
-            &[
-                ("traceparent", &format!("00-{TRACE}-{SPAN}-01")),
-                ("tracestate", "a=1"),
-                ("tracestate", "b=2"),
-            ],
+            &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1"), ("tracestate", "b=2")],
         );
         assert_eq!(d.tracestate.as_deref(), Some("a=1,b=2"));
-        assert_eq!(
-            set(&ops, "tracestate"),
-            None,
-            "repeated lines are equivalent to the joined value"
-        );
+        assert_eq!(set(&ops, "tracestate"), None, "repeated lines are equivalent to the joined value");
     }
 
     #[test]
@@ -470,29 +377,17 @@ mod tests {
 
     #[test]
     fn stale_b3_parent_and_debug_flag_are_cleared() {
-        let (_, ops) = run(
-            BOTH,
-            0.0,
-            &[("x-b3-parentspanid", SPAN), ("x-b3-flags", "0")],
-        );
+        let (_, ops) = run(BOTH, 0.0, &[("x-b3-parentspanid", SPAN), ("x-b3-flags", "0")]);
         assert!(removed(&ops, "x-b3-parentspanid"));
         assert!(removed(&ops, "x-b3-flags"));
     }
 
     #[test]
     fn only_configured_formats_are_read_and_written() {
-        let (d, ops) = run(
-            &[Propagation::W3c],
-            1.0,
-            &[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)],
-        );
+        let (d, ops) = run(&[Propagation::W3c], 1.0, &[("x-b3-traceid", TRACE), ("x-b3-spanid", SPAN)]);
         assert_ne!(d.trace_id.to_hex(), TRACE);
         assert_eq!(set(&ops, "x-b3-traceid"), None);
-        let (d, ops) = run(
-            &[],
-            1.0,
-            &[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))],
-        );
+        let (d, ops) = run(&[], 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01"))]);
         assert_ne!(d.trace_id.to_hex(), TRACE);
         assert!(ops.is_empty());
     }
@@ -500,12 +395,7 @@ mod tests {
     #[test]
     fn non_utf8_header_values_are_ignored() {
         let headers = vec![("traceparent".to_string(), vec![0xff, 0xfe])];
-        let (d, _) = start_trace(
-            BOTH,
-            &RatioSampler::new(1.0),
-            Headers(&headers),
-            &mut IdGenerator::with_seed(1),
-        );
+        let (d, _) = start_trace(BOTH, &RatioSampler::new(1.0), Headers(&headers), &mut IdGenerator::with_seed(1));
         assert_eq!(d.parent_span_id, None);
     }
 

@@ -3,8 +3,8 @@
 // Bit order of Envoy's `CoreResponseFlag` (envoy/stream_info/stream_info.h); the short names
 // are those of `ResponseFlagUtils` (source/common/stream_info/utility.cc).
 const SHORT_NAMES: [&str; 29] = [
-    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC",
-    "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+    "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI", "IH",
+    "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
 ];
 
 /// Render Envoy's response flag bitmask as its short form: `-` for none, else names joined by `,`.

@@ -57,11 +57,7 @@ mod tests {
         let s = RatioSampler::new(0.5);
         assert!(s.samples(&id(u64::MAX / 2 - 10)));
         assert!(!s.samples(&id(u64::MAX / 2 + 10)));
-        assert_eq!(
-            s.samples(&id(12345)),
-            s.samples(&id(12345)),
-            "deterministic"
-        );
+        assert_eq!(s.samples(&id(12345)), s.samples(&id(12345)), "deterministic");
     }
 
     #[test]

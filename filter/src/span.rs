@@ -23,11 +23,7 @@ pub const LISTENER_OUTBOUND: u64 = 2;
 /// Decide the span kind of a request. Gateways serve; a sidecar serves on inbound listeners
 /// and is a client on outbound ones. Without a listener direction, Istio's cluster naming
 /// (`inbound|...` / `outbound|...`) decides; without either, the proxy is taken as a server.
-pub fn span_kind(
-    node: &NodeInfo,
-    listener_direction: Option<u64>,
-    cluster: Option<&str>,
-) -> SpanKind {
+pub fn span_kind(node: &NodeInfo, listener_direction: Option<u64>, cluster: Option<&str>) -> SpanKind {
     if node.is_gateway() {
         return SpanKind::Server;
     }
@@ -119,23 +115,13 @@ impl SpanRecord {
         request: RequestInfo,
         completion: Completion,
     ) -> Self {
-        let method = if request.method.is_empty() {
-            "HTTP"
-        } else {
-            request.method.as_str()
-        };
+        let method = if request.method.is_empty() { "HTTP" } else { request.method.as_str() };
         let name = match naming {
             SpanNaming::Method => method.to_string(),
             SpanNaming::MethodPath if request.path.is_empty() => method.to_string(),
             SpanNaming::MethodPath => format!("{method} {}", request.path),
         };
-        Self {
-            trace,
-            name,
-            start_unix_nanos,
-            request,
-            completion,
-        }
+        Self { trace, name, start_unix_nanos, request, completion }
     }
 
     /// Whether the span is an error per the HTTP conventions: 5xx on servers, 4xx and 5xx on
@@ -193,95 +179,41 @@ mod tests {
     }
 
     fn record(kind: SpanKind, code: u32, flags: &str) -> SpanRecord {
-        let completion = Completion {
-            kind,
-            status_code: code,
-            response_flags: flags.into(),
-            ..Default::default()
-        };
-        SpanRecord::new(
-            decision(),
-            SpanNaming::MethodPath,
-            0,
-            RequestInfo::default(),
-            completion,
-        )
+        let completion = Completion { kind, status_code: code, response_flags: flags.into(), ..Default::default() };
+        SpanRecord::new(decision(), SpanNaming::MethodPath, 0, RequestInfo::default(), completion)
     }
 
     #[test]
     fn kind_follows_gateway_listener_direction_then_cluster() {
-        let sidecar = NodeInfo {
-            id: "sidecar~1~a.ns~ns.svc.cluster.local".into(),
-            ..Default::default()
-        };
-        let gateway = NodeInfo {
-            id: "router~1~gw.istio-system~x".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            span_kind(&gateway, Some(LISTENER_OUTBOUND), Some("outbound|80||a")),
-            SpanKind::Server
-        );
-        assert_eq!(
-            span_kind(&sidecar, Some(LISTENER_OUTBOUND), None),
-            SpanKind::Client
-        );
-        assert_eq!(
-            span_kind(&sidecar, Some(LISTENER_INBOUND), Some("outbound|80||a")),
-            SpanKind::Server
-        );
-        assert_eq!(
-            span_kind(&sidecar, None, Some("outbound|80||a")),
-            SpanKind::Client
-        );
-        assert_eq!(
-            span_kind(&sidecar, None, Some("inbound|80||")),
-            SpanKind::Server
-        );
+        let sidecar = NodeInfo { id: "sidecar~1~a.ns~ns.svc.cluster.local".into(), ..Default::default() };
+        let gateway = NodeInfo { id: "router~1~gw.istio-system~x".into(), ..Default::default() };
+        assert_eq!(span_kind(&gateway, Some(LISTENER_OUTBOUND), Some("outbound|80||a")), SpanKind::Server);
+        assert_eq!(span_kind(&sidecar, Some(LISTENER_OUTBOUND), None), SpanKind::Client);
+        assert_eq!(span_kind(&sidecar, Some(LISTENER_INBOUND), Some("outbound|80||a")), SpanKind::Server);
+        assert_eq!(span_kind(&sidecar, None, Some("outbound|80||a")), SpanKind::Client);
+        assert_eq!(span_kind(&sidecar, None, Some("inbound|80||")), SpanKind::Server);
         assert_eq!(span_kind(&sidecar, Some(0), None), SpanKind::Server);
     }
 
     #[test]
     fn request_info_drops_the_query_string() {
-        let h: Vec<(String, Vec<u8>)> = [
-            (":method", "GET"),
-            (":path", "/items?token=secret"),
-            (":authority", "shop:8080"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-        .collect();
+        let h: Vec<(String, Vec<u8>)> =
+            [(":method", "GET"), (":path", "/items?token=secret"), (":authority", "shop:8080")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect();
         let r = RequestInfo::from_headers(Headers(&h));
-        assert_eq!(
-            (r.method.as_str(), r.path.as_str(), r.scheme.as_str()),
-            ("GET", "/items", "http")
-        );
+        assert_eq!((r.method.as_str(), r.path.as_str(), r.scheme.as_str()), ("GET", "/items", "http"));
         assert_eq!(r.authority, "shop:8080");
         assert_eq!(r.user_agent, None);
     }
 
     #[test]
     fn names_spans_by_method_and_path() {
-        let req = RequestInfo {
-            method: "POST".into(),
-            path: "/a".into(),
-            ..Default::default()
-        };
-        let s = SpanRecord::new(
-            decision(),
-            SpanNaming::MethodPath,
-            0,
-            req.clone(),
-            Completion::default(),
-        );
+        let req = RequestInfo { method: "POST".into(), path: "/a".into(), ..Default::default() };
+        let s = SpanRecord::new(decision(), SpanNaming::MethodPath, 0, req.clone(), Completion::default());
         assert_eq!(s.name, "POST /a");
-        let s = SpanRecord::new(
-            decision(),
-            SpanNaming::Method,
-            0,
-            req,
-            Completion::default(),
-        );
+        let s = SpanRecord::new(decision(), SpanNaming::Method, 0, req, Completion::default());
         assert_eq!(s.name, "POST");
     }
 
@@ -291,18 +223,9 @@ mod tests {
         assert!(record(SpanKind::Server, 503, "UF").is_error());
         assert!(record(SpanKind::Client, 404, "-").is_error());
         assert!(!record(SpanKind::Client, 200, "-").is_error());
-        assert_eq!(
-            record(SpanKind::Server, 503, "UF").error_type().as_deref(),
-            Some("503")
-        );
-        assert_eq!(
-            record(SpanKind::Server, 0, "DC").error_type().as_deref(),
-            Some("DC")
-        );
-        assert_eq!(
-            record(SpanKind::Server, 0, "-").error_type().as_deref(),
-            Some("_OTHER")
-        );
+        assert_eq!(record(SpanKind::Server, 503, "UF").error_type().as_deref(), Some("503"));
+        assert_eq!(record(SpanKind::Server, 0, "DC").error_type().as_deref(), Some("DC"));
+        assert_eq!(record(SpanKind::Server, 0, "-").error_type().as_deref(), Some("_OTHER"));
         assert_eq!(record(SpanKind::Server, 200, "-").error_type(), None);
     }
 

@@ -163,12 +163,7 @@ fn is_key_char(b: u8) -> bool {
 fn is_tracestate_key(key: &str) -> bool {
     let k = key.as_bytes();
     match key.split_once('@') {
-        None => {
-            !k.is_empty()
-                && k.len() <= 256
-                && k[0].is_ascii_lowercase()
-                && k.iter().all(|&b| is_key_char(b))
-        }
+        None => !k.is_empty() && k.len() <= 256 && k[0].is_ascii_lowercase() && k.iter().all(|&b| is_key_char(b)),
         Some((tenant, system)) => {
             let (t, s) = (tenant.as_bytes(), system.as_bytes());
             !t.is_empty()
@@ -186,10 +181,7 @@ fn is_tracestate_key(key: &str) -> bool {
 fn is_tracestate_value(val: &str) -> bool {
     let v = val.as_bytes();
     let printable = |b: u8| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=';
-    !v.is_empty()
-        && v.len() <= 256
-        && v.iter().all(|&b| printable(b))
-        && v.last().is_some_and(|&b| b != b' ')
+    !v.is_empty() && v.len() <= 256 && v.iter().all(|&b| printable(b)) && v.last().is_some_and(|&b| b != b' ')
 }
 
 /// Parse a B3 sampling state: `1`/`true`, `0`/`false`, or `d` (debug, which implies sampled).
@@ -225,10 +217,7 @@ pub fn parse_b3_single(value: &str) -> Option<Extracted> {
     if parts.next().is_some() {
         return None;
     }
-    Some(Extracted {
-        parent: Some(RemoteParent { trace_id, span_id }),
-        sampled,
-    })
+    Some(Extracted { parent: Some(RemoteParent { trace_id, span_id }), sampled })
 }
 
 /// Parse the `x-b3-*` headers. `trace` and `span` must both be valid for a parent; a sampling
@@ -247,10 +236,9 @@ pub fn parse_b3_multi(
     let sampled = if debug { Some(true) } else { sampled };
     let parent = match (trace, span) {
         (None, None) => None,
-        (Some(t), Some(s)) => Some(RemoteParent {
-            trace_id: TraceId::from_b3_hex(t.trim())?,
-            span_id: SpanId::from_hex(s.trim())?,
-        }),
+        (Some(t), Some(s)) => {
+            Some(RemoteParent { trace_id: TraceId::from_b3_hex(t.trim())?, span_id: SpanId::from_hex(s.trim())? })
+        }
         _ => return None,
     };
     if parent.is_none() && sampled.is_none() {
@@ -260,12 +248,7 @@ pub fn parse_b3_multi(
 }
 
 /// Format the single `b3` header.
-pub fn format_b3_single(
-    trace_id: &TraceId,
-    span_id: &SpanId,
-    sampled: bool,
-    parent: Option<&SpanId>,
-) -> String {
+pub fn format_b3_single(trace_id: &TraceId, span_id: &SpanId, sampled: bool, parent: Option<&SpanId>) -> String {
     let mut s = String::with_capacity(68);
     push_hex(&mut s, &trace_id.0);
     s.push('-');
@@ -363,25 +346,15 @@ mod tests {
     #[test]
     fn parses_future_versions_by_their_first_fields() {
         assert_eq!(tp(&format!("cc-{TRACE}-{SPAN}-01")).unwrap().0, TRACE);
-        assert!(
-            tp(&format!("cc-{TRACE}-{SPAN}-01-what-the-future"))
-                .unwrap()
-                .2
-        );
+        assert!(tp(&format!("cc-{TRACE}-{SPAN}-01-what-the-future")).unwrap().2);
         assert_eq!(tp(&format!("cc-{TRACE}-{SPAN}-01what")), None);
     }
 
     #[test]
     fn formats_traceparent_round_trip() {
         let (p, _) = parse_traceparent(&format!("00-{TRACE}-{SPAN}-01")).unwrap();
-        assert_eq!(
-            format_traceparent(&p.trace_id, &p.span_id, true),
-            format!("00-{TRACE}-{SPAN}-01")
-        );
-        assert_eq!(
-            format_traceparent(&p.trace_id, &p.span_id, false),
-            format!("00-{TRACE}-{SPAN}-00")
-        );
+        assert_eq!(format_traceparent(&p.trace_id, &p.span_id, true), format!("00-{TRACE}-{SPAN}-01"));
+        assert_eq!(format_traceparent(&p.trace_id, &p.span_id, false), format!("00-{TRACE}-{SPAN}-00"));
     }
 
     #[test]
@@ -390,15 +363,9 @@ mod tests {
             sanitize_tracestate("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE").as_deref(),
             Some("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")
         );
-        assert_eq!(
-            sanitize_tracestate(" a=1 ,, b@sys=2 ,").as_deref(),
-            Some("a=1,b@sys=2")
-        );
+        assert_eq!(sanitize_tracestate(" a=1 ,, b@sys=2 ,").as_deref(), Some("a=1,b@sys=2"));
         assert_eq!(sanitize_tracestate("").as_deref(), Some(""));
-        assert_eq!(
-            sanitize_tracestate("k=with space inside").as_deref(),
-            Some("k=with space inside")
-        );
+        assert_eq!(sanitize_tracestate("k=with space inside").as_deref(), Some("k=with space inside"));
     }
 
     #[test]
@@ -428,9 +395,7 @@ mod tests {
     #[test]
     fn truncates_long_tracestate_long_members_first() {
         let long = format!("big={}", "x".repeat(200));
-        let small: Vec<String> = (0..20)
-            .map(|i| format!("k{i:02}={}", "v".repeat(30)))
-            .collect();
+        let small: Vec<String> = (0..20).map(|i| format!("k{i:02}={}", "v".repeat(30))).collect();
         let input = format!("{},{long}", small.join(","));
         let out = sanitize_tracestate(&input).unwrap();
         assert!(out.len() <= TRACESTATE_MAX_LEN);
@@ -450,25 +415,10 @@ mod tests {
         let e = parse_b3_single(&format!("{TRACE}-{SPAN}-d-{SPAN}")).unwrap();
         assert_eq!(e.sampled, Some(true));
         let e = parse_b3_single(&format!("a3ce929d0e0e4736-{SPAN}-0")).unwrap();
-        assert_eq!(
-            e.parent.unwrap().trace_id.to_hex(),
-            "0000000000000000a3ce929d0e0e4736"
-        );
+        assert_eq!(e.parent.unwrap().trace_id.to_hex(), "0000000000000000a3ce929d0e0e4736");
         assert_eq!(e.sampled, Some(false));
-        assert_eq!(
-            parse_b3_single("0"),
-            Some(Extracted {
-                parent: None,
-                sampled: Some(false)
-            })
-        );
-        assert_eq!(
-            parse_b3_single("d"),
-            Some(Extracted {
-                parent: None,
-                sampled: Some(true)
-            })
-        );
+        assert_eq!(parse_b3_single("0"), Some(Extracted { parent: None, sampled: Some(false) }));
+        assert_eq!(parse_b3_single("d"), Some(Extracted { parent: None, sampled: Some(true) }));
     }
 
     #[test]
@@ -503,13 +453,7 @@ mod tests {
         let e = parse_b3_multi(Some(TRACE), Some(SPAN), Some("0"), Some("1")).unwrap();
         assert_eq!(e.sampled, Some(true), "debug implies sampled");
         let e = parse_b3_multi(None, None, Some("0"), None).unwrap();
-        assert_eq!(
-            e,
-            Extracted {
-                parent: None,
-                sampled: Some(false)
-            }
-        );
+        assert_eq!(e, Extracted { parent: None, sampled: Some(false) });
         assert_eq!(parse_b3_multi(None, None, None, None), None);
     }
 
@@ -517,31 +461,16 @@ mod tests {
     fn rejects_invalid_b3_multi() {
         assert_eq!(parse_b3_multi(Some(TRACE), None, Some("1"), None), None);
         assert_eq!(parse_b3_multi(None, Some(SPAN), Some("1"), None), None);
-        assert_eq!(
-            parse_b3_multi(Some("xyz"), Some(SPAN), Some("1"), None),
-            None
-        );
-        assert_eq!(
-            parse_b3_multi(Some(TRACE), Some(SPAN), Some("yes"), None),
-            None
-        );
-        assert_eq!(
-            parse_b3_multi(Some(TRACE), Some(&SPAN[..8]), None, None),
-            None
-        );
+        assert_eq!(parse_b3_multi(Some("xyz"), Some(SPAN), Some("1"), None), None);
+        assert_eq!(parse_b3_multi(Some(TRACE), Some(SPAN), Some("yes"), None), None);
+        assert_eq!(parse_b3_multi(Some(TRACE), Some(&SPAN[..8]), None, None), None);
     }
 
     #[test]
     fn formats_b3_single() {
         let t = TraceId::from_hex(TRACE).unwrap();
         let s = SpanId::from_hex(SPAN).unwrap();
-        assert_eq!(
-            format_b3_single(&t, &s, true, None),
-            format!("{TRACE}-{SPAN}-1")
-        );
-        assert_eq!(
-            format_b3_single(&t, &s, false, Some(&s)),
-            format!("{TRACE}-{SPAN}-0-{SPAN}")
-        );
+        assert_eq!(format_b3_single(&t, &s, true, None), format!("{TRACE}-{SPAN}-1"));
+        assert_eq!(format_b3_single(&t, &s, false, Some(&s)), format!("{TRACE}-{SPAN}-0-{SPAN}"));
     }
 }

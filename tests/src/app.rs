@@ -17,6 +17,9 @@ pub const TRACE_HEADERS: &[&str] = &[
     "x-request-id",
 ];
 
+/// Request header asking the echo app to answer with `x-envoy-peer-metadata` set to its value.
+pub const PEER_METADATA_REQUEST: &str = "x-test-answer-peer-metadata";
+
 /// What the app does with a request.
 #[derive(Debug, Clone, Copy)]
 pub enum Behavior {
@@ -38,30 +41,24 @@ impl App {
     /// Start an app with this behaviour on a free port.
     pub fn start(behavior: Behavior) -> App {
         let server = HttpServer::start(move |req| handle(req, behavior));
-        App {
-            port: server.port,
-            _server: server,
-        }
+        App { port: server.port, _server: server }
     }
 }
 
 fn handle(req: Req, behavior: Behavior) -> Resp {
     match behavior {
         Behavior::Echo => {
-            let status = req
-                .path
-                .strip_prefix("/status/")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(200);
+            let status = req.path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200);
             let mut map = Map::new();
             for (k, v) in &req.headers {
                 map.insert(k.clone(), Value::String(v.clone()));
             }
-            Resp::new(
-                status,
-                "application/json",
-                json!({"path": req.path, "headers": map}).to_string(),
-            )
+            let mut resp = Resp::new(status, "application/json", json!({"path": req.path, "headers": map}).to_string());
+            // Lets a test play an upstream sidecar that answers with its Istio peer metadata.
+            if let Some(md) = req.header(PEER_METADATA_REQUEST) {
+                resp.headers.push(("x-envoy-peer-metadata".into(), md.to_string()));
+            }
+            resp
         }
         Behavior::Forward(port) => {
             let forward: Vec<(&str, &str)> = req

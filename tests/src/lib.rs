@@ -4,6 +4,7 @@ pub mod app;
 pub mod collector;
 pub mod envoy;
 pub mod mesh;
+pub mod metrics;
 pub mod server;
 
 use std::net::TcpListener;
@@ -18,10 +19,7 @@ pub fn repo_root() -> PathBuf {
 
 /// A port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 fn agent() -> &'static ureq::Agent {

@@ -112,8 +112,9 @@ impl SidecarSpec {
             direction: Direction::Inbound,
             cluster: inbound_cluster.clone(),
         }];
+        let own_service = format!("{}.{}.svc.cluster.local", self.app, self.namespace);
         let mut clusters = vec![
-            Cluster::new(&inbound_cluster, self.app_port),
+            Cluster::new(&inbound_cluster, self.app_port).istio_service(&own_service, false),
             Cluster::new(COLLECTOR_CLUSTER, self.collector_port),
         ];
         if let Some((host, port)) = &self.upstream {
@@ -123,7 +124,7 @@ impl SidecarSpec {
                 direction: Direction::Outbound,
                 cluster: service_cluster(host),
             });
-            clusters.push(Cluster::new(&service_cluster(host), *port));
+            clusters.push(Cluster::new(&service_cluster(host), *port).istio_service(host, true));
         }
         let proxy = Proxy {
             node: Node::sidecar(&self.app, &self.namespace),
@@ -138,11 +139,7 @@ impl SidecarSpec {
     /// Start the sidecar.
     pub fn start(self) -> Sidecar {
         let (proxy, inbound, outbound) = self.proxy();
-        Sidecar {
-            envoy: Envoy::start(&proxy),
-            inbound,
-            outbound,
-        }
+        Sidecar { envoy: Envoy::start(&proxy), inbound, outbound }
     }
 }
 
@@ -166,14 +163,11 @@ pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gat
             cluster: service_cluster(host),
         }],
         clusters: vec![
-            Cluster::new(&service_cluster(host), port),
+            Cluster::new(&service_cluster(host), port).istio_service(host, true),
             Cluster::new(COLLECTOR_CLUSTER, collector_port),
         ],
         plugin_config: Some(config),
         concurrency: 1,
     };
-    Gateway {
-        envoy: Envoy::start(&proxy),
-        port: listen,
-    }
+    Gateway { envoy: Envoy::start(&proxy), port: listen }
 }

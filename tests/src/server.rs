@@ -30,10 +30,7 @@ pub struct Req {
 impl Req {
     /// The first value of a header.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -51,11 +48,7 @@ pub struct Resp {
 impl Resp {
     /// A response with a status, content type and body.
     pub fn new(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
-        Self {
-            status,
-            headers: vec![("content-type".into(), content_type.into())],
-            body: body.into(),
-        }
+        Self { status, headers: vec![("content-type".into(), content_type.into())], body: body.into() }
     }
 }
 
@@ -75,9 +68,7 @@ impl HttpServer {
     {
         let handler = Arc::new(handler);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
+        listener.set_nonblocking(true).expect("non-blocking listener");
         let port = listener.local_addr().expect("local address").port();
         let (tx, rx) = oneshot::channel::<()>();
         let thread = thread::spawn(move || {
@@ -89,11 +80,7 @@ impl HttpServer {
             rt.block_on(serve(listener, handler, rx));
             rt.shutdown_timeout(Duration::from_secs(1));
         });
-        HttpServer {
-            port,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        }
+        HttpServer { port, shutdown: Some(tx), thread: Some(thread) }
     }
 }
 
@@ -116,9 +103,7 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(respond(req, handler).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -128,27 +113,14 @@ where
     F: Fn(Req) -> Resp + Send + Sync + 'static,
 {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
     let req = Req {
         method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
+        path: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         headers: parts
             .headers
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect(),
         body,
     };

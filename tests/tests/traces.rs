@@ -20,42 +20,27 @@ const PARENT: &str = "00f067aa0ba902b7";
 /// A sidecar in front of an echo app, exporting to `collector`.
 fn echo_sidecar(collector: &Collector, config: Value) -> (App, Sidecar) {
     let app = App::start(Behavior::Echo);
-    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
-        .config(config)
-        .start();
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port).config(config).start();
     (app, sidecar)
 }
 
 /// Send a request to the inbound listener; returns the headers the app received.
 fn send(sidecar: &Sidecar, path: &str, headers: &[(&str, &str)]) -> Value {
-    let (status, body) = request(
-        &format!("http://127.0.0.1:{}{path}", sidecar.inbound),
-        headers,
-    )
-    .expect("an answer");
+    let (status, body) = request(&format!("http://127.0.0.1:{}{path}", sidecar.inbound), headers).expect("an answer");
     assert_eq!(status, 200, "{body}");
     let echoed: Value = serde_json::from_str(&body).expect("the echo app's JSON");
     echoed["headers"].clone()
 }
 
 fn header<'a>(headers: &'a Value, name: &str) -> &'a str {
-    headers[name]
-        .as_str()
-        .unwrap_or_else(|| panic!("upstream got no {name}: {headers}"))
+    headers[name].as_str().unwrap_or_else(|| panic!("upstream got no {name}: {headers}"))
 }
 
 /// Send a sampled request with a fresh trace and wait for its span: every span recorded before
 /// it by the same worker has been exported by then.
 fn barrier(collector: &Collector, sidecar: &Sidecar) {
     let barrier_parent = "1111111111111111";
-    send(
-        sidecar,
-        "/barrier",
-        &[(
-            "traceparent",
-            &format!("00-{}-{barrier_parent}-01", "b".repeat(32)),
-        )],
-    );
+    send(sidecar, "/barrier", &[("traceparent", &format!("00-{}-{barrier_parent}-01", "b".repeat(32)))]);
     collector.wait_for_child_of(barrier_parent, WAIT);
 }
 
@@ -74,18 +59,9 @@ fn gateway_to_a_to_b_forms_one_trace() {
         .outbound_port(a_outbound)
         .upstream("b.ns-b.svc.cluster.local", sidecar_b.inbound)
         .start();
-    let gw = gateway(
-        "a.ns-a.svc.cluster.local",
-        sidecar_a.inbound,
-        collector.port,
-        plugin_config(json!({})),
-    );
+    let gw = gateway("a.ns-a.svc.cluster.local", sidecar_a.inbound, collector.port, plugin_config(json!({})));
 
-    let (status, body) = request(
-        &format!("http://127.0.0.1:{}/checkout?cart=1", gw.port),
-        &[],
-    )
-    .unwrap();
+    let (status, body) = request(&format!("http://127.0.0.1:{}/checkout?cart=1", gw.port), &[]).unwrap();
     assert_eq!(status, 200, "{body}");
     let b_headers: Value = serde_json::from_str::<Value>(&body).unwrap()["headers"].clone();
 
@@ -114,49 +90,21 @@ fn gateway_to_a_to_b_forms_one_trace() {
         "B's app sees B's span as its parent"
     );
 
-    assert_eq!(
-        gw_span.resource_attr("k8s.namespace.name").as_deref(),
-        Some("istio-system")
-    );
-    assert_eq!(
-        a_server.resource_attr("service.version").as_deref(),
-        Some("v1")
-    );
-    assert_eq!(
-        a_server.resource_attr("k8s.pod.name").as_deref(),
-        Some("a-v1-6d8f7c9b5-x2x7k")
-    );
-    assert_eq!(
-        b_server.resource_attr("service.namespace").as_deref(),
-        Some("ns-b")
-    );
-    assert_eq!(
-        b_server.resource_attr("k8s.cluster.name").as_deref(),
-        Some("Kubernetes")
-    );
-    assert_eq!(
-        a_client.attr("upstream_cluster").as_deref(),
-        Some("outbound|8080||b.ns-b.svc.cluster.local")
-    );
-    assert_eq!(
-        a_client.attr("url.full").as_deref(),
-        Some(&*format!("http://127.0.0.1:{a_outbound}/checkout"))
-    );
-    assert_eq!(
-        gw_span.attr("url.path").as_deref(),
-        Some("/checkout"),
-        "no query string"
-    );
+    assert_eq!(gw_span.resource_attr("k8s.namespace.name").as_deref(), Some("istio-system"));
+    assert_eq!(a_server.resource_attr("service.version").as_deref(), Some("v1"));
+    assert_eq!(a_server.resource_attr("k8s.pod.name").as_deref(), Some("a-v1-6d8f7c9b5-x2x7k"));
+    assert_eq!(b_server.resource_attr("service.namespace").as_deref(), Some("ns-b"));
+    assert_eq!(b_server.resource_attr("k8s.cluster.name").as_deref(), Some("Kubernetes"));
+    assert_eq!(a_client.attr("upstream_cluster").as_deref(), Some("outbound|8080||b.ns-b.svc.cluster.local"));
+    assert_eq!(a_client.attr("url.full").as_deref(), Some(&*format!("http://127.0.0.1:{a_outbound}/checkout")));
+    assert_eq!(gw_span.attr("url.path").as_deref(), Some("/checkout"), "no query string");
     assert_eq!(gw_span.span.name, "GET /checkout");
     for s in &spans {
         assert_eq!(s.attr("http.response.status_code").as_deref(), Some("200"));
         assert_eq!(s.attr("istio.mesh_id").as_deref(), Some("cluster.local"));
         assert!(s.span.end_time_unix_nano >= s.span.start_time_unix_nano);
     }
-    assert!(collector
-        .requests()
-        .iter()
-        .all(|(path, ct)| path == "/v1/traces" && ct == "application/x-protobuf"));
+    assert!(collector.requests().iter().all(|(path, ct)| path == "/v1/traces" && ct == "application/x-protobuf"));
 }
 
 #[test]
@@ -172,49 +120,25 @@ fn w3c_request_is_continued_and_leaves_with_both_formats() {
         ],
     );
     let span = collector.wait_for_spans(1, WAIT).remove(0);
-    assert_eq!(
-        (span.trace_id(), span.parent_span_id()),
-        (TRACE.to_string(), PARENT.to_string())
-    );
-    assert_eq!(
-        span.span.trace_state,
-        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
-    );
+    assert_eq!((span.trace_id(), span.parent_span_id()), (TRACE.to_string(), PARENT.to_string()));
+    assert_eq!(span.span.trace_state, "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7");
     let own = span.span_id();
     assert_eq!(header(&seen, "traceparent"), format!("00-{TRACE}-{own}-01"));
-    assert_eq!(
-        header(&seen, "tracestate"),
-        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
-    );
+    assert_eq!(header(&seen, "tracestate"), "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7");
     assert_eq!(header(&seen, "x-b3-traceid"), TRACE);
     assert_eq!(header(&seen, "x-b3-spanid"), own);
     assert_eq!(header(&seen, "x-b3-parentspanid"), PARENT);
     assert_eq!(header(&seen, "x-b3-sampled"), "1");
-    assert_eq!(
-        span.span.flags & 0x300,
-        0x300,
-        "the parent is marked remote"
-    );
+    assert_eq!(span.span.flags & 0x300, 0x300, "the parent is marked remote");
 }
 
 #[test]
 fn b3_multi_header_request_is_continued_and_bridged_to_w3c() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));
-    let seen = send(
-        &sidecar,
-        "/b3",
-        &[
-            ("x-b3-traceid", TRACE),
-            ("x-b3-spanid", PARENT),
-            ("x-b3-sampled", "1"),
-        ],
-    );
+    let seen = send(&sidecar, "/b3", &[("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT), ("x-b3-sampled", "1")]);
     let span = collector.wait_for_spans(1, WAIT).remove(0);
-    assert_eq!(
-        (span.trace_id(), span.parent_span_id()),
-        (TRACE.to_string(), PARENT.to_string())
-    );
+    assert_eq!((span.trace_id(), span.parent_span_id()), (TRACE.to_string(), PARENT.to_string()));
     let own = span.span_id();
     assert_eq!(header(&seen, "traceparent"), format!("00-{TRACE}-{own}-01"));
     assert_eq!(header(&seen, "x-b3-spanid"), own);
@@ -225,16 +149,9 @@ fn b3_multi_header_request_is_continued_and_bridged_to_w3c() {
 fn b3_single_header_request_is_continued_in_every_format() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));
-    let seen = send(
-        &sidecar,
-        "/b3single",
-        &[("b3", &format!("{TRACE}-{PARENT}-1"))],
-    );
+    let seen = send(&sidecar, "/b3single", &[("b3", &format!("{TRACE}-{PARENT}-1"))]);
     let span = collector.wait_for_spans(1, WAIT).remove(0);
-    assert_eq!(
-        (span.trace_id(), span.parent_span_id()),
-        (TRACE.to_string(), PARENT.to_string())
-    );
+    assert_eq!((span.trace_id(), span.parent_span_id()), (TRACE.to_string(), PARENT.to_string()));
     let own = span.span_id();
     assert_eq!(header(&seen, "b3"), format!("{TRACE}-{own}-1-{PARENT}"));
     assert_eq!(header(&seen, "traceparent"), format!("00-{TRACE}-{own}-01"));
@@ -248,18 +165,11 @@ fn b3_64_bit_trace_ids_are_widened() {
     let seen = send(
         &sidecar,
         "/b3-64",
-        &[
-            ("x-b3-traceid", "a3ce929d0e0e4736"),
-            ("x-b3-spanid", PARENT),
-            ("x-b3-sampled", "1"),
-        ],
+        &[("x-b3-traceid", "a3ce929d0e0e4736"), ("x-b3-spanid", PARENT), ("x-b3-sampled", "1")],
     );
     let span = collector.wait_for_spans(1, WAIT).remove(0);
     assert_eq!(span.trace_id(), "0000000000000000a3ce929d0e0e4736");
-    assert_eq!(
-        header(&seen, "traceparent"),
-        format!("00-0000000000000000a3ce929d0e0e4736-{}-01", span.span_id())
-    );
+    assert_eq!(header(&seen, "traceparent"), format!("00-0000000000000000a3ce929d0e0e4736-{}-01", span.span_id()));
 }
 
 #[test]
@@ -277,11 +187,7 @@ fn request_with_both_formats_yields_one_span_and_consistent_headers() {
         ],
     );
     barrier(&collector, &sidecar);
-    let spans: Vec<_> = collector
-        .spans()
-        .into_iter()
-        .filter(|s| s.trace_id() == TRACE)
-        .collect();
+    let spans: Vec<_> = collector.spans().into_iter().filter(|s| s.trace_id() == TRACE).collect();
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].parent_span_id(), PARENT);
     let own = spans[0].span_id();
@@ -294,49 +200,25 @@ fn invalid_traceparent_starts_a_new_trace() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));
     let upper = format!("00-{}-{PARENT}-01", TRACE.to_uppercase());
-    let seen = send(
-        &sidecar,
-        "/invalid",
-        &[("traceparent", &upper), ("tracestate", "a=1")],
-    );
+    let seen = send(&sidecar, "/invalid", &[("traceparent", &upper), ("tracestate", "a=1")]);
     let span = collector.wait_for_spans(1, WAIT).remove(0);
     assert_ne!(span.trace_id(), TRACE.to_lowercase());
-    assert_eq!(
-        span.parent_span_id(),
-        "",
-        "no parent from an invalid header"
-    );
-    assert_eq!(
-        header(&seen, "traceparent"),
-        format!("00-{}-{}-01", span.trace_id(), span.span_id())
-    );
-    assert!(
-        seen.get("tracestate").is_none(),
-        "tracestate of a discarded parent is dropped: {seen}"
-    );
+    assert_eq!(span.parent_span_id(), "", "no parent from an invalid header");
+    assert_eq!(header(&seen, "traceparent"), format!("00-{}-{}-01", span.trace_id(), span.span_id()));
+    assert!(seen.get("tracestate").is_none(), "tracestate of a discarded parent is dropped: {seen}");
 }
 
 #[test]
 fn unsampled_traceparent_propagates_without_a_span() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));
-    let seen = send(
-        &sidecar,
-        "/unsampled",
-        &[("traceparent", &format!("00-{TRACE}-{PARENT}-00"))],
-    );
+    let seen = send(&sidecar, "/unsampled", &[("traceparent", &format!("00-{TRACE}-{PARENT}-00"))]);
     let tp = header(&seen, "traceparent");
-    assert!(
-        tp.starts_with(&format!("00-{TRACE}-")) && tp.ends_with("-00"),
-        "{tp}"
-    );
+    assert!(tp.starts_with(&format!("00-{TRACE}-")) && tp.ends_with("-00"), "{tp}");
     assert!(!tp.contains(PARENT), "our span id replaces the caller's");
     assert_eq!(header(&seen, "x-b3-sampled"), "0");
     barrier(&collector, &sidecar);
-    assert!(
-        collector.spans().iter().all(|s| s.trace_id() != TRACE),
-        "no span for an unsampled request"
-    );
+    assert!(collector.spans().iter().all(|s| s.trace_id() != TRACE), "no span for an unsampled request");
 }
 
 #[test]
@@ -345,18 +227,11 @@ fn sampling_ratio_zero_records_only_traces_sampled_upstream() {
     let (_app, sidecar) = echo_sidecar(&collector, json!({"traces": {"sampling_ratio": 0.0}}));
     for _ in 0..20 {
         let seen = send(&sidecar, "/new", &[]);
-        assert!(
-            header(&seen, "traceparent").ends_with("-00"),
-            "new traces leave unsampled"
-        );
+        assert!(header(&seen, "traceparent").ends_with("-00"), "new traces leave unsampled");
     }
     barrier(&collector, &sidecar);
     let spans = collector.spans();
-    assert_eq!(
-        spans.len(),
-        1,
-        "only the barrier, sampled by its caller, is recorded"
-    );
+    assert_eq!(spans.len(), 1, "only the barrier, sampled by its caller, is recorded");
     assert_eq!(spans[0].span.name, "GET /barrier");
 }
 
@@ -380,47 +255,23 @@ fn sampling_ratio_one_records_every_new_trace() {
 fn server_errors_and_upstream_failures_mark_spans() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));
-    let (status, _) = request(
-        &format!("http://127.0.0.1:{}/status/503", sidecar.inbound),
-        &[],
-    )
-    .unwrap();
+    let (status, _) = request(&format!("http://127.0.0.1:{}/status/503", sidecar.inbound), &[]).unwrap();
     assert_eq!(status, 503);
-    let (status, _) = request(
-        &format!("http://127.0.0.1:{}/status/404", sidecar.inbound),
-        &[],
-    )
-    .unwrap();
+    let (status, _) = request(&format!("http://127.0.0.1:{}/status/404", sidecar.inbound), &[]).unwrap();
     assert_eq!(status, 404);
     let spans = collector.wait_for_spans(2, WAIT);
-    let by_path = |p: &str| {
-        spans
-            .iter()
-            .find(|s| s.attr("url.path").as_deref() == Some(p))
-            .unwrap()
-    };
+    let by_path = |p: &str| spans.iter().find(|s| s.attr("url.path").as_deref() == Some(p)).unwrap();
     let err = by_path("/status/503");
-    assert_eq!(
-        err.span.status.as_ref().unwrap().code,
-        StatusCode::Error as i32
-    );
+    assert_eq!(err.span.status.as_ref().unwrap().code, StatusCode::Error as i32);
     assert_eq!(err.attr("error.type").as_deref(), Some("503"));
     let not_found = by_path("/status/404");
-    assert_eq!(
-        not_found.span.status.as_ref().unwrap().code,
-        StatusCode::Unset as i32,
-        "4xx is not a server error"
-    );
+    assert_eq!(not_found.span.status.as_ref().unwrap().code, StatusCode::Unset as i32, "4xx is not a server error");
 
     // An app that is down: Envoy answers 503 with the UF flag.
     let down = SidecarSpec::new("c", "ns-c", free_port(), collector.port).start();
     let (status, _) = request(&format!("http://127.0.0.1:{}/down", down.inbound), &[]).unwrap();
     assert_eq!(status, 503);
-    let span = collector
-        .wait_for_spans(3, WAIT)
-        .into_iter()
-        .find(|s| s.service() == "c")
-        .unwrap();
+    let span = collector.wait_for_spans(3, WAIT).into_iter().find(|s| s.service() == "c").unwrap();
     assert_eq!(span.attr("response_flags").as_deref(), Some("UF"));
     assert_eq!(span.attr("error.type").as_deref(), Some("503"));
 }
@@ -432,52 +283,30 @@ fn outbound_requests_get_client_spans_with_4xx_errors() {
     let sidecar = SidecarSpec::new("a", "ns-a", free_port(), collector.port)
         .upstream("b.ns-b.svc.cluster.local", app.port)
         .start();
-    let (status, _) = request(
-        &format!("http://127.0.0.1:{}/status/404", sidecar.outbound),
-        &[],
-    )
-    .unwrap();
+    let (status, _) = request(&format!("http://127.0.0.1:{}/status/404", sidecar.outbound), &[]).unwrap();
     assert_eq!(status, 404);
     let span = collector.wait_for_spans(1, WAIT).remove(0);
     assert_eq!(kind(&span), SpanKind::Client);
-    assert_eq!(
-        span.span.status.as_ref().unwrap().code,
-        StatusCode::Error as i32
-    );
+    assert_eq!(span.span.status.as_ref().unwrap().code, StatusCode::Error as i32);
     assert_eq!(span.attr("error.type").as_deref(), Some("404"));
-    assert_eq!(
-        span.attr("upstream_cluster").as_deref(),
-        Some("outbound|8080||b.ns-b.svc.cluster.local")
-    );
+    assert_eq!(span.attr("upstream_cluster").as_deref(), Some("outbound|8080||b.ns-b.svc.cluster.local"));
 }
 
 #[test]
 fn two_workers_lose_no_span() {
     let collector = Collector::start();
     let app = App::start(Behavior::Echo);
-    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
-        .concurrency(2)
-        .start();
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port).concurrency(2).start();
     let (threads, per_thread) = (8, 50);
     let url = format!("http://127.0.0.1:{}/load", sidecar.inbound);
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let url = url.clone();
-            thread::spawn(move || {
-                (0..per_thread)
-                    .map(|_| request(&url, &[]))
-                    .collect::<Vec<_>>()
-            })
+            thread::spawn(move || (0..per_thread).map(|_| request(&url, &[])).collect::<Vec<_>>())
         })
         .collect();
-    let answers: Vec<_> = handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|a| a.as_ref().map(|r| r.0) != Some(200))
-        .collect();
+    let answers: Vec<_> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let failed: Vec<_> = answers.iter().filter(|a| a.as_ref().map(|r| r.0) != Some(200)).collect();
     assert!(failed.is_empty(), "{failed:?}");
     let ok = answers.len();
     let spans = collector.wait_for_spans(ok, WAIT);
@@ -494,15 +323,10 @@ fn two_workers_lose_no_span() {
 fn collector_down_costs_telemetry_not_requests() {
     let dead_collector = free_port();
     let app = App::start(Behavior::Echo);
-    let sidecar = SidecarSpec::new("a", "ns-a", app.port, dead_collector)
-        .config(json!({"export": {"max_batch": 5}}))
-        .start();
+    let sidecar =
+        SidecarSpec::new("a", "ns-a", app.port, dead_collector).config(json!({"export": {"max_batch": 5}})).start();
     for i in 0..50 {
-        let (status, _) = request(
-            &format!("http://127.0.0.1:{}/req/{i}", sidecar.inbound),
-            &[],
-        )
-        .unwrap();
+        let (status, _) = request(&format!("http://127.0.0.1:{}/req/{i}", sidecar.inbound), &[]).unwrap();
         assert_eq!(status, 200);
     }
     // Counters reach Envoy's stats on the tick after the change.
@@ -510,20 +334,13 @@ fn collector_down_costs_telemetry_not_requests() {
     while sidecar.envoy.stat("wasmcustom.meshtel.export_failures") == 0
         || sidecar.envoy.stat("wasmcustom.meshtel.spans_recorded") < 50
     {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no export failure counted"
-        );
+        assert!(std::time::Instant::now() < deadline, "no export failure counted");
         thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(sidecar.envoy.stat("wasmcustom.meshtel.spans_recorded"), 50);
     assert_eq!(sidecar.envoy.stat("wasmcustom.meshtel.spans_exported"), 0);
     let log = sidecar.envoy.log();
-    assert_eq!(
-        log.matches("export failing").count(),
-        1,
-        "one line per state change:\n{log}"
-    );
+    assert_eq!(log.matches("export failing").count(), 1, "one line per state change:\n{log}");
 }
 
 #[test]

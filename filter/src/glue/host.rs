@@ -3,7 +3,9 @@
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MetricType};
+use proxy_wasm::types::{LogLevel, MetricType, Status};
+
+use crate::metrics::shared::{SharedStore, StoreError};
 
 /// Current time in nanoseconds since the Unix epoch; 0 if the host cannot tell.
 pub fn now_ns() -> u64 {
@@ -52,5 +54,25 @@ impl Counter {
                 let _ = hostcalls::increment_metric(id, delta);
             }
         }
+    }
+}
+
+/// The proxy's shared data (one store for all VMs with this VM id).
+pub struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), cas)) => Some((value, cas.unwrap_or(0))),
+            _ => None,
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let cas = (cas != 0).then_some(cas);
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|status| match status {
+            Status::CasMismatch => StoreError::CasMismatch,
+            _ => StoreError::Failed,
+        })
     }
 }

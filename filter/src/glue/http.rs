@@ -1,4 +1,5 @@
-//! The HTTP context: decide and propagate the trace on request headers, record the span on log.
+//! The HTTP context: decide and propagate the trace on request headers; record the span and
+//! the Istio metrics when the stream completes.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -7,24 +8,23 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, MapType};
 
-use super::host::{self, property_string, property_u64};
+use super::host::{self, property, property_string, property_u64};
+use crate::peer::{self, PeerInfo};
 use crate::propagation::HeaderOp;
 use crate::response_flags;
-use crate::span::{span_kind, Completion};
-use crate::telemetry::{ActiveRequest, Telemetry};
+use crate::span::{span_kind, Completion, SpanKind};
+use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
 
 /// One request's context.
 pub struct Http {
     telemetry: Option<Rc<RefCell<Telemetry>>>,
     active: Option<ActiveRequest>,
+    upstream_peer: Option<PeerInfo>,
 }
 
 impl Http {
     pub fn new(telemetry: Option<Rc<RefCell<Telemetry>>>) -> Self {
-        Self {
-            telemetry,
-            active: None,
-        }
+        Self { telemetry, active: None, upstream_peer: None }
     }
 }
 
@@ -47,15 +47,24 @@ impl HttpContext for Http {
         for op in ops {
             // A header the proxy refuses to change costs propagation, never the request.
             let _ = match op {
-                HeaderOp::Set(name, value) => {
-                    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(&value))
-                }
-                HeaderOp::Remove(name) => {
-                    hostcalls::remove_map_value(MapType::HttpRequestHeaders, name)
-                }
+                HeaderOp::Set(name, value) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(&value)),
+                HeaderOp::Remove(name) => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
             };
         }
         self.active = Some(active);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.active.is_some()
+            && self.telemetry.as_ref().is_some_and(|t| t.try_borrow().is_ok_and(|t| t.metrics_enabled()))
+        {
+            self.upstream_peer =
+                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, peer::PEER_METADATA_HEADER)
+                    .ok()
+                    .flatten()
+                    .and_then(|v| peer::from_peer_metadata_header(&v));
+        }
         Action::Continue
     }
 
@@ -63,27 +72,75 @@ impl HttpContext for Http {
         let (Some(shared), Some(active)) = (&self.telemetry, self.active.take()) else {
             return;
         };
-        if !active.trace.sampled {
-            return;
-        }
         let Ok(mut telemetry) = shared.try_borrow_mut() else {
             return;
         };
+        let metrics = telemetry.metrics_enabled();
+        if !active.sampled() && !metrics {
+            return;
+        }
         let cluster = property_string(&["xds", "cluster_name"]);
         let direction = property_u64(&["xds", "listener_direction"]);
+        let kind = span_kind(telemetry.node(), direction, cluster.as_deref());
+        // Gateways serve (SERVER spans) but report as the source: their peer is upstream.
+        let peer_upstream = kind == SpanKind::Client || telemetry.node().is_gateway();
+        let sampled = active.sampled();
         let completion = Completion {
             end_unix_nanos: host::now_ns(),
-            status_code: property_u64(&["response", "code"])
-                .and_then(|c| u32::try_from(c).ok())
-                .unwrap_or(0),
-            response_flags: response_flags::short_string(
-                property_u64(&["response", "flags"]).unwrap_or(0),
-            ),
-            kind: span_kind(telemetry.node(), direction, cluster.as_deref()),
+            status_code: property_u64(&["response", "code"]).and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+            response_flags: response_flags::short_string(property_u64(&["response", "flags"]).unwrap_or(0)),
+            kind,
+            protocol: sampled.then(|| property_string(&["request", "protocol"])).flatten(),
+            client_address: sampled.then(|| property_string(&["source", "address"])).flatten(),
             upstream_cluster: cluster,
-            protocol: property_string(&["request", "protocol"]),
-            client_address: property_string(&["source", "address"]),
         };
-        telemetry.finish_request(active, completion);
+        let facts = metrics.then(|| {
+            let mut facts = metric_facts(peer_upstream, active.grpc, self.upstream_peer.take());
+            if let Some(cluster) = completion.upstream_cluster.as_deref() {
+                facts.cluster_service = telemetry.cluster_service(cluster, || property(&["xds", "cluster_metadata"]));
+            }
+            facts
+        });
+        telemetry.finish_request(active, completion, facts);
     }
+}
+
+/// Read what the Istio labels need from the proxy. Each absent property is simply unknown.
+fn metric_facts(peer_upstream: bool, grpc: bool, upstream_peer: Option<PeerInfo>) -> MetricFacts {
+    let (conn, peer_state) =
+        if peer_upstream { ("upstream", "upstream_peer") } else { ("connection", "downstream_peer") };
+    let non_empty = |s: Option<String>| s.filter(|v| !v.is_empty());
+    let mtls = !peer_upstream && property(&["connection", "mtls"]).is_some_and(|b| b.first() == Some(&1));
+    let grpc_status =
+        grpc.then(|| property_u64(&["response", "grpc_status"]).and_then(|s| u32::try_from(s).ok())).flatten();
+    let host_workload = peer_upstream
+        .then(|| property(&["xds", "upstream_host_metadata"]).and_then(|md| crate::xds_metadata::host_workload(&md)))
+        .flatten();
+    MetricFacts {
+        request_bytes: property_u64(&["request", "total_size"]).unwrap_or(0),
+        response_bytes: property_u64(&["response", "total_size"]).unwrap_or(0),
+        grpc_status,
+        mtls,
+        peer_principal: non_empty(property_string(&[conn, "uri_san_peer_certificate"])),
+        local_principal: non_empty(property_string(&[conn, "uri_san_local_certificate"])),
+        filter_state_peer: filter_state_peer(peer_state),
+        upstream_peer: upstream_peer.filter(|_| peer_upstream),
+        host_workload,
+        cluster_service: None,
+    }
+}
+
+/// Istio's peer filter state (`downstream_peer` / `upstream_peer`), when its filter ran.
+fn filter_state_peer(key: &str) -> Option<PeerInfo> {
+    let field = |name: &str| property_string(&["filter_state", key, name]).unwrap_or_default();
+    let workload = property_string(&["filter_state", key, "workload"])?;
+    Some(PeerInfo {
+        workload,
+        namespace: field("namespace"),
+        app: field("app"),
+        version: field("version"),
+        canonical_service: field("service"),
+        canonical_revision: field("revision"),
+        cluster: field("cluster"),
+    })
 }

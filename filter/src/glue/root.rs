@@ -8,7 +8,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
-use super::host::{self, log, property, property_string, Counter};
+use super::host::{self, log, property, property_string, Counter, HostStore};
 use super::http::Http;
 use crate::config::{self, Config};
 use crate::export::Payload;
@@ -36,6 +36,11 @@ struct Stats {
     spans_failed: Counter,
     export_failures: Counter,
     export_retries: Counter,
+    metric_requests_recorded: Counter,
+    metric_overflow: Counter,
+    metric_points_exported: Counter,
+    metric_points_failed: Counter,
+    metric_export_failures: Counter,
     reported: TelemetryStats,
 }
 
@@ -48,6 +53,11 @@ impl Stats {
             spans_failed: Counter::define("meshtel.spans_failed"),
             export_failures: Counter::define("meshtel.export_failures"),
             export_retries: Counter::define("meshtel.export_retries"),
+            metric_requests_recorded: Counter::define("meshtel.metric_requests_recorded"),
+            metric_overflow: Counter::define("meshtel.metric_overflow"),
+            metric_points_exported: Counter::define("meshtel.metric_points_exported"),
+            metric_points_failed: Counter::define("meshtel.metric_points_failed"),
+            metric_export_failures: Counter::define("meshtel.metric_export_failures"),
             reported: TelemetryStats::default(),
         }
     }
@@ -55,17 +65,22 @@ impl Stats {
     /// Add what changed since the last report.
     fn report(&mut self, now: TelemetryStats) {
         let was = &self.reported;
-        self.spans_recorded
-            .add(now.spans_recorded - was.spans_recorded);
-        self.spans_dropped
-            .add(now.spans_dropped - was.spans_dropped);
-        self.spans_exported
-            .add(now.traces.exported - was.traces.exported);
-        self.spans_failed.add(now.traces.failed - was.traces.failed);
-        self.export_failures
-            .add(now.traces.failed_requests - was.traces.failed_requests);
-        self.export_retries
-            .add(now.traces.retries - was.traces.retries);
+        let pairs = [
+            (&self.spans_recorded, now.spans_recorded, was.spans_recorded),
+            (&self.spans_dropped, now.spans_dropped, was.spans_dropped),
+            (&self.spans_exported, now.traces.exported, was.traces.exported),
+            (&self.spans_failed, now.traces.failed, was.traces.failed),
+            (&self.export_failures, now.traces.failed_requests, was.traces.failed_requests),
+            (&self.export_retries, now.traces.retries, was.traces.retries),
+            (&self.metric_requests_recorded, now.metrics.recorded, was.metrics.recorded),
+            (&self.metric_overflow, now.metrics.overflowed, was.metrics.overflowed),
+            (&self.metric_points_exported, now.metric_exports.exported, was.metric_exports.exported),
+            (&self.metric_points_failed, now.metric_exports.failed, was.metric_exports.failed),
+            (&self.metric_export_failures, now.metric_exports.failed_requests, was.metric_exports.failed_requests),
+        ];
+        for (counter, now, was) in pairs {
+            counter.add(now.saturating_sub(was));
+        }
         self.reported = now;
     }
 }
@@ -98,27 +113,24 @@ impl Root {
         log(
             LogLevel::Info,
             &format!(
-                "meshtel {} configured: service {:?} ({}), collector {}, traces {}, sampling {}",
+                "meshtel {} configured: service {:?} ({}), collector {}, traces {}, sampling {}, metrics {}",
                 otlp::VERSION,
                 node.canonical_service().unwrap_or("unknown"),
-                if node.is_gateway() {
-                    "gateway"
-                } else {
-                    "sidecar"
-                },
+                if node.is_gateway() { "gateway" } else { "sidecar" },
                 config.collector.cluster,
                 if config.traces.enabled { "on" } else { "off" },
                 config.traces.sampling_ratio,
+                if config.metrics.enabled { "on" } else { "off" },
             ),
         );
-        let telemetry = Telemetry::new(config, node, seed(), host::now_ns());
+        let scope = property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
+        let now = host::now_ns();
+        let telemetry = Telemetry::new(config, node, seed(), &scope, now);
+        telemetry.init_shared(&HostStore, now);
         self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
         self.stats.get_or_insert_with(Stats::define);
         if hostcalls::set_tick_period(tick).is_err() {
-            log(
-                LogLevel::Error,
-                "meshtel: the proxy refused a tick period; nothing will be exported",
-            );
+            log(LogLevel::Error, "meshtel: the proxy refused a tick period; nothing will be exported");
         }
     }
 
@@ -126,24 +138,21 @@ impl Root {
         let c = &telemetry.config().collector;
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "POST"),
-            (":path", otlp::TRACES_PATH),
+            (":path", payload.path),
             (":authority", &c.authority),
             ("content-type", otlp::CONTENT_TYPE),
         ];
         headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        match hostcalls::dispatch_http_call(
-            &c.cluster,
-            headers,
-            Some(&payload.body),
-            vec![],
-            c.timeout,
-        ) {
+        match hostcalls::dispatch_http_call(&c.cluster, headers, Some(&payload.body), vec![], c.timeout) {
             Ok(token) => {
                 telemetry.sent(token, payload);
                 None
             }
             Err(status) => {
-                let reason = format!("the proxy refused the call to cluster {:?} ({status:?}): is the cluster defined?", c.cluster);
+                let reason = format!(
+                    "the proxy refused the call to cluster {:?} ({status:?}): is the cluster defined?",
+                    c.cluster
+                );
                 telemetry.not_sent(payload, reason, now)
             }
         }
@@ -151,35 +160,21 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let Some(telemetry) = self.telemetry.clone() else {
             return;
         };
         let Ok(mut telemetry) = telemetry.try_borrow_mut() else {
             return;
         };
-        let header = |name: &str| {
-            hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name)
-                .ok()
-                .flatten()
-        };
+        let header = |name: &str| hostcalls::get_map_value(MapType::HttpCallResponseHeaders, name).ok().flatten();
         let status = header(":status").and_then(|s| s.parse::<u32>().ok());
         let retry_after = header("retry-after");
         let body = if body_size > 0 && status.is_some_and(|s| (200..300).contains(&s)) {
-            hostcalls::get_buffer(
-                BufferType::HttpCallResponseBody,
-                0,
-                body_size.min(MAX_RESPONSE_BODY),
-            )
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size.min(MAX_RESPONSE_BODY))
+                .ok()
+                .flatten()
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -192,20 +187,15 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let raw = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let raw =
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten().unwrap_or_default();
         match config::parse(&raw) {
             Ok(config) => {
                 self.configure(config);
                 true
             }
             Err(e) => {
-                log(
-                    LogLevel::Error,
-                    &format!("meshtel: invalid pluginConfig, refused: {e}"),
-                );
+                log(LogLevel::Error, &format!("meshtel: invalid pluginConfig, refused: {e}"));
                 false
             }
         }
@@ -219,7 +209,7 @@ impl RootContext for Root {
             return;
         };
         let now = host::now_ns();
-        while let Some(payload) = telemetry.next_export(now) {
+        while let Some(payload) = telemetry.next_export(&HostStore, now) {
             if let Some(line) = self.dispatch(&mut telemetry, payload, now) {
                 log(LogLevel::Warn, &format!("meshtel: {line}"));
             }

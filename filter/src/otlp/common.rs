@@ -12,9 +12,7 @@ use crate::node::NodeInfo;
 pub(crate) fn string_kv(key: &str, value: impl Into<String>) -> KeyValue {
     KeyValue {
         key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
+        value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
         key_strindex: 0,
     }
 }
@@ -23,30 +21,21 @@ pub(crate) fn string_kv(key: &str, value: impl Into<String>) -> KeyValue {
 pub(crate) fn int_kv(key: &str, value: i64) -> KeyValue {
     KeyValue {
         key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
+        value: Some(AnyValue { value: Some(any_value::Value::IntValue(value)) }),
         key_strindex: 0,
     }
 }
 
 /// The resource attributes describing this workload, from node metadata, with the
 /// configured `resource.attributes` added last (they win over derived ones).
-pub fn resource_attributes(
-    node: &NodeInfo,
-    extra: &BTreeMap<String, String>,
-) -> Vec<(String, String)> {
+pub fn resource_attributes(node: &NodeInfo, extra: &BTreeMap<String, String>) -> Vec<(String, String)> {
     let mut attrs: Vec<(String, String)> = Vec::new();
     let mut put = |k: &str, v: &str| {
         if !v.is_empty() {
             attrs.push((k.to_string(), v.to_string()));
         }
     };
-    put(
-        res::SERVICE_NAME,
-        node.canonical_service()
-            .unwrap_or("unknown_service:meshtel"),
-    );
+    put(res::SERVICE_NAME, node.canonical_service().unwrap_or("unknown_service:meshtel"));
     put(res::SERVICE_VERSION, node.canonical_revision());
     put(res::SERVICE_NAMESPACE, &node.namespace);
     put(res::SERVICE_INSTANCE_ID, &node.id);
@@ -66,10 +55,7 @@ pub fn resource_attributes(
 /// The OTLP resource for this workload.
 pub fn resource(node: &NodeInfo, extra: &BTreeMap<String, String>) -> Resource {
     Resource {
-        attributes: resource_attributes(node, extra)
-            .into_iter()
-            .map(|(k, v)| string_kv(&k, v))
-            .collect(),
+        attributes: resource_attributes(node, extra).into_iter().map(|(k, v)| string_kv(&k, v)).collect(),
         dropped_attributes_count: 0,
         entity_refs: Vec::new(),
     }
@@ -80,10 +66,7 @@ mod tests {
     use super::*;
 
     fn get<'a>(attrs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-        attrs
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     #[test]
@@ -93,19 +76,12 @@ mod tests {
             name: "reviews-v2-abc".into(),
             namespace: "shop".into(),
             workload_name: "reviews-v2".into(),
-            labels: [
-                ("app".to_string(), "reviews".to_string()),
-                ("version".to_string(), "v2".to_string()),
-            ]
-            .into(),
+            labels: [("app".to_string(), "reviews".to_string()), ("version".to_string(), "v2".to_string())].into(),
             mesh_id: "mesh1".into(),
             cluster_id: "east".into(),
         };
         let extra = [
-            (
-                "deployment.environment.name".to_string(),
-                "prod".to_string(),
-            ),
+            ("deployment.environment.name".to_string(), "prod".to_string()),
             ("service.name".to_string(), "override".to_string()),
         ]
         .into();

@@ -1,13 +1,9 @@
 //! Spans to `ExportTraceServiceRequest`.
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    span, status, ResourceSpans, ScopeSpans, Span, Status,
-};
+use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
 use opentelemetry_semantic_conventions::attribute as attr;
 use prost::Message;
 
@@ -21,9 +17,7 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
-const KNOWN_METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
+const KNOWN_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
 /// Encodes batches of spans for one workload; built once per VM.
 #[derive(Debug, Clone)]
@@ -42,10 +36,7 @@ impl TraceEncoder {
                 mesh_attributes.push(string_kv(k, v));
             }
         };
-        put(
-            "istio.canonical_service",
-            node.canonical_service().unwrap_or(""),
-        );
+        put("istio.canonical_service", node.canonical_service().unwrap_or(""));
         put("istio.canonical_revision", node.canonical_revision());
         put("istio.namespace", &node.namespace);
         put("istio.mesh_id", &node.mesh_id);
@@ -91,20 +82,13 @@ impl TraceEncoder {
         if let Some(cluster) = &s.completion.upstream_cluster {
             attributes.push(string_kv("upstream_cluster", cluster.as_str()));
         }
-        attributes.push(string_kv(
-            "response_flags",
-            s.completion.response_flags.as_str(),
-        ));
+        attributes.push(string_kv("response_flags", s.completion.response_flags.as_str()));
         let error = s.is_error();
         Span {
             trace_id: s.trace.trace_id.0.to_vec(),
             span_id: s.trace.span_id.0.to_vec(),
             trace_state: s.trace.tracestate.clone().unwrap_or_default(),
-            parent_span_id: s
-                .trace
-                .parent_span_id
-                .map(|p| p.0.to_vec())
-                .unwrap_or_default(),
+            parent_span_id: s.trace.parent_span_id.map(|p| p.0.to_vec()).unwrap_or_default(),
             flags,
             name: s.name.clone(),
             kind: match s.completion.kind {
@@ -121,11 +105,7 @@ impl TraceEncoder {
             dropped_links_count: 0,
             status: Some(Status {
                 message: String::new(),
-                code: if error {
-                    status::StatusCode::Error
-                } else {
-                    status::StatusCode::Unset
-                } as i32,
+                code: if error { status::StatusCode::Error } else { status::StatusCode::Unset } as i32,
             }),
         }
     }
@@ -149,10 +129,7 @@ fn http_attributes(s: &SpanRecord) -> Vec<KeyValue> {
         out.push(string_kv(attr::HTTP_REQUEST_METHOD, r.method.as_str()));
     } else {
         out.push(string_kv(attr::HTTP_REQUEST_METHOD, "_OTHER"));
-        out.push(string_kv(
-            attr::HTTP_REQUEST_METHOD_ORIGINAL,
-            r.method.as_str(),
-        ));
+        out.push(string_kv(attr::HTTP_REQUEST_METHOD_ORIGINAL, r.method.as_str()));
     }
     let (host, port) = split_authority(&r.authority);
     match c.kind {
@@ -161,10 +138,7 @@ fn http_attributes(s: &SpanRecord) -> Vec<KeyValue> {
             out.push(string_kv(attr::URL_SCHEME, r.scheme.as_str()));
         }
         SpanKind::Client => {
-            out.push(string_kv(
-                attr::URL_FULL,
-                format!("{}://{}{}", r.scheme, r.authority, r.path),
-            ));
+            out.push(string_kv(attr::URL_FULL, format!("{}://{}{}", r.scheme, r.authority, r.path)));
         }
     }
     if !host.is_empty() {
@@ -178,10 +152,7 @@ fn http_attributes(s: &SpanRecord) -> Vec<KeyValue> {
         out.push(int_kv(attr::SERVER_PORT, i64::from(port)));
     }
     if c.status_code != 0 {
-        out.push(int_kv(
-            attr::HTTP_RESPONSE_STATUS_CODE,
-            i64::from(c.status_code),
-        ));
+        out.push(int_kv(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(c.status_code)));
     }
     if let Some(v) = c.protocol.as_deref().and_then(protocol_version) {
         out.push(string_kv(attr::NETWORK_PROTOCOL_VERSION, v));
@@ -262,10 +233,7 @@ mod tests {
     }
 
     fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-        span.attributes
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref()?.value.as_ref())
     }
 
     fn encoder() -> TraceEncoder {
@@ -284,10 +252,7 @@ mod tests {
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.kind, span::SpanKind::Server as i32);
         assert_eq!(span.name, "GET /items");
-        assert_eq!(
-            (span.start_time_unix_nano, span.end_time_unix_nano),
-            (1_000, 5_000)
-        );
+        assert_eq!((span.start_time_unix_nano, span.end_time_unix_nano), (1_000, 5_000));
         assert_eq!(span.parent_span_id, vec![9; 8]);
         assert_eq!(span.trace_state, "a=1");
         assert_eq!(span.flags, 0x301);
@@ -296,29 +261,17 @@ mod tests {
         assert_eq!(attr(span, "url.path").cloned(), s("/items"));
         assert_eq!(attr(span, "url.scheme").cloned(), s("http"));
         assert_eq!(attr(span, "server.address").cloned(), s("shop.ns"));
-        assert_eq!(
-            attr(span, "server.port").cloned(),
-            Some(Value::IntValue(8080))
-        );
-        assert_eq!(
-            attr(span, "http.response.status_code").cloned(),
-            Some(Value::IntValue(200))
-        );
+        assert_eq!(attr(span, "server.port").cloned(), Some(Value::IntValue(8080)));
+        assert_eq!(attr(span, "http.response.status_code").cloned(), Some(Value::IntValue(200)));
         assert_eq!(attr(span, "network.protocol.version").cloned(), s("1.1"));
         assert_eq!(attr(span, "user_agent.original").cloned(), s("curl/8"));
         assert_eq!(attr(span, "client.address").cloned(), s("10.0.0.9"));
         assert_eq!(attr(span, "istio.canonical_service").cloned(), s("shop"));
         assert_eq!(attr(span, "istio.mesh_id").cloned(), s("m"));
-        assert_eq!(
-            attr(span, "upstream_cluster").cloned(),
-            s("outbound|8080||shop.ns.svc.cluster.local")
-        );
+        assert_eq!(attr(span, "upstream_cluster").cloned(), s("outbound|8080||shop.ns.svc.cluster.local"));
         assert_eq!(attr(span, "response_flags").cloned(), s("-"));
         assert_eq!(attr(span, "error.type"), None);
-        assert_eq!(
-            span.status.as_ref().unwrap().code,
-            status::StatusCode::Unset as i32
-        );
+        assert_eq!(span.status.as_ref().unwrap().code, status::StatusCode::Unset as i32);
     }
 
     #[test]
@@ -327,20 +280,11 @@ mod tests {
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.flags, 0x101);
         assert!(span.parent_span_id.is_empty());
-        assert_eq!(
-            attr(span, "url.full").cloned(),
-            Some(Value::StringValue("http://shop.ns:8080/items".into()))
-        );
+        assert_eq!(attr(span, "url.full").cloned(), Some(Value::StringValue("http://shop.ns:8080/items".into())));
         assert_eq!(attr(span, "url.path"), None);
         assert_eq!(attr(span, "client.address"), None);
-        assert_eq!(
-            attr(span, "error.type").cloned(),
-            Some(Value::StringValue("404".into()))
-        );
-        assert_eq!(
-            span.status.as_ref().unwrap().code,
-            status::StatusCode::Error as i32
-        );
+        assert_eq!(attr(span, "error.type").cloned(), Some(Value::StringValue("404".into())));
+        assert_eq!(span.status.as_ref().unwrap().code, status::StatusCode::Error as i32);
     }
 
     #[test]
@@ -349,42 +293,23 @@ mod tests {
         r.request.method = "PURGE".into();
         let req = encoder().request(&[r]);
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
-        assert_eq!(
-            attr(span, "http.request.method").cloned(),
-            Some(Value::StringValue("_OTHER".into()))
-        );
-        assert_eq!(
-            attr(span, "http.request.method_original").cloned(),
-            Some(Value::StringValue("PURGE".into()))
-        );
+        assert_eq!(attr(span, "http.request.method").cloned(), Some(Value::StringValue("_OTHER".into())));
+        assert_eq!(attr(span, "http.request.method_original").cloned(), Some(Value::StringValue("PURGE".into())));
     }
 
     #[test]
     fn encodes_decodable_protobuf() {
-        let bytes = encoder().encode(&[
-            record(SpanKind::Server, 500, true),
-            record(SpanKind::Client, 200, true),
-        ]);
+        let bytes = encoder().encode(&[record(SpanKind::Server, 500, true), record(SpanKind::Client, 200, true)]);
         let back = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
         assert_eq!(back.resource_spans[0].scope_spans[0].spans.len(), 2);
-        assert_eq!(
-            back.resource_spans[0].scope_spans[0]
-                .scope
-                .as_ref()
-                .unwrap()
-                .name,
-            "meshtel"
-        );
+        assert_eq!(back.resource_spans[0].scope_spans[0].scope.as_ref().unwrap().name, "meshtel");
     }
 
     #[test]
     fn reads_partial_success() {
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess;
         let body = ExportTraceServiceResponse {
-            partial_success: Some(ExportTracePartialSuccess {
-                rejected_spans: 3,
-                error_message: "x".into(),
-            }),
+            partial_success: Some(ExportTracePartialSuccess { rejected_spans: 3, error_message: "x".into() }),
         }
         .encode_to_vec();
         assert_eq!(rejected_spans(&body), 3);

@@ -22,37 +22,18 @@ fn main() {
         .outbound_port(a_outbound)
         .upstream("b.ns-b.svc.cluster.local", sidecar_b.inbound)
         .start();
-    let gw = gateway(
-        "a.ns-a.svc.cluster.local",
-        sidecar_a.inbound,
-        collector.port,
-        plugin_config(json!({})),
-    );
+    let gw = gateway("a.ns-a.svc.cluster.local", sidecar_a.inbound, collector.port, plugin_config(json!({})));
     println!(
         "proxies up: gateway :{}, a :{} (outbound :{}), b :{}; OTLP receiver :{}\n",
         gw.port, sidecar_a.inbound, sidecar_a.outbound, sidecar_b.inbound, collector.port
     );
 
-    let paths = [
-        "/checkout",
-        "/cart",
-        "/status/404",
-        "/status/503",
-        "/checkout",
-    ];
+    let paths = ["/checkout", "/cart", "/status/404", "/status/503", "/checkout"];
     let b3 = ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1");
     for (i, path) in paths.iter().enumerate() {
         let headers: &[(&str, &str)] = if i == 1 { &[b3] } else { &[] };
-        let status =
-            request(&format!("http://127.0.0.1:{}{path}", gw.port), headers).map_or(0, |r| r.0);
-        println!(
-            "GET {path:<12} -> {status}{}",
-            if i == 1 {
-                "   (arrived with a B3 header)"
-            } else {
-                ""
-            }
-        );
+        let status = request(&format!("http://127.0.0.1:{}{path}", gw.port), headers).map_or(0, |r| r.0);
+        println!("GET {path:<12} -> {status}{}", if i == 1 { "   (arrived with a B3 header)" } else { "" });
     }
 
     let spans = collector.wait_for_spans(paths.len() * 4, Duration::from_secs(15));
@@ -74,11 +55,7 @@ fn main() {
     // Counters reach Envoy's stats on the next tick after the collector answered.
     std::thread::sleep(Duration::from_millis(500));
     println!("\nmeshtel stats (Envoy /stats, wasmcustom.meshtel.*):");
-    for (name, envoy) in [
-        ("gateway", &gw.envoy),
-        ("a", &sidecar_a.envoy),
-        ("b", &sidecar_b.envoy),
-    ] {
+    for (name, envoy) in [("gateway", &gw.envoy), ("a", &sidecar_a.envoy), ("b", &sidecar_b.envoy)] {
         println!(
             "  {name:<8} recorded {:>3}  exported {:>3}  dropped {}  failed {}",
             envoy.stat("wasmcustom.meshtel.spans_recorded"),
@@ -92,15 +69,9 @@ fn main() {
 fn print_children(spans: &[ReceivedSpan], parent: &str, depth: usize) {
     let roots: Vec<&ReceivedSpan> = if parent.is_empty() {
         // Roots: spans whose parent is not in this trace (or that have none).
-        spans
-            .iter()
-            .filter(|s| !spans.iter().any(|p| p.span_id() == s.parent_span_id()))
-            .collect()
+        spans.iter().filter(|s| !spans.iter().any(|p| p.span_id() == s.parent_span_id())).collect()
     } else {
-        spans
-            .iter()
-            .filter(|s| s.parent_span_id() == parent)
-            .collect()
+        spans.iter().filter(|s| s.parent_span_id() == parent).collect()
     };
     for s in roots {
         let kind = match SpanKind::try_from(s.span.kind) {
@@ -108,26 +79,14 @@ fn print_children(spans: &[ReceivedSpan], parent: &str, depth: usize) {
             Ok(SpanKind::Client) => "CLIENT",
             _ => "OTHER",
         };
-        let ms = s
-            .span
-            .end_time_unix_nano
-            .saturating_sub(s.span.start_time_unix_nano) as f64
-            / 1e6;
-        let error = s
-            .attr("error.type")
-            .map(|e| format!("  error.type={e}"))
-            .unwrap_or_default();
-        let indent = if depth > 1 {
-            format!("{}└─ ", "   ".repeat(depth - 2))
-        } else {
-            String::new()
-        };
+        let ms = s.span.end_time_unix_nano.saturating_sub(s.span.start_time_unix_nano) as f64 / 1e6;
+        let error = s.attr("error.type").map(|e| format!("  error.type={e}")).unwrap_or_default();
+        let indent = if depth > 1 { format!("{}└─ ", "   ".repeat(depth - 2)) } else { String::new() };
         let label = format!("{indent}{}", s.span.name);
         println!(
             "  {label:<32} {kind}  {:<21} {}  {ms:>6.2} ms{error}",
             s.service(),
-            s.attr("http.response.status_code")
-                .unwrap_or_else(|| "-".into()),
+            s.attr("http.response.status_code").unwrap_or_else(|| "-".into()),
         );
         print_children(spans, &s.span_id(), depth + 1);
     }

@@ -1,0 +1,285 @@
+//! Istio's standard request metrics: recorded per request into a worker-local aggregate,
+//! merged proxy-wide through shared data off the request path, exported by one elected VM.
+
+pub mod aggregate;
+pub mod labels;
+pub mod shared;
+
+use opentelemetry_proto::tonic::resource::v1::Resource;
+
+use crate::config::{Config, Temporality};
+use crate::export::{duration_ns, Payload, Sender};
+use crate::otlp::{MetricsEncoder, METRICS_PATH};
+use aggregate::{Aggregator, LabelValues, Measurement};
+use shared::SharedStore;
+
+/// Heartbeats a leader may miss before another VM takes over.
+const LEADER_MISSED_HEARTBEATS: u64 = 5;
+
+/// Counters of the metric pipeline of one VM, cumulative.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricStats {
+    /// Requests recorded.
+    pub recorded: u64,
+    /// Requests folded into the overflow series because of `metrics.max_series`.
+    pub overflowed: u64,
+}
+
+/// One VM's metric state.
+#[derive(Debug)]
+pub struct MetricsPipeline {
+    temporality: Temporality,
+    max_series: usize,
+    export_interval_ns: u64,
+    merge_interval_ns: u64,
+    pending_key: String,
+    leader_key: String,
+    token: u64,
+    local: Aggregator,
+    cumulative: Aggregator,
+    cumulative_start_ns: u64,
+    leading: bool,
+    last_merge_ns: u64,
+    last_export_ns: u64,
+    encoder: MetricsEncoder,
+    sender: Sender,
+    stats: MetricStats,
+}
+
+impl MetricsPipeline {
+    /// The pipeline of one VM. `scope` names the shared-data entries (the plugin name, so that
+    /// two meshtel plugins in one proxy stay apart); `token` identifies this VM in elections.
+    pub fn new(config: &Config, resource: Resource, scope: &str, token: u64, now_ns: u64) -> Self {
+        let m = &config.metrics;
+        let export_interval_ns = duration_ns(m.export_interval);
+        Self {
+            temporality: m.temporality,
+            max_series: m.max_series,
+            export_interval_ns,
+            merge_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
+            pending_key: format!("meshtel/{scope}/metrics/pending"),
+            leader_key: format!("meshtel/{scope}/metrics/leader"),
+            token,
+            local: Aggregator::new(m.max_series),
+            cumulative: Aggregator::new(m.max_series),
+            cumulative_start_ns: now_ns,
+            leading: false,
+            last_merge_ns: now_ns,
+            last_export_ns: now_ns,
+            encoder: MetricsEncoder::new(resource),
+            sender: Sender::new(config.export.max_in_flight, config.export.max_retries),
+            stats: MetricStats::default(),
+        }
+    }
+
+    /// Create the shared entries if this is the first VM (at configure time, before traffic).
+    pub fn init_shared(&self, store: &dyn SharedStore, now_ns: u64) {
+        shared::init(store, &self.pending_key, &Aggregator::new(self.max_series).encode(now_ns));
+        shared::init(store, &self.leader_key, b"");
+    }
+
+    /// Record one request: a map update, nothing shared, nothing encoded.
+    pub fn record(&mut self, labels: LabelValues, m: &Measurement) {
+        self.stats.recorded += 1;
+        self.local.record(labels, m);
+    }
+
+    /// Periodic work: merge local deltas into shared data, keep or claim leadership, and as the
+    /// leader produce the export that is due, if any.
+    pub fn tick(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
+        if now_ns.saturating_sub(self.last_merge_ns) >= self.merge_interval_ns {
+            self.last_merge_ns = now_ns;
+            self.merge(store);
+            let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
+            let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
+            if leading && !self.leading {
+                // A new term starts new totals: the collector sees a reset, never a double count.
+                self.cumulative = Aggregator::new(self.max_series);
+                self.cumulative_start_ns = now_ns;
+                self.last_export_ns = now_ns;
+            }
+            self.leading = leading;
+        }
+        if let Some(retry) = self.sender.due_retry(now_ns) {
+            return Some(retry);
+        }
+        if !self.leading
+            || !self.sender.has_capacity()
+            || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns
+        {
+            return None;
+        }
+        self.last_export_ns = now_ns;
+        let (drained, since) = shared::drain(store, &self.pending_key, self.max_series, now_ns).ok()?;
+        let (body, points) = match self.temporality {
+            Temporality::Cumulative => {
+                self.cumulative.merge(&drained);
+                self.stats.overflowed += self.cumulative.take_folded();
+                if self.cumulative.is_empty() {
+                    return None;
+                }
+                self.encoder.encode(&self.cumulative, Temporality::Cumulative, self.cumulative_start_ns, now_ns)
+            }
+            Temporality::Delta => {
+                if drained.is_empty() {
+                    return None;
+                }
+                self.encoder.encode(&drained, Temporality::Delta, since, now_ns)
+            }
+        };
+        Some(Payload::new(METRICS_PATH, body, points))
+    }
+
+    fn merge(&mut self, store: &dyn SharedStore) {
+        if self.local.is_empty() {
+            return;
+        }
+        let folded_locally = self.local.take_folded();
+        self.stats.overflowed += folded_locally;
+        // On failure the deltas stay local (bounded by max_series) and merge on a later tick.
+        if let Ok(folded) = shared::merge_into(store, &self.pending_key, &mut self.local, self.max_series) {
+            self.stats.overflowed += folded;
+        }
+    }
+
+    /// The sender of metric exports.
+    pub fn sender(&mut self) -> &mut Sender {
+        &mut self.sender
+    }
+
+    /// Whether export call `token` is a metrics one.
+    pub fn owns(&self, token: u32) -> bool {
+        self.sender.owns(token)
+    }
+
+    /// Whether this VM exports the proxy's metrics.
+    pub fn is_leader(&self) -> bool {
+        self.leading
+    }
+
+    /// Counters since the VM started.
+    pub fn stats(&self) -> MetricStats {
+        self.stats.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    use prost::Message;
+    use shared::MemoryStore;
+
+    const MS: u64 = 1_000_000;
+
+    fn pipeline(temporality: &str, token: u64) -> MetricsPipeline {
+        let json = format!(
+            r#"{{"collector":{{"cluster":"outbound|4318||c.ns.svc.cluster.local"}},
+                "metrics":{{"export_interval_ms":1000,"temporality":"{temporality}","max_series":3}},
+                "export":{{"flush_interval_ms":100}}}}"#
+        );
+        MetricsPipeline::new(&config::parse(json.as_bytes()).unwrap(), Resource::default(), "p", token, 0)
+    }
+
+    fn requests(p: &Payload) -> u64 {
+        let req = ExportMetricsServiceRequest::decode(p.body.as_slice()).unwrap();
+        let m = &req.resource_metrics[0].scope_metrics[0].metrics[0];
+        let Some(metric::Data::Sum(sum)) = &m.data else { panic!("a sum") };
+        sum.data_points
+            .iter()
+            .map(|d| match d.value {
+                Some(number_data_point::Value::AsInt(v)) => v as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn record(p: &mut MetricsPipeline, n: usize, label: &str) {
+        for _ in 0..n {
+            p.record(vec![label.to_string(); 25], &Measurement::default());
+        }
+    }
+
+    /// Run ticks every 100 ms for all workers until `until_ns`, collecting exports.
+    fn run(workers: &mut [MetricsPipeline], store: &MemoryStore, from_ns: u64, until_ns: u64) -> Vec<Payload> {
+        let mut out = Vec::new();
+        let mut t = from_ns;
+        while t <= until_ns {
+            for w in workers.iter_mut() {
+                if let Some(p) = w.tick(store, t) {
+                    let token = t as u32;
+                    w.sender().sent(token, p.clone());
+                    w.sender().completed(token, crate::export::Outcome::Success { rejected: 0 }, t);
+                    out.push(p);
+                }
+            }
+            t += 100 * MS;
+        }
+        out
+    }
+
+    #[test]
+    fn workers_add_up_to_one_cumulative_series_set() {
+        let store = MemoryStore::default();
+        let mut workers = vec![pipeline("cumulative", 1), pipeline("cumulative", 2), pipeline("cumulative", 3)];
+        workers[0].init_shared(&store, 0);
+        record(&mut workers[0], 5, "a");
+        record(&mut workers[1], 7, "a");
+        record(&mut workers[2], 1, "b");
+        let exports = run(&mut workers, &store, 100 * MS, 1_500 * MS);
+        assert_eq!(workers.iter().filter(|w| w.is_leader()).count(), 1, "one exporter");
+        assert_eq!(exports.len(), 1);
+        assert_eq!(requests(&exports[0]), 13);
+        record(&mut workers[1], 4, "a");
+        let exports = run(&mut workers, &store, 1_600 * MS, 2_600 * MS);
+        assert_eq!(requests(exports.last().unwrap()), 17, "cumulative totals keep growing");
+    }
+
+    #[test]
+    fn delta_exports_sum_to_the_total() {
+        let store = MemoryStore::default();
+        let mut workers = vec![pipeline("delta", 1), pipeline("delta", 2)];
+        workers[0].init_shared(&store, 0);
+        let mut all = Vec::new();
+        for round in 0..4u64 {
+            record(&mut workers[(round % 2) as usize], 10, "a");
+            all.extend(run(&mut workers, &store, round * 1_000 * MS + 100 * MS, (round + 1) * 1_000 * MS));
+        }
+        all.extend(run(&mut workers, &store, 4_100 * MS, 6_000 * MS));
+        assert_eq!(all.iter().map(requests).sum::<u64>(), 40);
+    }
+
+    #[test]
+    fn a_new_leader_starts_new_totals() {
+        let store = MemoryStore::default();
+        let mut a = vec![pipeline("cumulative", 1)];
+        a[0].init_shared(&store, 0);
+        record(&mut a[0], 3, "a");
+        let first = run(&mut a, &store, 100 * MS, 1_200 * MS);
+        assert_eq!(requests(&first[0]), 3);
+        // Leader 1 goes silent; 2 takes over once the heartbeat is stale.
+        let mut b = vec![pipeline("cumulative", 2)];
+        record(&mut b[0], 2, "a");
+        let later = run(&mut b, &store, 1_300 * MS, 4_000 * MS);
+        assert!(b[0].is_leader());
+        assert_eq!(requests(later.last().unwrap()), 2, "a reset, not 5");
+    }
+
+    #[test]
+    fn overflow_is_counted() {
+        let store = MemoryStore::default();
+        let mut w = vec![pipeline("cumulative", 1)];
+        w[0].init_shared(&store, 0);
+        for i in 0..10 {
+            record(&mut w[0], 1, &format!("peer{i}"));
+        }
+        let exports = run(&mut w, &store, 100 * MS, 1_200 * MS);
+        assert_eq!(requests(&exports[0]), 10);
+        assert_eq!(w[0].stats().overflowed, 7);
+        let req = ExportMetricsServiceRequest::decode(exports[0].body.as_slice()).unwrap();
+        let Some(metric::Data::Sum(sum)) = &req.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
+        assert_eq!(sum.data_points.len(), 4, "3 series plus overflow");
+    }
+}

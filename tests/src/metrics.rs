@@ -1,0 +1,175 @@
+//! A flat view of received OTLP metrics, and the sums the tests assert on.
+
+use std::collections::{BTreeMap, HashMap};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, AggregationTemporality};
+
+use base64::Engine;
+use prost::Message;
+use prost_types::{value::Kind, Struct, Value};
+
+use crate::collector::value_string;
+
+/// An `x-envoy-peer-metadata` value as an Istio sidecar sends it: base64 of a `Struct` of its
+/// node metadata, for workload `{app}-v1` in `namespace`.
+pub fn peer_metadata(app: &str, namespace: &str) -> String {
+    let s = |v: &str| Value { kind: Some(Kind::StringValue(v.into())) };
+    let mut labels = Struct::default();
+    labels.fields.insert("app".into(), s(app));
+    labels.fields.insert("version".into(), s("v1"));
+    labels.fields.insert("service.istio.io/canonical-name".into(), s(app));
+    labels.fields.insert("service.istio.io/canonical-revision".into(), s("v1"));
+    let mut md = Struct::default();
+    md.fields.insert("NAME".into(), s(&format!("{app}-v1-abc")));
+    md.fields.insert("NAMESPACE".into(), s(namespace));
+    md.fields.insert("WORKLOAD_NAME".into(), s(&format!("{app}-v1")));
+    md.fields.insert("CLUSTER_ID".into(), s("Kubernetes"));
+    md.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
+    base64::engine::general_purpose::STANDARD.encode(md.encode_to_vec())
+}
+
+/// One data point of one export.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// Metric name.
+    pub metric: String,
+    /// Metric unit.
+    pub unit: String,
+    /// Point attributes (Istio labels), as strings.
+    pub labels: BTreeMap<String, String>,
+    /// `service.instance.id` of the resource.
+    pub instance: String,
+    /// Start of the period.
+    pub start: u64,
+    /// End of the period.
+    pub time: u64,
+    /// Whether the point is cumulative.
+    pub cumulative: bool,
+    /// Counter value, or histogram count.
+    pub value: u64,
+    /// Histogram sum.
+    pub sum: f64,
+    /// Histogram bucket counts.
+    pub buckets: Vec<u64>,
+    /// Histogram bounds.
+    pub bounds: Vec<f64>,
+}
+
+impl Point {
+    /// A label's value, `""` when absent.
+    pub fn label(&self, name: &str) -> &str {
+        self.labels.get(name).map(String::as_str).unwrap_or("")
+    }
+}
+
+/// Flatten exports into points.
+pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
+    let mut out = Vec::new();
+    for export in exports {
+        for rm in &export.resource_metrics {
+            let instance = rm
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.instance.id"))
+                .and_then(|kv| value_string(&kv.value))
+                .unwrap_or_default();
+            for sm in &rm.scope_metrics {
+                for m in &sm.metrics {
+                    let labels_of = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
+                        attrs.iter().map(|kv| (kv.key.clone(), value_string(&kv.value).unwrap_or_default())).collect()
+                    };
+                    let cumulative = |t: i32| t == AggregationTemporality::Cumulative as i32;
+                    match &m.data {
+                        Some(metric::Data::Sum(sum)) => {
+                            for p in &sum.data_points {
+                                out.push(Point {
+                                    metric: m.name.clone(),
+                                    unit: m.unit.clone(),
+                                    labels: labels_of(&p.attributes),
+                                    instance: instance.clone(),
+                                    start: p.start_time_unix_nano,
+                                    time: p.time_unix_nano,
+                                    cumulative: cumulative(sum.aggregation_temporality),
+                                    value: match p.value {
+                                        Some(number_data_point::Value::AsInt(v)) => v as u64,
+                                        Some(number_data_point::Value::AsDouble(v)) => v as u64,
+                                        None => 0,
+                                    },
+                                    sum: 0.0,
+                                    buckets: Vec::new(),
+                                    bounds: Vec::new(),
+                                });
+                            }
+                        }
+                        Some(metric::Data::Histogram(h)) => {
+                            for p in &h.data_points {
+                                out.push(Point {
+                                    metric: m.name.clone(),
+                                    unit: m.unit.clone(),
+                                    labels: labels_of(&p.attributes),
+                                    instance: instance.clone(),
+                                    start: p.start_time_unix_nano,
+                                    time: p.time_unix_nano,
+                                    cumulative: cumulative(h.aggregation_temporality),
+                                    value: p.count,
+                                    sum: p.sum.unwrap_or(0.0),
+                                    buckets: p.bucket_counts.clone(),
+                                    bounds: p.explicit_bounds.clone(),
+                                });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The current value of every series of `metric`: the latest cumulative point per
+/// (instance, labels), or the sum of all delta points.
+pub fn series(points: &[Point], metric: &str) -> Vec<Point> {
+    let mut by: HashMap<(String, BTreeMap<String, String>), Point> = HashMap::new();
+    for p in points.iter().filter(|p| p.metric == metric) {
+        let key = (p.instance.clone(), p.labels.clone());
+        match by.get_mut(&key) {
+            None => {
+                by.insert(key, p.clone());
+            }
+            Some(cur) if p.cumulative => {
+                if p.time >= cur.time {
+                    *cur = p.clone();
+                }
+            }
+            Some(cur) => {
+                cur.value += p.value;
+                cur.sum += p.sum;
+                for (a, b) in cur.buckets.iter_mut().zip(&p.buckets) {
+                    *a += b;
+                }
+                cur.time = cur.time.max(p.time);
+            }
+        }
+    }
+    by.into_values().collect()
+}
+
+/// The current total of `metric` over series matching `filter`.
+pub fn total(points: &[Point], metric: &str, filter: impl Fn(&Point) -> bool) -> u64 {
+    series(points, metric).iter().filter(|p| filter(p)).map(|p| p.value).sum()
+}
+
+/// A readable dump of the current `istio_requests_total` series.
+pub fn describe(points: &[Point]) -> String {
+    let mut lines: Vec<String> = series(points, "istio_requests_total")
+        .iter()
+        .map(|p| {
+            let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{} {{{}}}", p.value, labels.join(","))
+        })
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}

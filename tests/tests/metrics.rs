@@ -1,0 +1,256 @@
+//! Istio's standard metrics end to end: requests through real Envoy running meshtel, OTLP
+//! metrics decoded at the receiver and checked series by series.
+
+use std::thread;
+use std::time::Duration;
+
+use meshtel_tests::app::{App, Behavior, PEER_METADATA_REQUEST};
+use meshtel_tests::collector::Collector;
+use meshtel_tests::mesh::{gateway, plugin_config, SidecarSpec};
+use meshtel_tests::metrics::{peer_metadata, series, total, Point};
+use meshtel_tests::{free_port, request};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(15);
+const REQUESTS: &str = "istio_requests_total";
+
+fn metrics_config(extra: serde_json::Value) -> serde_json::Value {
+    let mut config = json!({"metrics": {"export_interval_ms": 1000}});
+    meshtel_tests::mesh::merge(&mut config, extra);
+    config
+}
+
+fn send(port: u16, path: &str, headers: &[(&str, &str)]) -> u16 {
+    request(&format!("http://127.0.0.1:{port}{path}"), headers).expect("an answer").0
+}
+
+fn one(points: &[Point], metric: &str, filter: impl Fn(&Point) -> bool) -> Point {
+    let matching: Vec<Point> = series(points, metric).into_iter().filter(|p| filter(p)).collect();
+    assert_eq!(matching.len(), 1, "one {metric} series expected, got {matching:#?}");
+    matching.into_iter().next().unwrap()
+}
+
+#[test]
+fn inbound_mix_is_counted_per_label_set_with_istio_labels() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port).config(metrics_config(json!({}))).start();
+    let from_front = peer_metadata("front", "ns-front");
+    for _ in 0..5 {
+        assert_eq!(send(sidecar.inbound, "/ok", &[("x-envoy-peer-metadata", &from_front)]), 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(send(sidecar.inbound, "/status/404", &[]), 404);
+    }
+    for _ in 0..2 {
+        assert_eq!(send(sidecar.inbound, "/status/503", &[("x-envoy-peer-metadata", "%%%not-base64")]), 503);
+    }
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 10);
+
+    let ok = one(&points, REQUESTS, |p| p.label("response_code") == "200");
+    assert_eq!(ok.value, 5);
+    for (label, want) in [
+        ("reporter", "destination"),
+        ("source_workload", "front-v1"),
+        ("source_workload_namespace", "ns-front"),
+        ("source_app", "front"),
+        ("source_version", "v1"),
+        ("source_canonical_service", "front"),
+        ("source_canonical_revision", "v1"),
+        ("source_cluster", "Kubernetes"),
+        ("source_principal", "unknown"),
+        ("destination_workload", "a-v1"),
+        ("destination_workload_namespace", "ns-a"),
+        ("destination_app", "a"),
+        ("destination_version", "v1"),
+        ("destination_canonical_service", "a"),
+        ("destination_canonical_revision", "v1"),
+        ("destination_cluster", "Kubernetes"),
+        ("destination_service", "a.ns-a.svc.cluster.local"),
+        ("destination_service_name", "a"),
+        ("destination_service_namespace", "ns-a"),
+        ("destination_principal", "unknown"),
+        ("request_protocol", "http"),
+        ("response_flags", "-"),
+        ("grpc_response_status", ""),
+        ("connection_security_policy", "none"),
+    ] {
+        assert_eq!(ok.label(label), want, "{label}");
+    }
+    assert_eq!(ok.labels.len(), 25, "Istio's full label set");
+
+    let not_found = one(&points, REQUESTS, |p| p.label("response_code") == "404");
+    assert_eq!(not_found.value, 3);
+    assert_eq!(not_found.label("source_workload"), "unknown");
+    assert_eq!(not_found.label("source_canonical_revision"), "latest");
+    let unavailable = one(&points, REQUESTS, |p| p.label("response_code") == "503");
+    assert_eq!(unavailable.value, 2);
+    assert_eq!(unavailable.label("source_workload"), "unknown", "malformed peer metadata degrades to unknown");
+
+    for metric in ["istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"] {
+        let h = one(&points, metric, |p| p.label("response_code") == "200");
+        assert_eq!(h.value, 5, "{metric}: one observation per request");
+        assert_eq!(h.buckets.iter().sum::<u64>(), 5, "{metric}: buckets add up to the count");
+        assert_eq!(h.bounds.len(), 19, "{metric}: Istio's bucket bounds");
+        assert!(h.sum > 0.0, "{metric}: a positive sum");
+    }
+    let bytes = one(&points, "istio_request_bytes", |p| p.label("response_code") == "200");
+    assert!(bytes.sum / 5.0 > 50.0 && bytes.sum / 5.0 < 2_000.0, "wire bytes with headers: {}", bytes.sum);
+    let duration = one(&points, "istio_request_duration_milliseconds", |p| p.label("response_code") == "200");
+    assert_eq!(duration.unit, "ms");
+    assert_eq!(bytes.unit, "By");
+}
+
+#[test]
+fn failing_upstream_sets_response_flags() {
+    let collector = Collector::start();
+    let sidecar =
+        SidecarSpec::new("down", "ns-a", free_port(), collector.port).config(metrics_config(json!({}))).start();
+    for _ in 0..3 {
+        assert_eq!(send(sidecar.inbound, "/", &[]), 503);
+    }
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 3);
+    let p = one(&points, REQUESTS, |_| true);
+    assert_eq!((p.label("response_code"), p.label("response_flags")), ("503", "UF"));
+}
+
+#[test]
+fn outbound_and_gateway_report_source_with_the_destination_resolved() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", free_port(), collector.port)
+        .upstream("b.ns-b.svc.cluster.local", app.port)
+        .config(metrics_config(json!({})))
+        .start();
+    // The upstream answers with its peer metadata header (as an Istio sidecar would) ...
+    let as_c = peer_metadata("c", "ns-c");
+    for _ in 0..4 {
+        assert_eq!(send(sidecar.outbound, "/x", &[(PEER_METADATA_REQUEST, &as_c)]), 200);
+    }
+    // ... or not: the endpoint's Istio metadata names the workload.
+    for _ in 0..2 {
+        assert_eq!(send(sidecar.outbound, "/x", &[]), 200);
+    }
+    let gw = gateway("b.ns-b.svc.cluster.local", app.port, collector.port, plugin_config(metrics_config(json!({}))));
+    assert_eq!(send(gw.port, "/gw", &[]), 200);
+
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 7);
+    let by_header = one(&points, REQUESTS, |p| p.label("destination_workload") == "c-v1");
+    assert_eq!(by_header.value, 4);
+    assert_eq!(by_header.label("reporter"), "source");
+    assert_eq!(by_header.label("destination_workload_namespace"), "ns-c");
+    assert_eq!(by_header.label("source_workload"), "a-v1");
+    assert_eq!(by_header.label("source_canonical_service"), "a");
+    assert_eq!(by_header.label("destination_service"), "b.ns-b.svc.cluster.local");
+    assert_eq!(by_header.label("connection_security_policy"), "unknown");
+    let by_endpoint =
+        one(&points, REQUESTS, |p| p.label("destination_workload") == "b-v1" && p.label("source_workload") == "a-v1");
+    assert_eq!(by_endpoint.value, 2);
+    assert_eq!(by_endpoint.label("destination_canonical_service"), "b");
+    assert_eq!(by_endpoint.label("destination_workload_namespace"), "ns-b");
+    let from_gw = one(&points, REQUESTS, |p| p.label("source_workload") == "istio-ingressgateway");
+    assert_eq!(from_gw.value, 1);
+    assert_eq!(from_gw.label("reporter"), "source");
+    assert_eq!(from_gw.label("source_workload_namespace"), "istio-system");
+    assert_eq!(from_gw.label("destination_workload"), "b-v1");
+    assert_eq!(from_gw.label("destination_service_name"), "b");
+}
+
+fn drive(port: u16, threads: usize, per_thread: usize) {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| thread::spawn(move || (0..per_thread).filter(|_| send(port, "/load", &[]) == 200).count()))
+        .collect();
+    let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(ok, threads * per_thread);
+}
+
+fn totals_add_up(temporality: &str) {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .concurrency(4)
+        .config(metrics_config(json!({"metrics": {"temporality": temporality}})))
+        .start();
+    let (threads, per_thread) = (8, 250);
+    drive(sidecar.inbound, threads, per_thread);
+    let sent = (threads * per_thread) as u64;
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) >= sent);
+    assert_eq!(total(&points, REQUESTS, |_| true), sent);
+    // Wait two more export intervals: the total must not move past what was sent.
+    thread::sleep(Duration::from_millis(2_500));
+    let points = collector.points();
+    assert_eq!(total(&points, REQUESTS, |_| true), sent);
+    let instances: std::collections::HashSet<&str> = points.iter().map(|p| p.instance.as_str()).collect();
+    assert_eq!(instances.len(), 1, "one exporter per proxy");
+    assert!(points.iter().all(|p| p.cumulative == (temporality == "cumulative")));
+    let requests_series = series(&points, REQUESTS);
+    assert_eq!(requests_series.len(), 1, "{requests_series:#?}");
+    let durations = one(&points, "istio_request_duration_milliseconds", |_| true);
+    assert_eq!(durations.value, sent);
+    assert_eq!(sidecar.envoy.stat("wasmcustom.meshtel.metric_requests_recorded"), sent);
+}
+
+#[test]
+fn four_workers_cumulative_totals_equal_requests_sent() {
+    totals_add_up("cumulative");
+}
+
+#[test]
+fn four_workers_delta_totals_equal_requests_sent() {
+    totals_add_up("delta");
+}
+
+#[test]
+fn cardinality_cap_folds_new_peers_into_the_overflow_series() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .config(metrics_config(json!({"metrics": {"max_series": 5}})))
+        .start();
+    for i in 0..40 {
+        let md = peer_metadata(&format!("peer{i}"), "ns-peers");
+        assert_eq!(send(sidecar.inbound, "/", &[("x-envoy-peer-metadata", &md)]), 200);
+    }
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 40);
+    let all = series(&points, REQUESTS);
+    assert_eq!(all.len(), 6, "5 series plus the overflow series");
+    let overflow = one(&points, REQUESTS, |p| p.label("otel.metric.overflow") == "true");
+    assert_eq!(overflow.value, 35);
+    assert_eq!(overflow.labels.len(), 1);
+    let deadline = std::time::Instant::now() + WAIT;
+    while sidecar.envoy.stat("wasmcustom.meshtel.metric_overflow") < 35 {
+        assert!(std::time::Instant::now() < deadline, "overflow not counted in meshtel's stats");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sidecar.envoy.stat("wasmcustom.meshtel.metric_overflow"), 35);
+}
+
+#[test]
+fn metrics_disabled_exports_traces_only() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .config(metrics_config(json!({"metrics": {"enabled": false}})))
+        .start();
+    for _ in 0..5 {
+        assert_eq!(send(sidecar.inbound, "/", &[]), 200);
+    }
+    collector.wait_for_spans(5, WAIT);
+    thread::sleep(Duration::from_millis(2_500));
+    assert!(collector.metric_exports().is_empty());
+    assert!(collector.requests().iter().all(|(path, _)| path == "/v1/traces"));
+}
+
+#[test]
+fn traces_disabled_exports_metrics_and_leaves_headers_alone() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .config(metrics_config(json!({"traces": {"enabled": false}})))
+        .start();
+    let (status, body) = request(&format!("http://127.0.0.1:{}/", sidecar.inbound), &[]).unwrap();
+    assert_eq!(status, 200);
+    assert!(!body.contains("traceparent"), "{body}");
+    collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 1);
+    assert!(collector.spans().is_empty());
+}
