@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::tls::Identity;
 use crate::{free_port, http_get, repo_root};
 
 /// The collector's Istio cluster name, as a sidecar sees it.
@@ -116,6 +117,8 @@ pub struct Listener {
     pub direction: Direction,
     /// Cluster all routes go to.
     pub cluster: String,
+    /// Serve mutual TLS with this identity (clients must present a certificate of the mesh CA).
+    pub mtls: Option<Identity>,
 }
 
 /// A static cluster with one endpoint on 127.0.0.1.
@@ -129,12 +132,14 @@ pub struct Cluster {
     pub service: Option<String>,
     /// The endpoint's Istio workload metadata (`workload;namespace;canonical;revision;cluster`).
     pub workload: Option<String>,
+    /// Connect with mutual TLS, presenting this identity.
+    pub mtls: Option<Identity>,
 }
 
 impl Cluster {
     /// A cluster named `name` pointing at 127.0.0.1:`port`, without Istio metadata.
     pub fn new(name: &str, port: u16) -> Self {
-        Self { name: name.into(), port, service: None, workload: None }
+        Self { name: name.into(), port, service: None, workload: None, mtls: None }
     }
 
     /// Add Istio's metadata for `service` (an FQDN `app.ns.svc.cluster.local`) as istiod does:
@@ -179,6 +184,16 @@ impl Proxy {
     }
 }
 
+fn tls_context(id: &Identity) -> Value {
+    json!({
+        "tls_certificates": [{
+            "certificate_chain": {"inline_string": id.cert_pem},
+            "private_key": {"inline_string": id.key_pem},
+        }],
+        "validation_context": {"trusted_ca": {"inline_string": id.ca_pem}},
+    })
+}
+
 fn socket(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
@@ -211,7 +226,7 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }));
-    json!({
+    let mut listener = json!({
         "name": l.name,
         "address": socket(l.port),
         "traffic_direction": match l.direction { Direction::Inbound => "INBOUND", Direction::Outbound => "OUTBOUND" },
@@ -233,7 +248,18 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
                 },
             }],
         }],
-    })
+    });
+    if let Some(id) = &l.mtls {
+        listener["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": tls_context(id),
+            },
+        });
+    }
+    listener
 }
 
 fn cluster(c: &Cluster) -> Value {
@@ -247,6 +273,15 @@ fn cluster(c: &Cluster) -> Value {
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [endpoint]}]},
     });
+    if let Some(id) = &c.mtls {
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": tls_context(id),
+            },
+        });
+    }
     if let Some(host) = &c.service {
         let mut parts = host.split('.');
         let (name, ns) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());

@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod mesh;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use crate::envoy::{Cluster, Direction, Envoy, Listener, Node, Proxy, COLLECTOR_CLUSTER};
 use crate::free_port;
+use crate::tls::Identity;
 
 /// The plugin config the tests start from: the collector cluster and a short flush interval,
 /// with `overrides` merged in (objects merge key by key, anything else replaces).
@@ -61,6 +62,8 @@ pub struct SidecarSpec {
     pub concurrency: u32,
     /// Port of the outbound listener, when the app must know it before the sidecar starts.
     pub outbound_port: Option<u16>,
+    /// Serve inbound traffic with mutual TLS under this identity.
+    pub mtls: Option<Identity>,
 }
 
 impl SidecarSpec {
@@ -75,7 +78,14 @@ impl SidecarSpec {
             plugin_config: Some(plugin_config(json!({}))),
             concurrency: 1,
             outbound_port: None,
+            mtls: None,
         }
+    }
+
+    /// Require mutual TLS on the inbound listener, serving `identity`.
+    pub fn mtls(mut self, identity: Identity) -> Self {
+        self.mtls = Some(identity);
+        self
     }
 
     /// Bind the outbound listener to `port` (chosen with [`free_port`] before the app starts).
@@ -111,6 +121,7 @@ impl SidecarSpec {
             port: inbound,
             direction: Direction::Inbound,
             cluster: inbound_cluster.clone(),
+            mtls: self.mtls.clone(),
         }];
         let own_service = format!("{}.{}.svc.cluster.local", self.app, self.namespace);
         let mut clusters = vec![
@@ -123,6 +134,7 @@ impl SidecarSpec {
                 port: outbound,
                 direction: Direction::Outbound,
                 cluster: service_cluster(host),
+                mtls: None,
             });
             clusters.push(Cluster::new(&service_cluster(host), *port).istio_service(host, true));
         }
@@ -153,7 +165,20 @@ pub struct Gateway {
 
 /// Start an ingress gateway routing everything to service `host` at `port`.
 pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gateway {
+    gateway_with_mtls(host, port, collector_port, config, None)
+}
+
+/// Start an ingress gateway that calls `host` with mutual TLS, presenting `identity`.
+pub fn gateway_with_mtls(
+    host: &str,
+    port: u16,
+    collector_port: u16,
+    config: Value,
+    identity: Option<Identity>,
+) -> Gateway {
     let listen = free_port();
+    let mut upstream = Cluster::new(&service_cluster(host), port).istio_service(host, true);
+    upstream.mtls = identity;
     let proxy = Proxy {
         node: Node::gateway(),
         listeners: vec![Listener {
@@ -161,11 +186,9 @@ pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gat
             port: listen,
             direction: Direction::Outbound,
             cluster: service_cluster(host),
+            mtls: None,
         }],
-        clusters: vec![
-            Cluster::new(&service_cluster(host), port).istio_service(host, true),
-            Cluster::new(COLLECTOR_CLUSTER, collector_port),
-        ],
+        clusters: vec![upstream, Cluster::new(COLLECTOR_CLUSTER, collector_port)],
         plugin_config: Some(config),
         concurrency: 1,
     };

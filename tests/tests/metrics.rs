@@ -254,3 +254,38 @@ fn traces_disabled_exports_metrics_and_leaves_headers_alone() {
     collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 1);
     assert!(collector.spans().is_empty());
 }
+
+#[test]
+fn mtls_peers_are_identified_by_their_spiffe_principal() {
+    let collector = Collector::start();
+    let ca = meshtel_tests::tls::MeshCa::new();
+    let gateway_id = ca.issue("istio-system", "istio-ingressgateway-service-account");
+    let a_id = ca.issue("ns-a", "a");
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .mtls(a_id.clone())
+        .config(metrics_config(json!({})))
+        .start();
+    let gw = meshtel_tests::mesh::gateway_with_mtls(
+        "a.ns-a.svc.cluster.local",
+        sidecar.inbound,
+        collector.port,
+        plugin_config(metrics_config(json!({}))),
+        Some(gateway_id.clone()),
+    );
+    for _ in 0..3 {
+        assert_eq!(send(gw.port, "/secure", &[]), 200);
+    }
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 6);
+    let inbound = one(&points, REQUESTS, |p| p.label("reporter") == "destination");
+    assert_eq!(inbound.value, 3);
+    assert_eq!(inbound.label("source_principal"), gateway_id.spiffe_id);
+    assert_eq!(inbound.label("source_workload_namespace"), "istio-system", "namespace from the principal");
+    assert_eq!(inbound.label("source_workload"), "unknown", "a principal names no workload");
+    assert_eq!(inbound.label("destination_principal"), a_id.spiffe_id);
+    assert_eq!(inbound.label("connection_security_policy"), "mutual_tls");
+    let outbound = one(&points, REQUESTS, |p| p.label("reporter") == "source");
+    assert_eq!(outbound.label("source_principal"), gateway_id.spiffe_id);
+    assert_eq!(outbound.label("destination_principal"), a_id.spiffe_id);
+    assert_eq!(outbound.label("destination_workload"), "a-v1");
+}
