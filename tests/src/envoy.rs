@@ -119,6 +119,29 @@ pub struct Listener {
     pub cluster: String,
     /// Serve mutual TLS with this identity (clients must present a certificate of the mesh CA).
     pub mtls: Option<Identity>,
+    /// Headers the route adds to requests (as Istio's metadata exchange adds its peer headers).
+    pub request_headers: Vec<(String, String)>,
+    /// Headers the route adds to responses.
+    pub response_headers: Vec<(String, String)>,
+}
+
+impl Listener {
+    /// A plain listener on `port` routing to `cluster`.
+    pub fn new(name: &str, port: u16, direction: Direction, cluster: &str) -> Self {
+        Listener {
+            name: name.into(),
+            port,
+            direction,
+            cluster: cluster.into(),
+            mtls: None,
+            request_headers: Vec::new(),
+            response_headers: Vec::new(),
+        }
+    }
+}
+
+fn headers_to_add(headers: &[(String, String)]) -> Value {
+    headers.iter().map(|(k, v)| json!({"header": {"key": k, "value": v}})).collect()
 }
 
 /// A static cluster with one endpoint on 127.0.0.1.
@@ -242,6 +265,8 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
                             "name": "all",
                             "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": l.cluster, "timeout": "10s"}}],
+                            "request_headers_to_add": headers_to_add(&l.request_headers),
+                            "response_headers_to_add": headers_to_add(&l.response_headers),
                         }],
                     },
                     "http_filters": http_filters,

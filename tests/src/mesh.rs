@@ -64,7 +64,13 @@ pub struct SidecarSpec {
     pub outbound_port: Option<u16>,
     /// Serve inbound traffic with mutual TLS under this identity.
     pub mtls: Option<Identity>,
+    /// Send this workload's `x-envoy-peer-metadata` as Istio's metadata exchange does
+    /// (on outbound requests and inbound responses).
+    pub exchange: bool,
 }
+
+/// Istio's peer metadata header.
+const PEER_METADATA: &str = "x-envoy-peer-metadata";
 
 impl SidecarSpec {
     /// A sidecar for `app` in `namespace` with the default test plugin config and one worker.
@@ -79,7 +85,14 @@ impl SidecarSpec {
             concurrency: 1,
             outbound_port: None,
             mtls: None,
+            exchange: false,
         }
+    }
+
+    /// Exchange peer metadata headers as Istio's sidecars do.
+    pub fn exchange_metadata(mut self) -> Self {
+        self.exchange = true;
+        self
     }
 
     /// Require mutual TLS on the inbound listener, serving `identity`.
@@ -116,26 +129,25 @@ impl SidecarSpec {
     pub fn proxy(&self) -> (Proxy, u16, u16) {
         let (inbound, outbound) = (free_port(), self.outbound_port.unwrap_or_else(free_port));
         let inbound_cluster = format!("inbound|{}||", 8080);
-        let mut listeners = vec![Listener {
-            name: "virtualInbound".into(),
-            port: inbound,
-            direction: Direction::Inbound,
-            cluster: inbound_cluster.clone(),
-            mtls: self.mtls.clone(),
-        }];
+        let exchange = self.exchange.then(|| crate::metrics::peer_metadata(&self.app, &self.namespace));
+        let mut inbound_listener = Listener::new("virtualInbound", inbound, Direction::Inbound, &inbound_cluster);
+        inbound_listener.mtls = self.mtls.clone();
+        if let Some(md) = &exchange {
+            inbound_listener.response_headers.push((PEER_METADATA.into(), md.clone()));
+        }
+        let mut listeners = vec![inbound_listener];
         let own_service = format!("{}.{}.svc.cluster.local", self.app, self.namespace);
         let mut clusters = vec![
             Cluster::new(&inbound_cluster, self.app_port).istio_service(&own_service, false),
             Cluster::new(COLLECTOR_CLUSTER, self.collector_port),
         ];
         if let Some((host, port)) = &self.upstream {
-            listeners.push(Listener {
-                name: "0.0.0.0_8080".into(),
-                port: outbound,
-                direction: Direction::Outbound,
-                cluster: service_cluster(host),
-                mtls: None,
-            });
+            let mut outbound_listener =
+                Listener::new("0.0.0.0_8080", outbound, Direction::Outbound, &service_cluster(host));
+            if let Some(md) = &exchange {
+                outbound_listener.request_headers.push((PEER_METADATA.into(), md.clone()));
+            }
+            listeners.push(outbound_listener);
             clusters.push(Cluster::new(&service_cluster(host), *port).istio_service(host, true));
         }
         let proxy = Proxy {
@@ -165,29 +177,29 @@ pub struct Gateway {
 
 /// Start an ingress gateway routing everything to service `host` at `port`.
 pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gateway {
-    gateway_with_mtls(host, port, collector_port, config, None)
+    gateway_with(host, port, collector_port, config, None, false)
 }
 
-/// Start an ingress gateway that calls `host` with mutual TLS, presenting `identity`.
-pub fn gateway_with_mtls(
+/// Start an ingress gateway that calls `host` with mutual TLS (presenting `identity`) and, with
+/// `exchange`, sends its peer metadata header as Istio's gateways do.
+pub fn gateway_with(
     host: &str,
     port: u16,
     collector_port: u16,
     config: Value,
     identity: Option<Identity>,
+    exchange: bool,
 ) -> Gateway {
     let listen = free_port();
     let mut upstream = Cluster::new(&service_cluster(host), port).istio_service(host, true);
     upstream.mtls = identity;
+    let mut listener = Listener::new("0.0.0.0_8080", listen, Direction::Outbound, &service_cluster(host));
+    if exchange {
+        listener.request_headers.push((PEER_METADATA.into(), crate::metrics::peer_metadata_of(&Node::gateway())));
+    }
     let proxy = Proxy {
         node: Node::gateway(),
-        listeners: vec![Listener {
-            name: "0.0.0.0_8080".into(),
-            port: listen,
-            direction: Direction::Outbound,
-            cluster: service_cluster(host),
-            mtls: None,
-        }],
+        listeners: vec![listener],
         clusters: vec![upstream, Cluster::new(COLLECTOR_CLUSTER, collector_port)],
         plugin_config: Some(config),
         concurrency: 1,

@@ -10,23 +10,28 @@ use prost::Message;
 use prost_types::{value::Kind, Struct, Value};
 
 use crate::collector::value_string;
+use crate::envoy::Node;
 
 /// An `x-envoy-peer-metadata` value as an Istio sidecar sends it: base64 of a `Struct` of its
-/// node metadata, for workload `{app}-v1` in `namespace`.
+/// node metadata, for the workload `{app}-v1` in `namespace` (as [`Node::sidecar`] describes it).
 pub fn peer_metadata(app: &str, namespace: &str) -> String {
-    let s = |v: &str| Value { kind: Some(Kind::StringValue(v.into())) };
-    let mut labels = Struct::default();
-    labels.fields.insert("app".into(), s(app));
-    labels.fields.insert("version".into(), s("v1"));
-    labels.fields.insert("service.istio.io/canonical-name".into(), s(app));
-    labels.fields.insert("service.istio.io/canonical-revision".into(), s("v1"));
-    let mut md = Struct::default();
-    md.fields.insert("NAME".into(), s(&format!("{app}-v1-abc")));
-    md.fields.insert("NAMESPACE".into(), s(namespace));
-    md.fields.insert("WORKLOAD_NAME".into(), s(&format!("{app}-v1")));
-    md.fields.insert("CLUSTER_ID".into(), s("Kubernetes"));
-    md.fields.insert("LABELS".into(), Value { kind: Some(Kind::StructValue(labels)) });
-    base64::engine::general_purpose::STANDARD.encode(md.encode_to_vec())
+    peer_metadata_of(&Node::sidecar(app, namespace))
+}
+
+/// The `x-envoy-peer-metadata` value of a proxy's node metadata.
+pub fn peer_metadata_of(node: &Node) -> String {
+    fn to_value(v: &serde_json::Value) -> Value {
+        let kind = match v {
+            serde_json::Value::Object(map) => {
+                Kind::StructValue(Struct { fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() })
+            }
+            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+            other => Kind::StringValue(other.to_string()),
+        };
+        Value { kind: Some(kind) }
+    }
+    let Some(Kind::StructValue(st)) = to_value(&node.metadata).kind else { return String::new() };
+    base64::engine::general_purpose::STANDARD.encode(st.encode_to_vec())
 }
 
 /// One data point of one export.
@@ -172,4 +177,24 @@ pub fn describe(points: &[Point]) -> String {
         .collect();
     lines.sort();
     lines.join("\n")
+}
+
+/// Estimate quantile `q` (0..1) of a histogram point by linear interpolation inside its bucket,
+/// as Prometheus' `histogram_quantile` does.
+pub fn quantile(p: &Point, q: f64) -> f64 {
+    let total: u64 = p.buckets.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, &count) in p.buckets.iter().enumerate() {
+        if count > 0 && (seen + count) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { p.bounds[i - 1] };
+            let upper = p.bounds.get(i).copied().unwrap_or(lower);
+            return lower + (upper - lower) * ((rank - seen as f64) / count as f64);
+        }
+        seen += count;
+    }
+    p.bounds.last().copied().unwrap_or(0.0)
 }

@@ -1,8 +1,8 @@
 //! A test mesh CA issuing SPIFFE workload certificates, as Istio's CA does.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 /// A workload's certificate, key and the mesh's trust anchor, PEM-encoded.

@@ -266,12 +266,13 @@ fn mtls_peers_are_identified_by_their_spiffe_principal() {
         .mtls(a_id.clone())
         .config(metrics_config(json!({})))
         .start();
-    let gw = meshtel_tests::mesh::gateway_with_mtls(
+    let gw = meshtel_tests::mesh::gateway_with(
         "a.ns-a.svc.cluster.local",
         sidecar.inbound,
         collector.port,
         plugin_config(metrics_config(json!({}))),
         Some(gateway_id.clone()),
+        false,
     );
     for _ in 0..3 {
         assert_eq!(send(gw.port, "/secure", &[]), 200);

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use meshtel_tests::app::{App, Behavior};
 use meshtel_tests::collector::{Collector, ReceivedSpan};
-use meshtel_tests::mesh::{gateway, plugin_config, SidecarSpec};
+use meshtel_tests::mesh::{gateway_with, plugin_config, SidecarSpec};
+use meshtel_tests::metrics::{quantile, series, total};
 use meshtel_tests::{free_port, request};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use serde_json::json;
@@ -15,14 +16,24 @@ fn main() {
     println!("meshtel demo: gateway -> a -> b, each proxy a real Envoy 1.40 with meshtel");
     let collector = Collector::start();
     let app_b = App::start(Behavior::Echo);
-    let sidecar_b = SidecarSpec::new("b", "ns-b", app_b.port, collector.port).start();
+    let sidecar_b =
+        SidecarSpec::new("b", "ns-b", app_b.port, collector.port).config(fast_metrics()).exchange_metadata().start();
     let a_outbound = free_port();
     let app_a = App::start(Behavior::Forward(a_outbound));
     let sidecar_a = SidecarSpec::new("a", "ns-a", app_a.port, collector.port)
         .outbound_port(a_outbound)
         .upstream("b.ns-b.svc.cluster.local", sidecar_b.inbound)
+        .config(fast_metrics())
+        .exchange_metadata()
         .start();
-    let gw = gateway("a.ns-a.svc.cluster.local", sidecar_a.inbound, collector.port, plugin_config(json!({})));
+    let gw = gateway_with(
+        "a.ns-a.svc.cluster.local",
+        sidecar_a.inbound,
+        collector.port,
+        plugin_config(fast_metrics()),
+        None,
+        true,
+    );
     println!(
         "proxies up: gateway :{}, a :{} (outbound :{}), b :{}; OTLP receiver :{}\n",
         gw.port, sidecar_a.inbound, sidecar_a.outbound, sidecar_b.inbound, collector.port
@@ -52,6 +63,7 @@ fn main() {
         println!("\ntrace {trace}");
         print_children(&spans, "", 1);
     }
+    print_metrics(&collector, paths.len() as u64);
     // Counters reach Envoy's stats on the next tick after the collector answered.
     std::thread::sleep(Duration::from_millis(500));
     println!("\nmeshtel stats (Envoy /stats, wasmcustom.meshtel.*):");
@@ -63,6 +75,54 @@ fn main() {
             envoy.stat("wasmcustom.meshtel.spans_dropped"),
             envoy.stat("wasmcustom.meshtel.spans_failed"),
         );
+    }
+}
+
+/// Export metrics every second so that the demo does not wait for the 10 s default.
+fn fast_metrics() -> serde_json::Value {
+    json!({"metrics": {"export_interval_ms": 1000}})
+}
+
+fn print_metrics(collector: &Collector, requests_sent: u64) {
+    // Four proxies see each request: gateway, a inbound, a outbound, b inbound.
+    let points = collector
+        .wait_for_points(Duration::from_secs(15), |p| total(p, "istio_requests_total", |_| true) >= requests_sent * 4);
+    println!("\nistio_requests_total (as Prometheus will show it after the Collector):");
+    println!("  {:<12} {:<34} {:<34} {:>4} {:>6}", "reporter", "source", "destination", "code", "count");
+    let mut rows: Vec<_> = series(&points, "istio_requests_total")
+        .into_iter()
+        .map(|p| {
+            let side = |s: &str| {
+                format!("{}.{}", p.label(&format!("{s}_workload")), p.label(&format!("{s}_workload_namespace")))
+            };
+            (
+                p.label("reporter").to_string(),
+                side("source"),
+                side("destination"),
+                p.label("response_code").to_string(),
+                p.value,
+            )
+        })
+        .collect();
+    rows.sort();
+    for (reporter, src, dst, code, count) in rows {
+        println!("  {reporter:<12} {src:<34} {dst:<34} {code:>4} {count:>6}");
+    }
+    println!("\nistio_request_duration_milliseconds by reporting proxy (from the histogram buckets):");
+    let mut latencies: Vec<_> = series(&points, "istio_request_duration_milliseconds")
+        .into_iter()
+        .filter(|p| p.label("response_code") == "200")
+        .map(|p| {
+            let who = match p.label("reporter") {
+                "destination" => format!("{} (inbound)", p.label("destination_workload")),
+                _ => format!("{} (outbound)", p.label("source_workload")),
+            };
+            (who, p.value, quantile(&p, 0.5), quantile(&p, 0.99))
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.0.cmp(&b.0));
+    for (who, count, p50, p99) in latencies {
+        println!("  {who:<34} {count:>3} requests (2xx)  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
     }
 }
 
