@@ -23,7 +23,8 @@ pub const PEER_METADATA_REQUEST: &str = "x-test-answer-peer-metadata";
 /// What the app does with a request.
 #[derive(Debug, Clone, Copy)]
 pub enum Behavior {
-    /// Answer with the request's headers as JSON; `/status/NNN` answers with status NNN.
+    /// Answer with the request's headers as JSON; `/status/NNN` answers with status NNN;
+    /// `/grpc/N` answers as a gRPC server with `grpc-status: N`.
     Echo,
     /// Call `http://127.0.0.1:<port><same path>` (its sidecar's outbound listener) with the
     /// trace headers, and answer with what came back.
@@ -54,6 +55,12 @@ fn handle(req: Req, behavior: Behavior) -> Resp {
                 map.insert(k.clone(), Value::String(v.clone()));
             }
             let mut resp = Resp::new(status, "application/json", json!({"path": req.path, "headers": map}).to_string());
+            // `/grpc/<status>` answers like a gRPC server (trailers-only form: status in headers).
+            if let Some(code) = req.path.strip_prefix("/grpc/") {
+                resp.headers =
+                    vec![("content-type".into(), "application/grpc".into()), ("grpc-status".into(), code.into())];
+                resp.body.clear();
+            }
             // Lets a test play an upstream sidecar that answers with its Istio peer metadata.
             if let Some(md) = req.header(PEER_METADATA_REQUEST) {
                 resp.headers.push(("x-envoy-peer-metadata".into(), md.to_string()));

@@ -290,3 +290,20 @@ fn mtls_peers_are_identified_by_their_spiffe_principal() {
     assert_eq!(outbound.label("destination_principal"), a_id.spiffe_id);
     assert_eq!(outbound.label("destination_workload"), "a-v1");
 }
+
+#[test]
+fn grpc_requests_carry_protocol_and_status() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port).config(metrics_config(json!({}))).start();
+    let grpc = [("content-type", "application/grpc")];
+    for _ in 0..2 {
+        assert_eq!(send(sidecar.inbound, "/grpc/0", &grpc), 200);
+    }
+    assert_eq!(send(sidecar.inbound, "/grpc/14", &grpc), 200);
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 3);
+    let ok = one(&points, REQUESTS, |p| p.label("grpc_response_status") == "0");
+    assert_eq!((ok.value, ok.label("request_protocol")), (2, "grpc"));
+    let unavailable = one(&points, REQUESTS, |p| p.label("grpc_response_status") == "14");
+    assert_eq!((unavailable.value, unavailable.label("response_code")), (1, "200"));
+}
