@@ -1,0 +1,433 @@
+//! Command-line interface and the resolution of flags and `--config` files into render options.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::render::{Api, CollectorAddress, Mode, RenderOptions};
+
+/// Default module image: meshtel's release for this version.
+pub const DEFAULT_IMAGE: &str = concat!("oci://ghcr.io/meshtel/meshtel-filter:", env!("CARGO_PKG_VERSION"));
+/// Default collector: an OpenTelemetry Collector Service in the `observability` namespace.
+pub const DEFAULT_COLLECTOR: &str = "otel-collector.observability:4318";
+
+/// meshtel deploys OpenTelemetry tracing and Istio metrics into an Istio mesh as a Wasm filter.
+#[derive(Debug, Parser)]
+#[command(name = "meshtel", version, about, long_about = None, arg_required_else_help = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Render the Istio resources that deploy meshtel, ready for `kubectl apply -f -`.
+    #[command(after_help = RENDER_EXAMPLES)]
+    Render(Box<RenderArgs>),
+    /// Check WasmPlugin and TrafficExtension YAML the way Istio would, and meshtel's pluginConfig.
+    Validate(ValidateArgs),
+    /// Package meshtel_filter.wasm as an OCI artifact Istio can pull, and optionally push it.
+    Package(PackageArgs),
+}
+
+const RENDER_EXAMPLES: &str = "Examples:
+  meshtel render --namespace shop | kubectl apply -f -
+  meshtel render --gateway --collector otel-collector.observability:4318
+  meshtel render --workload-label meshtel.io/trace=enabled --sampling 0.1";
+
+/// `FAIL_OPEN` and friends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailStrategy {
+    /// Requests go on without the filter if it cannot load (meshtel's default: telemetry never takes traffic down).
+    FailOpen,
+    /// Requests fail while the filter cannot load (Istio's default).
+    FailClose,
+    /// Reload the VM after a fatal error, failing open meanwhile (Istio >= 1.27).
+    FailReload,
+}
+
+/// Filter chain phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    /// Before Istio's authentication filters.
+    Authn,
+    /// Before Istio's authorization filters.
+    Authz,
+    /// Before Istio's stats filter (meshtel's default: it sees every request, denied ones included).
+    Stats,
+}
+
+impl FailStrategy {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailStrategy::FailOpen => "FAIL_OPEN",
+            FailStrategy::FailClose => "FAIL_CLOSE",
+            FailStrategy::FailReload => "FAIL_RELOAD",
+        }
+    }
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Authn => "AUTHN",
+            Phase::Authz => "AUTHZ",
+            Phase::Stats => "STATS",
+        }
+    }
+}
+
+/// `meshtel render`.
+#[derive(Debug, Args, Default)]
+pub struct RenderArgs {
+    /// Run in every workload of this namespace (repeatable); with --workload-label, only there.
+    #[arg(long = "namespace", value_name = "NS", help_heading = "Where")]
+    pub namespaces: Vec<String>,
+    /// Run in the ingress gateway only (selector `istio: ingressgateway`); traces only unless --metrics.
+    #[arg(long, help_heading = "Where")]
+    pub gateway: bool,
+    /// With --gateway: attach to this Gateway API Gateway (targetRefs) instead of the label selector.
+    #[arg(long, value_name = "NAME", help_heading = "Where")]
+    pub gateway_name: Option<String>,
+    /// With --gateway: the gateway's namespace [default: istio-system].
+    #[arg(long, value_name = "NS", help_heading = "Where")]
+    pub gateway_namespace: Option<String>,
+    /// Run in workloads carrying this label, mesh-wide (or in the --namespace given).
+    #[arg(long, value_name = "KEY=VALUE", help_heading = "Where")]
+    pub workload_label: Option<String>,
+    /// Run in every workload of the mesh.
+    #[arg(long, help_heading = "Where")]
+    pub mesh_wide: bool,
+
+    /// The collector Service, NAME.NAMESPACE:PORT or an FQDN [default: otel-collector.observability:4318].
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Telemetry")]
+    pub collector: Option<String>,
+    /// Share of new traces sampled, 0 to 1 [default: 1].
+    #[arg(long, value_name = "RATIO", value_parser = parse_ratio, help_heading = "Telemetry")]
+    pub sampling: Option<f64>,
+    /// Record and export spans [default].
+    #[arg(long, overrides_with = "no_traces", help_heading = "Telemetry")]
+    pub traces: bool,
+    /// Do not trace.
+    #[arg(long, help_heading = "Telemetry")]
+    pub no_traces: bool,
+    /// Record and export Istio metrics [default, except with --gateway].
+    #[arg(long, overrides_with = "no_metrics", help_heading = "Telemetry")]
+    pub metrics: bool,
+    /// Do not record metrics.
+    #[arg(long, help_heading = "Telemetry")]
+    pub no_metrics: bool,
+    /// Let the filter read this variable of the proxy's environment (vmConfig.env, valueFrom HOST; repeatable).
+    #[arg(long = "host-env", value_name = "NAME", help_heading = "Telemetry")]
+    pub host_env: Vec<String>,
+
+    /// The module image [default: the meshtel release image of this version].
+    #[arg(long, value_name = "oci://REF", conflicts_with = "wasm_url", help_heading = "Module")]
+    pub image: Option<String>,
+    /// The module over http(s):// or file:// instead of an image.
+    #[arg(long, value_name = "URL", help_heading = "Module")]
+    pub wasm_url: Option<String>,
+    /// Pin the module (or, for an image, the digest `meshtel package` printed).
+    #[arg(long, value_name = "HEX", conflicts_with = "wasm_file", help_heading = "Module")]
+    pub sha256: Option<String>,
+    /// Pin the module served at --wasm-url by hashing this local copy.
+    #[arg(long, value_name = "PATH", help_heading = "Module")]
+    pub wasm_file: Option<PathBuf>,
+
+    /// What happens to requests if the module cannot load [default: FAIL_OPEN].
+    #[arg(long, value_enum, help_heading = "Istio")]
+    pub fail_strategy: Option<FailStrategy>,
+    /// Filter chain phase [default: STATS].
+    #[arg(long, value_enum, help_heading = "Istio")]
+    pub phase: Option<Phase>,
+    /// Priority within the phase.
+    #[arg(long, allow_negative_numbers = true, help_heading = "Istio")]
+    pub priority: Option<i32>,
+    /// Render a WasmPlugin, or Istio's newer TrafficExtension (Istio >= 1.30) [default: wasmplugin].
+    #[arg(long, value_enum, help_heading = "Istio")]
+    pub api: Option<Api>,
+    /// Also render a Telemetry resource that turns off Istio's own span reporting for the same workloads.
+    #[arg(long, help_heading = "Istio")]
+    pub disable_istio_tracing: bool,
+    /// Also render a ServiceEntry for a collector outside the mesh.
+    #[arg(long, help_heading = "Istio")]
+    pub collector_service_entry: bool,
+    /// Resource name [default: meshtel].
+    #[arg(long, help_heading = "Istio")]
+    pub name: Option<String>,
+    /// Istio's root namespace [default: istio-system].
+    #[arg(long, value_name = "NS", help_heading = "Istio")]
+    pub root_namespace: Option<String>,
+
+    /// A YAML file with `pluginConfig:` (the whole filter config) and any of these options
+    /// (same names, e.g. `sampling: 0.1`); flags win over the file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Write to FILE instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// `meshtel validate`.
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// YAML files with WasmPlugin or TrafficExtension resources (other kinds are skipped).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Also validate against these CRDs' OpenAPI schemas
+    /// (e.g. `kubectl get crd wasmplugins.extensions.istio.io -o yaml`).
+    #[arg(long, value_name = "FILE")]
+    pub crds: Option<PathBuf>,
+}
+
+/// `meshtel package`.
+#[derive(Debug, Args)]
+pub struct PackageArgs {
+    /// The module to package.
+    #[arg(value_name = "WASM", default_value = "target/wasm32-wasip1/release/meshtel_filter.wasm")]
+    pub wasm: PathBuf,
+    /// Write the artifact as an OCI image layout in this directory.
+    #[arg(short, long, value_name = "DIR", default_value = "meshtel-oci")]
+    pub output: PathBuf,
+    /// Tag recorded in the layout.
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub tag: String,
+    /// Push the artifact to REGISTRY/REPO:TAG.
+    #[arg(long, value_name = "REGISTRY/REPO:TAG")]
+    pub push: Option<String>,
+    /// Talk plain HTTP to the registry (a local test registry).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|_| format!("not a number: {s:?}"))?;
+    if !(0.0..=1.0).contains(&r) {
+        return Err(format!("must be between 0 and 1, got {r}"));
+    }
+    Ok(r)
+}
+
+/// Options a `--config` file may set, named like the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileOptions {
+    #[serde(rename = "pluginConfig")]
+    plugin_config: Option<Value>,
+    #[serde(default)]
+    namespace: Vec<String>,
+    gateway: Option<bool>,
+    gateway_name: Option<String>,
+    gateway_namespace: Option<String>,
+    workload_label: Option<String>,
+    mesh_wide: Option<bool>,
+    collector: Option<String>,
+    sampling: Option<f64>,
+    traces: Option<bool>,
+    metrics: Option<bool>,
+    #[serde(default)]
+    host_env: Vec<String>,
+    image: Option<String>,
+    wasm_url: Option<String>,
+    sha256: Option<String>,
+    wasm_file: Option<PathBuf>,
+    fail_strategy: Option<FailStrategy>,
+    phase: Option<Phase>,
+    priority: Option<i32>,
+    api: Option<Api>,
+    disable_istio_tracing: Option<bool>,
+    collector_service_entry: Option<bool>,
+    name: Option<String>,
+    root_namespace: Option<String>,
+    cluster_domain: Option<String>,
+}
+
+fn read_file_options(path: &Path) -> Result<FileOptions, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config: cannot read {}: {e}", path.display()))?;
+    serde_norway::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+fn flag(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).map_err(|e| format!("--wasm-file: cannot read {}: {e}", path.display()))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn set(config: &mut Value, path: &[&str], value: Value) {
+    let mut at = config;
+    for key in &path[..path.len() - 1] {
+        if !at.get(*key).is_some_and(Value::is_object) {
+            at[*key] = json!({});
+        }
+        at = &mut at[*key];
+    }
+    at[path[path.len() - 1]] = value;
+}
+
+/// Resolve flags and the optional `--config` file into validated render options.
+pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
+    let file = match &args.config {
+        Some(p) => read_file_options(p)?,
+        None => FileOptions::default(),
+    };
+    let namespaces = if args.namespaces.is_empty() { file.namespace.clone() } else { args.namespaces.clone() };
+    let gateway = args.gateway || file.gateway.unwrap_or(false);
+    let mesh_wide = args.mesh_wide || file.mesh_wide.unwrap_or(false);
+    let workload_label = args.workload_label.clone().or(file.workload_label.clone());
+    let gateway_name = args.gateway_name.clone().or(file.gateway_name.clone());
+    let root_namespace = args.root_namespace.clone().or(file.root_namespace.clone()).unwrap_or_else(|| "istio-system".into());
+    for ns in namespaces.iter().chain(args.gateway_namespace.iter()).chain(std::iter::once(&root_namespace)) {
+        if !crate::rules::is_dns_subdomain(ns) || ns.contains('.') || ns.len() > 63 {
+            return Err(format!("{ns:?} is not a valid namespace name"));
+        }
+    }
+
+    let mode = match (gateway, mesh_wide, &workload_label, namespaces.is_empty()) {
+        (true, false, None, true) => Mode::Gateway {
+            name: gateway_name,
+            namespace: args.gateway_namespace.clone().or(file.gateway_namespace.clone()).unwrap_or_else(|| "istio-system".into()),
+        },
+        (true, ..) => return Err("--gateway cannot be combined with --namespace, --workload-label or --mesh-wide".into()),
+        (false, true, None, true) => Mode::MeshWide,
+        (false, true, ..) => return Err("--mesh-wide cannot be combined with --namespace or --workload-label".into()),
+        (false, false, Some(label), _) => {
+            let (key, value) = label
+                .split_once('=')
+                .ok_or_else(|| format!("--workload-label: expected KEY=VALUE, got {label:?}"))?;
+            if !crate::rules::is_label_key(key) {
+                return Err(format!("--workload-label: {key:?} is not a valid label key"));
+            }
+            if value.is_empty() || !crate::rules::is_label_value(value) || value.contains('*') {
+                return Err(format!("--workload-label: {value:?} is not a valid label value"));
+            }
+            Mode::WorkloadLabel { key: key.into(), value: value.into(), namespaces }
+        }
+        (false, false, None, false) => Mode::Namespaces(namespaces),
+        (false, false, None, true) => {
+            return Err("choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE or --mesh-wide".into())
+        }
+    };
+    if gateway_name_without_gateway(args, &mode) {
+        return Err("--gateway-name and --gateway-namespace need --gateway".into());
+    }
+
+    let cluster_domain = file.cluster_domain.clone().unwrap_or_else(|| "cluster.local".into());
+    let mut plugin_config = file.plugin_config.clone().unwrap_or_else(|| json!({}));
+    if !plugin_config.is_object() {
+        return Err("--config: pluginConfig must be a mapping".into());
+    }
+    let collector_flag = args.collector.clone().or(file.collector.clone());
+    let collector = match (&collector_flag, plugin_config.pointer("/collector/cluster")) {
+        (Some(c), _) => Some(CollectorAddress::parse(c, &cluster_domain)?),
+        (None, Some(_)) => None,
+        (None, None) => Some(CollectorAddress::parse(DEFAULT_COLLECTOR, &cluster_domain)?),
+    };
+    if let Some(c) = &collector {
+        set(&mut plugin_config, &["collector", "cluster"], json!(c.cluster()));
+        set(&mut plugin_config, &["collector", "authority"], json!(c.authority()));
+    }
+    if let Some(r) = args.sampling.or(file.sampling) {
+        parse_ratio(&r.to_string()).map_err(|e| format!("--sampling: {e}"))?;
+        set(&mut plugin_config, &["traces", "sampling_ratio"], json!(r));
+    }
+    if let Some(t) = flag(args.traces, args.no_traces).or(file.traces) {
+        set(&mut plugin_config, &["traces", "enabled"], json!(t));
+    }
+    let metrics = flag(args.metrics, args.no_metrics).or(file.metrics);
+    match (metrics, &mode) {
+        (Some(m), _) => set(&mut plugin_config, &["metrics", "enabled"], json!(m)),
+        // A gateway typically traces only; its metrics come from Istio's own stats.
+        (None, Mode::Gateway { .. }) if plugin_config.pointer("/metrics/enabled").is_none() => {
+            set(&mut plugin_config, &["metrics", "enabled"], json!(false))
+        }
+        _ => {}
+    }
+    let bytes = serde_json::to_vec(&plugin_config).map_err(|e| e.to_string())?;
+    meshtel_filter::config::parse(&bytes).map_err(|e| format!("pluginConfig: {e}"))?;
+
+    let wasm_url = args.wasm_url.clone().or(file.wasm_url.clone());
+    let image = args.image.clone().or(file.image.clone());
+    let url = match (image, wasm_url.clone()) {
+        (Some(_), Some(_)) => return Err("--image and --wasm-url are alternatives: give one".into()),
+        (Some(i), None) => {
+            if !i.starts_with("oci://") && i.contains("://") {
+                return Err(format!("--image: expected oci://REGISTRY/REPO:TAG, got {i:?}"));
+            }
+            i
+        }
+        (None, Some(u)) => {
+            if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file://")) {
+                return Err(format!("--wasm-url: expected an http://, https:// or file:// URL, got {u:?}"));
+            }
+            u
+        }
+        (None, None) => DEFAULT_IMAGE.into(),
+    };
+    let wasm_file = args.wasm_file.clone().or(file.wasm_file.clone());
+    let sha256 = match (args.sha256.clone().or(file.sha256.clone()), wasm_file) {
+        (Some(_), Some(_)) => return Err("--sha256 and --wasm-file are alternatives: give one".into()),
+        (Some(s), None) => {
+            if !(s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+                return Err(format!("--sha256: expected 64 lower-case hex characters, got {s:?}"));
+            }
+            Some(s)
+        }
+        (None, Some(path)) => {
+            if wasm_url.is_none() {
+                return Err("--wasm-file pins a module served at --wasm-url; for an oci:// image pin the digest `meshtel package` printed with --sha256".into());
+            }
+            Some(sha256_file(&path)?)
+        }
+        (None, None) => None,
+    };
+    let host_env = if args.host_env.is_empty() { file.host_env.clone() } else { args.host_env.clone() };
+    for name in &host_env {
+        if name.is_empty() || name.len() > 256 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("--host-env: {name:?} is not an environment variable name"));
+        }
+    }
+    let collector_service_entry = if args.collector_service_entry || file.collector_service_entry.unwrap_or(false) {
+        Some(collector.clone().ok_or("--collector-service-entry needs --collector HOST:PORT")?)
+    } else {
+        None
+    };
+    let name = args.name.clone().or(file.name.clone()).unwrap_or_else(|| "meshtel".into());
+    if !crate::rules::is_dns_subdomain(&name) {
+        return Err(format!("--name: {name:?} is not a valid resource name"));
+    }
+    Ok(RenderOptions {
+        mode,
+        name,
+        root_namespace,
+        url,
+        sha256,
+        plugin_config,
+        fail_strategy: args.fail_strategy.or(file.fail_strategy).unwrap_or(FailStrategy::FailOpen).as_str().into(),
+        phase: args.phase.or(file.phase).unwrap_or(Phase::Stats).as_str().into(),
+        priority: args.priority.or(file.priority).map(i64::from),
+        api: args.api.or(file.api).unwrap_or(Api::Wasmplugin),
+        disable_istio_tracing: args.disable_istio_tracing || file.disable_istio_tracing.unwrap_or(false),
+        collector_service_entry,
+        host_env,
+    })
+}
+
+fn gateway_name_without_gateway(args: &RenderArgs, mode: &Mode) -> bool {
+    (args.gateway_name.is_some() || args.gateway_namespace.is_some()) && !matches!(mode, Mode::Gateway { .. })
+}

@@ -1,0 +1,9 @@
+//! meshtel's installer: renders, validates and packages the Istio resources that deploy the filter.
+
+pub mod cli;
+pub mod model;
+pub mod package;
+pub mod render;
+pub mod rules;
+pub mod schema;
+pub mod validate;
