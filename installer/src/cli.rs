@@ -291,7 +291,8 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     let mesh_wide = args.mesh_wide || file.mesh_wide.unwrap_or(false);
     let workload_label = args.workload_label.clone().or(file.workload_label.clone());
     let gateway_name = args.gateway_name.clone().or(file.gateway_name.clone());
-    let root_namespace = args.root_namespace.clone().or(file.root_namespace.clone()).unwrap_or_else(|| "istio-system".into());
+    let root_namespace =
+        args.root_namespace.clone().or(file.root_namespace.clone()).unwrap_or_else(|| "istio-system".into());
     for ns in namespaces.iter().chain(args.gateway_namespace.iter()).chain(std::iter::once(&root_namespace)) {
         if !crate::rules::is_dns_subdomain(ns) || ns.contains('.') || ns.len() > 63 {
             return Err(format!("{ns:?} is not a valid namespace name"));
@@ -301,15 +302,20 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     let mode = match (gateway, mesh_wide, &workload_label, namespaces.is_empty()) {
         (true, false, None, true) => Mode::Gateway {
             name: gateway_name,
-            namespace: args.gateway_namespace.clone().or(file.gateway_namespace.clone()).unwrap_or_else(|| "istio-system".into()),
+            namespace: args
+                .gateway_namespace
+                .clone()
+                .or(file.gateway_namespace.clone())
+                .unwrap_or_else(|| "istio-system".into()),
         },
-        (true, ..) => return Err("--gateway cannot be combined with --namespace, --workload-label or --mesh-wide".into()),
+        (true, ..) => {
+            return Err("--gateway cannot be combined with --namespace, --workload-label or --mesh-wide".into())
+        }
         (false, true, None, true) => Mode::MeshWide,
         (false, true, ..) => return Err("--mesh-wide cannot be combined with --namespace or --workload-label".into()),
         (false, false, Some(label), _) => {
-            let (key, value) = label
-                .split_once('=')
-                .ok_or_else(|| format!("--workload-label: expected KEY=VALUE, got {label:?}"))?;
+            let (key, value) =
+                label.split_once('=').ok_or_else(|| format!("--workload-label: expected KEY=VALUE, got {label:?}"))?;
             if !crate::rules::is_label_key(key) {
                 return Err(format!("--workload-label: {key:?} is not a valid label key"));
             }
@@ -320,7 +326,10 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         }
         (false, false, None, false) => Mode::Namespaces(namespaces),
         (false, false, None, true) => {
-            return Err("choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE or --mesh-wide".into())
+            return Err(
+                "choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE or --mesh-wide"
+                    .into(),
+            )
         }
     };
     if gateway_name_without_gateway(args, &mode) {
@@ -383,7 +392,7 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     let sha256 = match (args.sha256.clone().or(file.sha256.clone()), wasm_file) {
         (Some(_), Some(_)) => return Err("--sha256 and --wasm-file are alternatives: give one".into()),
         (Some(s), None) => {
-            if !(s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+            if !crate::rules::is_sha256(&s) {
                 return Err(format!("--sha256: expected 64 lower-case hex characters, got {s:?}"));
             }
             Some(s)

@@ -53,18 +53,16 @@ impl CollectorAddress {
     /// Parse `HOST:PORT`. `name.namespace` and `name.namespace.svc` are completed to the
     /// cluster-local FQDN Istio names clusters after.
     pub fn parse(s: &str, cluster_domain: &str) -> Result<Self, String> {
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("--collector: expected HOST:PORT, got {s:?}"))?;
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("--collector: expected HOST:PORT, got {s:?}"))?;
         let port: u16 = port
             .parse()
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| format!("--collector: {port:?} is not a port number (1-65535) in {s:?}"))?;
         let valid = !host.is_empty()
-            && host.split('.').all(|l| {
-                !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            });
+            && host
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
         if !valid {
             return Err(format!("--collector: {host:?} is not a lower-case DNS name in {s:?}"));
         }
@@ -143,7 +141,11 @@ fn attachments(opts: &RenderOptions) -> Vec<Attachment> {
             nss.iter().map(|ns| Attachment { namespace: ns.clone(), selector: None, target_refs: None }).collect()
         }
         Mode::Gateway { name: None, namespace } => {
-            vec![Attachment { namespace: namespace.clone(), selector: selector("istio", "ingressgateway"), target_refs: None }]
+            vec![Attachment {
+                namespace: namespace.clone(),
+                selector: selector("istio", "ingressgateway"),
+                target_refs: None,
+            }]
         }
         Mode::Gateway { name: Some(name), namespace } => vec![Attachment {
             namespace: namespace.clone(),
@@ -156,7 +158,11 @@ fn attachments(opts: &RenderOptions) -> Vec<Attachment> {
             }]),
         }],
         Mode::WorkloadLabel { key, value, namespaces } if namespaces.is_empty() => {
-            vec![Attachment { namespace: opts.root_namespace.clone(), selector: selector(key, value), target_refs: None }]
+            vec![Attachment {
+                namespace: opts.root_namespace.clone(),
+                selector: selector(key, value),
+                target_refs: None,
+            }]
         }
         Mode::WorkloadLabel { key, value, namespaces } => namespaces
             .iter()

@@ -65,6 +65,11 @@ pub fn is_label_key(s: &str) -> bool {
     prefix.is_none_or(is_dns_subdomain) && !name.is_empty() && is_label_value(name)
 }
 
+/// Whether `s` is a SHA-256 digest: 64 lower-case hex characters.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Check object metadata.
 pub fn check_metadata(m: &Metadata, problems: &mut Vec<Problem>) {
     if !is_dns_subdomain(&m.name) {
@@ -90,7 +95,10 @@ fn check_selector(sel: &Selector, path: &str, problems: &mut Vec<Problem>) {
         if v.contains('*') {
             problems.push(Problem::new(&at, "wildcard not allowed in label value match"));
         } else if !is_label_value(v) {
-            problems.push(Problem::new(&at, format!("not a valid label value (at most 63 characters of [A-Za-z0-9-_.]), got {v:?}")));
+            problems.push(Problem::new(
+                &at,
+                format!("not a valid label value (at most 63 characters of [A-Za-z0-9-_.]), got {v:?}"),
+            ));
         }
     }
 }
@@ -98,7 +106,9 @@ fn check_selector(sel: &Selector, path: &str, problems: &mut Vec<Problem>) {
 fn check_target_ref(t: &TargetRef, path: &str, problems: &mut Vec<Problem>) {
     if t.kind.is_empty() {
         problems.push(Problem::new(format!("{path}.kind"), "is required"));
-    } else if !t.kind.as_bytes()[0].is_ascii_alphabetic() || !t.kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    } else if !t.kind.as_bytes()[0].is_ascii_alphabetic()
+        || !t.kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         problems.push(Problem::new(format!("{path}.kind"), format!("not a valid kind: {:?}", t.kind)));
     }
     if t.name.is_empty() || t.name.len() > 253 {
@@ -110,7 +120,8 @@ fn check_target_ref(t: &TargetRef, path: &str, problems: &mut Vec<Problem>) {
         }
     }
     if t.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
-        problems.push(Problem::new(format!("{path}.namespace"), "cross namespace referencing is not currently supported"));
+        problems
+            .push(Problem::new(format!("{path}.namespace"), "cross namespace referencing is not currently supported"));
     }
 }
 
@@ -147,7 +158,10 @@ pub fn check_match(traffic: Option<&Vec<TrafficSelector>>, problems: &mut Vec<Pr
         one_of(problems, &format!("spec.match[{i}].mode"), m.mode.as_ref(), MATCH_MODES);
         for (j, p) in m.ports.iter().enumerate() {
             if !(1..=65535).contains(&p.number) {
-                problems.push(Problem::new(format!("spec.match[{i}].ports[{j}].number"), format!("must be between 1 and 65535, got {}", p.number)));
+                problems.push(Problem::new(
+                    format!("spec.match[{i}].ports[{j}].number"),
+                    format!("must be between 1 and 65535, got {}", p.number),
+                ));
             }
         }
     }
@@ -168,13 +182,15 @@ pub fn check_module(m: &WasmModule, at: &str, problems: &mut Vec<Problem>) {
         problems.push(Problem::new(format!("{at}.url"), "is required"));
     } else if let Some((scheme, _)) = m.url.split_once("://") {
         if !["http", "https", "oci", "file"].contains(&scheme) {
-            problems.push(Problem::new(format!("{at}.url"), format!("url must have schema one of [http, https, file, oci], got {scheme:?}")));
+            problems.push(Problem::new(
+                format!("{at}.url"),
+                format!("url must have schema one of [http, https, file, oci], got {scheme:?}"),
+            ));
         }
     }
-    if let Some(sha) = &m.sha256 {
-        if !sha.is_empty() && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
-            problems.push(Problem::new(format!("{at}.sha256"), format!("must be 64 lower-case hex characters, got {sha:?}")));
-        }
+    if let Some(sha) = m.sha256.as_deref().filter(|s| !s.is_empty() && !is_sha256(s)) {
+        problems
+            .push(Problem::new(format!("{at}.sha256"), format!("must be 64 lower-case hex characters, got {sha:?}")));
     }
     one_of(problems, &format!("{at}.failStrategy"), m.fail_strategy.as_ref(), FAIL_STRATEGIES);
     one_of(problems, &format!("{at}.imagePullPolicy"), m.image_pull_policy.as_ref(), PULL_POLICIES);
@@ -303,11 +319,25 @@ mod tests {
         p.spec.selector = Some(Selector { match_labels: [("app".to_string(), "web*".to_string())].into() });
         p.spec.module.fail_strategy = Some("FAIL_SOFTLY".into());
         let m = messages(&p);
-        assert!(m.contains(&"spec.selector.matchLabels.app: wildcard not allowed in label value match".to_string()), "{m:?}");
-        assert!(m.iter().any(|s| s.starts_with("spec.failStrategy: must be one of FAIL_CLOSE, FAIL_OPEN, FAIL_RELOAD")), "{m:?}");
+        assert!(
+            m.contains(&"spec.selector.matchLabels.app: wildcard not allowed in label value match".to_string()),
+            "{m:?}"
+        );
+        assert!(
+            m.iter().any(|s| s.starts_with("spec.failStrategy: must be one of FAIL_CLOSE, FAIL_OPEN, FAIL_RELOAD")),
+            "{m:?}"
+        );
         let mut p = plugin();
-        p.spec.target_refs = Some(vec![TargetRef { kind: "Gateway".into(), name: "gw".into(), namespace: Some("other".into()), ..Default::default() }]);
-        assert_eq!(messages(&p), vec!["spec.targetRefs[0].namespace: cross namespace referencing is not currently supported"]);
+        p.spec.target_refs = Some(vec![TargetRef {
+            kind: "Gateway".into(),
+            name: "gw".into(),
+            namespace: Some("other".into()),
+            ..Default::default()
+        }]);
+        assert_eq!(
+            messages(&p),
+            vec!["spec.targetRefs[0].namespace: cross namespace referencing is not currently supported"]
+        );
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl CrdSchemas {
                 if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
                     props.entry("apiVersion").or_insert(json!({"type": "string"}));
                     props.entry("kind").or_insert(json!({"type": "string"}));
-                    props.entry("metadata").or_insert(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+                    props
+                        .entry("metadata")
+                        .or_insert(json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
                 }
                 structural(&mut schema);
                 let validator = jsonschema::validator_for(&schema)

@@ -66,7 +66,8 @@ pub fn validate_text(file: &str, text: &str, schemas: Option<&CrdSchemas>) -> Re
             continue;
         }
         report.checked += 1;
-        let meta = |key: &str| doc.pointer(&format!("/metadata/{key}")).and_then(Value::as_str).unwrap_or("?").to_string();
+        let meta =
+            |key: &str| doc.pointer(&format!("/metadata/{key}")).and_then(Value::as_str).unwrap_or("?").to_string();
         let who = format!("{kind} {}/{}", meta("namespace"), meta("name"));
         let mut problems = Vec::new();
         if doc.get("apiVersion").and_then(Value::as_str) != Some(EXTENSIONS_API) {

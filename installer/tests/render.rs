@@ -1,0 +1,163 @@
+//! Rendered resources are accepted by Istio's CRD schemas and rules, carry a pluginConfig the
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! filter accepts, and match the checked-in manifests and snapshots.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use meshtel::schema::CrdSchemas;
+use meshtel::validate::{validate_text, yaml_documents};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Istio's CRD bundle, read from `../shared/istio` beside the repository.
+fn istio_crds() -> CrdSchemas {
+    let path = repo().join("../shared/istio/crd-all.gen.yaml");
+    CrdSchemas::load(&path).unwrap_or_else(|e| panic!("Istio's CRDs are needed at {}: {e}", path.display()))
+}
+
+fn render(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshtel")).arg("render").args(args).output().expect("run meshtel");
+    assert!(out.status.success(), "meshtel render {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 YAML")
+}
+
+/// Every resource validates against Istio's schemas (all kinds) and meshtel's rules.
+fn assert_valid(yaml: &str, crds: &CrdSchemas) -> Vec<Value> {
+    let docs = yaml_documents(yaml).expect("YAML");
+    for doc in &docs {
+        let problems = crds.check(doc).unwrap_or_else(|| panic!("no CRD for {}", doc["kind"]));
+        assert!(problems.is_empty(), "{}: {problems:?}\n{yaml}", doc["kind"]);
+    }
+    let report = validate_text("rendered", yaml, Some(crds));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    docs
+}
+
+fn plugin_config(doc: &Value) -> &Value {
+    doc.pointer("/spec/pluginConfig").or_else(|| doc.pointer("/spec/wasm/pluginConfig")).expect("a pluginConfig")
+}
+
+const MODES: &[&[&str]] = &[
+    &["--namespace", "shop", "--namespace", "web"],
+    &["--gateway"],
+    &["--gateway", "--gateway-name", "public", "--gateway-namespace", "edge"],
+    &["--workload-label", "meshtel.io/trace=enabled"],
+    &["--workload-label", "app=checkout", "--namespace", "shop"],
+    &["--mesh-wide"],
+];
+
+#[test]
+fn every_mode_and_api_validates_against_istio_crds() {
+    let crds = istio_crds();
+    for mode in MODES {
+        for api in ["wasmplugin", "trafficextension"] {
+            let mut args = mode.to_vec();
+            args.extend(["--api", api, "--disable-istio-tracing"]);
+            let docs = assert_valid(&render(&args), &crds);
+            let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+            assert!(kinds.contains(&"Telemetry"), "{kinds:?}");
+        }
+    }
+    let docs = assert_valid(
+        &render(&["--mesh-wide", "--collector", "otlp.example.com:4318", "--collector-service-entry"]),
+        &crds,
+    );
+    assert_eq!(docs.last().unwrap()["kind"], "ServiceEntry");
+}
+
+#[test]
+fn rendered_plugin_config_is_what_the_filter_accepts() {
+    let yaml = render(&["--namespace", "shop", "--collector", "otel.obs:4317", "--sampling", "0.25", "--no-metrics"]);
+    let docs = yaml_documents(&yaml).unwrap();
+    let pc = plugin_config(&docs[0]);
+    let config = meshtel_filter::config::parse(&serde_json::to_vec(pc).unwrap()).expect("accepted by the filter");
+    assert_eq!(config.collector.cluster, "outbound|4317||otel.obs.svc.cluster.local");
+    assert_eq!(config.collector.authority, "otel.obs.svc.cluster.local:4317");
+    assert_eq!(config.traces.sampling_ratio, 0.25);
+    assert!(config.traces.enabled && !config.metrics.enabled);
+}
+
+#[test]
+fn modes_attach_as_documented() {
+    let docs = yaml_documents(&render(&["--namespace", "shop", "--namespace", "web"])).unwrap();
+    assert_eq!(docs.len(), 2);
+    assert!(docs.iter().all(|d| d["spec"].get("selector").is_none()));
+    assert_eq!(docs[1]["metadata"]["namespace"], "web");
+    let gw = &yaml_documents(&render(&["--gateway"])).unwrap()[0];
+    assert_eq!(gw["spec"]["selector"]["matchLabels"]["istio"], "ingressgateway");
+    assert_eq!(gw["metadata"]["namespace"], "istio-system");
+    assert_eq!(plugin_config(gw)["metrics"]["enabled"], false, "a gateway traces only by default");
+    let gw = &yaml_documents(&render(&["--gateway", "--metrics"])).unwrap()[0];
+    assert_eq!(plugin_config(gw)["metrics"]["enabled"], true);
+    let named = &yaml_documents(&render(&["--gateway", "--gateway-name", "public"])).unwrap()[0];
+    assert_eq!(named["spec"]["targetRefs"][0]["kind"], "Gateway");
+    assert_eq!(named["spec"]["targetRefs"][0]["group"], "gateway.networking.k8s.io");
+    let label = &yaml_documents(&render(&["--workload-label", "meshtel.io/trace=enabled"])).unwrap()[0];
+    assert_eq!(label["metadata"]["namespace"], "istio-system", "mesh-wide by label lives in the root namespace");
+    assert_eq!(label["spec"]["selector"]["matchLabels"]["meshtel.io/trace"], "enabled");
+    let te = &yaml_documents(&render(&["--mesh-wide", "--api", "trafficextension"])).unwrap()[0];
+    assert_eq!(te["kind"], "TrafficExtension");
+    assert_eq!(te["spec"]["wasm"]["failStrategy"], "FAIL_OPEN");
+}
+
+#[test]
+fn config_file_sets_plugin_config_and_options() {
+    let dir = std::env::temp_dir().join(format!("meshtel-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("meshtel.yaml");
+    std::fs::write(
+        &file,
+        "namespace: [shop]\nsampling: 0.5\nfail-strategy: FAIL_RELOAD\npluginConfig:\n  traces:\n    propagation: [b3]\n  export:\n    max_batch: 64\n",
+    )
+    .unwrap();
+    let yaml = render(&["--config", file.to_str().unwrap(), "--sampling", "0.2"]);
+    let docs = yaml_documents(&yaml).unwrap();
+    let pc = plugin_config(&docs[0]);
+    assert_eq!(pc["traces"]["sampling_ratio"], 0.2, "flags win over the file");
+    assert_eq!(pc["traces"]["propagation"][0], "b3");
+    assert_eq!(pc["export"]["max_batch"], 64);
+    assert_eq!(docs[0]["spec"]["failStrategy"], "FAIL_RELOAD");
+    assert_valid(&yaml, &istio_crds());
+}
+
+#[test]
+fn snapshots_of_the_rendered_modes() {
+    insta::assert_snapshot!("namespace", render(&["--namespace", "shop"]));
+    insta::assert_snapshot!(
+        "gateway_api",
+        render(&["--gateway", "--gateway-name", "public", "--disable-istio-tracing"])
+    );
+    insta::assert_snapshot!(
+        "workload_label_traffic_extension",
+        render(&[
+            "--workload-label",
+            "meshtel.io/trace=enabled",
+            "--api",
+            "trafficextension",
+            "--host-env",
+            "OTEL_API_KEY"
+        ])
+    );
+}
+
+#[test]
+fn checked_in_manifests_match_what_the_installer_renders() {
+    let dir = repo().join("wasm-plugins");
+    let list = std::fs::read_to_string(dir.join("manifests.txt")).unwrap();
+    let mut seen = 0;
+    for line in list.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let file = parts.next().unwrap();
+        let args: Vec<&str> = parts.collect();
+        let want = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        assert_eq!(want, render(&args), "wasm-plugins/{file} is stale: run `make manifests`");
+        assert_valid(&want, &istio_crds());
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "namespace, gateway and workload-label manifests");
+}
