@@ -77,8 +77,26 @@ pub struct Collector {
     pub authority: String,
     /// Timeout of one export call.
     pub timeout: Duration,
-    /// Extra request headers (e.g. an API key), in a stable order.
+    /// Extra request headers, in a stable order.
     pub headers: Vec<(String, String)>,
+    /// Headers whose values come from the proxy's environment (`vmConfig.env` with
+    /// `valueFrom: HOST`), so that credentials never sit in a manifest: `(header, variable)`.
+    pub headers_from_env: Vec<(String, String)>,
+}
+
+impl Collector {
+    /// Add the headers configured from the environment, looked up with `env`. Returns the
+    /// variables that were not set (their headers are not sent). Values are never logged.
+    pub fn resolve_env_headers(&mut self, env: impl Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (name, var) in &self.headers_from_env {
+            match env(var).filter(|v| is_header_value(v)) {
+                Some(value) => self.headers.push((name.clone(), value)),
+                None => missing.push(var.clone()),
+            }
+        }
+        missing
+    }
 }
 
 /// Tracing settings.
@@ -172,6 +190,8 @@ struct RawCollector {
     timeout_ms: u64,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    #[serde(default)]
+    headers_from_env: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -273,21 +293,39 @@ impl RawCollector {
             })?,
         };
         in_range("collector.timeout_ms", self.timeout_ms, 1, MAX_TIMEOUT_MS)?;
+        let check_name = |field: &str, name: &str| {
+            if !is_header_name(name) {
+                return Err(ConfigError::new(field, "header names must be lower-case HTTP tokens"));
+            }
+            if RESERVED_HEADERS.contains(&name) {
+                return Err(ConfigError::new(field, "is set by meshtel itself and cannot be overridden"));
+            }
+            Ok(())
+        };
         let mut headers = Vec::with_capacity(self.headers.len());
         for (name, value) in self.headers {
             let field = format!("collector.headers.{name}");
-            if !is_header_name(&name) {
-                return Err(ConfigError::new(&field, "header names must be lower-case HTTP tokens"));
-            }
-            if RESERVED_HEADERS.contains(&name.as_str()) {
-                return Err(ConfigError::new(&field, "is set by meshtel itself and cannot be overridden"));
-            }
-            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            check_name(&field, &name)?;
+            if !is_header_value(&value) {
                 return Err(ConfigError::new(&field, "header values must not contain CR, LF or NUL"));
             }
             headers.push((name, value));
         }
-        Ok(Collector { cluster, authority, timeout: Duration::from_millis(self.timeout_ms), headers })
+        let mut headers_from_env = Vec::with_capacity(self.headers_from_env.len());
+        for (name, var) in self.headers_from_env {
+            let field = format!("collector.headers_from_env.{name}");
+            check_name(&field, &name)?;
+            if headers.iter().any(|(h, _)| *h == name) {
+                return Err(ConfigError::new(&field, "is also set in collector.headers"));
+            }
+            let valid_var = var.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid_var {
+                return Err(ConfigError::new(&field, format!("{var:?} is not an environment variable name")));
+            }
+            headers_from_env.push((name, var));
+        }
+        Ok(Collector { cluster, authority, timeout: Duration::from_millis(self.timeout_ms), headers, headers_from_env })
     }
 }
 
@@ -358,6 +396,10 @@ fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, min: T, max: T)
         return Err(ConfigError::new(field, format!("must be between {min} and {max}, got {value}")));
     }
     Ok(())
+}
+
+fn is_header_value(value: &str) -> bool {
+    !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
 }
 
 fn is_header_name(name: &str) -> bool {
@@ -494,6 +536,24 @@ mod tests {
         assert_eq!(e, "collector.headers.x-key: header values must not contain CR, LF or NUL");
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"content-type":"x"}}}"#);
         assert!(e.starts_with("collector.headers.content-type: is set by meshtel"));
+    }
+
+    #[test]
+    fn headers_from_env_are_validated_and_resolved() {
+        let mut c = parse(
+            br#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local","headers_from_env":{"x-api-key":"OTEL_KEY","x-tenant":"TENANT"}}}"#,
+        )
+        .unwrap()
+        .collector;
+        let missing = c.resolve_env_headers(|v| (v == "OTEL_KEY").then(|| "s3cret".to_string()));
+        assert_eq!(c.headers, vec![("x-api-key".to_string(), "s3cret".to_string())]);
+        assert_eq!(missing, vec!["TENANT".to_string()]);
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers_from_env":{"x-key":"1BAD"}}}"#);
+        assert_eq!(e, "collector.headers_from_env.x-key: \"1BAD\" is not an environment variable name");
+        let e = err(
+            r#"{"collector":{"cluster":"outbound|4318||c","headers":{"x-key":"a"},"headers_from_env":{"x-key":"K"}}}"#,
+        );
+        assert_eq!(e, "collector.headers_from_env.x-key: is also set in collector.headers");
     }
 
     #[test]

@@ -125,9 +125,10 @@ pub struct RenderArgs {
     /// Do not record metrics.
     #[arg(long, help_heading = "Telemetry")]
     pub no_metrics: bool,
-    /// Let the filter read this variable of the proxy's environment (vmConfig.env, valueFrom HOST; repeatable).
-    #[arg(long = "host-env", value_name = "NAME", help_heading = "Telemetry")]
-    pub host_env: Vec<String>,
+    /// Send HEADER to the collector with the value of the proxy's environment variable VAR
+    /// (vmConfig.env with valueFrom HOST: credentials from a Secret, never inline; repeatable).
+    #[arg(long = "collector-header-from-env", value_name = "HEADER=VAR", help_heading = "Telemetry")]
+    pub header_env: Vec<String>,
 
     /// The module image [default: the meshtel release image of this version].
     #[arg(long, value_name = "oci://REF", conflicts_with = "wasm_url", help_heading = "Module")]
@@ -234,7 +235,7 @@ struct FileOptions {
     traces: Option<bool>,
     metrics: Option<bool>,
     #[serde(default)]
-    host_env: Vec<String>,
+    collector_header_from_env: Vec<String>,
     image: Option<String>,
     wasm_url: Option<String>,
     sha256: Option<String>,
@@ -405,11 +406,21 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         }
         (None, None) => None,
     };
-    let host_env = if args.host_env.is_empty() { file.host_env.clone() } else { args.host_env.clone() };
-    for name in &host_env {
-        if name.is_empty() || name.len() > 256 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("--host-env: {name:?} is not an environment variable name"));
+    let header_env =
+        if args.header_env.is_empty() { file.collector_header_from_env.clone() } else { args.header_env.clone() };
+    let mut host_env = Vec::new();
+    for pair in &header_env {
+        let (header, var) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--collector-header-from-env: expected HEADER=VAR, got {pair:?}"))?;
+        set(&mut plugin_config, &["collector", "headers_from_env", header], json!(var));
+        if !host_env.contains(&var.to_string()) {
+            host_env.push(var.to_string());
         }
+    }
+    if !header_env.is_empty() {
+        let bytes = serde_json::to_vec(&plugin_config).map_err(|e| e.to_string())?;
+        meshtel_filter::config::parse(&bytes).map_err(|e| format!("--collector-header-from-env: {e}"))?;
     }
     let collector_service_entry = if args.collector_service_entry || file.collector_service_entry.unwrap_or(false) {
         Some(collector.clone().ok_or("--collector-service-entry needs --collector HOST:PORT")?)

@@ -139,8 +139,8 @@ fn snapshots_of_the_rendered_modes() {
             "meshtel.io/trace=enabled",
             "--api",
             "trafficextension",
-            "--host-env",
-            "OTEL_API_KEY"
+            "--collector-header-from-env",
+            "x-api-key=OTEL_API_KEY"
         ])
     );
 }

@@ -86,6 +86,7 @@ struct State {
     spans: Vec<ReceivedSpan>,
     metrics: Vec<ExportMetricsServiceRequest>,
     requests: Vec<(String, String)>,
+    headers: Vec<Vec<(String, String)>>,
     bad_requests: Vec<String>,
 }
 
@@ -149,6 +150,11 @@ impl Collector {
         }
     }
 
+    /// The headers of every export request received.
+    pub fn request_headers(&self) -> Vec<Vec<(String, String)>> {
+        self.state.lock().unwrap().headers.clone()
+    }
+
     /// `(path, content-type)` of every export request received.
     pub fn requests(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().requests.clone()
@@ -189,6 +195,7 @@ fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
     let answer = *answer.lock().unwrap();
     let mut st = state.lock().unwrap();
     st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
+    st.headers.push(req.headers.clone());
     if let Answer::Status(code) = answer {
         return Resp::new(code, "application/x-protobuf", Vec::new());
     }

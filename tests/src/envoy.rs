@@ -191,13 +191,16 @@ pub struct Proxy {
     pub plugin_config: Option<Value>,
     /// Worker threads.
     pub concurrency: u32,
+    /// Environment variables set on the Envoy process and exposed to the Wasm VM
+    /// (`vm_config.environment_variables.host_env_keys`, what Istio's `valueFrom: HOST` renders to).
+    pub vm_env: Vec<(String, String)>,
 }
 
 impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
     pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
         let listeners: Vec<Value> =
-            self.listeners.iter().map(|l| listener(l, self.plugin_config.as_ref(), wasm)).collect();
+            self.listeners.iter().map(|l| listener(l, self.plugin_config.as_ref(), wasm, &self.vm_env)).collect();
         let clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
         json!({
             "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
@@ -221,7 +224,8 @@ fn socket(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
 
-fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
+fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path, vm_env: &[(String, String)]) -> Value {
+    let host_env_keys: Vec<&str> = vm_env.iter().map(|(k, _)| k.as_str()).collect();
     let mut http_filters = Vec::new();
     if let Some(config) = plugin_config {
         http_filters.push(json!({
@@ -235,6 +239,7 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path) -> Value {
                         "vm_id": "meshtel",
                         "runtime": "envoy.wasm.runtime.v8",
                         "code": {"local": {"filename": wasm.display().to_string()}},
+                        "environment_variables": {"host_env_keys": host_env_keys},
                     },
                     "configuration": {
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -351,6 +356,7 @@ impl Envoy {
             .arg(&bootstrap)
             .args(["--concurrency", &proxy.concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"])
+            .envs(proxy.vm_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

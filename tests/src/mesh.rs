@@ -67,6 +67,8 @@ pub struct SidecarSpec {
     /// Send this workload's `x-envoy-peer-metadata` as Istio's metadata exchange does
     /// (on outbound requests and inbound responses).
     pub exchange: bool,
+    /// Environment of the proxy exposed to the filter (Istio's `vmConfig.env` with `valueFrom: HOST`).
+    pub vm_env: Vec<(String, String)>,
 }
 
 /// Istio's peer metadata header.
@@ -86,7 +88,14 @@ impl SidecarSpec {
             outbound_port: None,
             mtls: None,
             exchange: false,
+            vm_env: Vec::new(),
         }
+    }
+
+    /// Set `name` in the proxy's environment and expose it to the filter.
+    pub fn host_env(mut self, name: &str, value: &str) -> Self {
+        self.vm_env.push((name.into(), value.into()));
+        self
     }
 
     /// Exchange peer metadata headers as Istio's sidecars do.
@@ -156,6 +165,7 @@ impl SidecarSpec {
             clusters,
             plugin_config: self.plugin_config.clone(),
             concurrency: self.concurrency,
+            vm_env: self.vm_env.clone(),
         };
         (proxy, inbound, outbound)
     }
@@ -203,6 +213,7 @@ pub fn gateway_with(
         clusters: vec![upstream, Cluster::new(COLLECTOR_CLUSTER, collector_port)],
         plugin_config: Some(config),
         concurrency: 1,
+        vm_env: Vec::new(),
     };
     Gateway { envoy: Envoy::start(&proxy), port: listen }
 }

@@ -359,3 +359,27 @@ fn invalid_plugin_config_is_refused_with_the_field_named() {
         "{log}"
     );
 }
+
+#[test]
+fn collector_credentials_come_from_the_proxy_environment_and_are_never_logged() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let secret = "s3cret-token-for-the-collector";
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .host_env("MESHTEL_TEST_API_KEY", secret)
+        .config(json!({"collector": {
+            "headers": {"x-tenant": "team-a"},
+            "headers_from_env": {"x-api-key": "MESHTEL_TEST_API_KEY", "x-missing": "MESHTEL_TEST_UNSET"},
+        }}))
+        .start();
+    send(&sidecar, "/", &[]);
+    collector.wait_for_spans(1, WAIT);
+    let headers = &collector.request_headers()[0];
+    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    assert_eq!(get("x-api-key"), Some(secret));
+    assert_eq!(get("x-tenant"), Some("team-a"));
+    assert_eq!(get("x-missing"), None);
+    let log = sidecar.envoy.log();
+    assert!(log.contains("MESHTEL_TEST_UNSET is not set"), "{log}");
+    assert!(!log.contains(secret), "the secret leaked into the log");
+}

@@ -107,7 +107,15 @@ fn seed() -> u64 {
 }
 
 impl Root {
-    fn configure(&mut self, config: Config) {
+    fn configure(&mut self, mut config: Config) {
+        // Credentials come from the proxy's environment (vmConfig.env, valueFrom HOST); their
+        // values are never logged.
+        for var in config.collector.resolve_env_headers(|var| std::env::var(var).ok()) {
+            log(
+                LogLevel::Warn,
+                &format!("meshtel: collector.headers_from_env: {var} is not set in the proxy's environment; its header is not sent"),
+            );
+        }
         let tick = config.export.flush_interval.min(MAX_TICK);
         let node = read_node();
         log(
