@@ -84,44 +84,49 @@ pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
                     let labels_of = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
                         attrs.iter().map(|kv| (kv.key.clone(), value_string(&kv.value).unwrap_or_default())).collect()
                     };
-                    let cumulative = |t: i32| t == AggregationTemporality::Cumulative as i32;
+                    let point = |attrs, start, time, temporality: i32| Point {
+                        metric: m.name.clone(),
+                        unit: m.unit.clone(),
+                        labels: labels_of(attrs),
+                        instance: instance.clone(),
+                        start,
+                        time,
+                        cumulative: temporality == AggregationTemporality::Cumulative as i32,
+                        value: 0,
+                        sum: 0.0,
+                        buckets: Vec::new(),
+                        bounds: Vec::new(),
+                    };
                     match &m.data {
                         Some(metric::Data::Sum(sum)) => {
                             for p in &sum.data_points {
-                                out.push(Point {
-                                    metric: m.name.clone(),
-                                    unit: m.unit.clone(),
-                                    labels: labels_of(&p.attributes),
-                                    instance: instance.clone(),
-                                    start: p.start_time_unix_nano,
-                                    time: p.time_unix_nano,
-                                    cumulative: cumulative(sum.aggregation_temporality),
-                                    value: match p.value {
-                                        Some(number_data_point::Value::AsInt(v)) => v as u64,
-                                        Some(number_data_point::Value::AsDouble(v)) => v as u64,
-                                        None => 0,
-                                    },
-                                    sum: 0.0,
-                                    buckets: Vec::new(),
-                                    bounds: Vec::new(),
-                                });
+                                let mut pt = point(
+                                    &p.attributes,
+                                    p.start_time_unix_nano,
+                                    p.time_unix_nano,
+                                    sum.aggregation_temporality,
+                                );
+                                pt.value = match p.value {
+                                    Some(number_data_point::Value::AsInt(v)) => v as u64,
+                                    Some(number_data_point::Value::AsDouble(v)) => v as u64,
+                                    None => 0,
+                                };
+                                out.push(pt);
                             }
                         }
                         Some(metric::Data::Histogram(h)) => {
                             for p in &h.data_points {
-                                out.push(Point {
-                                    metric: m.name.clone(),
-                                    unit: m.unit.clone(),
-                                    labels: labels_of(&p.attributes),
-                                    instance: instance.clone(),
-                                    start: p.start_time_unix_nano,
-                                    time: p.time_unix_nano,
-                                    cumulative: cumulative(h.aggregation_temporality),
-                                    value: p.count,
-                                    sum: p.sum.unwrap_or(0.0),
-                                    buckets: p.bucket_counts.clone(),
-                                    bounds: p.explicit_bounds.clone(),
-                                });
+                                let mut pt = point(
+                                    &p.attributes,
+                                    p.start_time_unix_nano,
+                                    p.time_unix_nano,
+                                    h.aggregation_temporality,
+                                );
+                                pt.value = p.count;
+                                pt.sum = p.sum.unwrap_or(0.0);
+                                pt.buckets = p.bucket_counts.clone();
+                                pt.bounds = p.explicit_bounds.clone();
+                                out.push(pt);
                             }
                         }
                         _ => {}

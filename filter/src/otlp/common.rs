@@ -2,11 +2,21 @@
 
 use std::collections::BTreeMap;
 
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_semantic_conventions::resource as res;
 
 use crate::node::NodeInfo;
+
+/// The instrumentation scope of everything meshtel emits.
+pub(crate) fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: super::SCOPE_NAME.to_string(),
+        version: super::VERSION.to_string(),
+        attributes: Vec::new(),
+        dropped_attributes_count: 0,
+    }
+}
 
 /// A string attribute.
 pub(crate) fn string_kv(key: &str, value: impl Into<String>) -> KeyValue {

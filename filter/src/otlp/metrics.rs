@@ -47,15 +47,7 @@ fn point_attributes(labels: Option<&aggregate::LabelValues>) -> Vec<KeyValue> {
 impl MetricsEncoder {
     /// An encoder for metrics of the workload `resource` describes.
     pub fn new(resource: Resource) -> Self {
-        Self {
-            resource,
-            scope: InstrumentationScope {
-                name: super::SCOPE_NAME.to_string(),
-                version: super::VERSION.to_string(),
-                attributes: Vec::new(),
-                dropped_attributes_count: 0,
-            },
-        }
+        Self { resource, scope: super::common::scope() }
     }
 
     /// The export request for an aggregate covering `start_ns..now_ns`.

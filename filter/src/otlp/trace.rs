@@ -40,16 +40,7 @@ impl TraceEncoder {
         put("istio.canonical_revision", node.canonical_revision());
         put("istio.namespace", &node.namespace);
         put("istio.mesh_id", &node.mesh_id);
-        Self {
-            resource,
-            scope: InstrumentationScope {
-                name: super::SCOPE_NAME.to_string(),
-                version: super::VERSION.to_string(),
-                attributes: Vec::new(),
-                dropped_attributes_count: 0,
-            },
-            mesh_attributes,
-        }
+        Self { resource, scope: super::common::scope(), mesh_attributes }
     }
 
     /// The `ExportTraceServiceRequest` for a batch of spans.
