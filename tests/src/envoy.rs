@@ -1,6 +1,7 @@
 //! Real Envoy processes with Istio-shaped bootstraps and meshtel's `.wasm` loaded.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -144,13 +145,31 @@ fn headers_to_add(headers: &[(String, String)]) -> Value {
     headers.iter().map(|(k, v)| json!({"header": {"key": k, "value": v}})).collect()
 }
 
-/// A static cluster with one endpoint on 127.0.0.1.
+/// Where a cluster's one endpoint is: a host (IP address or DNS name) and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// IP address or DNS name.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl From<u16> for Endpoint {
+    /// A port on 127.0.0.1.
+    fn from(port: u16) -> Self {
+        Endpoint { host: "127.0.0.1".into(), port }
+    }
+}
+
+/// A cluster with one endpoint (127.0.0.1 unless told otherwise).
 #[derive(Debug, Clone)]
 pub struct Cluster {
     /// Cluster name (Istio form: `inbound|8080||`, `outbound|8080||svc.ns.svc.cluster.local`).
     pub name: String,
     /// Endpoint port.
     pub port: u16,
+    /// Endpoint host: an IP address (STATIC cluster) or a DNS name (STRICT_DNS).
+    pub host: String,
     /// The Kubernetes service (`name.namespace.svc.cluster.local`) Istio's cluster metadata names.
     pub service: Option<String>,
     /// The endpoint's Istio workload metadata (`workload;namespace;canonical;revision;cluster`).
@@ -162,7 +181,13 @@ pub struct Cluster {
 impl Cluster {
     /// A cluster named `name` pointing at 127.0.0.1:`port`, without Istio metadata.
     pub fn new(name: &str, port: u16) -> Self {
-        Self { name: name.into(), port, service: None, workload: None, mtls: None }
+        Self { name: name.into(), port, host: "127.0.0.1".into(), service: None, workload: None, mtls: None }
+    }
+
+    /// A cluster named `name` pointing at `endpoint`.
+    pub fn to(name: &str, endpoint: impl Into<Endpoint>) -> Self {
+        let e = endpoint.into();
+        Self { host: e.host, ..Self::new(name, e.port) }
     }
 
     /// Add Istio's metadata for `service` (an FQDN `app.ns.svc.cluster.local`) as istiod does:
@@ -293,13 +318,14 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path, vm_env: &[
 }
 
 fn cluster(c: &Cluster) -> Value {
-    let mut endpoint = json!({"endpoint": {"address": socket(c.port)}});
+    let address = json!({"socket_address": {"address": c.host, "port_value": c.port}});
+    let mut endpoint = json!({"endpoint": {"address": address}});
     if let Some(w) = &c.workload {
         endpoint["metadata"] = json!({"filter_metadata": {"istio": {"workload": w}}});
     }
     let mut cluster = json!({
         "name": c.name,
-        "type": "STATIC",
+        "type": if c.host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" },
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [endpoint]}]},
     });
@@ -351,7 +377,16 @@ impl Envoy {
         let wasm = wasm_path();
         fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(envoy_bin())
+        let mut command = Command::new(envoy_bin());
+        // Envoy dies with the thread that started it, also when the test or demo is killed.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
             .arg("-c")
             .arg(&bootstrap)
             .args(["--concurrency", &proxy.concurrency.to_string()])

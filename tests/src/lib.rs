@@ -5,6 +5,7 @@ pub mod collector;
 pub mod envoy;
 pub mod mesh;
 pub mod metrics;
+pub mod report;
 pub mod server;
 pub mod tls;
 

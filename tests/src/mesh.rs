@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::envoy::{Cluster, Direction, Envoy, Listener, Node, Proxy, COLLECTOR_CLUSTER};
+use crate::envoy::{Cluster, Direction, Endpoint, Envoy, Listener, Node, Proxy, COLLECTOR_CLUSTER};
 use crate::free_port;
 use crate::tls::Identity;
 
@@ -54,8 +54,8 @@ pub struct SidecarSpec {
     pub app_port: u16,
     /// Service host and port the outbound listener routes to, if any.
     pub upstream: Option<(String, u16)>,
-    /// Port of the OTLP receiver (an unused port simulates a collector that is down).
-    pub collector_port: u16,
+    /// The OTLP receiver (an unused port simulates a collector that is down).
+    pub collector: Endpoint,
     /// meshtel's plugin config; `None` runs without meshtel.
     pub plugin_config: Option<Value>,
     /// Worker threads.
@@ -76,13 +76,13 @@ const PEER_METADATA: &str = "x-envoy-peer-metadata";
 
 impl SidecarSpec {
     /// A sidecar for `app` in `namespace` with the default test plugin config and one worker.
-    pub fn new(app: &str, namespace: &str, app_port: u16, collector_port: u16) -> Self {
+    pub fn new(app: &str, namespace: &str, app_port: u16, collector: impl Into<Endpoint>) -> Self {
         Self {
             app: app.into(),
             namespace: namespace.into(),
             app_port,
             upstream: None,
-            collector_port,
+            collector: collector.into(),
             plugin_config: Some(plugin_config(json!({}))),
             concurrency: 1,
             outbound_port: None,
@@ -148,7 +148,7 @@ impl SidecarSpec {
         let own_service = format!("{}.{}.svc.cluster.local", self.app, self.namespace);
         let mut clusters = vec![
             Cluster::new(&inbound_cluster, self.app_port).istio_service(&own_service, false),
-            Cluster::new(COLLECTOR_CLUSTER, self.collector_port),
+            Cluster::to(COLLECTOR_CLUSTER, self.collector.clone()),
         ];
         if let Some((host, port)) = &self.upstream {
             let mut outbound_listener =
@@ -186,8 +186,8 @@ pub struct Gateway {
 }
 
 /// Start an ingress gateway routing everything to service `host` at `port`.
-pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gateway {
-    gateway_with(host, port, collector_port, config, None, false)
+pub fn gateway(host: &str, port: u16, collector: impl Into<Endpoint>, config: Value) -> Gateway {
+    gateway_with(host, port, collector, config, None, false)
 }
 
 /// Start an ingress gateway that calls `host` with mutual TLS (presenting `identity`) and, with
@@ -195,7 +195,7 @@ pub fn gateway(host: &str, port: u16, collector_port: u16, config: Value) -> Gat
 pub fn gateway_with(
     host: &str,
     port: u16,
-    collector_port: u16,
+    collector: impl Into<Endpoint>,
     config: Value,
     identity: Option<Identity>,
     exchange: bool,
@@ -210,7 +210,7 @@ pub fn gateway_with(
     let proxy = Proxy {
         node: Node::gateway(),
         listeners: vec![listener],
-        clusters: vec![upstream, Cluster::new(COLLECTOR_CLUSTER, collector_port)],
+        clusters: vec![upstream, Cluster::to(COLLECTOR_CLUSTER, collector)],
         plugin_config: Some(config),
         concurrency: 1,
         vm_env: Vec::new(),

@@ -1,42 +1,94 @@
-//! The local demo: an ingress gateway and two workloads (`a` calls `b`), each behind real Envoy
-//! running meshtel, some traffic, and the traces the built-in OTLP receiver got, as trees.
+//! The local demo: an ingress gateway and two workloads (`a` calls `b`), each behind a real
+//! Envoy running meshtel with the pluginConfig `meshtel render` produces; some traffic; and what
+//! the collector received: traces as trees, Istio metrics as a table, meshtel's own counters.
+//!
+//! With `OTEL_EXPORTER_OTLP_ENDPOINT=http://HOST:PORT` (OTLP/HTTP) the proxies export there
+//! instead of to the built-in receiver.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use meshtel::cli::RenderArgs;
 use meshtel_tests::app::{App, Behavior};
-use meshtel_tests::collector::{Collector, ReceivedSpan};
-use meshtel_tests::mesh::{gateway_with, plugin_config, SidecarSpec};
-use meshtel_tests::metrics::{quantile, series, total};
+use meshtel_tests::collector::Collector;
+use meshtel_tests::envoy::{Endpoint, Envoy};
+use meshtel_tests::mesh::{gateway_with, SidecarSpec};
+use meshtel_tests::report::{print_metrics, print_traces};
 use meshtel_tests::{free_port, request};
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use serde_json::json;
+use serde_json::Value;
+
+/// What the demo's proxies export more often than the defaults, so that it finishes in seconds.
+const DEMO_CONFIG: &str = "pluginConfig:\n  export: {flush_interval_ms: 200}\n  metrics: {export_interval_ms: 1000}\n";
+
+/// The pluginConfig `meshtel render <args> --config demo.yaml` puts in the WasmPlugin.
+fn rendered_plugin_config(mut args: RenderArgs, config_file: &std::path::Path) -> Value {
+    args.config = Some(config_file.to_path_buf());
+    let opts = meshtel::cli::render_options(&args).unwrap_or_else(|e| fail(&format!("meshtel render: {e}")));
+    let resources = meshtel::render::resources(&opts).unwrap_or_else(|e| fail(&e));
+    resources[0]["spec"]["pluginConfig"].clone()
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("demo failed: {message}");
+    std::process::exit(1)
+}
+
+/// The collector endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT` (`http://host:port`), if set.
+fn external_collector() -> Option<Endpoint> {
+    let url = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|u| !u.is_empty())?;
+    let rest = url
+        .strip_prefix("http://")
+        .unwrap_or_else(|| fail("OTEL_EXPORTER_OTLP_ENDPOINT must be http://HOST:PORT (OTLP/HTTP)"));
+    let (host, port) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "4318"));
+    let port = port.parse().unwrap_or_else(|_| fail(&format!("bad port in OTEL_EXPORTER_OTLP_ENDPOINT: {url}")));
+    Some(Endpoint { host: host.trim_matches(['[', ']']).to_string(), port })
+}
 
 fn main() {
-    println!("meshtel demo: gateway -> a -> b, each proxy a real Envoy 1.40 with meshtel");
-    let collector = Collector::start();
+    let dir = std::env::temp_dir().join(format!("meshtel-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&e.to_string()));
+    let config_file = dir.join("demo.yaml");
+    std::fs::write(&config_file, DEMO_CONFIG).unwrap_or_else(|e| fail(&e.to_string()));
+    run(&config_file);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\ndone: every proxy and server the demo started is stopped.");
+}
+
+fn run(config_file: &std::path::Path) {
+    println!("meshtel demo: ingress gateway -> a -> b, each proxy a real Envoy 1.40 running meshtel");
+    let external = external_collector();
+    let receiver = Collector::start();
+    let collector: Endpoint = external.clone().unwrap_or_else(|| receiver.port.into());
+    match &external {
+        Some(e) => println!("exporting to the collector at {}:{} (OTEL_EXPORTER_OTLP_ENDPOINT)", e.host, e.port),
+        None => println!("exporting to the built-in OTLP receiver on 127.0.0.1:{}", receiver.port),
+    }
+    let sidecar_config = |ns: &str| {
+        rendered_plugin_config(RenderArgs { namespaces: vec![ns.into()], ..Default::default() }, config_file)
+    };
+    println!("pluginConfig of each proxy: meshtel render --namespace <ns> --config {}", config_file.display());
+
+    let start = |what: &str| println!("starting {what} ...");
+    start("app b and its sidecar");
     let app_b = App::start(Behavior::Echo);
-    let sidecar_b =
-        SidecarSpec::new("b", "ns-b", app_b.port, collector.port).config(fast_metrics()).exchange_metadata().start();
+    let mut spec_b = SidecarSpec::new("b", "ns-b", app_b.port, collector.clone()).exchange_metadata();
+    spec_b.plugin_config = Some(sidecar_config("ns-b"));
+    let sidecar_b = spec_b.start();
+    start("app a (it calls b) and its sidecar");
     let a_outbound = free_port();
     let app_a = App::start(Behavior::Forward(a_outbound));
-    let sidecar_a = SidecarSpec::new("a", "ns-a", app_a.port, collector.port)
+    let mut spec_a = SidecarSpec::new("a", "ns-a", app_a.port, collector.clone())
         .outbound_port(a_outbound)
         .upstream("b.ns-b.svc.cluster.local", sidecar_b.inbound)
-        .config(fast_metrics())
-        .exchange_metadata()
-        .start();
-    let gw = gateway_with(
-        "a.ns-a.svc.cluster.local",
-        sidecar_a.inbound,
-        collector.port,
-        plugin_config(fast_metrics()),
-        None,
-        true,
-    );
+        .exchange_metadata();
+    spec_a.plugin_config = Some(sidecar_config("ns-a"));
+    let sidecar_a = spec_a.start();
+    start("the ingress gateway");
+    let gateway_config =
+        rendered_plugin_config(RenderArgs { gateway: true, metrics: true, ..Default::default() }, config_file);
+    let gw = gateway_with("a.ns-a.svc.cluster.local", sidecar_a.inbound, collector, gateway_config, None, true);
     println!(
-        "proxies up: gateway :{}, a :{} (outbound :{}), b :{}; OTLP receiver :{}\n",
-        gw.port, sidecar_a.inbound, sidecar_a.outbound, sidecar_b.inbound, collector.port
+        "proxies up: gateway :{}, a :{} (outbound :{}), b :{}\n",
+        gw.port, sidecar_a.inbound, sidecar_a.outbound, sidecar_b.inbound
     );
 
     let paths = ["/checkout", "/cart", "/status/404", "/status/503", "/checkout"];
@@ -47,107 +99,44 @@ fn main() {
         println!("GET {path:<12} -> {status}{}", if i == 1 { "   (arrived with a B3 header)" } else { "" });
     }
 
-    let spans = collector.wait_for_spans(paths.len() * 4, Duration::from_secs(15));
-    let mut traces: BTreeMap<String, Vec<ReceivedSpan>> = BTreeMap::new();
-    for s in spans {
-        traces.entry(s.trace_id()).or_default().push(s);
+    // Four proxies see each request: gateway, a inbound, a outbound, b inbound.
+    let proxies_per_request = 4;
+    let expected = paths.len() * proxies_per_request;
+    let envoys = [("gateway", &gw.envoy), ("a", &sidecar_a.envoy), ("b", &sidecar_b.envoy)];
+    if external.is_some() {
+        wait_for_exports(&envoys, expected as u64);
+        println!("\nsent {expected} spans and the Istio metrics to your collector: look for service.name a, b and istio-ingressgateway");
+    } else {
+        print_traces(receiver.wait_for_spans(expected, Duration::from_secs(15)));
+        print_metrics(&receiver, expected as u64);
     }
-    println!(
-        "\nthe collector received {} spans in {} traces:",
-        traces.values().map(Vec::len).sum::<usize>(),
-        traces.len()
-    );
-    let mut ordered: Vec<_> = traces.into_iter().collect();
-    ordered.sort_by_key(|(_, spans)| spans.iter().map(|s| s.span.start_time_unix_nano).min());
-    for (trace, spans) in ordered {
-        println!("\ntrace {trace}");
-        print_children(&spans, "", 1);
-    }
-    print_metrics(&collector, paths.len() as u64);
     // Counters reach Envoy's stats on the next tick after the collector answered.
     std::thread::sleep(Duration::from_millis(500));
-    println!("\nmeshtel stats (Envoy /stats, wasmcustom.meshtel.*):");
-    for (name, envoy) in [("gateway", &gw.envoy), ("a", &sidecar_a.envoy), ("b", &sidecar_b.envoy)] {
+    println!("\nmeshtel's own counters (Envoy /stats, wasmcustom.meshtel.*):");
+    for (name, envoy) in envoys {
+        let stat = |s: &str| envoy.stat(&format!("wasmcustom.meshtel.{s}"));
         println!(
-            "  {name:<8} recorded {:>3}  exported {:>3}  dropped {}  failed {}",
-            envoy.stat("wasmcustom.meshtel.spans_recorded"),
-            envoy.stat("wasmcustom.meshtel.spans_exported"),
-            envoy.stat("wasmcustom.meshtel.spans_dropped"),
-            envoy.stat("wasmcustom.meshtel.spans_failed"),
+            "  {name:<8} spans recorded {:>3} exported {:>3} dropped {} failed {}   metric points exported {:>3}",
+            stat("spans_recorded"),
+            stat("spans_exported"),
+            stat("spans_dropped"),
+            stat("spans_failed"),
+            stat("metric_points_exported"),
         );
     }
 }
 
-/// Export metrics every second so that the demo does not wait for the 10 s default.
-fn fast_metrics() -> serde_json::Value {
-    json!({"metrics": {"export_interval_ms": 1000}})
-}
-
-fn print_metrics(collector: &Collector, requests_sent: u64) {
-    // Four proxies see each request: gateway, a inbound, a outbound, b inbound.
-    let points = collector
-        .wait_for_points(Duration::from_secs(15), |p| total(p, "istio_requests_total", |_| true) >= requests_sent * 4);
-    println!("\nistio_requests_total (as Prometheus will show it after the Collector):");
-    println!("  {:<12} {:<34} {:<34} {:>4} {:>6}", "reporter", "source", "destination", "code", "count");
-    let mut rows: Vec<_> = series(&points, "istio_requests_total")
-        .into_iter()
-        .map(|p| {
-            let side = |s: &str| {
-                format!("{}.{}", p.label(&format!("{s}_workload")), p.label(&format!("{s}_workload_namespace")))
-            };
-            (
-                p.label("reporter").to_string(),
-                side("source"),
-                side("destination"),
-                p.label("response_code").to_string(),
-                p.value,
-            )
-        })
-        .collect();
-    rows.sort();
-    for (reporter, src, dst, code, count) in rows {
-        println!("  {reporter:<12} {src:<34} {dst:<34} {code:>4} {count:>6}");
-    }
-    println!("\nistio_request_duration_milliseconds by reporting proxy (from the histogram buckets):");
-    let mut latencies: Vec<_> = series(&points, "istio_request_duration_milliseconds")
-        .into_iter()
-        .filter(|p| p.label("response_code") == "200")
-        .map(|p| {
-            let who = match p.label("reporter") {
-                "destination" => format!("{} (inbound)", p.label("destination_workload")),
-                _ => format!("{} (outbound)", p.label("source_workload")),
-            };
-            (who, p.value, quantile(&p, 0.5), quantile(&p, 0.99))
-        })
-        .collect();
-    latencies.sort_by(|a, b| a.0.cmp(&b.0));
-    for (who, count, p50, p99) in latencies {
-        println!("  {who:<34} {count:>3} requests (2xx)  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms");
-    }
-}
-
-fn print_children(spans: &[ReceivedSpan], parent: &str, depth: usize) {
-    let roots: Vec<&ReceivedSpan> = if parent.is_empty() {
-        // Roots: spans whose parent is not in this trace (or that have none).
-        spans.iter().filter(|s| !spans.iter().any(|p| p.span_id() == s.parent_span_id())).collect()
-    } else {
-        spans.iter().filter(|s| s.parent_span_id() == parent).collect()
-    };
-    for s in roots {
-        let kind = match SpanKind::try_from(s.span.kind) {
-            Ok(SpanKind::Server) => "SERVER",
-            Ok(SpanKind::Client) => "CLIENT",
-            _ => "OTHER",
-        };
-        let ms = s.span.end_time_unix_nano.saturating_sub(s.span.start_time_unix_nano) as f64 / 1e6;
-        let error = s.attr("error.type").map(|e| format!("  error.type={e}")).unwrap_or_default();
-        let indent = if depth > 1 { format!("{}└─ ", "   ".repeat(depth - 2)) } else { String::new() };
-        let label = format!("{indent}{}", s.span.name);
-        println!(
-            "  {label:<32} {kind}  {:<21} {}  {ms:>6.2} ms{error}",
-            s.service(),
-            s.attr("http.response.status_code").unwrap_or_else(|| "-".into()),
-        );
-        print_children(spans, &s.span_id(), depth + 1);
+/// With an external collector, wait until the proxies report the spans exported (or failed).
+fn wait_for_exports(envoys: &[(&str, &Envoy)], expected: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let done: u64 = envoys
+            .iter()
+            .map(|(_, e)| e.stat("wasmcustom.meshtel.spans_exported") + e.stat("wasmcustom.meshtel.spans_failed"))
+            .sum();
+        if done >= expected || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
