@@ -100,7 +100,9 @@ fn every_example_yaml_is_valid() {
 #[test]
 fn readme_render_commands_reproduce_the_files_beside_them() {
     let mut run = 0;
-    for readme in all("md") {
+    let mut readmes = all("md");
+    readmes.push(repo().join("README.md"));
+    for readme in readmes {
         for line in std::fs::read_to_string(&readme).unwrap().lines() {
             let Some(command) = line.trim().strip_prefix("meshtel render ") else { continue };
             let (args, target) = match command.split_once(" > ") {
@@ -124,5 +126,5 @@ fn readme_render_commands_reproduce_the_files_beside_them() {
             run += 1;
         }
     }
-    assert!(run >= 4, "only {run} render commands found");
+    assert!(run >= 7, "only {run} render commands found");
 }
