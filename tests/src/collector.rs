@@ -75,10 +75,18 @@ impl ReceivedSpan {
 /// How the receiver answers export requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
-    /// 200 with an empty `Export*ServiceResponse`.
+    /// 200 with an empty `Export*ServiceResponse` (the data is kept).
     Ok,
-    /// This HTTP status with an empty body.
+    /// This HTTP status with an empty body (the data is not kept).
     Status(u16),
+    /// This status with `Retry-After: <seconds>` (the data is not kept).
+    RetryAfter(u16, u32),
+    /// 200 with a body that is not protobuf (the data is kept).
+    Garbage,
+    /// 200 with an OTLP partial success rejecting this many items (the data is kept).
+    PartialSuccess(i64),
+    /// Answer 200 after this many milliseconds (the data is kept).
+    DelayMs(u64),
 }
 
 #[derive(Default)]
@@ -193,12 +201,48 @@ impl Collector {
 
 fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
     let answer = *answer.lock().unwrap();
+    match answer {
+        Answer::Status(code) | Answer::RetryAfter(code, _) => {
+            let mut st = state.lock().unwrap();
+            st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
+            st.headers.push(req.headers.clone());
+            let mut resp = Resp::new(code, "application/x-protobuf", Vec::new());
+            if let Answer::RetryAfter(_, secs) = answer {
+                resp.headers.push(("retry-after".into(), secs.to_string()));
+            }
+            return resp;
+        }
+        Answer::DelayMs(ms) => thread::sleep(Duration::from_millis(ms)),
+        _ => {}
+    }
     let mut st = state.lock().unwrap();
     st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
     st.headers.push(req.headers.clone());
-    if let Answer::Status(code) = answer {
-        return Resp::new(code, "application/x-protobuf", Vec::new());
+    if answer == Answer::Garbage {
+        keep(&req, &mut st);
+        return Resp::new(200, "text/html", b"<html>not protobuf</html>".to_vec());
     }
+    if let Answer::PartialSuccess(rejected) = answer {
+        keep(&req, &mut st);
+        let body = ExportTraceServiceResponse {
+            partial_success: Some(opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: "rejected by the test".into(),
+            }),
+        };
+        return Resp::new(200, "application/x-protobuf", body.encode_to_vec());
+    }
+    keep(&req, &mut st);
+    match req.path.as_str() {
+        "/v1/metrics" => {
+            Resp::new(200, "application/x-protobuf", ExportMetricsServiceResponse::default().encode_to_vec())
+        }
+        _ => Resp::new(200, "application/x-protobuf", ExportTraceServiceResponse::default().encode_to_vec()),
+    }
+}
+
+/// Decode and keep what an export carries.
+fn keep(req: &Req, st: &mut State) {
     match req.path.as_str() {
         "/v1/traces" => match ExportTraceServiceRequest::decode(req.body.as_slice()) {
             Ok(export) => {
@@ -214,14 +258,9 @@ fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
             Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
         },
         "/v1/metrics" => match ExportMetricsServiceRequest::decode(req.body.as_slice()) {
-            Ok(export) => {
-                st.metrics.push(export);
-                let body = ExportMetricsServiceResponse::default().encode_to_vec();
-                return Resp::new(200, "application/x-protobuf", body);
-            }
+            Ok(export) => st.metrics.push(export),
             Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
         },
         other => st.bad_requests.push(format!("unexpected path {other}")),
     }
-    Resp::new(200, "application/x-protobuf", ExportTraceServiceResponse::default().encode_to_vec())
 }
