@@ -110,6 +110,9 @@ pub struct Traces {
     pub propagation: Vec<Propagation>,
     /// How spans are named.
     pub span_name: SpanNaming,
+    /// Request headers recorded as `http.request.header.<name>` span attributes; none by default.
+    /// Sensitive headers ([`ALWAYS_SENSITIVE`] and `traces.sensitive_headers`) are refused.
+    pub request_headers: Vec<String>,
 }
 
 /// Metric settings.
@@ -201,6 +204,8 @@ struct RawTraces {
     sampling_ratio: f64,
     propagation: Vec<Propagation>,
     span_name: SpanNaming,
+    request_headers: Vec<String>,
+    sensitive_headers: Vec<String>,
 }
 
 impl Default for RawTraces {
@@ -210,6 +215,8 @@ impl Default for RawTraces {
             sampling_ratio: 1.0,
             propagation: vec![Propagation::W3c, Propagation::B3],
             span_name: SpanNaming::MethodPath,
+            request_headers: Vec::new(),
+            sensitive_headers: Vec::new(),
         }
     }
 }
@@ -331,6 +338,10 @@ impl RawCollector {
 
 const RESERVED_HEADERS: &[&str] = &["content-type", "content-length", "host", "te"];
 
+/// Headers that carry credentials: never recorded, whatever the configuration says.
+pub const ALWAYS_SENSITIVE: &[&str] = &["authorization", "proxy-authorization", "cookie", "set-cookie"];
+const MAX_RECORDED_HEADERS: usize = 32;
+
 impl RawTraces {
     fn compile(self) -> Result<Traces, ConfigError> {
         let ratio = self.sampling_ratio;
@@ -344,7 +355,42 @@ impl RawTraces {
             }
             propagation.push(p);
         }
-        Ok(Traces { enabled: self.enabled, sampling_ratio: ratio, propagation, span_name: self.span_name })
+        let mut sensitive: Vec<String> = ALWAYS_SENSITIVE.iter().map(|h| h.to_string()).collect();
+        for (i, h) in self.sensitive_headers.into_iter().enumerate() {
+            if !is_header_name(&h) {
+                return Err(ConfigError::new(
+                    &format!("traces.sensitive_headers[{i}]"),
+                    format!("{h:?} is not a lower-case header name"),
+                ));
+            }
+            sensitive.push(h);
+        }
+        let mut request_headers: Vec<String> = Vec::with_capacity(self.request_headers.len());
+        for (i, h) in self.request_headers.into_iter().enumerate() {
+            let field = format!("traces.request_headers[{i}]");
+            if !is_header_name(&h) {
+                return Err(ConfigError::new(&field, format!("{h:?} is not a lower-case header name")));
+            }
+            if sensitive.contains(&h) {
+                return Err(ConfigError::new(&field, format!("{h} is sensitive and can never be recorded")));
+            }
+            if request_headers.len() >= MAX_RECORDED_HEADERS {
+                return Err(ConfigError::new(
+                    "traces.request_headers",
+                    format!("at most {MAX_RECORDED_HEADERS} headers"),
+                ));
+            }
+            if !request_headers.contains(&h) {
+                request_headers.push(h);
+            }
+        }
+        Ok(Traces {
+            enabled: self.enabled,
+            sampling_ratio: ratio,
+            propagation,
+            span_name: self.span_name,
+            request_headers,
+        })
     }
 }
 
@@ -536,6 +582,26 @@ mod tests {
         assert_eq!(e, "collector.headers.x-key: header values must not contain CR, LF or NUL");
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c","headers":{"content-type":"x"}}}"#);
         assert!(e.starts_with("collector.headers.content-type: is set by meshtel"));
+    }
+
+    #[test]
+    fn sensitive_headers_can_never_be_recorded() {
+        let base = r#"{"collector":{"cluster":"outbound|4318||c"},"traces":"#;
+        let c = parse(format!(r#"{base}{{"request_headers":["x-tenant","x-tenant"]}}}}"#).as_bytes()).unwrap();
+        assert_eq!(c.traces.request_headers, vec!["x-tenant".to_string()]);
+        for h in ALWAYS_SENSITIVE {
+            assert_eq!(
+                err(&format!(r#"{base}{{"request_headers":["x-tenant","{h}"]}}}}"#)),
+                format!("traces.request_headers[1]: {h} is sensitive and can never be recorded")
+            );
+        }
+        assert_eq!(
+            err(&format!(r#"{base}{{"sensitive_headers":["x-api-key"],"request_headers":["x-api-key"]}}}}"#)),
+            "traces.request_headers[0]: x-api-key is sensitive and can never be recorded"
+        );
+        assert!(err(&format!(r#"{base}{{"request_headers":["X-Upper"]}}}}"#))
+            .starts_with("traces.request_headers[0]: \"X-Upper\""));
+        assert!(parse(br#"{"collector":{"cluster":"outbound|4318||c"}}"#).unwrap().traces.request_headers.is_empty());
     }
 
     #[test]

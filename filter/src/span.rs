@@ -48,14 +48,16 @@ pub struct RequestInfo {
     pub authority: String,
     /// `user-agent`.
     pub user_agent: Option<String>,
+    /// Configured request headers present on the request, `(name, values)`.
+    pub headers: Vec<(String, Vec<String>)>,
 }
 
 /// Longest value kept for a recorded header or path; longer ones are cut at a char boundary.
 pub const MAX_ATTRIBUTE_LEN: usize = 1024;
 
 impl RequestInfo {
-    /// Capture the request's pseudo-headers and user agent.
-    pub fn from_headers(headers: Headers<'_>) -> Self {
+    /// Capture the request's pseudo-headers, user agent and the `record`ed headers.
+    pub fn from_headers(headers: Headers<'_>, record: &[String]) -> Self {
         let get = |name: &str| headers.single(name).map(|v| truncate(v, MAX_ATTRIBUTE_LEN));
         let path = get(":path").unwrap_or_default();
         let path = match path.split_once('?') {
@@ -68,6 +70,18 @@ impl RequestInfo {
             scheme: get(":scheme").unwrap_or_else(|| "http".into()),
             authority: get(":authority").unwrap_or_default(),
             user_agent: get("user-agent"),
+            headers: record
+                .iter()
+                .filter_map(|name| {
+                    let values: Vec<String> = headers
+                        .0
+                        .iter()
+                        .filter(|(n, _)| n == name)
+                        .filter_map(|(_, v)| std::str::from_utf8(v).ok().map(|v| truncate(v, MAX_ATTRIBUTE_LEN)))
+                        .collect();
+                    (!values.is_empty()).then(|| (name.clone(), values))
+                })
+                .collect(),
         }
     }
 }
@@ -202,7 +216,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
                 .collect();
-        let r = RequestInfo::from_headers(Headers(&h));
+        let r = RequestInfo::from_headers(Headers(&h), &[]);
         assert_eq!((r.method.as_str(), r.path.as_str(), r.scheme.as_str()), ("GET", "/items", "http"));
         assert_eq!(r.authority, "shop:8080");
         assert_eq!(r.user_agent, None);

@@ -169,7 +169,11 @@ impl Telemetry {
         };
         let metrics = self.metrics.is_some();
         let sampled = trace.as_ref().is_some_and(|t| t.sampled);
-        let request = if sampled || metrics { RequestInfo::from_headers(headers) } else { RequestInfo::default() };
+        let request = if sampled || metrics {
+            RequestInfo::from_headers(headers, &self.config.traces.request_headers)
+        } else {
+            RequestInfo::default()
+        };
         let grpc = metrics && headers.single("content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
         let downstream_peer = if metrics {
             headers

@@ -383,3 +383,36 @@ fn collector_credentials_come_from_the_proxy_environment_and_are_never_logged() 
     assert!(log.contains("MESHTEL_TEST_UNSET is not set"), "{log}");
     assert!(!log.contains(secret), "the secret leaked into the log");
 }
+
+#[test]
+fn only_configured_headers_are_recorded_and_never_credentials_or_queries() {
+    let collector = Collector::start();
+    let (_app, sidecar) = echo_sidecar(&collector, json!({"traces": {"request_headers": ["x-tenant"]}}));
+    send(
+        &sidecar,
+        "/account?session=topsecret-query",
+        &[
+            ("authorization", "Bearer topsecret-token"),
+            ("cookie", "sid=topsecret-cookie"),
+            ("x-tenant", "acme"),
+            ("x-other", "not-recorded"),
+        ],
+    );
+    let span = collector.wait_for_spans(1, WAIT).remove(0);
+    let rendered = format!("{:?}", span.span);
+    assert!(!rendered.contains("topsecret"), "a credential or query reached the span: {rendered}");
+    assert!(!rendered.contains("not-recorded"));
+    let tenant =
+        span.span.attributes.iter().find(|kv| kv.key == "http.request.header.x-tenant").expect("the configured header");
+    assert!(format!("{tenant:?}").contains("acme"));
+    assert_eq!(span.attr("url.path").as_deref(), Some("/account"));
+
+    let (proxy, _, _) = SidecarSpec::new("a", "ns-a", free_port(), collector.port)
+        .config(json!({"traces": {"request_headers": ["authorization"]}}))
+        .proxy();
+    let log = match Envoy::try_start(&proxy) {
+        Err(log) => log,
+        Ok(envoy) => envoy.log(),
+    };
+    assert!(log.contains("traces.request_headers[0]: authorization is sensitive and can never be recorded"), "{log}");
+}

@@ -151,6 +151,9 @@ fn http_attributes(s: &SpanRecord) -> Vec<KeyValue> {
     if let Some(ua) = &r.user_agent {
         out.push(string_kv(attr::USER_AGENT_ORIGINAL, ua.as_str()));
     }
+    for (name, values) in &r.headers {
+        out.push(super::common::string_array_kv(&format!("http.request.header.{name}"), values));
+    }
     if c.kind == SpanKind::Server {
         if let Some(addr) = c.client_address.as_deref() {
             let (ip, _) = split_authority(addr);
@@ -210,6 +213,7 @@ mod tests {
                 scheme: "http".into(),
                 authority: "shop.ns:8080".into(),
                 user_agent: Some("curl/8".into()),
+                headers: vec![("x-tenant".into(), vec!["a".into(), "b".into()])],
             },
             Completion {
                 end_unix_nanos: 5_000,
@@ -256,6 +260,8 @@ mod tests {
         assert_eq!(attr(span, "http.response.status_code").cloned(), Some(Value::IntValue(200)));
         assert_eq!(attr(span, "network.protocol.version").cloned(), s("1.1"));
         assert_eq!(attr(span, "user_agent.original").cloned(), s("curl/8"));
+        let Some(Value::ArrayValue(tenant)) = attr(span, "http.request.header.x-tenant") else { panic!("an array") };
+        assert_eq!(tenant.values.len(), 2);
         assert_eq!(attr(span, "client.address").cloned(), s("10.0.0.9"));
         assert_eq!(attr(span, "istio.canonical_service").cloned(), s("shop"));
         assert_eq!(attr(span, "istio.mesh_id").cloned(), s("m"));
