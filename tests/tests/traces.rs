@@ -416,3 +416,45 @@ fn only_configured_headers_are_recorded_and_never_credentials_or_queries() {
     };
     assert!(log.contains("traces.request_headers[0]: authorization is sensitive and can never be recorded"), "{log}");
 }
+
+#[test]
+fn malformed_trace_headers_leave_requests_unaffected() {
+    let collector = Collector::start();
+    let (_app, sidecar) = echo_sidecar(&collector, json!({}));
+    let huge = "a".repeat(8 * 1024);
+    let long_state: Vec<String> = (0..40).map(|i| format!("k{i}=v")).collect();
+    let cases: Vec<Vec<(&str, String)>> = vec![
+        vec![("traceparent", format!("00-{TRACE}-{PARENT}"))],
+        vec![("traceparent", format!("00-{}-{PARENT}-01", TRACE.to_uppercase()))],
+        vec![("traceparent", format!("00-{TRACE}-{PARENT}-01-extra"))],
+        vec![("traceparent", format!("zz-{TRACE}-{PARENT}-01"))],
+        vec![("traceparent", huge.clone())],
+        vec![("traceparent", format!("00-{TRACE}-{PARENT}-01")), ("tracestate", long_state.join(","))],
+        vec![("traceparent", format!("00-{TRACE}-{PARENT}-01")), ("tracestate", "a=1,a=2".into())],
+        vec![("traceparent", format!("00-{TRACE}-{PARENT}-01")), ("tracestate", huge.clone())],
+        vec![("b3", "garbage".into())],
+        vec![("b3", format!("{TRACE}-{PARENT}-1-{PARENT}-extra"))],
+        vec![("x-b3-traceid", "xyz".into()), ("x-b3-spanid", PARENT.into())],
+        vec![("x-b3-traceid", TRACE.into())],
+        vec![("x-b3-sampled", "maybe".into())],
+        vec![("x-envoy-peer-metadata", "%%%".into())],
+        vec![("x-envoy-peer-metadata", huge.clone())],
+    ];
+    for headers in &cases {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let seen = send(&sidecar, "/malformed", &pairs);
+        let tp = header(&seen, "traceparent");
+        assert!(meshtel_filter::trace_context::parse_traceparent(tp).is_some(), "{headers:?} left with {tp}");
+    }
+    // Repeated and non-UTF-8 values, which a client library will not send, over a raw socket.
+    use std::io::{Read, Write};
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", sidecar.inbound)).unwrap();
+    let mut bytes = format!("GET /raw HTTP/1.1\r\nhost: a\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\ntraceparent: 00-{TRACE}-{PARENT}-01\r\n").into_bytes();
+    bytes.extend(b"tracestate: \xff\xfe\r\nb3: \xc3\x28\r\nconnection: close\r\n\r\n");
+    raw.write_all(&bytes).unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    barrier(&collector, &sidecar);
+    assert_eq!(collector.spans().len(), cases.len() + 2, "every request still got its span");
+}
