@@ -7,7 +7,10 @@ STAMP           := $(VENV)/.installed-$(ENVOY_VERSION)-$(WASMTIME_VERSION)
 WASM            := target/wasm32-wasip1/release/meshtel_filter.wasm
 WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime 2>/dev/null | head -1)
 
-.PHONY: demo test wasm-unit-test wasm tools lint manifests clean
+FUZZ_SECONDS    ?= 30
+FUZZ_TARGETS    := config trace_context peer_metadata
+
+.PHONY: demo test wasm-unit-test wasm tools lint manifests fuzz clean
 
 demo: tools wasm
 	cargo run --quiet -p meshtel-tests --bin demo
@@ -39,6 +42,14 @@ manifests:
 	cargo build --quiet -p meshtel
 	grep -v '^#' wasm-plugins/manifests.txt | while read -r file args; do \
 		target/debug/meshtel render $$args -o wasm-plugins/$$file; done
+
+# Fuzz the parsers of untrusted input for FUZZ_SECONDS each (nightly + cargo-fuzz); the corpora
+# in filter/fuzz/corpus are checked in. A finding fails the run and leaves the input in
+# filter/fuzz/artifacts: turn it into a unit test.
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	cd filter && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 || exit 1; done
 
 lint:
 	cargo fmt --all -- --check
