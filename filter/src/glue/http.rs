@@ -32,6 +32,10 @@ impl Context for Http {}
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        if hostcalls::get_map_value(MapType::HttpRequestHeaders, "x-meshtel-test-trap").ok().flatten().is_some() {
+            core::arch::wasm32::unreachable();
+        }
         let Some(shared) = &self.telemetry else {
             return Action::Continue;
         };
