@@ -10,7 +10,7 @@ WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wa
 FUZZ_SECONDS    ?= 30
 FUZZ_TARGETS    := config trace_context peer_metadata
 
-.PHONY: demo test wasm-unit-test wasm tools lint manifests fuzz clean
+.PHONY: demo test wasm-unit-test wasm tools lint manifests fuzz bench clean
 
 demo: tools wasm
 	cargo run --quiet -p meshtel-tests --bin demo
@@ -44,6 +44,12 @@ manifests:
 	cargo build --quiet -p meshtel
 	grep -v '^#' wasm-plugins/manifests.txt | while read -r file args; do \
 		target/debug/meshtel render $$args -o wasm-plugins/$$file; done
+
+# The end-to-end benchmark (needs wrk: apt-get install wrk); prints a Markdown report.
+bench: tools wasm
+	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter
+	command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null)
+	cargo run --quiet --release -p meshtel-tests --bin bench
 
 # Fuzz the parsers of untrusted input for FUZZ_SECONDS each (nightly + cargo-fuzz); the corpora
 # in filter/fuzz/corpus are checked in. A finding fails the run and leaves the input in

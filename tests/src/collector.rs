@@ -91,6 +91,9 @@ pub enum Answer {
 
 #[derive(Default)]
 struct State {
+    /// Only count spans and data points (benchmarks), do not keep them.
+    count_only: bool,
+    counted_spans: u64,
     spans: Vec<ReceivedSpan>,
     metrics: Vec<ExportMetricsServiceRequest>,
     requests: Vec<(String, String)>,
@@ -125,6 +128,18 @@ impl Collector {
     /// All spans received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.state.lock().unwrap().spans.clone()
+    }
+
+    /// A receiver that only counts what it gets (for benchmarks: it must not be the bottleneck).
+    pub fn start_counting() -> Collector {
+        let c = Collector::start();
+        c.state.lock().unwrap().count_only = true;
+        c
+    }
+
+    /// Spans received by a counting receiver.
+    pub fn counted_spans(&self) -> u64 {
+        self.state.lock().unwrap().counted_spans
     }
 
     /// Every metrics export received, in arrival order.
@@ -243,6 +258,15 @@ fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
 
 /// Decode and keep what an export carries.
 fn keep(req: &Req, st: &mut State) {
+    if st.count_only {
+        if req.path == "/v1/traces" {
+            if let Ok(export) = ExportTraceServiceRequest::decode(req.body.as_slice()) {
+                let n: usize = export.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+                st.counted_spans += n as u64;
+            }
+        }
+        return;
+    }
     match req.path.as_str() {
         "/v1/traces" => match ExportTraceServiceRequest::decode(req.body.as_slice()) {
             Ok(export) => {

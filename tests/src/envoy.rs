@@ -224,7 +224,12 @@ pub struct Proxy {
     /// Envoy's `failure_policy` for the module: `FAIL_OPEN` (what the installer's default
     /// `failStrategy: FAIL_OPEN` becomes), `FAIL_CLOSED` or `FAIL_RELOAD`.
     pub failure_policy: &'static str,
+    /// Turn on Envoy's native OpenTelemetry tracer, exporting to an OTLP/HTTP receiver on this port.
+    pub native_tracer: Option<u16>,
 }
+
+/// The cluster Envoy's native tracer exports through.
+pub const NATIVE_TRACER_CLUSTER: &str = "native-otel";
 
 /// The test-only build that traps on a request carrying `x-meshtel-test-trap` (`make wasm` builds it).
 pub fn trap_wasm_path() -> PathBuf {
@@ -237,7 +242,10 @@ impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
     pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
         let listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm)).collect();
-        let clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
+        let mut clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
+        if let Some(port) = self.native_tracer {
+            clusters.push(cluster(&Cluster::new(NATIVE_TRACER_CLUSTER, port)));
+        }
         json!({
             "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
             "admin": {"address": socket(admin_port)},
@@ -316,6 +324,22 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
             }],
         }],
     });
+    if let Some(port) = proxy.native_tracer {
+        // Envoy's own OpenTelemetry tracer at 100%, exporting OTLP/HTTP: the native baseline.
+        listener["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = json!({
+            "random_sampling": {"value": 100},
+            "provider": {
+                "name": "envoy.tracers.opentelemetry",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                    "http_service": {
+                        "http_uri": {"uri": format!("http://127.0.0.1:{port}/v1/traces"), "cluster": NATIVE_TRACER_CLUSTER, "timeout": "5s"},
+                    },
+                    "service_name": "native",
+                },
+            },
+        });
+    }
     if let Some(id) = &l.mtls {
         listener["filter_chains"][0]["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",

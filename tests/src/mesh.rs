@@ -181,6 +181,7 @@ impl SidecarSpec {
             vm_env: self.vm_env.clone(),
             wasm: self.wasm.clone(),
             failure_policy: self.failure_policy,
+            native_tracer: None,
         };
         (proxy, inbound, outbound)
     }
@@ -231,6 +232,7 @@ pub fn gateway_with(
         vm_env: Vec::new(),
         wasm: None,
         failure_policy: "FAIL_OPEN",
+        native_tracer: None,
     };
     Gateway { envoy: Envoy::start(&proxy), port: listen }
 }
