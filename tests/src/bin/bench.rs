@@ -1,6 +1,7 @@
-//! The end-to-end benchmark: the same Envoy 1.40 binary and load, in one run, with
-//! 1. no filter, 2. a no-op Wasm filter, 3. Envoy's native OpenTelemetry tracer at 100%,
-//! 4. meshtel traces + metrics at 100%, 5. meshtel metrics only, 6. meshtel traces at 1% + metrics.
+//! The end-to-end benchmark: the same Envoy 1.40 binary and load, in one run, with no filter, a
+//! no-op Wasm filter, Envoy's native OpenTelemetry tracer at 100%, meshtel traces + metrics at
+//! 100%, meshtel metrics only, and meshtel traces at 1% + metrics.
+//!
 //! For each: Envoy's CPU time per request (from /proc), throughput at saturation (wrk), latency at
 //! a fixed moderate rate, resident memory, and spans received. Prints a Markdown report.
 //!
