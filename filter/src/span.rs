@@ -20,18 +20,20 @@ pub const LISTENER_INBOUND: u64 = 1;
 /// Envoy's `xds.listener_direction` value for outbound listeners.
 pub const LISTENER_OUTBOUND: u64 = 2;
 
-/// Decide the span kind of a request. Gateways serve; a sidecar serves on inbound listeners
-/// and is a client on outbound ones. Without a listener direction, Istio's cluster naming
-/// (`inbound|...` / `outbound|...`) decides; without either, the proxy is taken as a server.
-pub fn span_kind(node: &NodeInfo, listener_direction: Option<u64>, cluster: Option<&str>) -> SpanKind {
+/// Decide the span kind of a request. Gateways serve. A sidecar serves traffic to an Istio
+/// `inbound|...` cluster and is a client of `outbound|...` ones; for other clusters (passthrough)
+/// the listener's direction decides, read only then; without either the proxy is taken as a server.
+pub fn span_kind(node: &NodeInfo, cluster: Option<&str>, listener_direction: impl FnOnce() -> Option<u64>) -> SpanKind {
     if node.is_gateway() {
         return SpanKind::Server;
     }
-    match listener_direction {
-        Some(LISTENER_OUTBOUND) => SpanKind::Client,
-        Some(LISTENER_INBOUND) => SpanKind::Server,
-        _ if cluster.is_some_and(|c| c.starts_with("outbound|")) => SpanKind::Client,
-        _ => SpanKind::Server,
+    match cluster {
+        Some(c) if c.starts_with("inbound|") => SpanKind::Server,
+        Some(c) if c.starts_with("outbound|") => SpanKind::Client,
+        _ => match listener_direction() {
+            Some(LISTENER_OUTBOUND) => SpanKind::Client,
+            _ => SpanKind::Server,
+        },
     }
 }
 
@@ -198,15 +200,16 @@ mod tests {
     }
 
     #[test]
-    fn kind_follows_gateway_listener_direction_then_cluster() {
+    fn kind_follows_gateway_then_cluster_then_listener_direction() {
         let sidecar = NodeInfo { id: "sidecar~1~a.ns~ns.svc.cluster.local".into(), ..Default::default() };
         let gateway = NodeInfo { id: "router~1~gw.istio-system~x".into(), ..Default::default() };
-        assert_eq!(span_kind(&gateway, Some(LISTENER_OUTBOUND), Some("outbound|80||a")), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, Some(LISTENER_OUTBOUND), None), SpanKind::Client);
-        assert_eq!(span_kind(&sidecar, Some(LISTENER_INBOUND), Some("outbound|80||a")), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, None, Some("outbound|80||a")), SpanKind::Client);
-        assert_eq!(span_kind(&sidecar, None, Some("inbound|80||")), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, Some(0), None), SpanKind::Server);
+        let never = || -> Option<u64> { panic!("the listener is not asked when the cluster decides") };
+        assert_eq!(span_kind(&gateway, Some("outbound|80||a"), never), SpanKind::Server);
+        assert_eq!(span_kind(&sidecar, Some("outbound|80||a"), never), SpanKind::Client);
+        assert_eq!(span_kind(&sidecar, Some("inbound|80||"), never), SpanKind::Server);
+        assert_eq!(span_kind(&sidecar, Some("PassthroughCluster"), || Some(LISTENER_OUTBOUND)), SpanKind::Client);
+        assert_eq!(span_kind(&sidecar, None, || Some(LISTENER_INBOUND)), SpanKind::Server);
+        assert_eq!(span_kind(&sidecar, None, || None), SpanKind::Server);
     }
 
     #[test]

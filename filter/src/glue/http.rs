@@ -19,12 +19,11 @@ use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
 pub struct Http {
     telemetry: Option<Rc<RefCell<Telemetry>>>,
     active: Option<ActiveRequest>,
-    upstream_peer: Option<PeerInfo>,
 }
 
 impl Http {
     pub fn new(telemetry: Option<Rc<RefCell<Telemetry>>>) -> Self {
-        Self { telemetry, active: None, upstream_peer: None }
+        Self { telemetry, active: None }
     }
 }
 
@@ -59,19 +58,6 @@ impl HttpContext for Http {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if self.active.is_some()
-            && self.telemetry.as_ref().is_some_and(|t| t.try_borrow().is_ok_and(|t| t.metrics_enabled()))
-        {
-            self.upstream_peer =
-                hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, peer::PEER_METADATA_HEADER)
-                    .ok()
-                    .flatten()
-                    .and_then(|v| peer::from_peer_metadata_header(&v));
-        }
-        Action::Continue
-    }
-
     fn on_log(&mut self) {
         let (Some(shared), Some(active)) = (&self.telemetry, self.active.take()) else {
             return;
@@ -84,8 +70,8 @@ impl HttpContext for Http {
             return;
         }
         let cluster = property_string(&["xds", "cluster_name"]);
-        let direction = property_u64(&["xds", "listener_direction"]);
-        let kind = span_kind(telemetry.node(), direction, cluster.as_deref());
+        // Istio's cluster names (and the node type) usually decide; only then is the listener asked.
+        let kind = span_kind(telemetry.node(), cluster.as_deref(), || property_u64(&["xds", "listener_direction"]));
         // Gateways serve (SERVER spans) but report as the source: their peer is upstream.
         let peer_upstream = kind == SpanKind::Client || telemetry.node().is_gateway();
         let sampled = active.sampled();
@@ -99,7 +85,7 @@ impl HttpContext for Http {
             upstream_cluster: cluster,
         };
         let facts = metrics.then(|| {
-            let mut facts = metric_facts(peer_upstream, active.grpc, self.upstream_peer.take());
+            let mut facts = metric_facts(peer_upstream, active.grpc);
             if let Some(cluster) = completion.upstream_cluster.as_deref() {
                 facts.cluster_service = telemetry.cluster_service(cluster, || property(&["xds", "cluster_metadata"]));
             }
@@ -110,11 +96,27 @@ impl HttpContext for Http {
 }
 
 /// Read what the Istio labels need from the proxy. Each absent property is simply unknown.
-fn metric_facts(peer_upstream: bool, grpc: bool, upstream_peer: Option<PeerInfo>) -> MetricFacts {
+fn metric_facts(peer_upstream: bool, grpc: bool) -> MetricFacts {
     let (conn, peer_state) =
         if peer_upstream { ("upstream", "upstream_peer") } else { ("connection", "downstream_peer") };
     let non_empty = |s: Option<String>| s.filter(|v| !v.is_empty());
     let mtls = !peer_upstream && property(&["connection", "mtls"]).is_some_and(|b| b.first() == Some(&1));
+    // Certificates exist only on TLS connections: plaintext traffic skips two reads.
+    let peer_principal = if peer_upstream || mtls {
+        non_empty(property_string(&[conn, "uri_san_peer_certificate"]))
+    } else {
+        None
+    };
+    let local_principal = peer_principal.as_ref().and_then(|_| non_empty(property_string(&[conn, "uri_san_local_certificate"])));
+    // The upstream's peer metadata answer header is still readable in the log phase.
+    let upstream_peer = peer_upstream
+        .then(|| {
+            hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, peer::PEER_METADATA_HEADER)
+                .ok()
+                .flatten()
+                .and_then(|v| peer::from_peer_metadata_header(&v))
+        })
+        .flatten();
     let grpc_status =
         grpc.then(|| property_u64(&["response", "grpc_status"]).and_then(|s| u32::try_from(s).ok())).flatten();
     let host_workload = peer_upstream
@@ -125,10 +127,10 @@ fn metric_facts(peer_upstream: bool, grpc: bool, upstream_peer: Option<PeerInfo>
         response_bytes: property_u64(&["response", "total_size"]).unwrap_or(0),
         grpc_status,
         mtls,
-        peer_principal: non_empty(property_string(&[conn, "uri_san_peer_certificate"])),
-        local_principal: non_empty(property_string(&[conn, "uri_san_local_certificate"])),
+        peer_principal,
+        local_principal,
         filter_state_peer: filter_state_peer(peer_state),
-        upstream_peer: upstream_peer.filter(|_| peer_upstream),
+        upstream_peer,
         host_workload,
         cluster_service: None,
     }
