@@ -102,12 +102,10 @@ fn metric_facts(peer_upstream: bool, grpc: bool) -> MetricFacts {
     let non_empty = |s: Option<String>| s.filter(|v| !v.is_empty());
     let mtls = !peer_upstream && property(&["connection", "mtls"]).is_some_and(|b| b.first() == Some(&1));
     // Certificates exist only on TLS connections: plaintext traffic skips two reads.
-    let peer_principal = if peer_upstream || mtls {
-        non_empty(property_string(&[conn, "uri_san_peer_certificate"]))
-    } else {
-        None
-    };
-    let local_principal = peer_principal.as_ref().and_then(|_| non_empty(property_string(&[conn, "uri_san_local_certificate"])));
+    let peer_principal =
+        if peer_upstream || mtls { non_empty(property_string(&[conn, "uri_san_peer_certificate"])) } else { None };
+    let local_principal =
+        peer_principal.as_ref().and_then(|_| non_empty(property_string(&[conn, "uri_san_local_certificate"])));
     // The upstream's peer metadata answer header is still readable in the log phase.
     let upstream_peer = peer_upstream
         .then(|| {
