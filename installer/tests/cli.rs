@@ -13,11 +13,9 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("meshtel-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A temporary directory removed when the test ends.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("meshtel-cli-").tempdir().unwrap()
 }
 
 #[test]
@@ -50,7 +48,8 @@ fn help_lists_commands_and_options() {
 
 #[test]
 fn bad_input_exits_nonzero_with_one_message_and_writes_nothing() {
-    let dir = temp_dir("bad");
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let out = dir.join("out.yaml");
     let out_s = out.to_str().unwrap();
     for (args, expect) in [
@@ -88,7 +87,8 @@ fn bad_input_exits_nonzero_with_one_message_and_writes_nothing() {
 
 #[test]
 fn render_writes_the_output_file() {
-    let dir = temp_dir("out");
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let out = dir.join("meshtel.yaml");
     let o = meshtel(&["render", "--namespace", "shop", "-o", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -103,9 +103,10 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 #[test]
 fn validate_names_file_resource_field_and_reason() {
-    let dir = temp_dir("validate");
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let bad = write(
-        &dir,
+        dir,
         "bad.yaml",
         r#"apiVersion: extensions.istio.io/v1alpha1
 kind: WasmPlugin
@@ -151,9 +152,10 @@ spec:
 #[test]
 fn validate_with_crds_checks_the_openapi_schema() {
     let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio/crd-all.gen.yaml");
-    let dir = temp_dir("crds");
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let f = write(
-        &dir,
+        dir,
         "schema.yaml",
         "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p, namespace: shop}\nspec:\n  url: oci://r/x:1\n  priority: high\n  match: [{ports: [{number: 0}]}]\n",
     );
@@ -161,7 +163,7 @@ fn validate_with_crds_checks_the_openapi_schema() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("WasmPlugin shop/p: spec.priority: invalid type"), "{err}");
-    let good = write(&dir, "good.yaml", "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p, namespace: shop}\nspec:\n  url: oci://r/x:1\n");
+    let good = write(dir, "good.yaml", "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p, namespace: shop}\nspec:\n  url: oci://r/x:1\n");
     let o = meshtel(&["validate", "--crds", crds.to_str().unwrap(), &good]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok: 1 resource(s) valid");

@@ -20,11 +20,9 @@ fn meshtel(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meshtel")).args(args).output().expect("run meshtel")
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("meshtel-pkg-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A temporary directory removed when the test ends.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("meshtel-pkg-").tempdir().unwrap()
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -50,8 +48,9 @@ fn printed_digest(o: &Output) -> String {
 
 #[test]
 fn writes_an_oci_image_layout_of_the_wasm_artifact() {
-    let dir = temp_dir("layout");
-    let (wasm_path, wasm) = module(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let (wasm_path, wasm) = module(dir);
     let layout = dir.join("oci");
     let o = meshtel(&["package", wasm_path.to_str().unwrap(), "-o", layout.to_str().unwrap(), "--tag", "1.2.3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -76,7 +75,8 @@ fn writes_an_oci_image_layout_of_the_wasm_artifact() {
 
 #[test]
 fn refuses_missing_and_non_wasm_files() {
-    let dir = temp_dir("bad");
+    let tmp = temp_dir();
+    let dir = tmp.path();
     let o = meshtel(&["package", "/nonexistent.wasm", "-o", dir.join("x").to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.wasm"));
@@ -127,9 +127,10 @@ fn registry(dir: &Path) -> Option<Registry> {
 
 #[test]
 fn pushes_to_a_real_registry_and_pulls_back_the_same_digest() {
-    let dir = temp_dir("push");
-    let Some(registry) = registry(&dir) else { return };
-    let (wasm_path, wasm) = module(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(registry) = registry(dir) else { return };
+    let (wasm_path, wasm) = module(dir);
     let reference = format!("127.0.0.1:{}/meshtel/meshtel-filter:test", registry.1);
     let o = meshtel(&[
         "package",
