@@ -107,9 +107,8 @@ fn modes_attach_as_documented() {
 
 #[test]
 fn config_file_sets_plugin_config_and_options() {
-    let dir = std::env::temp_dir().join(format!("meshtel-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("meshtel.yaml");
+    let dir = tempfile::Builder::new().prefix("meshtel-config-").tempdir().unwrap();
+    let file = dir.path().join("meshtel.yaml");
     std::fs::write(
         &file,
         "namespace: [shop]\nsampling: 0.5\nfail-strategy: FAIL_RELOAD\npluginConfig:\n  traces:\n    propagation: [b3]\n  export:\n    max_batch: 64\n",
