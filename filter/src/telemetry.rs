@@ -251,7 +251,7 @@ impl Telemetry {
             response_flags: c.response_flags.clone(),
             mtls: f.mtls,
         };
-        let labels = IstioLabels::new(reporter, &self.node, &facts).values().to_vec();
+        let labels = IstioLabels::new(reporter, &self.node, facts).into_values();
         let measurement = Measurement {
             duration_ms: c.end_unix_nanos.saturating_sub(active.start_unix_nanos) as f64 / 1e6,
             request_bytes: f.request_bytes,

@@ -4,8 +4,6 @@
 //! the caller restarts the trace instead of propagating garbage.
 //! W3C: <https://www.w3.org/TR/trace-context-1/>; B3: <https://github.com/openzipkin/b3-propagation>.
 
-use std::fmt::Write;
-
 /// A 16-byte trace id; never all zeros once parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceId(pub [u8; 16]);
@@ -268,9 +266,11 @@ fn to_hex(bytes: &[u8]) -> String {
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {
+    // A table lookup per nibble: `write!` formatting cost ~10x more on the request path.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
-        // Writing to a String cannot fail.
-        let _ = write!(s, "{b:02x}");
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
 }
 

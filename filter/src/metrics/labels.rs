@@ -58,6 +58,14 @@ struct Side {
     cluster: String,
 }
 
+fn owned_or_unknown(s: String) -> String {
+    if s.is_empty() {
+        UNKNOWN.to_string()
+    } else {
+        s
+    }
+}
+
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         UNKNOWN.to_string()
@@ -80,20 +88,24 @@ impl Side {
         }
     }
 
-    fn peer(peer: &PeerInfo, principal: Option<&str>) -> Self {
+    fn peer(peer: PeerInfo, principal: Option<String>) -> Self {
+        let namespace = match principal.as_deref().and_then(spiffe_namespace) {
+            Some(ns) => ns.to_string(),
+            None => owned_or_unknown(peer.namespace),
+        };
         Side {
-            workload: or_unknown(&peer.workload),
-            namespace: or_unknown(principal.and_then(spiffe_namespace).unwrap_or(&peer.namespace)),
-            principal: or_unknown(principal.unwrap_or_default()),
-            app: or_unknown(&peer.app),
-            version: or_unknown(&peer.version),
-            canonical_service: or_unknown(&peer.canonical_service),
+            workload: owned_or_unknown(peer.workload),
+            namespace,
+            principal: owned_or_unknown(principal.unwrap_or_default()),
+            app: owned_or_unknown(peer.app),
+            version: owned_or_unknown(peer.version),
+            canonical_service: owned_or_unknown(peer.canonical_service),
             canonical_revision: if peer.canonical_revision.is_empty() {
                 "latest".to_string()
             } else {
-                peer.canonical_revision.clone()
+                peer.canonical_revision
             },
-            cluster: or_unknown(&peer.cluster),
+            cluster: owned_or_unknown(peer.cluster),
         }
     }
 }
@@ -137,71 +149,63 @@ pub struct RequestFacts {
 
 impl IstioLabels {
     /// The label set of a request reported by `reporter` on the proxy `node`.
-    pub fn new(reporter: Reporter, node: &NodeInfo, facts: &RequestFacts) -> Self {
-        let local_principal = facts.local_principal.as_deref();
-        let peer_principal = facts.peer_principal.as_deref();
+    pub fn new(reporter: Reporter, node: &NodeInfo, facts: RequestFacts) -> Self {
+        let local = Side::local(node, facts.local_principal.as_deref());
+        let peer = Side::peer(facts.peer, facts.peer_principal);
         let (source, destination, policy) = match reporter {
-            Reporter::Destination => (
-                Side::peer(&facts.peer, peer_principal),
-                Side::local(node, local_principal),
-                if facts.mtls { "mutual_tls" } else { "none" },
-            ),
-            Reporter::Source => (Side::local(node, local_principal), Side::peer(&facts.peer, peer_principal), UNKNOWN),
+            Reporter::Destination => (peer, local, if facts.mtls { "mutual_tls" } else { "none" }),
+            Reporter::Source => (local, peer, UNKNOWN),
         };
-        let service = facts.service.clone().unwrap_or_default();
+        let service = facts.service.unwrap_or_default();
         IstioLabels {
             reporter,
             source,
             destination,
             service: ServiceInfo {
-                host: or_unknown(&service.host),
-                name: or_unknown(&service.name),
-                namespace: or_unknown(&service.namespace),
+                host: owned_or_unknown(service.host),
+                name: owned_or_unknown(service.name),
+                namespace: owned_or_unknown(service.namespace),
             },
             request_protocol: if facts.grpc { "grpc" } else { "http" },
             response_code: facts.response_code,
             grpc_response_status: if facts.grpc { facts.grpc_status } else { None },
-            response_flags: if facts.response_flags.is_empty() {
-                "-".to_string()
-            } else {
-                facts.response_flags.clone()
-            },
+            response_flags: if facts.response_flags.is_empty() { "-".to_string() } else { facts.response_flags },
             connection_security_policy: policy,
         }
     }
 
-    /// Label values in [`LABEL_NAMES`] order.
-    pub fn values(&self) -> [String; 25] {
-        let (s, d) = (&self.source, &self.destination);
-        [
+    /// Label values in [`LABEL_NAMES`] order, moved out of the label set (no copies).
+    pub fn into_values(self) -> Vec<String> {
+        let (s, d) = (self.source, self.destination);
+        vec![
             match self.reporter {
                 Reporter::Source => "source",
                 Reporter::Destination => "destination",
             }
             .to_string(),
-            s.workload.clone(),
-            s.namespace.clone(),
-            s.principal.clone(),
-            s.app.clone(),
-            s.version.clone(),
-            s.canonical_service.clone(),
-            s.canonical_revision.clone(),
-            s.cluster.clone(),
-            d.workload.clone(),
-            d.namespace.clone(),
-            d.principal.clone(),
-            d.app.clone(),
-            d.version.clone(),
-            self.service.host.clone(),
-            self.service.name.clone(),
-            self.service.namespace.clone(),
-            d.canonical_service.clone(),
-            d.canonical_revision.clone(),
-            d.cluster.clone(),
+            s.workload,
+            s.namespace,
+            s.principal,
+            s.app,
+            s.version,
+            s.canonical_service,
+            s.canonical_revision,
+            s.cluster,
+            d.workload,
+            d.namespace,
+            d.principal,
+            d.app,
+            d.version,
+            self.service.host,
+            self.service.name,
+            self.service.namespace,
+            d.canonical_service,
+            d.canonical_revision,
+            d.cluster,
             self.request_protocol.to_string(),
             self.response_code.to_string(),
             self.grpc_response_status.map(|s| s.to_string()).unwrap_or_default(),
-            self.response_flags.clone(),
+            self.response_flags,
             self.connection_security_policy.to_string(),
         ]
     }
@@ -228,7 +232,7 @@ mod tests {
 
     fn get(l: &IstioLabels, name: &str) -> String {
         let i = LABEL_NAMES.iter().position(|n| *n == name).unwrap();
-        l.values()[i].clone()
+        l.clone().into_values()[i].clone()
     }
 
     fn peer() -> PeerInfo {
@@ -259,7 +263,7 @@ mod tests {
             mtls: true,
             ..Default::default()
         };
-        let l = IstioLabels::new(Reporter::Destination, &node(), &facts);
+        let l = IstioLabels::new(Reporter::Destination, &node(), facts.clone());
         assert_eq!(get(&l, "reporter"), "destination");
         assert_eq!(get(&l, "source_workload"), "productpage-v1");
         assert_eq!(get(&l, "source_workload_namespace"), "front");
@@ -288,7 +292,7 @@ mod tests {
             response_flags: "UF".into(),
             ..Default::default()
         };
-        let l = IstioLabels::new(Reporter::Source, &node(), &facts);
+        let l = IstioLabels::new(Reporter::Source, &node(), facts.clone());
         assert_eq!(get(&l, "reporter"), "source");
         assert_eq!(get(&l, "source_workload"), "reviews-v2");
         assert_eq!(get(&l, "source_principal"), "unknown");
@@ -302,7 +306,7 @@ mod tests {
 
     #[test]
     fn unknown_peer_is_unknown_and_latest() {
-        let l = IstioLabels::new(Reporter::Destination, &node(), &RequestFacts::default());
+        let l = IstioLabels::new(Reporter::Destination, &node(), RequestFacts::default());
         for name in [
             "source_workload",
             "source_workload_namespace",
@@ -326,24 +330,21 @@ mod tests {
             peer_principal: Some("spiffe://td/ns/other/sa/x".into()),
             ..Default::default()
         };
-        let l = IstioLabels::new(Reporter::Destination, &node(), &facts);
+        let l = IstioLabels::new(Reporter::Destination, &node(), facts.clone());
         assert_eq!(get(&l, "source_workload_namespace"), "other");
         let facts = RequestFacts { peer_principal: Some("spiffe://td/ns/only/sa/x".into()), ..Default::default() };
-        let l = IstioLabels::new(Reporter::Destination, &node(), &facts);
+        let l = IstioLabels::new(Reporter::Destination, &node(), facts.clone());
         assert_eq!(get(&l, "source_workload_namespace"), "only");
         assert_eq!(get(&l, "source_workload"), "unknown");
     }
 
     #[test]
     fn equal_requests_share_a_label_set() {
-        let a = IstioLabels::new(Reporter::Destination, &node(), &RequestFacts { peer: peer(), ..Default::default() });
-        let b = IstioLabels::new(Reporter::Destination, &node(), &RequestFacts { peer: peer(), ..Default::default() });
+        let a = IstioLabels::new(Reporter::Destination, &node(), RequestFacts { peer: peer(), ..Default::default() });
+        let b = IstioLabels::new(Reporter::Destination, &node(), RequestFacts { peer: peer(), ..Default::default() });
         assert_eq!(a, b);
-        let c = IstioLabels::new(
-            Reporter::Destination,
-            &node(),
-            &RequestFacts { response_code: 500, ..Default::default() },
-        );
+        let c =
+            IstioLabels::new(Reporter::Destination, &node(), RequestFacts { response_code: 500, ..Default::default() });
         assert_ne!(a, c);
     }
 }

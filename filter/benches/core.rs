@@ -1,0 +1,172 @@
+//! Micro-benchmarks of the pure core, natively: trace context, the per-request record of a span
+//! and of Istio metrics, and OTLP encoding per span and per metric point. Also prints the heap
+//! allocations one request costs on the request path.
+//!
+//! `cargo bench -p meshtel-filter --bench core`
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // benchmark code
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use meshtel_filter::config;
+use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
+use meshtel_filter::metrics::labels::LABEL_NAMES;
+use meshtel_filter::node::NodeInfo;
+use meshtel_filter::otlp::{self, MetricsEncoder, TraceEncoder};
+use meshtel_filter::propagation::{Headers, IdGenerator, TraceDecision};
+use meshtel_filter::span::{Completion, RequestInfo, SpanKind, SpanRecord};
+use meshtel_filter::telemetry::{ActiveRequest, MetricFacts, Telemetry};
+use meshtel_filter::trace_context::{format_traceparent, parse_b3_single, parse_traceparent, sanitize_tracestate};
+
+/// Counts heap allocations, to report what one request costs.
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn headers() -> Vec<(String, Vec<u8>)> {
+    [
+        (":method", "GET"),
+        (":path", "/api/items?page=2"),
+        (":scheme", "http"),
+        (":authority", "shop.ns-a.svc.cluster.local:8080"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+        ("x-request-id", "5b0c4b0e-5f2c-4a8e-9a51-6d1c0f6a7b1e"),
+        ("traceparent", TP),
+        ("tracestate", "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+    .collect()
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        id: "sidecar~10.0.0.1~a-v1-abc.ns-a~ns-a.svc.cluster.local".into(),
+        name: "a-v1-abc".into(),
+        namespace: "ns-a".into(),
+        workload_name: "a-v1".into(),
+        labels: [("app".to_string(), "a".to_string()), ("version".to_string(), "v1".to_string())].into(),
+        mesh_id: "cluster.local".into(),
+        cluster_id: "Kubernetes".into(),
+    }
+}
+
+fn telemetry(extra: &str) -> Telemetry {
+    let json = format!(
+        r#"{{"collector":{{"cluster":"outbound|4318||otel.obs.svc.cluster.local"}},"export":{{"max_queue":1048576}}{extra}}}"#
+    );
+    Telemetry::new(config::parse(json.as_bytes()).unwrap(), node(), 7, "bench", 0)
+}
+
+fn completion() -> Completion {
+    Completion {
+        end_unix_nanos: 2_000_000,
+        status_code: 200,
+        response_flags: "-".into(),
+        upstream_cluster: Some("inbound|8080||".into()),
+        protocol: Some("HTTP/1.1".into()),
+        client_address: Some("10.0.0.9:51234".into()),
+        kind: SpanKind::Server,
+    }
+}
+
+fn facts() -> MetricFacts {
+    MetricFacts { request_bytes: 420, response_bytes: 1_800, ..Default::default() }
+}
+
+fn request(t: &mut Telemetry, hs: &[(String, Vec<u8>)]) {
+    let (active, _ops): (ActiveRequest, _) = t.start_request(hs, 1_000_000).unwrap();
+    let metrics = t.metrics_enabled().then(facts);
+    t.finish_request(active, completion(), metrics);
+}
+
+fn trace_context(c: &mut Criterion) {
+    let mut g = c.benchmark_group("trace_context");
+    g.bench_function("parse_traceparent", |b| b.iter(|| parse_traceparent(std::hint::black_box(TP))));
+    let (p, _) = parse_traceparent(TP).unwrap();
+    g.bench_function("format_traceparent", |b| b.iter(|| format_traceparent(&p.trace_id, &p.span_id, true)));
+    g.bench_function("sanitize_tracestate", |b| {
+        b.iter(|| sanitize_tracestate(std::hint::black_box("rojo=00f067aa0ba902b7,congo=t61rcWkgMzE")))
+    });
+    g.bench_function("parse_b3_single", |b| {
+        b.iter(|| parse_b3_single(std::hint::black_box("4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1")))
+    });
+    g.finish();
+}
+
+fn per_request(c: &mut Criterion) {
+    let hs = headers();
+    let mut g = c.benchmark_group("per_request");
+    let mut t = telemetry(r#","metrics":{"enabled":false}"#);
+    g.bench_function("span_record (start + finish, sampled)", |b| b.iter(|| request(&mut t, &hs)));
+    let mut t = telemetry(r#","traces":{"enabled":false}"#);
+    g.bench_function("metric_record (start + finish, metrics only)", |b| b.iter(|| request(&mut t, &hs)));
+    let mut t = telemetry("");
+    g.bench_function("span + metrics", |b| b.iter(|| request(&mut t, &hs)));
+    g.finish();
+
+    // Allocations of one request on the request path, traces + metrics.
+    let mut t = telemetry("");
+    request(&mut t, &hs);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..1000 {
+        request(&mut t, &hs);
+    }
+    let per = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0;
+    println!("allocations per request (traces + metrics, request path): {per:.1}");
+}
+
+fn encoding(c: &mut Criterion) {
+    let hs = headers();
+    let mut g = c.benchmark_group("otlp");
+    // A batch of 512 spans as the request path records them, encoded at flush time.
+    let mut ids = IdGenerator::with_seed(1);
+    let (parent, _) = parse_traceparent(TP).unwrap();
+    let spans: Vec<SpanRecord> = (0..512)
+        .map(|_| {
+            let trace = TraceDecision {
+                trace_id: parent.trace_id,
+                span_id: ids.span_id(),
+                parent_span_id: Some(parent.span_id),
+                sampled: true,
+                tracestate: None,
+            };
+            let request = RequestInfo::from_headers(Headers(&hs), &[]);
+            SpanRecord::new(trace, config::SpanNaming::MethodPath, 1_000_000, request, completion())
+        })
+        .collect();
+    let traces = TraceEncoder::new(otlp::resource(&node(), &Default::default()), &node());
+    g.throughput(Throughput::Elements(512));
+    g.bench_function("encode 512 spans", |b| b.iter(|| traces.encode(&spans)));
+    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
+    let mut agg = Aggregator::new(10_000);
+    for i in 0..100 {
+        let labels: Vec<String> = LABEL_NAMES.iter().map(|n| format!("{n}-{}", i % 100)).collect();
+        agg.record(labels, &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900 });
+    }
+    g.throughput(Throughput::Elements(400));
+    g.bench_function("encode 100 series (400 points)", |b| {
+        b.iter(|| encoder.encode(&agg, config::Temporality::Cumulative, 0, 1))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, trace_context, per_request, encoding);
+criterion_main!(benches);
