@@ -47,13 +47,7 @@ impl HttpContext for Http {
         let Some((active, ops)) = started else {
             return Action::Continue;
         };
-        for op in ops {
-            // A header the proxy refuses to change costs propagation, never the request.
-            let _ = match op {
-                HeaderOp::Set(name, value) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(&value)),
-                HeaderOp::Remove(name) => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
-            };
-        }
+        apply(headers, ops);
         self.active = Some(active);
         Action::Continue
     }
@@ -93,6 +87,33 @@ impl HttpContext for Http {
         });
         telemetry.finish_request(active, completion, facts);
     }
+}
+
+/// Apply the propagation header changes. Several changes go to the proxy in one call that
+/// replaces the header map: each single-header call costs a host call and a route-cache reset.
+/// A change the proxy refuses costs propagation, never the request.
+fn apply(mut headers: Vec<(String, Vec<u8>)>, ops: Vec<HeaderOp>) {
+    if ops.len() == 1 {
+        let _ = match &ops[0] {
+            HeaderOp::Set(name, value) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)),
+            HeaderOp::Remove(name) => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
+        };
+        return;
+    }
+    if ops.is_empty() {
+        return;
+    }
+    for op in ops {
+        match op {
+            HeaderOp::Set(name, value) => {
+                headers.retain(|(k, _)| k != name);
+                headers.push((name.to_string(), value.into_bytes()));
+            }
+            HeaderOp::Remove(name) => headers.retain(|(k, _)| k != name),
+        }
+    }
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs);
 }
 
 /// Read what the Istio labels need from the proxy. Each absent property is simply unknown.
