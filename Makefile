@@ -51,13 +51,17 @@ bench: tools wasm
 	command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null)
 	cargo run --quiet --release -p meshtel-tests --bin bench
 
-# Fuzz the parsers of untrusted input for FUZZ_SECONDS each (nightly + cargo-fuzz); the corpora
-# in filter/fuzz/corpus are checked in. A finding fails the run and leaves the input in
-# filter/fuzz/artifacts: turn it into a unit test.
+# Fuzz the parsers of untrusted input for FUZZ_SECONDS each (nightly + cargo-fuzz), starting from
+# the checked-in corpora in filter/fuzz/corpus (new inputs go to target/fuzz-corpus). A finding
+# fails the run and leaves the input in filter/fuzz/artifacts: turn it into a unit test.
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 	cd filter && for t in $(FUZZ_TARGETS); do \
-		cargo +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=0 || exit 1; done
+		mkdir -p ../target/fuzz-corpus/$$t; \
+		cargo +nightly fuzz run $$t ../target/fuzz-corpus/$$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) \
+			> ../target/fuzz-$$t.log 2>&1 \
+			|| { tail -n 40 ../target/fuzz-$$t.log; echo "fuzz target $$t found a crash"; exit 1; }; \
+		echo "fuzz $$t: $$(tail -n 1 ../target/fuzz-$$t.log)"; done
 
 lint:
 	cargo fmt --all -- --check
