@@ -296,11 +296,6 @@ impl Sender {
         &self.health
     }
 
-    /// Calls in flight.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// Payloads waiting for a retry.
     pub fn waiting(&self) -> usize {
         self.waiting.len()

@@ -169,8 +169,14 @@ impl Telemetry {
         };
         let metrics = self.metrics.is_some();
         let sampled = trace.as_ref().is_some_and(|t| t.sampled);
-        let request = if sampled || metrics {
+        let request = if sampled {
             RequestInfo::from_headers(headers, &self.config.traces.request_headers)
+        } else if metrics {
+            // Metrics need only the authority (the Host fallback of destination_service).
+            RequestInfo {
+                authority: headers.single(":authority").unwrap_or_default().to_string(),
+                ..Default::default()
+            }
         } else {
             RequestInfo::default()
         };
