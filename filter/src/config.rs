@@ -62,17 +62,21 @@ pub struct Config {
     pub traces: Traces,
     /// Metric settings.
     pub metrics: Metrics,
+    /// Access-log settings.
+    pub logs: Logs,
     /// Batching, queueing and retry settings shared by all signals.
     pub export: Export,
     /// Extra resource attributes added to everything the proxy exports.
     pub resource_attributes: BTreeMap<String, String>,
 }
 
-/// The OTLP/HTTP collector, reached through an Envoy cluster.
+/// The OTLP collector, reached through an Envoy cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Collector {
-    /// Envoy cluster name passed to `dispatch_http_call`.
+    /// Envoy cluster name passed to `dispatch_http_call` / `dispatch_grpc_call`.
     pub cluster: String,
+    /// OTLP/HTTP (protobuf) or OTLP/gRPC.
+    pub protocol: Protocol,
     /// `:authority` of export requests.
     pub authority: String,
     /// Timeout of one export call.
@@ -97,6 +101,18 @@ impl Collector {
         }
         missing
     }
+}
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// OTLP/HTTP with protobuf bodies (`POST /v1/traces`, ...), usually port 4318.
+    #[default]
+    Http,
+    /// OTLP/gRPC (`opentelemetry.proto.collector.*.v1.*Service/Export`), usually port 4317;
+    /// the cluster must speak HTTP/2.
+    Grpc,
 }
 
 /// Tracing settings.
@@ -126,6 +142,28 @@ pub struct Metrics {
     pub temporality: Temporality,
     /// Most label sets per proxy; later ones fold into the `otel.metric.overflow` series.
     pub max_series: usize,
+}
+
+/// Access-log settings: one OTLP log record per request, Istio's access-log fields as attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Logs {
+    /// Whether access logs are recorded and exported.
+    pub enabled: bool,
+    /// Which requests get a log record.
+    pub mode: LogMode,
+}
+
+/// Which requests get an access-log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogMode {
+    /// Every request.
+    #[default]
+    All,
+    /// Requests that failed: status 400 and above, no response, or Envoy response flags set.
+    Errors,
+    /// Requests whose trace is sampled, so that every log has its span.
+    Sampled,
 }
 
 /// Aggregation temporality of exported metrics.
@@ -179,6 +217,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    logs: RawLogs,
+    #[serde(default)]
     export: RawExport,
     #[serde(default)]
     resource: RawResource,
@@ -188,6 +228,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawCollector {
     cluster: Option<String>,
+    #[serde(default)]
+    protocol: Protocol,
     authority: Option<String>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
@@ -236,6 +278,13 @@ impl Default for RawMetrics {
     }
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLogs {
+    enabled: bool,
+    mode: LogMode,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawExport {
@@ -272,6 +321,7 @@ impl TryFrom<RawConfig> for Config {
             collector: collector.compile()?,
             traces: raw.traces.compile()?,
             metrics: raw.metrics.compile()?,
+            logs: Logs { enabled: raw.logs.enabled, mode: raw.logs.mode },
             export: raw.export.compile()?,
             resource_attributes: compile_resource(raw.resource)?,
         })
@@ -284,7 +334,7 @@ impl RawCollector {
         if cluster.trim().is_empty() {
             return Err(ConfigError::new(
                 "collector.cluster",
-                "is required: the Envoy cluster of the OTLP/HTTP collector, e.g. outbound|4318||otel-collector.observability.svc.cluster.local",
+                "is required: the Envoy cluster of the OTLP collector, e.g. outbound|4318||otel-collector.observability.svc.cluster.local",
             ));
         }
         let authority = match self.authority {
@@ -332,7 +382,14 @@ impl RawCollector {
             }
             headers_from_env.push((name, var));
         }
-        Ok(Collector { cluster, authority, timeout: Duration::from_millis(self.timeout_ms), headers, headers_from_env })
+        Ok(Collector {
+            cluster,
+            protocol: self.protocol,
+            authority,
+            timeout: Duration::from_millis(self.timeout_ms),
+            headers,
+            headers_from_env,
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_semantic_conventions::resource as res;
 
@@ -23,25 +23,6 @@ pub(crate) fn string_kv(key: &str, value: impl Into<String>) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue { value: Some(any_value::Value::StringValue(value.into())) }),
-        key_strindex: 0,
-    }
-}
-
-/// A string array attribute.
-pub(crate) fn string_array_kv(key: &str, values: &[String]) -> KeyValue {
-    let values = values.iter().map(|v| AnyValue { value: Some(any_value::Value::StringValue(v.clone())) }).collect();
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue { value: Some(any_value::Value::ArrayValue(ArrayValue { values })) }),
-        key_strindex: 0,
-    }
-}
-
-/// An integer attribute.
-pub(crate) fn int_kv(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue { value: Some(any_value::Value::IntValue(value)) }),
         key_strindex: 0,
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 pub mod metrics;
 mod trace;
+mod wire;
 
 pub use common::{resource, resource_attributes};
 pub use metrics::MetricsEncoder;

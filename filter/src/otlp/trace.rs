@@ -1,13 +1,12 @@
 //! Spans to `ExportTraceServiceRequest`.
 
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+use opentelemetry_proto::tonic::trace::v1::{span, status};
 use opentelemetry_semantic_conventions::attribute as attr;
 use prost::Message;
 
-use super::common::{int_kv, string_kv};
+use super::wire::Writer;
 use crate::node::NodeInfo;
 use crate::span::{SpanKind, SpanRecord};
 
@@ -19,86 +18,97 @@ const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 const KNOWN_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
+/// `trace.proto` and `trace_service.proto` field numbers.
+mod field {
+    pub const REQUEST_RESOURCE_SPANS: u32 = 1;
+    pub const RESOURCE_SPANS_RESOURCE: u32 = 1;
+    pub const RESOURCE_SPANS_SCOPE_SPANS: u32 = 2;
+    pub const SCOPE_SPANS_SCOPE: u32 = 1;
+    pub const SCOPE_SPANS_SPANS: u32 = 2;
+    pub const TRACE_ID: u32 = 1;
+    pub const SPAN_ID: u32 = 2;
+    pub const TRACE_STATE: u32 = 3;
+    pub const PARENT_SPAN_ID: u32 = 4;
+    pub const NAME: u32 = 5;
+    pub const KIND: u32 = 6;
+    pub const START_TIME: u32 = 7;
+    pub const END_TIME: u32 = 8;
+    pub const ATTRIBUTES: u32 = 9;
+    pub const STATUS: u32 = 15;
+    pub const FLAGS: u32 = 16;
+    pub const STATUS_CODE: u32 = 3;
+}
+
 /// Encodes batches of spans for one workload; built once per VM.
 #[derive(Debug, Clone)]
 pub struct TraceEncoder {
-    resource: Resource,
-    scope: InstrumentationScope,
-    mesh_attributes: Vec<KeyValue>,
+    /// The resource and scope, encoded once.
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+    mesh_attributes: Vec<(&'static str, String)>,
 }
 
 impl TraceEncoder {
     /// An encoder for spans of the workload `node` describes.
     pub fn new(resource: Resource, node: &NodeInfo) -> Self {
-        let mut mesh_attributes = Vec::new();
-        let mut put = |k: &str, v: &str| {
-            if !v.is_empty() {
-                mesh_attributes.push(string_kv(k, v));
-            }
-        };
-        put("istio.canonical_service", node.canonical_service().unwrap_or(""));
-        put("istio.canonical_revision", node.canonical_revision());
-        put("istio.namespace", &node.namespace);
-        put("istio.mesh_id", &node.mesh_id);
-        Self { resource, scope: super::common::scope(), mesh_attributes }
+        let mesh_attributes = [
+            ("istio.canonical_service", node.canonical_service().unwrap_or("")),
+            ("istio.canonical_revision", node.canonical_revision()),
+            ("istio.namespace", &node.namespace),
+            ("istio.mesh_id", &node.mesh_id),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        Self { resource: resource.encode_to_vec(), scope: super::common::scope().encode_to_vec(), mesh_attributes }
     }
 
-    /// The `ExportTraceServiceRequest` for a batch of spans.
-    pub fn request(&self, spans: &[SpanRecord]) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(self.resource.clone()),
-                scope_spans: vec![ScopeSpans {
-                    scope: Some(self.scope.clone()),
-                    spans: spans.iter().map(|s| self.span(s)).collect(),
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        }
-    }
-
-    /// The protobuf body of an OTLP/HTTP export of a batch of spans.
+    /// The protobuf body of an OTLP export (`ExportTraceServiceRequest`) of a batch of spans.
     pub fn encode(&self, spans: &[SpanRecord]) -> Vec<u8> {
-        self.request(spans).encode_to_vec()
+        let mut w = Writer::with_capacity(64 + self.resource.len() + spans.len() * 640);
+        w.message(field::REQUEST_RESOURCE_SPANS, |w| {
+            w.encoded_message(field::RESOURCE_SPANS_RESOURCE, &self.resource);
+            w.message(field::RESOURCE_SPANS_SCOPE_SPANS, |w| {
+                w.encoded_message(field::SCOPE_SPANS_SCOPE, &self.scope);
+                for s in spans {
+                    w.message(field::SCOPE_SPANS_SPANS, |w| self.span(w, s));
+                }
+            });
+        });
+        w.into_bytes()
     }
 
-    fn span(&self, s: &SpanRecord) -> Span {
+    fn span(&self, w: &mut Writer, s: &SpanRecord) {
         let mut flags = FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE;
         if s.trace.parent_span_id.is_some() {
             flags |= FLAG_CONTEXT_IS_REMOTE;
         }
-        let mut attributes = http_attributes(s);
-        attributes.extend(self.mesh_attributes.iter().cloned());
+        w.bytes(field::TRACE_ID, &s.trace.trace_id.0);
+        w.bytes(field::SPAN_ID, &s.trace.span_id.0);
+        w.string(field::TRACE_STATE, s.trace.tracestate.as_deref().unwrap_or_default());
+        if let Some(parent) = s.trace.parent_span_id {
+            w.bytes(field::PARENT_SPAN_ID, &parent.0);
+        }
+        w.string(field::NAME, &s.name);
+        let kind = match s.completion.kind {
+            SpanKind::Server => span::SpanKind::Server,
+            SpanKind::Client => span::SpanKind::Client,
+        };
+        w.varint(field::KIND, kind as u64);
+        w.fixed64(field::START_TIME, s.start_unix_nanos);
+        w.fixed64(field::END_TIME, s.completion.end_unix_nanos.max(s.start_unix_nanos));
+        http_attributes(w, field::ATTRIBUTES, s);
+        for (k, v) in &self.mesh_attributes {
+            w.string_attribute(field::ATTRIBUTES, k, v);
+        }
         if let Some(cluster) = &s.completion.upstream_cluster {
-            attributes.push(string_kv("upstream_cluster", cluster.as_str()));
+            w.string_attribute(field::ATTRIBUTES, "upstream_cluster", cluster);
         }
-        attributes.push(string_kv("response_flags", s.completion.response_flags.as_str()));
-        let error = s.is_error();
-        Span {
-            trace_id: s.trace.trace_id.0.to_vec(),
-            span_id: s.trace.span_id.0.to_vec(),
-            trace_state: s.trace.tracestate.clone().unwrap_or_default(),
-            parent_span_id: s.trace.parent_span_id.map(|p| p.0.to_vec()).unwrap_or_default(),
-            flags,
-            name: s.name.clone(),
-            kind: match s.completion.kind {
-                SpanKind::Server => span::SpanKind::Server,
-                SpanKind::Client => span::SpanKind::Client,
-            } as i32,
-            start_time_unix_nano: s.start_unix_nanos,
-            end_time_unix_nano: s.completion.end_unix_nanos.max(s.start_unix_nanos),
-            attributes,
-            dropped_attributes_count: 0,
-            events: Vec::new(),
-            dropped_events_count: 0,
-            links: Vec::new(),
-            dropped_links_count: 0,
-            status: Some(Status {
-                message: String::new(),
-                code: if error { status::StatusCode::Error } else { status::StatusCode::Unset } as i32,
-            }),
-        }
+        w.string_attribute(field::ATTRIBUTES, "response_flags", &s.completion.response_flags);
+        let code = if s.is_error() { status::StatusCode::Error } else { status::StatusCode::Unset };
+        w.message(field::STATUS, |w| w.varint(field::STATUS_CODE, code as u64));
+        w.fixed32(field::FLAGS, flags);
     }
 }
 
@@ -111,59 +121,57 @@ pub fn rejected_spans(body: &[u8]) -> u64 {
         .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
 }
 
-/// Stable HTTP semantic-convention attributes of a span.
-fn http_attributes(s: &SpanRecord) -> Vec<KeyValue> {
+/// Stable HTTP semantic-convention attributes of a span, written as repeated `field`.
+fn http_attributes(w: &mut Writer, field: u32, s: &SpanRecord) {
     let r = &s.request;
     let c = &s.completion;
-    let mut out = Vec::with_capacity(16);
     if KNOWN_METHODS.contains(&r.method.as_str()) {
-        out.push(string_kv(attr::HTTP_REQUEST_METHOD, r.method.as_str()));
+        w.string_attribute(field, attr::HTTP_REQUEST_METHOD, &r.method);
     } else {
-        out.push(string_kv(attr::HTTP_REQUEST_METHOD, "_OTHER"));
-        out.push(string_kv(attr::HTTP_REQUEST_METHOD_ORIGINAL, r.method.as_str()));
+        w.string_attribute(field, attr::HTTP_REQUEST_METHOD, "_OTHER");
+        w.string_attribute(field, attr::HTTP_REQUEST_METHOD_ORIGINAL, &r.method);
     }
     let (host, port) = split_authority(&r.authority);
     match c.kind {
         SpanKind::Server => {
-            out.push(string_kv(attr::URL_PATH, r.path.as_str()));
-            out.push(string_kv(attr::URL_SCHEME, r.scheme.as_str()));
+            w.string_attribute(field, attr::URL_PATH, &r.path);
+            w.string_attribute(field, attr::URL_SCHEME, &r.scheme);
         }
         SpanKind::Client => {
-            out.push(string_kv(attr::URL_FULL, format!("{}://{}{}", r.scheme, r.authority, r.path)));
+            w.string_attribute(field, attr::URL_FULL, &format!("{}://{}{}", r.scheme, r.authority, r.path));
         }
     }
     if !host.is_empty() {
-        out.push(string_kv(attr::SERVER_ADDRESS, host));
+        w.string_attribute(field, attr::SERVER_ADDRESS, host);
     }
     if let Some(port) = port.or(match r.scheme.as_str() {
         "https" => Some(443),
         "http" if c.kind == SpanKind::Client => Some(80),
         _ => None,
     }) {
-        out.push(int_kv(attr::SERVER_PORT, i64::from(port)));
+        w.int_attribute(field, attr::SERVER_PORT, i64::from(port));
     }
     if c.status_code != 0 {
-        out.push(int_kv(attr::HTTP_RESPONSE_STATUS_CODE, i64::from(c.status_code)));
+        w.int_attribute(field, attr::HTTP_RESPONSE_STATUS_CODE, i64::from(c.status_code));
     }
     if let Some(v) = c.protocol.as_deref().and_then(protocol_version) {
-        out.push(string_kv(attr::NETWORK_PROTOCOL_VERSION, v));
+        w.string_attribute(field, attr::NETWORK_PROTOCOL_VERSION, v);
     }
     if let Some(ua) = &r.user_agent {
-        out.push(string_kv(attr::USER_AGENT_ORIGINAL, ua.as_str()));
+        w.string_attribute(field, attr::USER_AGENT_ORIGINAL, ua);
     }
     for (name, values) in &r.headers {
-        out.push(super::common::string_array_kv(&format!("http.request.header.{name}"), values));
+        w.string_array_attribute(field, &format!("http.request.header.{name}"), values);
     }
     if c.kind == SpanKind::Server {
         if let Some(addr) = c.client_address.as_deref() {
             let (ip, _) = split_authority(addr);
-            out.push(string_kv(attr::CLIENT_ADDRESS, ip));
+            w.string_attribute(field, attr::CLIENT_ADDRESS, ip);
         }
     }
     if let Some(e) = s.error_type() {
-        out.push(string_kv(attr::ERROR_TYPE, e));
+        w.string_attribute(field, attr::ERROR_TYPE, &e);
     }
-    out
 }
 
 /// `HTTP/1.1` -> `1.1`, `HTTP/2` -> `2`.
@@ -194,7 +202,9 @@ mod tests {
     use crate::propagation::TraceDecision;
     use crate::span::{Completion, RequestInfo};
     use crate::trace_context::{SpanId, TraceId};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
 
     fn record(kind: SpanKind, code: u32, parent: bool) -> SpanRecord {
         SpanRecord::new(
@@ -241,9 +251,13 @@ mod tests {
         TraceEncoder::new(Resource::default(), &node)
     }
 
+    fn decoded(spans: &[SpanRecord]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest::decode(encoder().encode(spans).as_slice()).unwrap()
+    }
+
     #[test]
     fn server_span_carries_http_and_mesh_attributes() {
-        let req = encoder().request(&[record(SpanKind::Server, 200, true)]);
+        let req = decoded(&[record(SpanKind::Server, 200, true)]);
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.kind, span::SpanKind::Server as i32);
         assert_eq!(span.name, "GET /items");
@@ -273,7 +287,7 @@ mod tests {
 
     #[test]
     fn client_span_has_full_url_and_4xx_errors() {
-        let req = encoder().request(&[record(SpanKind::Client, 404, false)]);
+        let req = decoded(&[record(SpanKind::Client, 404, false)]);
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(span.flags, 0x101);
         assert!(span.parent_span_id.is_empty());
@@ -288,7 +302,7 @@ mod tests {
     fn unknown_methods_are_other() {
         let mut r = record(SpanKind::Server, 200, false);
         r.request.method = "PURGE".into();
-        let req = encoder().request(&[r]);
+        let req = decoded(&[r]);
         let span = &req.resource_spans[0].scope_spans[0].spans[0];
         assert_eq!(attr(span, "http.request.method").cloned(), Some(Value::StringValue("_OTHER".into())));
         assert_eq!(attr(span, "http.request.method_original").cloned(), Some(Value::StringValue("PURGE".into())));

@@ -5,7 +5,10 @@
 //! For each: Envoy's CPU time per request (from /proc), throughput at saturation (wrk), latency at
 //! a fixed moderate rate, resident memory, and spans received. Prints a Markdown report.
 //!
-//! `make bench` runs it; `BENCH_SECONDS` (default 10) sets the saturation run's length.
+//! `make bench` runs it. `BENCH_SECONDS` (default 10) sets the saturation run's length,
+//! `BENCH_ROUNDS` (default 3) how many times every scenario runs (figures are medians),
+//! `BENCH_ONLY=text` keeps the baseline and the scenarios whose name contains `text`, and
+//! `BENCH_PERF=1` profiles Envoy with `perf` during each saturation run.
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -138,9 +141,11 @@ fn run(s: &Scenario, seconds: u64) -> Result {
     let url = format!("http://127.0.0.1:{inbound}/bench");
     wrk(&url, 2, 16);
     let pid = envoy.pid();
+    let perf = profile_start(pid, s.name, seconds);
     let cpu0 = cpu_seconds(pid);
     let (requests, rps) = wrk(&url, seconds, 32);
     let cpu = cpu_seconds(pid) - cpu0;
+    profile_report(perf);
     let rss = rss_mb(pid);
     let (p50, p99) = fixed_rate_latency(&url);
     thread::sleep(Duration::from_secs(2));
@@ -157,6 +162,7 @@ fn run(s: &Scenario, seconds: u64) -> Result {
 
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let rounds_count: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let fast = json!({"export": {"flush_interval_ms": 1000}, "metrics": {"export_interval_ms": 10000}});
     let with = |extra: Value| {
         let mut v = fast.clone();
@@ -179,19 +185,31 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    eprintln!("benchmarking {} scenarios, {seconds} s of saturation each ...", scenarios.len());
-    let results: Vec<Result> = scenarios
-        .iter()
-        .map(|s| {
-            eprintln!("  {}", s.name);
-            run(s, seconds)
-        })
-        .collect();
+    eprintln!("benchmarking {} scenarios, {rounds_count} rounds, {seconds} s of saturation each ...", scenarios.len());
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let scenarios: Vec<&Scenario> =
+        scenarios.iter().filter(|s| only.is_empty() || s.name.contains(&only) || s.name.contains("baseline")).collect();
+    // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
+    // each figure is the median over the rounds.
+    let mut rounds: Vec<Vec<Result>> = vec![Vec::new(); scenarios.len()];
+    for round in 1..=rounds_count {
+        for (i, s) in scenarios.iter().enumerate() {
+            eprintln!("  round {round}/{rounds_count}: {}", s.name);
+            rounds[i].push(run(s, seconds));
+        }
+    }
+    let results: Vec<Result> = rounds.iter().map(|r| median(r)).collect();
     let base = results[0].clone();
-    let native_overhead = results[2].cpu_us_per_request - base.cpu_us_per_request;
-    let noop_overhead = results[1].cpu_us_per_request - base.cpu_us_per_request;
+    let overhead_of = |prefix: &str| {
+        results
+            .iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map_or(0.0, |r| r.cpu_us_per_request - base.cpu_us_per_request)
+    };
+    let native_overhead = overhead_of("native");
+    let noop_overhead = overhead_of("no-op");
     println!("Envoy: {version}");
-    println!("Machine: {} cores, {}; load: wrk -t2 -c32 -d{seconds}s on loopback, Envoy --concurrency 2, echo upstream; latency at {FIXED_RATE} req/s for {FIXED_SECONDS} s\n", num_cores(), cpu_model());
+    println!("Machine: {} cores, {}; medians of {rounds_count} rounds; load: wrk -t2 -c32 -d{seconds}s on loopback, Envoy --concurrency 2, echo upstream; latency at {FIXED_RATE} req/s for {FIXED_SECONDS} s\n", num_cores(), cpu_model());
     println!("| configuration | Envoy CPU µs/request | overhead µs | / native overhead | / no-op overhead | req/s at saturation | p50 ms @{FIXED_RATE}/s | p99 ms | RSS MB | spans received |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
@@ -209,6 +227,56 @@ fn main() {
             r.rss_mb,
             r.spans
         );
+    }
+}
+
+/// With `BENCH_PERF=1`, samples Envoy with `perf record` during the saturation run.
+fn profile_start(pid: u32, name: &str, seconds: u64) -> Option<(std::process::Child, String)> {
+    std::env::var_os("BENCH_PERF")?;
+    let file = format!("target/perf-{}.data", name.split_whitespace().collect::<Vec<_>>().join("-"));
+    let child = Command::new("perf")
+        .args(["record", "-q", "-F", "2000", "-p", &pid.to_string(), "-o", &file, "--", "sleep"])
+        .arg(seconds.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    Some((child, file))
+}
+
+/// Prints where Envoy's samples went: by shared object (JIT-compiled Wasm shows as `[JIT]` or
+/// anonymous memory) and the top symbols.
+fn profile_report(perf: Option<(std::process::Child, String)>) {
+    let Some((mut child, file)) = perf else { return };
+    let _ = child.wait();
+    for sort in ["dso", "dso,sym"] {
+        if let Ok(out) = Command::new("perf")
+            .args(["report", "-i", &file, "--stdio", "--sort", sort, "--percent-limit", "1.5"])
+            .output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+                eprintln!("    {line}");
+            }
+        }
+    }
+}
+
+/// Each figure's median over the rounds of one scenario.
+fn median(rounds: &[Result]) -> Result {
+    let m = |f: fn(&Result) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Result {
+        name: rounds.first().map_or("", |r| r.name),
+        rps: m(|r| r.rps),
+        cpu_us_per_request: m(|r| r.cpu_us_per_request),
+        p50_ms: m(|r| r.p50_ms),
+        p99_ms: m(|r| r.p99_ms),
+        rss_mb: m(|r| r.rss_mb),
+        spans: m(|r| r.spans as f64) as u64,
     }
 }
 
