@@ -137,6 +137,39 @@ pub fn classify(status: Option<u32>, retry_after: Option<&str>) -> Outcome {
     }
 }
 
+/// Classify an OTLP/gRPC answer by its status (OTLP spec, "Failures"; gRPC status codes): OK
+/// succeeds; CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE
+/// and DATA_LOSS are retryable (the proxy reports an unreachable collector as UNAVAILABLE);
+/// everything else (INVALID_ARGUMENT, UNAUTHENTICATED, UNIMPLEMENTED, ...) is permanent.
+pub fn classify_grpc(status: u32) -> Outcome {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    let name = NAMES.get(status as usize).copied().unwrap_or("an unknown status");
+    let reason = format!("collector answered gRPC status {status} ({name})");
+    match status {
+        0 => Outcome::Success { rejected: 0 },
+        1 | 4 | 8 | 10 | 11 | 14 | 15 => Outcome::Retry { reason, after: None },
+        _ => Outcome::Fail { reason },
+    }
+}
+
 /// Longest `Retry-After` honoured; a collector asking for more gets this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// First retry delay; it doubles per attempt up to [`MAX_BACKOFF`].

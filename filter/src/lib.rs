@@ -4,6 +4,7 @@
 //! and on `wasm32-wasip1`, and is reused by the installer (the config parser). Only `glue`, built
 //! for the proxy, imports `proxy_wasm`.
 
+pub mod access_log;
 pub mod config;
 pub mod export;
 pub mod metrics;

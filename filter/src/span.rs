@@ -50,6 +50,8 @@ pub struct RequestInfo {
     pub authority: String,
     /// `user-agent`.
     pub user_agent: Option<String>,
+    /// `x-request-id` (access logs).
+    pub request_id: Option<String>,
     /// Configured request headers present on the request, `(name, values)`.
     pub headers: Vec<(String, Vec<String>)>,
 }
@@ -72,6 +74,7 @@ impl RequestInfo {
             scheme: get(":scheme").unwrap_or_else(|| "http".into()),
             authority: get(":authority").unwrap_or_default(),
             user_agent: get("user-agent"),
+            request_id: get("x-request-id"),
             headers: record
                 .iter()
                 .filter_map(|name| {
@@ -105,6 +108,39 @@ pub struct Completion {
     pub client_address: Option<String>,
     /// Span kind.
     pub kind: SpanKind,
+    /// Upstream host address (`ip:port`); read for access logs.
+    pub upstream_host: Option<String>,
+    /// Request body bytes received; read for access logs.
+    pub bytes_received: u64,
+    /// Response body bytes sent; read for access logs.
+    pub bytes_sent: u64,
+}
+
+impl Completion {
+    /// Whether the request failed per the HTTP conventions: 5xx on servers, 4xx and 5xx on
+    /// clients, and any request that got no response.
+    pub fn is_error(&self) -> bool {
+        let code = self.status_code;
+        match self.kind {
+            _ if code == 0 => true,
+            SpanKind::Server => code >= 500,
+            SpanKind::Client => code >= 400,
+        }
+    }
+
+    /// `error.type`: the status code, else the response flags, else `_OTHER`; `None` when no error.
+    pub fn error_type(&self) -> Option<String> {
+        if !self.is_error() {
+            return None;
+        }
+        Some(if self.status_code != 0 {
+            self.status_code.to_string()
+        } else if self.response_flags != "-" && !self.response_flags.is_empty() {
+            self.response_flags.clone()
+        } else {
+            "_OTHER".to_string()
+        })
+    }
 }
 
 /// A finished span, ready to be queued for export.
@@ -140,30 +176,14 @@ impl SpanRecord {
         Self { trace, name, start_unix_nanos, request, completion }
     }
 
-    /// Whether the span is an error per the HTTP conventions: 5xx on servers, 4xx and 5xx on
-    /// clients, and any request that got no response.
+    /// Whether the span is an error (see [`Completion::is_error`]).
     pub fn is_error(&self) -> bool {
-        let code = self.completion.status_code;
-        match self.completion.kind {
-            _ if code == 0 => true,
-            SpanKind::Server => code >= 500,
-            SpanKind::Client => code >= 400,
-        }
+        self.completion.is_error()
     }
 
-    /// `error.type`: the status code, else the response flags, else `_OTHER`; `None` when no error.
+    /// The span's `error.type` (see [`Completion::error_type`]).
     pub fn error_type(&self) -> Option<String> {
-        if !self.is_error() {
-            return None;
-        }
-        let c = &self.completion;
-        Some(if c.status_code != 0 {
-            c.status_code.to_string()
-        } else if c.response_flags != "-" && !c.response_flags.is_empty() {
-            c.response_flags.clone()
-        } else {
-            "_OTHER".to_string()
-        })
+        self.completion.error_type()
     }
 }
 

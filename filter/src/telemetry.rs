@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::metrics::aggregate::Measurement;
@@ -13,7 +14,7 @@ use crate::metrics::labels::{IstioLabels, Reporter, RequestFacts};
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::node::NodeInfo;
-use crate::otlp::{self, TraceEncoder};
+use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::peer::{self, PeerInfo};
 use crate::propagation::{start_trace, HeaderOp, Headers, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
@@ -36,12 +37,19 @@ pub struct ActiveRequest {
     pub grpc: bool,
     /// The caller, from its `x-envoy-peer-metadata` header (metrics only).
     pub downstream_peer: Option<PeerInfo>,
+    /// Whether the request may get an access-log record (the glue then reads what it needs).
+    pub log: bool,
 }
 
 impl ActiveRequest {
     /// Whether the request's span is recorded.
     pub fn sampled(&self) -> bool {
         self.trace.as_ref().is_some_and(|t| t.sampled)
+    }
+
+    /// Whether the request needs its full request facts (span or access log).
+    pub fn recorded(&self) -> bool {
+        self.sampled() || self.log
     }
 }
 
@@ -83,6 +91,63 @@ pub struct TelemetryStats {
     pub metrics: MetricStats,
     /// Export counters of metric data points.
     pub metric_exports: ExportStats,
+    /// Access-log records recorded on the request path.
+    pub logs_recorded: u64,
+    /// Access-log records dropped because the queue was full.
+    pub logs_dropped: u64,
+    /// Export counters of access-log records.
+    pub log_exports: ExportStats,
+}
+
+/// One signal's queue, flush timer and export calls (spans, access logs).
+#[derive(Debug)]
+struct Signal<T> {
+    path: &'static str,
+    queue: BoundedQueue<T>,
+    flush: FlushTimer,
+    sender: Sender,
+    recorded: u64,
+    reported_drops: u64,
+}
+
+impl<T> Signal<T> {
+    fn new(path: &'static str, config: &Config, now_ns: u64) -> Self {
+        let e = &config.export;
+        Self {
+            path,
+            queue: BoundedQueue::new(e.max_queue),
+            flush: FlushTimer::new(e.flush_interval, now_ns),
+            sender: Sender::new(e.max_in_flight, e.max_retries),
+            recorded: 0,
+            reported_drops: 0,
+        }
+    }
+
+    fn push(&mut self, item: T) {
+        self.recorded += 1;
+        self.queue.push(item);
+    }
+
+    /// A retry or a batch due now, encoded by `encode`.
+    fn next(&mut self, max_batch: usize, now_ns: u64, encode: impl FnOnce(&[T]) -> Vec<u8>) -> Option<Payload> {
+        if let Some(retry) = self.sender.due_retry(now_ns) {
+            return Some(retry);
+        }
+        if self.sender.has_capacity() && self.flush.due(self.queue.len(), max_batch, now_ns) {
+            let batch = self.queue.take(max_batch);
+            self.flush.flushed(now_ns);
+            return Some(Payload::new(self.path, encode(&batch), batch.len() as u64));
+        }
+        None
+    }
+
+    /// Newly dropped items since the last call, and the total.
+    fn new_drops(&mut self) -> Option<(u64, u64)> {
+        let dropped = self.queue.dropped();
+        let new = dropped.checked_sub(self.reported_drops).filter(|n| *n > 0)?;
+        self.reported_drops = dropped;
+        Some((new, dropped))
+    }
 }
 
 /// All telemetry state of one VM.
@@ -93,13 +158,11 @@ pub struct Telemetry {
     sampler: RatioSampler,
     ids: IdGenerator,
     encoder: TraceEncoder,
-    spans: BoundedQueue<SpanRecord>,
-    flush: FlushTimer,
-    traces: Sender,
+    spans: Signal<SpanRecord>,
+    log_encoder: LogEncoder,
+    logs: Signal<AccessLog>,
     metrics: Option<MetricsPipeline>,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
-    spans_recorded: u64,
-    reported_drops: u64,
 }
 
 impl Telemetry {
@@ -115,14 +178,12 @@ impl Telemetry {
         Self {
             sampler: RatioSampler::new(config.traces.sampling_ratio),
             ids,
+            log_encoder: LogEncoder::new(&resource),
             encoder: TraceEncoder::new(resource, &node),
-            spans: BoundedQueue::new(config.export.max_queue),
-            flush: FlushTimer::new(config.export.flush_interval, now_ns),
-            traces: Sender::new(config.export.max_in_flight, config.export.max_retries),
+            spans: Signal::new(otlp::TRACES_PATH, &config, now_ns),
+            logs: Signal::new(otlp::LOGS_PATH, &config, now_ns),
             metrics,
             cluster_services: HashMap::new(),
-            spans_recorded: 0,
-            reported_drops: 0,
             config,
             node,
         }
@@ -151,13 +212,13 @@ impl Telemetry {
     }
 
     /// Start a request: decide its trace and the header changes that propagate it.
-    /// `None` when both tracing and metrics are off: the request is left alone.
+    /// `None` when tracing, metrics and logs are all off: the request is left alone.
     pub fn start_request(
         &mut self,
         headers: &[(String, Vec<u8>)],
         now_ns: u64,
     ) -> Option<(ActiveRequest, Vec<HeaderOp>)> {
-        if !self.config.traces.enabled && self.metrics.is_none() {
+        if !self.config.traces.enabled && self.metrics.is_none() && !self.config.logs.enabled {
             return None;
         }
         let headers = Headers(headers);
@@ -169,7 +230,8 @@ impl Telemetry {
         };
         let metrics = self.metrics.is_some();
         let sampled = trace.as_ref().is_some_and(|t| t.sampled);
-        let request = if sampled {
+        let log = self.config.logs.enabled && access_log::wanted(self.config.logs.mode, sampled);
+        let request = if sampled || log {
             RequestInfo::from_headers(headers, &self.config.traces.request_headers)
         } else if metrics {
             // Metrics need only the authority (the Host fallback of destination_service).
@@ -190,7 +252,7 @@ impl Telemetry {
         } else {
             None
         };
-        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, downstream_peer }, ops))
+        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, downstream_peer, log }, ops))
     }
 
     /// The Istio service behind `cluster`, from its metadata (read by `read` once per cluster).
@@ -206,7 +268,8 @@ impl Telemetry {
         service
     }
 
-    /// Finish a request: record its span if sampled, and its metrics if they are on.
+    /// Finish a request: record its span if sampled, its metrics if they are on, and its access
+    /// log if it was wanted and `logs.mode` keeps it.
     pub fn finish_request(&mut self, active: ActiveRequest, completion: Completion, facts: Option<MetricFacts>) {
         if let (Some(facts), true) = (facts, self.metrics.is_some()) {
             let (labels, measurement) = self.metric_point(&active, &completion, facts);
@@ -214,17 +277,22 @@ impl Telemetry {
                 m.record(labels, &measurement);
             }
         }
-        let Some(trace) = active.trace.filter(|t| t.sampled) else {
-            return;
-        };
-        self.spans_recorded += 1;
-        self.spans.push(SpanRecord::new(
-            trace,
-            self.config.traces.span_name,
-            active.start_unix_nanos,
-            active.request,
-            completion,
-        ));
+        let log = active.log && access_log::keep(self.config.logs.mode, &completion);
+        let ActiveRequest { trace, start_unix_nanos: start, request, .. } = active;
+        match trace.as_ref().filter(|t| t.sampled).cloned() {
+            Some(span) if log => {
+                let (r, c) = (request.clone(), completion.clone());
+                self.logs.push(AccessLog { trace, start_unix_nanos: start, request: r, completion: c });
+                self.push_span(span, start, request, completion);
+            }
+            Some(span) => self.push_span(span, start, request, completion),
+            None if log => self.logs.push(AccessLog { trace, start_unix_nanos: start, request, completion }),
+            None => {}
+        }
+    }
+
+    fn push_span(&mut self, trace: TraceDecision, start: u64, request: RequestInfo, completion: Completion) {
+        self.spans.push(SpanRecord::new(trace, self.config.traces.span_name, start, request, completion));
     }
 
     fn metric_point(&self, active: &ActiveRequest, c: &Completion, f: MetricFacts) -> (Vec<String>, Measurement) {
@@ -266,16 +334,17 @@ impl Telemetry {
         (labels, measurement)
     }
 
-    /// The next export call to make now, if any: span retries and batches first, then metrics.
-    /// Encoding happens here, off the request path.
+    /// The next export call to make now, if any: spans, then access logs (retries before new
+    /// batches), then metrics. Encoding happens here, off the request path.
     pub fn next_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
-        if let Some(retry) = self.traces.due_retry(now_ns) {
-            return Some(retry);
+        let max_batch = self.config.export.max_batch;
+        let encoder = &self.encoder;
+        if let Some(p) = self.spans.next(max_batch, now_ns, |batch| encoder.encode(batch)) {
+            return Some(p);
         }
-        if self.traces.has_capacity() && self.flush.due(self.spans.len(), self.config.export.max_batch, now_ns) {
-            let batch = self.spans.take(self.config.export.max_batch);
-            self.flush.flushed(now_ns);
-            return Some(Payload::new(otlp::TRACES_PATH, self.encoder.encode(&batch), batch.len() as u64));
+        let encoder = &self.log_encoder;
+        if let Some(p) = self.logs.next(max_batch, now_ns, |batch| encoder.encode(batch)) {
+            return Some(p);
         }
         self.metrics.as_mut()?.tick(store, now_ns)
     }
@@ -283,7 +352,8 @@ impl Telemetry {
     fn sender_for(&mut self, path: &str) -> &mut Sender {
         match (&mut self.metrics, path) {
             (Some(m), otlp::METRICS_PATH) => m.sender(),
-            _ => &mut self.traces,
+            (_, otlp::LOGS_PATH) => &mut self.logs.sender,
+            _ => &mut self.spans.sender,
         }
     }
 
@@ -308,30 +378,48 @@ impl Telemetry {
         body: &[u8],
         now_ns: u64,
     ) -> Option<String> {
-        let metrics = self.metrics.as_ref().is_some_and(|m| m.owns(token));
-        let path = if metrics { otlp::METRICS_PATH } else { otlp::TRACES_PATH };
-        let outcome = match crate::export::classify(status, retry_after) {
-            Outcome::Success { .. } if path == otlp::METRICS_PATH => {
-                Outcome::Success { rejected: otlp::metrics::rejected_points(body) }
-            }
-            Outcome::Success { .. } => Outcome::Success { rejected: otlp::rejected_spans(body) },
+        self.answered(token, crate::export::classify(status, retry_after), body, now_ns)
+    }
+
+    /// Record the collector's answer to gRPC call `token`: its gRPC status and response message.
+    /// Returns a line to log on a state change.
+    pub fn completed_grpc(&mut self, token: u32, status: u32, body: &[u8], now_ns: u64) -> Option<String> {
+        self.answered(token, crate::export::classify_grpc(status), body, now_ns)
+    }
+
+    fn answered(&mut self, token: u32, outcome: Outcome, body: &[u8], now_ns: u64) -> Option<String> {
+        let path = if self.metrics.as_ref().is_some_and(|m| m.owns(token)) {
+            otlp::METRICS_PATH
+        } else if self.logs.sender.owns(token) {
+            otlp::LOGS_PATH
+        } else {
+            otlp::TRACES_PATH
+        };
+        let outcome = match outcome {
+            Outcome::Success { .. } => Outcome::Success {
+                rejected: match path {
+                    otlp::METRICS_PATH => otlp::metrics::rejected_points(body),
+                    otlp::LOGS_PATH => otlp::rejected_log_records(body),
+                    _ => otlp::rejected_spans(body),
+                },
+            },
             other => other,
         };
         self.sender_for(path).completed(token, outcome, now_ns).map(|l| format!("{path}: {l}"))
     }
 
-    /// A line to log when spans started being dropped since the last call, if they did.
-    pub fn drop_report(&mut self) -> Option<String> {
-        let dropped = self.spans.dropped();
-        if dropped == self.reported_drops {
-            return None;
-        }
-        let new = dropped - self.reported_drops;
-        self.reported_drops = dropped;
-        Some(format!(
-            "span queue full (export.max_queue = {}): dropped {new} oldest spans, {dropped} in all",
-            self.config.export.max_queue
-        ))
+    /// Lines to log when spans or access logs were dropped since the last call, if they were.
+    pub fn drop_report(&mut self) -> Vec<String> {
+        let cap = self.config.export.max_queue;
+        let spans = self.spans.new_drops().map(|(new, all)| ("span", new, all));
+        let logs = self.logs.new_drops().map(|(new, all)| ("access-log", new, all));
+        [spans, logs]
+            .into_iter()
+            .flatten()
+            .map(|(what, new, all)| {
+                format!("{what} queue full (export.max_queue = {cap}): dropped {new} oldest records, {all} in all")
+            })
+            .collect()
     }
 
     /// Cumulative health counters.
@@ -341,11 +429,14 @@ impl Telemetry {
             None => Default::default(),
         };
         TelemetryStats {
-            spans_recorded: self.spans_recorded,
-            spans_dropped: self.spans.dropped(),
-            traces: self.traces.stats().clone(),
+            spans_recorded: self.spans.recorded,
+            spans_dropped: self.spans.queue.dropped(),
+            traces: self.spans.sender.stats().clone(),
             metrics,
             metric_exports,
+            logs_recorded: self.logs.recorded,
+            logs_dropped: self.logs.queue.dropped(),
+            log_exports: self.logs.sender.stats().clone(),
         }
     }
 }
@@ -435,9 +526,89 @@ mod tests {
         let mut t = telemetry(r#","export":{"max_batch":2,"max_queue":2,"max_in_flight":1}"#);
         record(&mut t, 5);
         assert_eq!(t.stats().spans_dropped, 3);
-        let line = t.drop_report().unwrap();
-        assert!(line.contains("dropped 3 oldest spans"), "{line}");
-        assert_eq!(t.drop_report(), None);
+        let lines = t.drop_report();
+        assert!(lines.len() == 1 && lines[0].starts_with("span queue full"), "{lines:?}");
+        assert!(lines[0].contains("dropped 3 oldest records"), "{lines:?}");
+        assert!(t.drop_report().is_empty());
+    }
+
+    fn logged(t: &mut Telemetry, code: u32, traceparent: Option<&str>) {
+        let mut hs = vec![(":method", "GET"), (":path", "/p?secret=1"), ("x-request-id", "r1")];
+        hs.extend(traceparent.map(|tp| ("traceparent", tp)));
+        let (active, _) = t.start_request(&headers(&hs), 1).unwrap();
+        t.finish_request(active, Completion { status_code: code, ..completion() }, None);
+    }
+
+    fn exports(t: &mut Telemetry) -> Vec<Payload> {
+        let store = MemoryStore::default();
+        std::iter::from_fn(|| t.next_export(&store, 10 * S)).collect()
+    }
+
+    #[test]
+    fn access_logs_follow_their_mode() {
+        let unsampled = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
+        for (mode, expected) in [("all", 4), ("errors", 2), ("sampled", 3)] {
+            let mut t =
+                telemetry(&format!(r#","logs":{{"enabled":true,"mode":"{mode}"}},"metrics":{{"enabled":false}}"#));
+            for code in [200, 404, 503] {
+                logged(&mut t, code, None);
+            }
+            logged(&mut t, 200, unsampled);
+            assert_eq!(t.stats().logs_recorded, expected, "mode {mode}");
+            let logs: Vec<_> = exports(&mut t).into_iter().filter(|p| p.path == otlp::LOGS_PATH).collect();
+            assert_eq!(logs.iter().map(|p| p.items).sum::<u64>(), expected, "mode {mode}");
+        }
+    }
+
+    #[test]
+    fn access_logs_carry_their_spans_ids() {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        let mut t = telemetry(r#","logs":{"enabled":true},"metrics":{"enabled":false}"#);
+        logged(&mut t, 200, None);
+        let payloads = exports(&mut t);
+        let spans = payloads.iter().find(|p| p.path == otlp::TRACES_PATH).unwrap();
+        let logs = payloads.iter().find(|p| p.path == otlp::LOGS_PATH).unwrap();
+        let span = ExportTraceServiceRequest::decode(spans.body.as_slice()).unwrap().resource_spans[0].scope_spans[0]
+            .spans[0]
+            .clone();
+        let log = ExportLogsServiceRequest::decode(logs.body.as_slice()).unwrap().resource_logs[0].scope_logs[0]
+            .log_records[0]
+            .clone();
+        assert_eq!((&log.trace_id, &log.span_id), (&span.trace_id, &span.span_id));
+        let path = log.attributes.iter().find(|kv| kv.key == "url.path").unwrap();
+        assert_eq!(
+            format!("{:?}", path.value),
+            format!("{:?}", span.attributes.iter().find(|kv| kv.key == "url.path").unwrap().value)
+        );
+        assert!(!format!("{log:?}").contains("secret"), "no query string in logs");
+    }
+
+    #[test]
+    fn access_logs_without_tracing_have_no_ids_and_leave_headers_alone() {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        let mut t = telemetry(r#","logs":{"enabled":true},"traces":{"enabled":false},"metrics":{"enabled":false}"#);
+        let (active, ops) = t.start_request(&headers(&[(":method", "GET")]), 1).unwrap();
+        assert!(ops.is_empty());
+        t.finish_request(active, completion(), None);
+        let payloads = exports(&mut t);
+        assert_eq!(payloads.len(), 1);
+        let req = ExportLogsServiceRequest::decode(payloads[0].body.as_slice()).unwrap();
+        assert!(req.resource_logs[0].scope_logs[0].log_records[0].trace_id.is_empty());
+    }
+
+    #[test]
+    fn grpc_answers_go_to_the_calls_signal() {
+        let mut t = telemetry(r#","logs":{"enabled":true},"metrics":{"enabled":false},"export":{"max_retries":1}"#);
+        logged(&mut t, 200, None);
+        let payloads = exports(&mut t);
+        let (spans, logs) = (payloads[0].clone(), payloads[1].clone());
+        assert_eq!((spans.path, logs.path), (otlp::TRACES_PATH, otlp::LOGS_PATH));
+        t.sent(1, spans);
+        t.sent(2, logs);
+        t.completed_grpc(1, 0, &[], 10 * S);
+        t.completed_grpc(2, 3, &[], 10 * S);
+        let stats = t.stats();
+        assert_eq!((stats.traces.exported, stats.log_exports.failed), (1, 1));
     }
 
     #[test]

@@ -60,7 +60,8 @@ impl HttpContext for Http {
             return;
         };
         let metrics = telemetry.metrics_enabled();
-        if !active.sampled() && !metrics {
+        let recorded = active.recorded();
+        if !recorded && !metrics {
             return;
         }
         let cluster = property_string(&["xds", "cluster_name"]);
@@ -68,15 +69,18 @@ impl HttpContext for Http {
         let kind = span_kind(telemetry.node(), cluster.as_deref(), || property_u64(&["xds", "listener_direction"]));
         // Gateways serve (SERVER spans) but report as the source: their peer is upstream.
         let peer_upstream = kind == SpanKind::Client || telemetry.node().is_gateway();
-        let sampled = active.sampled();
+        let log = active.log;
         let completion = Completion {
             end_unix_nanos: host::now_ns(),
             status_code: property_u64(&["response", "code"]).and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
             response_flags: response_flags::short_string(property_u64(&["response", "flags"]).unwrap_or(0)),
             kind,
-            protocol: sampled.then(|| property_string(&["request", "protocol"])).flatten(),
-            client_address: sampled.then(|| property_string(&["source", "address"])).flatten(),
+            protocol: recorded.then(|| property_string(&["request", "protocol"])).flatten(),
+            client_address: recorded.then(|| property_string(&["source", "address"])).flatten(),
             upstream_cluster: cluster,
+            upstream_host: log.then(|| property_string(&["upstream", "address"])).flatten(),
+            bytes_received: if log { property_u64(&["request", "size"]).unwrap_or(0) } else { 0 },
+            bytes_sent: if log { property_u64(&["response", "size"]).unwrap_or(0) } else { 0 },
         };
         let facts = metrics.then(|| {
             let mut facts = metric_facts(peer_upstream, active.grpc);

@@ -10,7 +10,7 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use super::host::{self, log, property, property_string, Counter, HostStore};
 use super::http::Http;
-use crate::config::{self, Config};
+use crate::config::{self, Config, Protocol};
 use crate::export::Payload;
 use crate::node::{decode_pairs, NodeInfo};
 use crate::otlp;
@@ -41,6 +41,11 @@ struct Stats {
     metric_points_exported: Counter,
     metric_points_failed: Counter,
     metric_export_failures: Counter,
+    logs_recorded: Counter,
+    logs_exported: Counter,
+    logs_dropped: Counter,
+    logs_failed: Counter,
+    log_export_failures: Counter,
     reported: TelemetryStats,
 }
 
@@ -58,6 +63,11 @@ impl Stats {
             metric_points_exported: Counter::define("meshtel.metric_points_exported"),
             metric_points_failed: Counter::define("meshtel.metric_points_failed"),
             metric_export_failures: Counter::define("meshtel.metric_export_failures"),
+            logs_recorded: Counter::define("meshtel.logs_recorded"),
+            logs_exported: Counter::define("meshtel.logs_exported"),
+            logs_dropped: Counter::define("meshtel.logs_dropped"),
+            logs_failed: Counter::define("meshtel.logs_failed"),
+            log_export_failures: Counter::define("meshtel.log_export_failures"),
             reported: TelemetryStats::default(),
         }
     }
@@ -77,6 +87,11 @@ impl Stats {
             (&self.metric_points_exported, now.metric_exports.exported, was.metric_exports.exported),
             (&self.metric_points_failed, now.metric_exports.failed, was.metric_exports.failed),
             (&self.metric_export_failures, now.metric_exports.failed_requests, was.metric_exports.failed_requests),
+            (&self.logs_recorded, now.logs_recorded, was.logs_recorded),
+            (&self.logs_dropped, now.logs_dropped, was.logs_dropped),
+            (&self.logs_exported, now.log_exports.exported, was.log_exports.exported),
+            (&self.logs_failed, now.log_exports.failed, was.log_exports.failed),
+            (&self.log_export_failures, now.log_exports.failed_requests, was.log_exports.failed_requests),
         ];
         for (counter, now, was) in pairs {
             counter.add(now.saturating_sub(was));
@@ -121,14 +136,16 @@ impl Root {
         log(
             LogLevel::Info,
             &format!(
-                "meshtel {} configured: service {:?} ({}), collector {}, traces {}, sampling {}, metrics {}",
+                "meshtel {} configured: service {:?} ({}), collector {} ({:?}), traces {}, sampling {}, metrics {}, logs {}",
                 otlp::VERSION,
                 node.canonical_service().unwrap_or("unknown"),
                 if node.is_gateway() { "gateway" } else { "sidecar" },
                 config.collector.cluster,
+                config.collector.protocol,
                 if config.traces.enabled { "on" } else { "off" },
                 config.traces.sampling_ratio,
                 if config.metrics.enabled { "on" } else { "off" },
+                if config.logs.enabled { format!("{:?}", config.logs.mode) } else { "off".into() },
             ),
         );
         let scope = property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
@@ -144,6 +161,26 @@ impl Root {
 
     fn dispatch(&self, telemetry: &mut Telemetry, payload: Payload, now: u64) -> Option<String> {
         let c = &telemetry.config().collector;
+        if c.protocol == Protocol::Grpc {
+            let (service, method) = otlp::grpc_method(payload.path);
+            let metadata: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+            // Envoy takes a plain cluster name here (or a serialized GrpcService).
+            let sent =
+                hostcalls::dispatch_grpc_call(&c.cluster, service, method, metadata, Some(&payload.body), c.timeout);
+            return match sent {
+                Ok(token) => {
+                    telemetry.sent(token, payload);
+                    None
+                }
+                Err(status) => {
+                    let reason = format!(
+                        "the proxy refused the gRPC call to cluster {:?} ({status:?}): is the cluster defined?",
+                        c.cluster
+                    );
+                    telemetry.not_sent(payload, reason, now)
+                }
+            };
+        }
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", "POST"),
             (":path", payload.path),
@@ -168,6 +205,26 @@ impl Root {
 }
 
 impl Context for Root {
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
+        let Some(telemetry) = self.telemetry.clone() else {
+            return;
+        };
+        let Ok(mut telemetry) = telemetry.try_borrow_mut() else {
+            return;
+        };
+        let body = if status_code == 0 && response_size > 0 {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size.min(MAX_RESPONSE_BODY))
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if let Some(line) = telemetry.completed_grpc(token, status_code, &body, host::now_ns()) {
+            log(LogLevel::Warn, &format!("meshtel: {line}"));
+        }
+    }
+
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let Some(telemetry) = self.telemetry.clone() else {
             return;
@@ -222,7 +279,7 @@ impl RootContext for Root {
                 log(LogLevel::Warn, &format!("meshtel: {line}"));
             }
         }
-        if let Some(line) = telemetry.drop_report() {
+        for line in telemetry.drop_report() {
             log(LogLevel::Warn, &format!("meshtel: {line}"));
         }
         if let Some(stats) = self.stats.as_mut() {

@@ -8,7 +8,7 @@ use prost::Message;
 
 use super::wire::Writer;
 use crate::node::NodeInfo;
-use crate::span::{SpanKind, SpanRecord};
+use crate::span::{Completion, RequestInfo, SpanKind, SpanRecord};
 
 // OTLP span flags (trace.proto): W3C trace flags in the low byte, then "is remote is known"
 // and "is remote" for the parent.
@@ -98,7 +98,7 @@ impl TraceEncoder {
         w.varint(field::KIND, kind as u64);
         w.fixed64(field::START_TIME, s.start_unix_nanos);
         w.fixed64(field::END_TIME, s.completion.end_unix_nanos.max(s.start_unix_nanos));
-        http_attributes(w, field::ATTRIBUTES, s);
+        http_attributes(w, field::ATTRIBUTES, &s.request, &s.completion);
         for (k, v) in &self.mesh_attributes {
             w.string_attribute(field::ATTRIBUTES, k, v);
         }
@@ -121,10 +121,8 @@ pub fn rejected_spans(body: &[u8]) -> u64 {
         .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
 }
 
-/// Stable HTTP semantic-convention attributes of a span, written as repeated `field`.
-fn http_attributes(w: &mut Writer, field: u32, s: &SpanRecord) {
-    let r = &s.request;
-    let c = &s.completion;
+/// Stable HTTP semantic-convention attributes of a request (span or log), written as repeated `field`.
+pub(super) fn http_attributes(w: &mut Writer, field: u32, r: &RequestInfo, c: &Completion) {
     if KNOWN_METHODS.contains(&r.method.as_str()) {
         w.string_attribute(field, attr::HTTP_REQUEST_METHOD, &r.method);
     } else {
@@ -169,18 +167,18 @@ fn http_attributes(w: &mut Writer, field: u32, s: &SpanRecord) {
             w.string_attribute(field, attr::CLIENT_ADDRESS, ip);
         }
     }
-    if let Some(e) = s.error_type() {
+    if let Some(e) = c.error_type() {
         w.string_attribute(field, attr::ERROR_TYPE, &e);
     }
 }
 
 /// `HTTP/1.1` -> `1.1`, `HTTP/2` -> `2`.
-fn protocol_version(protocol: &str) -> Option<&str> {
+pub(super) fn protocol_version(protocol: &str) -> Option<&str> {
     protocol.strip_prefix("HTTP/").filter(|v| !v.is_empty())
 }
 
 /// Split `host:port`, `[v6]:port` or a bare host.
-fn split_authority(authority: &str) -> (&str, Option<u16>) {
+pub(super) fn split_authority(authority: &str) -> (&str, Option<u16>) {
     if let Some(rest) = authority.strip_prefix('[') {
         if let Some((host, tail)) = rest.split_once(']') {
             return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
@@ -200,7 +198,6 @@ mod tests {
     use super::*;
     use crate::config::SpanNaming;
     use crate::propagation::TraceDecision;
-    use crate::span::{Completion, RequestInfo};
     use crate::trace_context::{SpanId, TraceId};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -224,6 +221,7 @@ mod tests {
                 authority: "shop.ns:8080".into(),
                 user_agent: Some("curl/8".into()),
                 headers: vec![("x-tenant".into(), vec!["a".into(), "b".into()])],
+                request_id: None,
             },
             Completion {
                 end_unix_nanos: 5_000,
@@ -233,6 +231,7 @@ mod tests {
                 protocol: Some("HTTP/1.1".into()),
                 client_address: Some("10.0.0.9:51234".into()),
                 kind,
+                ..Default::default()
             },
         )
     }
