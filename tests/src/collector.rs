@@ -1,15 +1,20 @@
-//! An OTLP/HTTP receiver: decodes what the proxies export with the official `opentelemetry-proto` types.
+//! An OTLP receiver, over HTTP or gRPC: decodes what the proxies export with the official
+//! `opentelemetry-proto` types.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
 use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 
+use crate::envoy::Endpoint;
+use crate::grpc::GrpcServer;
 use crate::server::{HttpServer, Req, Resp};
 
 /// A span as received, with its resource's attributes.
@@ -72,6 +77,37 @@ impl ReceivedSpan {
     }
 }
 
+/// An access-log record as received, with its resource's attributes.
+#[derive(Debug, Clone)]
+pub struct ReceivedLog {
+    /// The record.
+    pub record: LogRecord,
+    /// Attributes of the resource it came with.
+    pub resource: Vec<KeyValue>,
+}
+
+impl ReceivedLog {
+    /// A record attribute as a string.
+    pub fn attr(&self, key: &str) -> Option<String> {
+        find(&self.record.attributes, key)
+    }
+
+    /// Trace id, lower-case hex (empty when the record has none).
+    pub fn trace_id(&self) -> String {
+        hex(&self.record.trace_id)
+    }
+
+    /// Span id, lower-case hex (empty when the record has none).
+    pub fn span_id(&self) -> String {
+        hex(&self.record.span_id)
+    }
+
+    /// The body, when it is a string.
+    pub fn body(&self) -> String {
+        value_string(&self.record.body).unwrap_or_default()
+    }
+}
+
 /// How the receiver answers export requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -87,15 +123,18 @@ pub enum Answer {
     PartialSuccess(i64),
     /// Answer 200 after this many milliseconds (the data is kept).
     DelayMs(u64),
+    /// The gRPC receiver answers with this gRPC status (the HTTP one with 500); data not kept.
+    Grpc(i32),
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     /// Only count spans and data points (benchmarks), do not keep them.
     count_only: bool,
     counted_spans: u64,
     spans: Vec<ReceivedSpan>,
     metrics: Vec<ExportMetricsServiceRequest>,
+    logs: Vec<ReceivedLog>,
     requests: Vec<(String, String)>,
     headers: Vec<Vec<(String, String)>>,
     bad_requests: Vec<String>,
@@ -105,9 +144,16 @@ struct State {
 pub struct Collector {
     /// Port it listens on.
     pub port: u16,
+    /// Whether it speaks OTLP/gRPC (else OTLP/HTTP).
+    pub grpc: bool,
     state: Arc<Mutex<State>>,
     answer: Arc<Mutex<Answer>>,
-    _server: HttpServer,
+    _server: Server,
+}
+
+enum Server {
+    Http(#[allow(dead_code)] HttpServer),
+    Grpc(#[allow(dead_code)] GrpcServer),
 }
 
 impl Collector {
@@ -117,7 +163,48 @@ impl Collector {
         let answer = Arc::new(Mutex::new(Answer::Ok));
         let (st, ans) = (state.clone(), answer.clone());
         let server = HttpServer::start(move |req| handle(req, &st, &ans));
-        Collector { port: server.port, state, answer, _server: server }
+        Collector { port: server.port, grpc: false, state, answer, _server: Server::Http(server) }
+    }
+
+    /// Start an OTLP/gRPC receiver (tonic, the three collector services) on a free port.
+    pub fn start_grpc() -> Collector {
+        let state = Arc::new(Mutex::new(State::default()));
+        let answer = Arc::new(Mutex::new(Answer::Ok));
+        let server = GrpcServer::start(state.clone(), answer.clone());
+        Collector { port: server.port, grpc: true, state, answer, _server: Server::Grpc(server) }
+    }
+
+    /// Where the proxies reach it (HTTP/2 for gRPC).
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint { http2: self.grpc, ..Endpoint::from(self.port) }
+    }
+
+    /// The `collector` pluginConfig overrides that select this receiver's protocol.
+    pub fn protocol_config(&self) -> serde_json::Value {
+        serde_json::json!({"collector": {"protocol": if self.grpc { "grpc" } else { "http" }}})
+    }
+
+    /// All access-log records received so far.
+    pub fn logs(&self) -> Vec<ReceivedLog> {
+        self.state.lock().unwrap().logs.clone()
+    }
+
+    /// Wait until at least `n` log records arrived; panics after `timeout` with what did arrive.
+    pub fn wait_for_logs(&self, n: usize, timeout: Duration) -> Vec<ReceivedLog> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let logs = self.logs();
+            let bad = self.state.lock().unwrap().bad_requests.clone();
+            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
+            if logs.len() >= n {
+                return logs;
+            }
+            if Instant::now() > deadline {
+                let bodies: Vec<String> = logs.iter().map(|l| l.body()).collect();
+                panic!("expected {n} log records within {timeout:?}, got {}: {bodies:?}", logs.len());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Change how export requests are answered from now on.
@@ -214,61 +301,90 @@ impl Collector {
     }
 }
 
-fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
+/// What the receiver does with one export.
+pub(crate) enum Reply {
+    /// Accepted: the encoded `Export*ServiceResponse`.
+    Accepted(Vec<u8>),
+    /// Accepted, answered with a body that is not protobuf (HTTP only).
+    Garbage,
+    /// Refused as `Answer` says.
+    Refused(Answer),
+}
+
+/// Receive one export of `body` for OTLP/HTTP `path`, answering as `answer` says.
+pub(crate) fn receive(
+    path: &str,
+    content_type: &str,
+    headers: Vec<(String, String)>,
+    body: &[u8],
+    state: &Mutex<State>,
+    answer: &Mutex<Answer>,
+) -> Reply {
     let answer = *answer.lock().unwrap();
-    match answer {
-        Answer::Status(code) | Answer::RetryAfter(code, _) => {
-            let mut st = state.lock().unwrap();
-            st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
-            st.headers.push(req.headers.clone());
-            let mut resp = Resp::new(code, "application/x-protobuf", Vec::new());
-            if let Answer::RetryAfter(_, secs) = answer {
-                resp.headers.push(("retry-after".into(), secs.to_string()));
-            }
-            return resp;
-        }
-        Answer::DelayMs(ms) => thread::sleep(Duration::from_millis(ms)),
-        _ => {}
+    if let Answer::DelayMs(ms) = answer {
+        thread::sleep(Duration::from_millis(ms));
     }
     let mut st = state.lock().unwrap();
-    st.requests.push((req.path.clone(), req.header("content-type").unwrap_or_default().to_string()));
-    st.headers.push(req.headers.clone());
-    if answer == Answer::Garbage {
-        keep(&req, &mut st);
-        return Resp::new(200, "text/html", b"<html>not protobuf</html>".to_vec());
+    st.requests.push((path.to_string(), content_type.to_string()));
+    st.headers.push(headers);
+    match answer {
+        Answer::Status(_) | Answer::RetryAfter(..) | Answer::Grpc(_) => return Reply::Refused(answer),
+        _ => keep(path, body, &mut st),
     }
-    if let Answer::PartialSuccess(rejected) = answer {
-        keep(&req, &mut st);
-        let body = ExportTraceServiceResponse {
-            partial_success: Some(opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess {
-                rejected_spans: rejected,
-                error_message: "rejected by the test".into(),
-            }),
-        };
-        return Resp::new(200, "application/x-protobuf", body.encode_to_vec());
+    match (answer, path) {
+        (Answer::Garbage, _) => Reply::Garbage,
+        (Answer::PartialSuccess(rejected), "/v1/traces") => Reply::Accepted(
+            ExportTraceServiceResponse {
+                partial_success: Some(opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess {
+                    rejected_spans: rejected,
+                    error_message: "rejected by the test".into(),
+                }),
+            }
+            .encode_to_vec(),
+        ),
+        (Answer::PartialSuccess(rejected), "/v1/logs") => Reply::Accepted(
+            ExportLogsServiceResponse {
+                partial_success: Some(opentelemetry_proto::tonic::collector::logs::v1::ExportLogsPartialSuccess {
+                    rejected_log_records: rejected,
+                    error_message: "rejected by the test".into(),
+                }),
+            }
+            .encode_to_vec(),
+        ),
+        (_, "/v1/metrics") => Reply::Accepted(ExportMetricsServiceResponse::default().encode_to_vec()),
+        (_, "/v1/logs") => Reply::Accepted(ExportLogsServiceResponse::default().encode_to_vec()),
+        _ => Reply::Accepted(ExportTraceServiceResponse::default().encode_to_vec()),
     }
-    keep(&req, &mut st);
-    match req.path.as_str() {
-        "/v1/metrics" => {
-            Resp::new(200, "application/x-protobuf", ExportMetricsServiceResponse::default().encode_to_vec())
+}
+
+fn handle(req: Req, state: &Mutex<State>, answer: &Mutex<Answer>) -> Resp {
+    let content_type = req.header("content-type").unwrap_or_default().to_string();
+    match receive(&req.path, &content_type, req.headers.clone(), &req.body, state, answer) {
+        Reply::Accepted(body) => Resp::new(200, "application/x-protobuf", body),
+        Reply::Garbage => Resp::new(200, "text/html", b"<html>not protobuf</html>".to_vec()),
+        Reply::Refused(Answer::RetryAfter(code, secs)) => {
+            let mut resp = Resp::new(code, "application/x-protobuf", Vec::new());
+            resp.headers.push(("retry-after".into(), secs.to_string()));
+            resp
         }
-        _ => Resp::new(200, "application/x-protobuf", ExportTraceServiceResponse::default().encode_to_vec()),
+        Reply::Refused(Answer::Status(code)) => Resp::new(code, "application/x-protobuf", Vec::new()),
+        Reply::Refused(_) => Resp::new(500, "application/x-protobuf", Vec::new()),
     }
 }
 
 /// Decode and keep what an export carries.
-fn keep(req: &Req, st: &mut State) {
+fn keep(path: &str, body: &[u8], st: &mut State) {
     if st.count_only {
-        if req.path == "/v1/traces" {
-            if let Ok(export) = ExportTraceServiceRequest::decode(req.body.as_slice()) {
+        if path == "/v1/traces" {
+            if let Ok(export) = ExportTraceServiceRequest::decode(body) {
                 let n: usize = export.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
                 st.counted_spans += n as u64;
             }
         }
         return;
     }
-    match req.path.as_str() {
-        "/v1/traces" => match ExportTraceServiceRequest::decode(req.body.as_slice()) {
+    match path {
+        "/v1/traces" => match ExportTraceServiceRequest::decode(body) {
             Ok(export) => {
                 for rs in export.resource_spans {
                     let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
@@ -279,11 +395,24 @@ fn keep(req: &Req, st: &mut State) {
                     }
                 }
             }
-            Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
+            Err(e) => st.bad_requests.push(format!("{path}: {e}")),
         },
-        "/v1/metrics" => match ExportMetricsServiceRequest::decode(req.body.as_slice()) {
+        "/v1/metrics" => match ExportMetricsServiceRequest::decode(body) {
             Ok(export) => st.metrics.push(export),
-            Err(e) => st.bad_requests.push(format!("{}: {e}", req.path)),
+            Err(e) => st.bad_requests.push(format!("{path}: {e}")),
+        },
+        "/v1/logs" => match ExportLogsServiceRequest::decode(body) {
+            Ok(export) => {
+                for rl in export.resource_logs {
+                    let resource = rl.resource.map(|r| r.attributes).unwrap_or_default();
+                    for sl in rl.scope_logs {
+                        for record in sl.log_records {
+                            st.logs.push(ReceivedLog { record, resource: resource.clone() });
+                        }
+                    }
+                }
+            }
+            Err(e) => st.bad_requests.push(format!("{path}: {e}")),
         },
         other => st.bad_requests.push(format!("unexpected path {other}")),
     }

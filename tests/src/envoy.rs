@@ -152,12 +152,14 @@ pub struct Endpoint {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// Speaks HTTP/2 only (a gRPC server).
+    pub http2: bool,
 }
 
 impl From<u16> for Endpoint {
     /// A port on 127.0.0.1.
     fn from(port: u16) -> Self {
-        Endpoint { host: "127.0.0.1".into(), port }
+        Endpoint { host: "127.0.0.1".into(), port, http2: false }
     }
 }
 
@@ -176,18 +178,28 @@ pub struct Cluster {
     pub workload: Option<String>,
     /// Connect with mutual TLS, presenting this identity.
     pub mtls: Option<Identity>,
+    /// Connect with HTTP/2 (gRPC upstreams).
+    pub http2: bool,
 }
 
 impl Cluster {
     /// A cluster named `name` pointing at 127.0.0.1:`port`, without Istio metadata.
     pub fn new(name: &str, port: u16) -> Self {
-        Self { name: name.into(), port, host: "127.0.0.1".into(), service: None, workload: None, mtls: None }
+        Self {
+            name: name.into(),
+            port,
+            host: "127.0.0.1".into(),
+            service: None,
+            workload: None,
+            mtls: None,
+            http2: false,
+        }
     }
 
     /// A cluster named `name` pointing at `endpoint`.
     pub fn to(name: &str, endpoint: impl Into<Endpoint>) -> Self {
         let e = endpoint.into();
-        Self { host: e.host, ..Self::new(name, e.port) }
+        Self { host: e.host, http2: e.http2, ..Self::new(name, e.port) }
     }
 
     /// Add Istio's metadata for `service` (an FQDN `app.ns.svc.cluster.local`) as istiod does:
@@ -365,6 +377,14 @@ fn cluster(c: &Cluster) -> Value {
         "connect_timeout": "1s",
         "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [endpoint]}]},
     });
+    if c.http2 {
+        cluster["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        });
+    }
     if let Some(id) = &c.mtls {
         cluster["transport_socket"] = json!({
             "name": "envoy.transport_sockets.tls",

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod collector;
 pub mod envoy;
+mod grpc;
 pub mod mesh;
 pub mod metrics;
 pub mod report;

@@ -40,7 +40,7 @@ fn external_collector() -> Option<Endpoint> {
         .unwrap_or_else(|| fail("OTEL_EXPORTER_OTLP_ENDPOINT must be http://HOST:PORT (OTLP/HTTP)"));
     let (host, port) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "4318"));
     let port = port.parse().unwrap_or_else(|_| fail(&format!("bad port in OTEL_EXPORTER_OTLP_ENDPOINT: {url}")));
-    Some(Endpoint { host: host.trim_matches(['[', ']']).to_string(), port })
+    Some(Endpoint { host: host.trim_matches(['[', ']']).to_string(), port, http2: false })
 }
 
 fn main() {
