@@ -26,6 +26,8 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 pub struct Root {
     telemetry: Option<Rc<RefCell<Telemetry>>>,
     stats: Option<Stats>,
+    /// What `dispatch_grpc_call` is given to reach the collector (gRPC only).
+    grpc_target: String,
 }
 
 /// meshtel's counters in the proxy's stats, shared by all VMs of the proxy.
@@ -132,6 +134,14 @@ impl Root {
             );
         }
         let tick = config.export.flush_interval.min(MAX_TICK);
+        let c = &config.collector;
+        self.grpc_target = otlp::envoy_grpc_service(&c.cluster, &c.authority).unwrap_or_else(|| c.cluster.clone());
+        if c.protocol == Protocol::Grpc && self.grpc_target == c.cluster {
+            log(
+                LogLevel::Warn,
+                "meshtel: collector.cluster and collector.authority are too long to pass the authority with gRPC calls; the proxy sends the cluster name as :authority",
+            );
+        }
         let node = read_node();
         log(
             LogLevel::Info,
@@ -164,9 +174,14 @@ impl Root {
         if c.protocol == Protocol::Grpc {
             let (service, method) = otlp::grpc_method(payload.path);
             let metadata: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
-            // Envoy takes a plain cluster name here (or a serialized GrpcService).
-            let sent =
-                hostcalls::dispatch_grpc_call(&c.cluster, service, method, metadata, Some(&payload.body), c.timeout);
+            let sent = hostcalls::dispatch_grpc_call(
+                &self.grpc_target,
+                service,
+                method,
+                metadata,
+                Some(&payload.body),
+                c.timeout,
+            );
             return match sent {
                 Ok(token) => {
                     telemetry.sent(token, payload);

@@ -27,6 +27,59 @@ pub fn grpc_method(path: &str) -> (&'static str, &'static str) {
     };
     (service, "Export")
 }
+
+/// The target of `dispatch_grpc_call`: Envoy's `GrpcService` with `envoy_grpc { cluster_name,
+/// authority }`, serialized. Envoy takes a plain cluster name too, but then sends the cluster name
+/// (`outbound|4317||...`) as `:authority`, which strict HTTP/2 servers refuse. The SDK passes the
+/// target as a string, so the serialized form is used only when it is valid UTF-8 (names short
+/// enough for one-byte lengths); `None` otherwise.
+pub fn envoy_grpc_service(cluster: &str, authority: &str) -> Option<String> {
+    let mut w = wire::Writer::with_capacity(cluster.len() + authority.len() + 8);
+    // GrpcService.envoy_grpc = 1; EnvoyGrpc.cluster_name = 1, .authority = 2.
+    w.message(1, |w| {
+        w.string(1, cluster);
+        w.string(2, authority);
+    });
+    String::from_utf8(w.into_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[derive(Clone, PartialEq, Message)]
+    struct EnvoyGrpc {
+        #[prost(string, tag = "1")]
+        cluster_name: String,
+        #[prost(string, tag = "2")]
+        authority: String,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    struct GrpcService {
+        #[prost(message, optional, tag = "1")]
+        envoy_grpc: Option<EnvoyGrpc>,
+    }
+
+    #[test]
+    fn grpc_target_names_cluster_and_authority() {
+        let cluster = "outbound|4317||otel-collector.observability.svc.cluster.local";
+        let authority = "otel-collector.observability.svc.cluster.local:4317";
+        let target = envoy_grpc_service(cluster, authority).unwrap();
+        let got = GrpcService::decode(target.as_bytes()).unwrap().envoy_grpc.unwrap();
+        assert_eq!((got.cluster_name.as_str(), got.authority.as_str()), (cluster, authority));
+        // Lengths of 128 and more take two bytes, which are not UTF-8.
+        assert_eq!(envoy_grpc_service(&"c".repeat(100), &"a".repeat(40)), None);
+    }
+
+    #[test]
+    fn grpc_methods_per_signal() {
+        assert_eq!(grpc_method(LOGS_PATH).0, "opentelemetry.proto.collector.logs.v1.LogsService");
+        assert_eq!(grpc_method(METRICS_PATH).0, "opentelemetry.proto.collector.metrics.v1.MetricsService");
+        assert_eq!(grpc_method(TRACES_PATH), ("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
+    }
+}
 /// Content type of OTLP/HTTP protobuf requests.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 /// Instrumentation scope name of everything meshtel emits.
