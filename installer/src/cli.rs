@@ -40,6 +40,32 @@ const RENDER_EXAMPLES: &str = "Examples:
   meshtel render --workload-label meshtel.io/trace=enabled --sampling 0.1";
 
 /// `FAIL_OPEN` and friends.
+/// The OTLP transport to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[value(rename_all = "lower")]
+#[serde(rename_all = "lowercase")]
+pub enum CollectorProtocol {
+    /// OTLP/HTTP (protobuf), usually port 4318.
+    Http,
+    /// OTLP/gRPC, usually port 4317.
+    Grpc,
+}
+
+/// Which requests get an access-log record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[value(rename_all = "lower")]
+#[serde(rename_all = "lowercase")]
+pub enum LogMode {
+    /// Every request.
+    All,
+    /// Failed requests only (status >= 400, no response, or Envoy response flags).
+    Errors,
+    /// Requests whose trace is sampled.
+    Sampled,
+    /// No access logs.
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[value(rename_all = "SCREAMING_SNAKE_CASE")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -110,6 +136,12 @@ pub struct RenderArgs {
     /// The collector Service, NAME.NAMESPACE:PORT or an FQDN [default: otel-collector.observability:4318].
     #[arg(long, value_name = "HOST:PORT", help_heading = "Telemetry")]
     pub collector: Option<String>,
+    /// OTLP transport [default: grpc for port 4317, else http].
+    #[arg(long, value_enum, value_name = "PROTOCOL", help_heading = "Telemetry")]
+    pub collector_protocol: Option<CollectorProtocol>,
+    /// Export an access log per request as OTLP logs: all, errors or sampled requests [default: off].
+    #[arg(long, value_enum, value_name = "MODE", help_heading = "Telemetry")]
+    pub logs: Option<LogMode>,
     /// Share of new traces sampled, 0 to 1 [default: 1].
     #[arg(long, value_name = "RATIO", value_parser = parse_ratio, help_heading = "Telemetry")]
     pub sampling: Option<f64>,
@@ -231,6 +263,8 @@ struct FileOptions {
     workload_label: Option<String>,
     mesh_wide: Option<bool>,
     collector: Option<String>,
+    collector_protocol: Option<CollectorProtocol>,
+    logs: Option<LogMode>,
     sampling: Option<f64>,
     traces: Option<bool>,
     metrics: Option<bool>,
@@ -351,6 +385,31 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     if let Some(c) = &collector {
         set(&mut plugin_config, &["collector", "cluster"], json!(c.cluster()));
         set(&mut plugin_config, &["collector", "authority"], json!(c.authority()));
+    }
+    // Told, or else OTLP's well-known gRPC port decides (pluginConfig's own choice stands).
+    let inferred = collector
+        .as_ref()
+        .filter(|c| c.port == 4317 && plugin_config.pointer("/collector/protocol").is_none())
+        .map(|_| CollectorProtocol::Grpc);
+    if let Some(p) = args.collector_protocol.or(file.collector_protocol).or(inferred) {
+        let name = match p {
+            CollectorProtocol::Http => "http",
+            CollectorProtocol::Grpc => "grpc",
+        };
+        set(&mut plugin_config, &["collector", "protocol"], json!(name));
+    }
+    match args.logs.or(file.logs) {
+        Some(LogMode::Off) => set(&mut plugin_config, &["logs", "enabled"], json!(false)),
+        Some(mode) => {
+            set(&mut plugin_config, &["logs", "enabled"], json!(true));
+            let mode = match mode {
+                LogMode::Errors => "errors",
+                LogMode::Sampled => "sampled",
+                _ => "all",
+            };
+            set(&mut plugin_config, &["logs", "mode"], json!(mode));
+        }
+        None => {}
     }
     if let Some(r) = args.sampling.or(file.sampling) {
         parse_ratio(&r.to_string()).map_err(|e| format!("--sampling: {e}"))?;

@@ -249,6 +249,12 @@ pub fn resources(opts: &RenderOptions) -> Result<Vec<Value>, String> {
         }
     }
     if let Some(c) = &opts.collector_service_entry {
+        let grpc = opts.plugin_config.pointer("/collector/protocol").and_then(|p| p.as_str()) == Some("grpc");
+        let port = if grpc {
+            json!({"number": c.port, "name": "grpc-otlp", "protocol": "GRPC"})
+        } else {
+            json!({"number": c.port, "name": "http-otlp", "protocol": "HTTP"})
+        };
         out.push(json!({
             "apiVersion": "networking.istio.io/v1",
             "kind": "ServiceEntry",
@@ -257,7 +263,7 @@ pub fn resources(opts: &RenderOptions) -> Result<Vec<Value>, String> {
                 "hosts": [c.host],
                 "location": "MESH_EXTERNAL",
                 "resolution": "DNS",
-                "ports": [{"number": c.port, "name": "http-otlp", "protocol": "HTTP"}],
+                "ports": [port],
             },
         }));
     }

@@ -83,6 +83,47 @@ fn rendered_plugin_config_is_what_the_filter_accepts() {
 }
 
 #[test]
+fn the_collector_port_picks_the_protocol_unless_told() {
+    let protocol = |args: &[&str]| {
+        let docs = yaml_documents(&render(args)).unwrap();
+        let config = meshtel_filter::config::parse(&serde_json::to_vec(plugin_config(&docs[0])).unwrap()).unwrap();
+        config.collector.protocol
+    };
+    use meshtel_filter::config::Protocol;
+    assert_eq!(protocol(&["--mesh-wide", "--collector", "otel.obs:4317"]), Protocol::Grpc);
+    assert_eq!(protocol(&["--mesh-wide", "--collector", "otel.obs:4318"]), Protocol::Http);
+    assert_eq!(protocol(&["--mesh-wide"]), Protocol::Http, "the default collector is OTLP/HTTP on 4318");
+    assert_eq!(
+        protocol(&["--mesh-wide", "--collector", "otel.obs:4317", "--collector-protocol", "http"]),
+        Protocol::Http
+    );
+    assert_eq!(
+        protocol(&["--mesh-wide", "--collector", "otel.obs:9000", "--collector-protocol", "grpc"]),
+        Protocol::Grpc
+    );
+    let crds = istio_crds();
+    let docs = assert_valid(
+        &render(&["--mesh-wide", "--collector", "otlp.example.com:4317", "--collector-service-entry"]),
+        &crds,
+    );
+    assert_eq!(docs.last().unwrap()["spec"]["ports"][0]["protocol"], "GRPC");
+}
+
+#[test]
+fn logs_flag_turns_on_access_logs() {
+    use meshtel_filter::config::LogMode;
+    let logs = |args: &[&str]| {
+        let docs = yaml_documents(&render(args)).unwrap();
+        meshtel_filter::config::parse(&serde_json::to_vec(plugin_config(&docs[0])).unwrap()).unwrap().logs
+    };
+    assert!(!logs(&["--mesh-wide"]).enabled, "off by default");
+    let errors = logs(&["--mesh-wide", "--logs", "errors"]);
+    assert!(errors.enabled && errors.mode == LogMode::Errors);
+    assert_eq!(logs(&["--mesh-wide", "--logs", "all"]).mode, LogMode::All);
+    assert!(!logs(&["--mesh-wide", "--logs", "off"]).enabled);
+}
+
+#[test]
 fn modes_attach_as_documented() {
     let docs = yaml_documents(&render(&["--namespace", "shop", "--namespace", "web"])).unwrap();
     assert_eq!(docs.len(), 2);
