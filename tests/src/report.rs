@@ -1,15 +1,17 @@
-//! Readable views of what the OTLP receiver got: traces as trees, Istio metrics as a table.
+//! Readable views of what the OTLP receiver got: traces as trees with each span's access log,
+//! Istio metrics as a table.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
-use crate::collector::{Collector, ReceivedSpan};
+use crate::collector::{Collector, ReceivedLog, ReceivedSpan};
 use crate::metrics::{quantile, series, total};
 
-/// Print every trace of `spans` as a tree, oldest trace first.
-pub fn print_traces(spans: Vec<ReceivedSpan>) {
+/// Print every trace of `spans` as a tree, oldest trace first, each span followed by the body
+/// of its access-log record in `logs` (matched by span id).
+pub fn print_traces(spans: Vec<ReceivedSpan>, logs: &[ReceivedLog]) {
     let mut traces: BTreeMap<String, Vec<ReceivedSpan>> = BTreeMap::new();
     for s in spans {
         traces.entry(s.trace_id()).or_default().push(s);
@@ -23,7 +25,7 @@ pub fn print_traces(spans: Vec<ReceivedSpan>) {
     ordered.sort_by_key(|(_, spans)| spans.iter().map(|s| s.span.start_time_unix_nano).min());
     for (trace, spans) in ordered {
         println!("\ntrace {trace}");
-        print_children(&spans, "", 1);
+        print_children(&spans, logs, "", 1);
     }
 }
 
@@ -72,7 +74,7 @@ pub fn print_metrics(collector: &Collector, expected_requests: u64) {
     }
 }
 
-fn print_children(spans: &[ReceivedSpan], parent: &str, depth: usize) {
+fn print_children(spans: &[ReceivedSpan], logs: &[ReceivedLog], parent: &str, depth: usize) {
     let roots: Vec<&ReceivedSpan> = if parent.is_empty() {
         // Roots: spans whose parent is not in this trace (or that have none).
         spans.iter().filter(|s| !spans.iter().any(|p| p.span_id() == s.parent_span_id())).collect()
@@ -94,6 +96,10 @@ fn print_children(spans: &[ReceivedSpan], parent: &str, depth: usize) {
             s.service(),
             s.attr("http.response.status_code").unwrap_or_else(|| "-".into()),
         );
-        print_children(spans, &s.span_id(), depth + 1);
+        if let Some(log) = logs.iter().find(|l| l.span_id() == s.span_id()) {
+            let pad = "   ".repeat(depth.saturating_sub(1));
+            println!("  {pad}   log {:<5} {}", log.record.severity_text, log.body());
+        }
+        print_children(spans, logs, &s.span_id(), depth + 1);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use meshtel::cli::RenderArgs;
+use meshtel::cli::{CollectorProtocol, RenderArgs};
 use meshtel_tests::app::{App, Behavior};
 use meshtel_tests::collector::Collector;
 use meshtel_tests::envoy::{Endpoint, Envoy};
@@ -17,7 +17,8 @@ use meshtel_tests::{free_port, request};
 use serde_json::Value;
 
 /// What the demo's proxies export more often than the defaults, so that it finishes in seconds.
-const DEMO_CONFIG: &str = "pluginConfig:\n  export: {flush_interval_ms: 200}\n  metrics: {export_interval_ms: 1000}\n";
+const DEMO_CONFIG: &str =
+    "logs: all\npluginConfig:\n  export: {flush_interval_ms: 200}\n  metrics: {export_interval_ms: 1000}\n";
 
 /// The pluginConfig `meshtel render <args> --config demo.yaml` puts in the WasmPlugin.
 fn rendered_plugin_config(mut args: RenderArgs, config_file: &std::path::Path) -> Value {
@@ -32,15 +33,15 @@ fn fail(message: &str) -> ! {
     std::process::exit(1)
 }
 
-/// The collector endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT` (`http://host:port`), if set.
+/// The collector endpoint from `OTEL_EXPORTER_OTLP_ENDPOINT` (`http://host:port`), if set;
+/// port 4317 means OTLP/gRPC, as the installer takes it.
 fn external_collector() -> Option<Endpoint> {
     let url = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|u| !u.is_empty())?;
-    let rest = url
-        .strip_prefix("http://")
-        .unwrap_or_else(|| fail("OTEL_EXPORTER_OTLP_ENDPOINT must be http://HOST:PORT (OTLP/HTTP)"));
+    let rest =
+        url.strip_prefix("http://").unwrap_or_else(|| fail("OTEL_EXPORTER_OTLP_ENDPOINT must be http://HOST:PORT"));
     let (host, port) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "4318"));
     let port = port.parse().unwrap_or_else(|_| fail(&format!("bad port in OTEL_EXPORTER_OTLP_ENDPOINT: {url}")));
-    Some(Endpoint { host: host.trim_matches(['[', ']']).to_string(), port, http2: false })
+    Some(Endpoint { host: host.trim_matches(['[', ']']).to_string(), port, http2: port == 4317 })
 }
 
 fn main() {
@@ -62,8 +63,10 @@ fn run(config_file: &std::path::Path) {
         Some(e) => println!("exporting to the collector at {}:{} (OTEL_EXPORTER_OTLP_ENDPOINT)", e.host, e.port),
         None => println!("exporting to the built-in OTLP receiver on 127.0.0.1:{}", receiver.port),
     }
+    let protocol = collector.http2.then_some(CollectorProtocol::Grpc);
     let sidecar_config = |ns: &str| {
-        rendered_plugin_config(RenderArgs { namespaces: vec![ns.into()], ..Default::default() }, config_file)
+        let args = RenderArgs { namespaces: vec![ns.into()], collector_protocol: protocol, ..Default::default() };
+        rendered_plugin_config(args, config_file)
     };
     println!("pluginConfig of each proxy: meshtel render --namespace <ns> --config {}", config_file.display());
 
@@ -83,8 +86,10 @@ fn run(config_file: &std::path::Path) {
     spec_a.plugin_config = Some(sidecar_config("ns-a"));
     let sidecar_a = spec_a.start();
     start("the ingress gateway");
-    let gateway_config =
-        rendered_plugin_config(RenderArgs { gateway: true, metrics: true, ..Default::default() }, config_file);
+    let gateway_config = rendered_plugin_config(
+        RenderArgs { gateway: true, metrics: true, collector_protocol: protocol, ..Default::default() },
+        config_file,
+    );
     let gw = gateway_with("a.ns-a.svc.cluster.local", sidecar_a.inbound, collector, gateway_config, None, true);
     println!(
         "proxies up: gateway :{}, a :{} (outbound :{}), b :{}\n",
@@ -107,7 +112,8 @@ fn run(config_file: &std::path::Path) {
         wait_for_exports(&envoys, expected as u64);
         println!("\nsent {expected} spans and the Istio metrics to your collector: look for service.name a, b and istio-ingressgateway");
     } else {
-        print_traces(receiver.wait_for_spans(expected, Duration::from_secs(15)));
+        let spans = receiver.wait_for_spans(expected, Duration::from_secs(15));
+        print_traces(spans, &receiver.wait_for_logs(expected, Duration::from_secs(15)));
         print_metrics(&receiver, expected as u64);
     }
     // Counters reach Envoy's stats on the next tick after the collector answered.
@@ -116,11 +122,12 @@ fn run(config_file: &std::path::Path) {
     for (name, envoy) in envoys {
         let stat = |s: &str| envoy.stat(&format!("wasmcustom.meshtel.{s}"));
         println!(
-            "  {name:<8} spans recorded {:>3} exported {:>3} dropped {} failed {}   metric points exported {:>3}",
+            "  {name:<8} spans recorded {:>3} exported {:>3} dropped {} failed {}   logs exported {:>3}   metric points exported {:>3}",
             stat("spans_recorded"),
             stat("spans_exported"),
             stat("spans_dropped"),
             stat("spans_failed"),
+            stat("logs_exported"),
             stat("metric_points_exported"),
         );
     }
