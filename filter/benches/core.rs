@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the pure core, natively: trace context, the per-request record of a span
-//! and of Istio metrics, and OTLP encoding per span and per metric point. Also prints the heap
+//! Micro-benchmarks of the pure core, natively: trace context, the per-request record of a span,
+//! of Istio metrics and of an access log, and OTLP encoding per span, log record and metric point. Also prints the heap
 //! allocations one request costs on the request path.
 //!
 //! `cargo bench -p meshtel-filter --bench core`
@@ -10,11 +10,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use meshtel_filter::access_log::AccessLog;
 use meshtel_filter::config;
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
 use meshtel_filter::metrics::labels::LABEL_NAMES;
 use meshtel_filter::node::NodeInfo;
-use meshtel_filter::otlp::{self, MetricsEncoder, TraceEncoder};
+use meshtel_filter::otlp::{self, LogEncoder, MetricsEncoder, TraceEncoder};
 use meshtel_filter::propagation::{Headers, IdGenerator, TraceDecision};
 use meshtel_filter::span::{Completion, RequestInfo, SpanKind, SpanRecord};
 use meshtel_filter::telemetry::{ActiveRequest, MetricFacts, Telemetry};
@@ -84,6 +85,9 @@ fn completion() -> Completion {
         protocol: Some("HTTP/1.1".into()),
         client_address: Some("10.0.0.9:51234".into()),
         kind: SpanKind::Server,
+        upstream_host: Some("10.0.0.2:8080".into()),
+        bytes_received: 0,
+        bytes_sent: 1_500,
     }
 }
 
@@ -120,6 +124,8 @@ fn per_request(c: &mut Criterion) {
     g.bench_function("metric_record (start + finish, metrics only)", |b| b.iter(|| request(&mut t, &hs)));
     let mut t = telemetry("");
     g.bench_function("span + metrics", |b| b.iter(|| request(&mut t, &hs)));
+    let mut t = telemetry(r#","logs":{"enabled":true}"#);
+    g.bench_function("span + metrics + access log", |b| b.iter(|| request(&mut t, &hs)));
     g.finish();
 
     // Allocations of one request on the request path, traces + metrics.
@@ -155,6 +161,17 @@ fn encoding(c: &mut Criterion) {
     let traces = TraceEncoder::new(otlp::resource(&node(), &Default::default()), &node());
     g.throughput(Throughput::Elements(512));
     g.bench_function("encode 512 spans", |b| b.iter(|| traces.encode(&spans)));
+    let logs: Vec<AccessLog> = spans
+        .iter()
+        .map(|s| AccessLog {
+            trace: Some(s.trace.clone()),
+            start_unix_nanos: s.start_unix_nanos,
+            request: s.request.clone(),
+            completion: s.completion.clone(),
+        })
+        .collect();
+    let log_encoder = LogEncoder::new(&otlp::resource(&node(), &Default::default()));
+    g.bench_function("encode 512 access logs", |b| b.iter(|| log_encoder.encode(&logs)));
     let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
     let mut agg = Aggregator::new(10_000);
     for i in 0..100 {

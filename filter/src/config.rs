@@ -546,6 +546,24 @@ mod tests {
         assert_eq!(c.export.flush_interval, Duration::from_secs(1));
         assert_eq!((c.export.max_batch, c.export.max_queue), (512, 8192));
         assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
+        assert_eq!(c.collector.protocol, Protocol::Http);
+        assert_eq!(c.logs, Logs { enabled: false, mode: LogMode::All });
+    }
+
+    #[test]
+    fn logs_and_protocol_parse_and_name_bad_values() {
+        let c = parse(
+            br#"{"collector":{"cluster":"outbound|4317||c.ns.svc.cluster.local","protocol":"grpc"},
+                 "logs":{"enabled":true,"mode":"errors"}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.collector.protocol, c.logs.enabled, c.logs.mode), (Protocol::Grpc, true, LogMode::Errors));
+        let e = err(r#"{"collector":{"cluster":"outbound|4317||c","protocol":"thrift"}}"#);
+        assert!(e.starts_with("collector.protocol: unknown variant `thrift`"), "{e}");
+        let e = err(r#"{"collector":{"cluster":"outbound|4317||c"},"logs":{"mode":"some"}}"#);
+        assert!(e.starts_with("logs.mode: unknown variant `some`"), "{e}");
+        let e = err(r#"{"collector":{"cluster":"outbound|4317||c"},"logs":{"format":"json"}}"#);
+        assert!(e.starts_with("logs.format: unknown field `format`"), "{e}");
     }
 
     #[test]

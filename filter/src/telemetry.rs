@@ -597,6 +597,18 @@ mod tests {
     }
 
     #[test]
+    fn access_log_overflow_is_counted_and_reported() {
+        let config = r#","logs":{"enabled":true},"traces":{"enabled":false},"metrics":{"enabled":false},"export":{"max_batch":2,"max_queue":2}"#;
+        let mut t = telemetry(config);
+        for _ in 0..5 {
+            logged(&mut t, 200, None);
+        }
+        assert_eq!((t.stats().logs_recorded, t.stats().logs_dropped), (5, 3));
+        let lines = t.drop_report();
+        assert!(lines.len() == 1 && lines[0].starts_with("access-log queue full"), "{lines:?}");
+    }
+
+    #[test]
     fn grpc_answers_go_to_the_calls_signal() {
         let mut t = telemetry(r#","logs":{"enabled":true},"metrics":{"enabled":false},"export":{"max_retries":1}"#);
         logged(&mut t, 200, None);

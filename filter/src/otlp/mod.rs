@@ -43,6 +43,13 @@ pub fn envoy_grpc_service(cluster: &str, authority: &str) -> Option<String> {
     String::from_utf8(w.into_bytes()).ok()
 }
 
+/// Content type of OTLP/HTTP protobuf requests.
+pub const CONTENT_TYPE: &str = "application/x-protobuf";
+/// Instrumentation scope name of everything meshtel emits.
+pub const SCOPE_NAME: &str = "meshtel";
+/// meshtel's version, as the scope and `telemetry.sdk.version` report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,9 +87,3 @@ mod tests {
         assert_eq!(grpc_method(TRACES_PATH), ("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
     }
 }
-/// Content type of OTLP/HTTP protobuf requests.
-pub const CONTENT_TYPE: &str = "application/x-protobuf";
-/// Instrumentation scope name of everything meshtel emits.
-pub const SCOPE_NAME: &str = "meshtel";
-/// meshtel's version, as the scope and `telemetry.sdk.version` report it.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
