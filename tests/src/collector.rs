@@ -321,12 +321,15 @@ pub(crate) fn receive(
     answer: &Mutex<Answer>,
 ) -> Reply {
     let answer = *answer.lock().unwrap();
+    {
+        let mut st = state.lock().unwrap();
+        st.requests.push((path.to_string(), content_type.to_string()));
+        st.headers.push(headers);
+    }
     if let Answer::DelayMs(ms) = answer {
         thread::sleep(Duration::from_millis(ms));
     }
     let mut st = state.lock().unwrap();
-    st.requests.push((path.to_string(), content_type.to_string()));
-    st.headers.push(headers);
     match answer {
         Answer::Status(_) | Answer::RetryAfter(..) | Answer::Grpc(_) => return Reply::Refused(answer),
         _ => keep(path, body, &mut st),

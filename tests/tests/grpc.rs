@@ -174,3 +174,19 @@ fn collector_down_costs_telemetry_not_requests() {
     let log = sidecar.envoy.log();
     assert!(log.contains("export failing: collector answered gRPC status 14 (UNAVAILABLE)"), "{log}");
 }
+
+#[test]
+fn collector_slower_than_the_timeout_costs_telemetry_not_requests() {
+    let collector = Collector::start_grpc();
+    collector.answer_with(Answer::DelayMs(1500));
+    let (_app, sidecar) = sidecar(
+        &collector,
+        json!({"collector": {"timeout_ms": 300}, "export": {"max_retries": 0}, "metrics": {"enabled": false}}),
+    );
+    drive(&sidecar);
+    wait_stat(&sidecar, "spans_failed", |v| v == 5);
+    assert!(!collector.requests().is_empty(), "the calls reached the collector and timed out there");
+    // Envoy ends a gRPC call at its timeout with UNAVAILABLE; retried like any UNAVAILABLE.
+    let log = sidecar.envoy.log();
+    assert!(log.contains("/v1/traces: export failing: collector answered gRPC status 14 (UNAVAILABLE)"), "{log}");
+}
