@@ -20,7 +20,8 @@ impl<T> BoundedQueue<T> {
     /// An empty queue holding at most `cap` items (at least one).
     pub fn new(cap: usize) -> Self {
         let cap = cap.max(1);
-        Self { items: VecDeque::with_capacity(cap.min(1024)), cap, dropped: 0 }
+        // Grows with use: a signal that is off or quiet costs no memory up front.
+        Self { items: VecDeque::new(), cap, dropped: 0 }
     }
 
     /// Append an item, dropping the oldest one if the queue is full.

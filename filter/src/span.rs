@@ -50,7 +50,7 @@ pub struct RequestInfo {
     pub authority: String,
     /// `user-agent`.
     pub user_agent: Option<String>,
-    /// `x-request-id` (access logs).
+    /// `x-request-id`; captured only for access logs.
     pub request_id: Option<String>,
     /// Configured request headers present on the request, `(name, values)`.
     pub headers: Vec<(String, Vec<String>)>,
@@ -74,7 +74,7 @@ impl RequestInfo {
             scheme: get(":scheme").unwrap_or_else(|| "http".into()),
             authority: get(":authority").unwrap_or_default(),
             user_agent: get("user-agent"),
-            request_id: get("x-request-id"),
+            request_id: None,
             headers: record
                 .iter()
                 .filter_map(|name| {

@@ -18,7 +18,7 @@ use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::peer::{self, PeerInfo};
 use crate::propagation::{start_trace, HeaderOp, Headers, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
-use crate::span::{Completion, RequestInfo, SpanKind, SpanRecord};
+use crate::span::{truncate, Completion, RequestInfo, SpanKind, SpanRecord, MAX_ATTRIBUTE_LEN};
 use crate::xds_metadata::{self, ServiceInfo};
 
 /// Most clusters whose Istio service metadata is cached per VM.
@@ -232,7 +232,11 @@ impl Telemetry {
         let sampled = trace.as_ref().is_some_and(|t| t.sampled);
         let log = self.config.logs.enabled && access_log::wanted(self.config.logs.mode, sampled);
         let request = if sampled || log {
-            RequestInfo::from_headers(headers, &self.config.traces.request_headers)
+            let mut r = RequestInfo::from_headers(headers, &self.config.traces.request_headers);
+            if log {
+                r.request_id = headers.single("x-request-id").map(|id| truncate(id, MAX_ATTRIBUTE_LEN));
+            }
+            r
         } else if metrics {
             // Metrics need only the authority (the Host fallback of destination_service).
             RequestInfo {
@@ -279,15 +283,19 @@ impl Telemetry {
         }
         let log = active.log && access_log::keep(self.config.logs.mode, &completion);
         let ActiveRequest { trace, start_unix_nanos: start, request, .. } = active;
+        if !log {
+            if let Some(span) = trace.filter(|t| t.sampled) {
+                self.push_span(span, start, request, completion);
+            }
+            return;
+        }
         match trace.as_ref().filter(|t| t.sampled).cloned() {
-            Some(span) if log => {
+            Some(span) => {
                 let (r, c) = (request.clone(), completion.clone());
                 self.logs.push(AccessLog { trace, start_unix_nanos: start, request: r, completion: c });
                 self.push_span(span, start, request, completion);
             }
-            Some(span) => self.push_span(span, start, request, completion),
-            None if log => self.logs.push(AccessLog { trace, start_unix_nanos: start, request, completion }),
-            None => {}
+            None => self.logs.push(AccessLog { trace, start_unix_nanos: start, request, completion }),
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
 use prost::Message;
 
 /// Histogram bucket bounds Istio uses for durations (ms) and sizes (bytes): Envoy's defaults.
@@ -144,7 +145,9 @@ struct SharedAggregate {
 /// keeps its own series.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Aggregator {
-    series: HashMap<LabelValues, SeriesData>,
+    // foldhash: several times faster than SipHash over the 25 label strings hashed per request,
+    // and seeded per process, so peers cannot choose colliding label values ahead of time.
+    series: HashMap<LabelValues, SeriesData, RandomState>,
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
