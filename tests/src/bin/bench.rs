@@ -1,6 +1,7 @@
 //! The end-to-end benchmark: the same Envoy 1.40 binary and load, in one run, with no filter, a
 //! no-op Wasm filter, Envoy's native OpenTelemetry tracer at 100%, meshtel traces + metrics at
-//! 100%, meshtel metrics only, and meshtel traces at 1% + metrics.
+//! 100%, meshtel metrics only, meshtel traces at 1% + metrics, and two meshtel variants that show
+//! where the cost goes: W3C-only propagation, and access logs on top.
 //!
 //! For each: Envoy's CPU time per request (from /proc), throughput at saturation (wrk), latency at
 //! a fixed moderate rate, resident memory, and spans received. Prints a Markdown report.
@@ -8,7 +9,8 @@
 //! `make bench` runs it. `BENCH_SECONDS` (default 10) sets the saturation run's length,
 //! `BENCH_ROUNDS` (default 3) how many times every scenario runs (figures are medians),
 //! `BENCH_ONLY=text` keeps the baseline and the scenarios whose name contains `text`, and
-//! `BENCH_PERF=1` profiles Envoy with `perf` during each saturation run.
+//! `BENCH_PERF=1` profiles Envoy with `perf` during each saturation run, and
+//! `BENCH_COMPARE_WASM=path.wasm` adds that build of the filter (traces + metrics) for an A/B.
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -26,13 +28,17 @@ use serde_json::{json, Value};
 const FIXED_RATE: u64 = 400;
 const FIXED_SECONDS: u64 = 5;
 
+#[derive(Clone)]
 enum Filter {
     None,
     Noop,
     Native,
     Meshtel(Value),
+    /// meshtel built elsewhere (`BENCH_COMPARE_WASM`), with this config.
+    Other(std::path::PathBuf, Value),
 }
 
+#[derive(Clone)]
 struct Scenario {
     name: &'static str,
     filter: Filter,
@@ -132,6 +138,10 @@ fn run(s: &Scenario, seconds: u64) -> Result {
             spec.plugin_config = Some(json!({}));
         }
         Filter::Meshtel(overrides) => spec.plugin_config = Some(plugin_config(overrides.clone())),
+        Filter::Other(path, overrides) => {
+            spec = spec.module(path.clone(), "FAIL_OPEN");
+            spec.plugin_config = Some(plugin_config(overrides.clone()));
+        }
     }
     let (mut proxy, inbound, _) = spec.proxy();
     if matches!(s.filter, Filter::Native) {
@@ -179,6 +189,14 @@ fn main() {
             name: "meshtel traces 1% + metrics",
             filter: Filter::Meshtel(with(json!({"traces": {"sampling_ratio": 0.01}}))),
         },
+        Scenario {
+            name: "meshtel traces + metrics, W3C only",
+            filter: Filter::Meshtel(with(json!({"traces": {"propagation": ["w3c"]}}))),
+        },
+        Scenario {
+            name: "meshtel traces + metrics + access logs",
+            filter: Filter::Meshtel(with(json!({"logs": {"enabled": true}}))),
+        },
     ];
     let version = Command::new(envoy_bin())
         .arg("--version")
@@ -186,6 +204,15 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     eprintln!("benchmarking {} scenarios, {rounds_count} rounds, {seconds} s of saturation each ...", scenarios.len());
+    // A/B against another build of the filter (e.g. the previous commit's), in the same run.
+    let mut scenarios = scenarios.to_vec();
+    if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
+        let config = with(json!({}));
+        scenarios.push(Scenario {
+            name: "meshtel traces + metrics, 100%, BENCH_COMPARE_WASM",
+            filter: Filter::Other(path.into(), config),
+        });
+    }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<&Scenario> =
         scenarios.iter().filter(|s| only.is_empty() || s.name.contains(&only) || s.name.contains("baseline")).collect();
