@@ -190,3 +190,33 @@ fn collector_slower_than_the_timeout_costs_telemetry_not_requests() {
     let log = sidecar.envoy.log();
     assert!(log.contains("/v1/traces: export failing: collector answered gRPC status 14 (UNAVAILABLE)"), "{log}");
 }
+
+#[test]
+fn two_workers_over_grpc_lose_nothing() {
+    let collector = Collector::start_grpc();
+    let app = App::start(Behavior::Echo);
+    let mut config = collector.protocol_config();
+    meshtel_tests::mesh::merge(
+        &mut config,
+        json!({"logs": {"enabled": true}, "export": {"max_batch": 16}, "metrics": {"export_interval_ms": 1000}}),
+    );
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.endpoint()).concurrency(2).config(config).start();
+    let url = format!("http://127.0.0.1:{}/load", sidecar.inbound);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            thread::spawn(move || (0..50).filter(|_| request(&url, &[]).map(|r| r.0) == Some(200)).count())
+        })
+        .collect();
+    let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(ok, 400);
+    let spans = collector.wait_for_spans(ok, WAIT);
+    let logs = collector.wait_for_logs(ok, WAIT);
+    collector.wait_for_points(WAIT, |p| total(p, "istio_requests_total", |_| true) == 400);
+    thread::sleep(Duration::from_millis(300));
+    let span_ids: std::collections::HashSet<String> = collector.spans().iter().map(ReceivedSpan::span_id).collect();
+    let log_ids: std::collections::HashSet<String> = collector.logs().iter().map(ReceivedLog::span_id).collect();
+    assert_eq!((spans.len(), logs.len()), (collector.spans().len(), collector.logs().len()), "no duplicates later");
+    assert_eq!((span_ids.len(), log_ids.len()), (400, 400));
+    assert_eq!(span_ids, log_ids, "each log has its span");
+}
