@@ -23,6 +23,21 @@ use crate::xds_metadata::{self, ServiceInfo};
 
 /// Most clusters whose Istio service metadata is cached per VM.
 const MAX_CACHED_CLUSTERS: usize = 1024;
+/// Most downstream connections whose identity facts are cached per VM.
+const MAX_CACHED_CONNECTIONS: usize = 1024;
+
+/// What a downstream connection says about the caller; the same for every request on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DownstreamFacts {
+    /// Whether the connection uses mutual TLS.
+    pub mtls: bool,
+    /// The caller's SPIFFE identity.
+    pub peer_principal: Option<String>,
+    /// This proxy's SPIFFE identity.
+    pub local_principal: Option<String>,
+    /// The caller from Istio's `downstream_peer` filter state.
+    pub peer: Option<PeerInfo>,
+}
 
 /// A request in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +178,7 @@ pub struct Telemetry {
     logs: Signal<AccessLog>,
     metrics: Option<MetricsPipeline>,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
+    connections: HashMap<u64, DownstreamFacts>,
 }
 
 impl Telemetry {
@@ -184,6 +200,7 @@ impl Telemetry {
             logs: Signal::new(otlp::LOGS_PATH, &config, now_ns),
             metrics,
             cluster_services: HashMap::new(),
+            connections: HashMap::new(),
             config,
             node,
         }
@@ -270,6 +287,24 @@ impl Telemetry {
         }
         self.cluster_services.insert(cluster.to_string(), service.clone());
         service
+    }
+
+    /// What downstream connection `id` says about the caller, read by `read` once per connection
+    /// (a keep-alive connection carries many requests; each fact is a host call). Without an id,
+    /// `read` runs every time.
+    pub fn downstream_facts(&mut self, id: Option<u64>, read: impl FnOnce() -> DownstreamFacts) -> DownstreamFacts {
+        let Some(id) = id else {
+            return read();
+        };
+        if let Some(cached) = self.connections.get(&id) {
+            return cached.clone();
+        }
+        let facts = read();
+        if self.connections.len() >= MAX_CACHED_CONNECTIONS {
+            self.connections.clear();
+        }
+        self.connections.insert(id, facts.clone());
+        facts
     }
 
     /// Finish a request: record its span if sampled, its metrics if they are on, and its access
@@ -614,6 +649,28 @@ mod tests {
         assert_eq!((t.stats().logs_recorded, t.stats().logs_dropped), (5, 3));
         let lines = t.drop_report();
         assert!(lines.len() == 1 && lines[0].starts_with("access-log queue full"), "{lines:?}");
+    }
+
+    #[test]
+    fn downstream_facts_are_read_once_per_connection() {
+        let mut t = telemetry("");
+        let reads = std::cell::Cell::new(0);
+        let read = || {
+            reads.set(reads.get() + 1);
+            DownstreamFacts { mtls: true, ..Default::default() }
+        };
+        for _ in 0..3 {
+            assert!(t.downstream_facts(Some(7), read).mtls);
+        }
+        assert_eq!(reads.get(), 1, "one read for three requests on connection 7");
+        t.downstream_facts(Some(8), read);
+        t.downstream_facts(None, read);
+        t.downstream_facts(None, read);
+        assert_eq!(reads.get(), 4, "a new connection, and no id: read each time");
+        for id in 0..(MAX_CACHED_CONNECTIONS as u64 + 10) {
+            t.downstream_facts(Some(1000 + id), DownstreamFacts::default);
+        }
+        assert!(t.connections.len() <= MAX_CACHED_CONNECTIONS, "bounded");
     }
 
     #[test]

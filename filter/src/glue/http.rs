@@ -13,7 +13,7 @@ use crate::peer::{self, PeerInfo};
 use crate::propagation::HeaderOp;
 use crate::response_flags;
 use crate::span::{span_kind, Completion, SpanKind};
-use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
+use crate::telemetry::{ActiveRequest, DownstreamFacts, MetricFacts, Telemetry};
 
 /// One request's context.
 pub struct Http {
@@ -83,7 +83,11 @@ impl HttpContext for Http {
             bytes_sent: if log { property_u64(&["response", "size"]).unwrap_or(0) } else { 0 },
         };
         let facts = metrics.then(|| {
-            let mut facts = metric_facts(peer_upstream, active.grpc);
+            let downstream = (!peer_upstream).then(|| {
+                let id = property_u64(&["connection", "id"]);
+                telemetry.downstream_facts(id, read_downstream_facts)
+            });
+            let mut facts = metric_facts(peer_upstream, active.grpc, downstream);
             if let Some(cluster) = completion.upstream_cluster.as_deref() {
                 facts.cluster_service = telemetry.cluster_service(cluster, || property(&["xds", "cluster_metadata"]));
             }
@@ -120,17 +124,32 @@ fn apply(mut headers: Vec<(String, Vec<u8>)>, ops: Vec<HeaderOp>) {
     let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, pairs);
 }
 
-/// Read what the Istio labels need from the proxy. Each absent property is simply unknown.
-fn metric_facts(peer_upstream: bool, grpc: bool) -> MetricFacts {
-    let (conn, peer_state) =
-        if peer_upstream { ("upstream", "upstream_peer") } else { ("connection", "downstream_peer") };
+/// Read what a downstream connection says about the caller (cached per connection).
+fn read_downstream_facts() -> DownstreamFacts {
     let non_empty = |s: Option<String>| s.filter(|v| !v.is_empty());
-    let mtls = !peer_upstream && property(&["connection", "mtls"]).is_some_and(|b| b.first() == Some(&1));
+    let mtls = property(&["connection", "mtls"]).is_some_and(|b| b.first() == Some(&1));
     // Certificates exist only on TLS connections: plaintext traffic skips two reads.
     let peer_principal =
-        if peer_upstream || mtls { non_empty(property_string(&[conn, "uri_san_peer_certificate"])) } else { None };
+        if mtls { non_empty(property_string(&["connection", "uri_san_peer_certificate"])) } else { None };
     let local_principal =
-        peer_principal.as_ref().and_then(|_| non_empty(property_string(&[conn, "uri_san_local_certificate"])));
+        peer_principal.as_ref().and_then(|_| non_empty(property_string(&["connection", "uri_san_local_certificate"])));
+    DownstreamFacts { mtls, peer_principal, local_principal, peer: filter_state_peer("downstream_peer") }
+}
+
+/// Read what the Istio labels need from the proxy; the downstream side comes from `downstream`
+/// (inbound), the upstream side is read per request. Each absent property is simply unknown.
+fn metric_facts(peer_upstream: bool, grpc: bool, downstream: Option<DownstreamFacts>) -> MetricFacts {
+    let non_empty = |s: Option<String>| s.filter(|v| !v.is_empty());
+    let (mtls, peer_principal, local_principal, filter_state) = match downstream {
+        Some(d) => (d.mtls, d.peer_principal, d.local_principal, d.peer),
+        None if peer_upstream => {
+            let peer = non_empty(property_string(&["upstream", "uri_san_peer_certificate"]));
+            let local =
+                peer.as_ref().and_then(|_| non_empty(property_string(&["upstream", "uri_san_local_certificate"])));
+            (false, peer, local, filter_state_peer("upstream_peer"))
+        }
+        None => (false, None, None, None),
+    };
     // The upstream's peer metadata answer header is still readable in the log phase.
     let upstream_peer = peer_upstream
         .then(|| {
@@ -152,7 +171,7 @@ fn metric_facts(peer_upstream: bool, grpc: bool) -> MetricFacts {
         mtls,
         peer_principal,
         local_principal,
-        filter_state_peer: filter_state_peer(peer_state),
+        filter_state_peer: filter_state,
         upstream_peer,
         host_workload,
         cluster_service: None,
