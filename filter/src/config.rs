@@ -317,6 +317,12 @@ impl TryFrom<RawConfig> for Config {
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
         let collector = raw.collector.ok_or_else(|| ConfigError::new("collector", "is required"))?;
+        if raw.logs.enabled && raw.logs.mode == LogMode::Sampled && !raw.traces.enabled {
+            return Err(ConfigError::new(
+                "logs.mode",
+                "sampled logs the requests whose trace is sampled, and traces.enabled is false: use all or errors",
+            ));
+        }
         Ok(Config {
             collector: collector.compile()?,
             traces: raw.traces.compile()?,
@@ -564,6 +570,10 @@ mod tests {
         assert!(e.starts_with("logs.mode: unknown variant `some`"), "{e}");
         let e = err(r#"{"collector":{"cluster":"outbound|4317||c"},"logs":{"format":"json"}}"#);
         assert!(e.starts_with("logs.format: unknown field `format`"), "{e}");
+        let e = err(
+            r#"{"collector":{"cluster":"outbound|4317||c"},"logs":{"enabled":true,"mode":"sampled"},"traces":{"enabled":false}}"#,
+        );
+        assert!(e.starts_with("logs.mode: sampled logs the requests whose trace is sampled"), "{e}");
     }
 
     #[test]
