@@ -77,6 +77,7 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
             "collector": {"timeout_ms": 1000},
             "export": {"max_queue": 2048, "max_batch": 256, "max_in_flight": 1, "flush_interval_ms": 200, "max_retries": 2},
             "metrics": {"export_interval_ms": 1000, "max_series": MAX_SERIES},
+            "logs": {"enabled": true},
         }))
         .start();
     let started = Instant::now();
@@ -88,6 +89,7 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
     assert_eq!(failed, 0, "requests failed while the collector was down");
     let rss_down = rss_kb(&sidecar);
     let dropped = sidecar.envoy.stat("wasmcustom.meshtel.spans_dropped");
+    let logs_dropped = sidecar.envoy.stat("wasmcustom.meshtel.logs_dropped");
     let failed_spans = sidecar.envoy.stat("wasmcustom.meshtel.spans_failed");
 
     collector.answer_with(Answer::Ok);
@@ -98,11 +100,13 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
     let points = collector.points();
     let requests_series = series(&points, "istio_requests_total");
     let exported = sidecar.envoy.stat("wasmcustom.meshtel.spans_exported");
+    let logs_exported = sidecar.envoy.stat("wasmcustom.meshtel.logs_exported");
     let total = warm + down + up;
     eprintln!(
         "soak: {total} requests in {:.0} s ({warm} warm-up, {down} collector down, {up} up), 0 failed\n\
          soak: Envoy RSS {} MB after warm-up, {} MB after the outage, {} MB at the end\n\
          soak: spans dropped (queue full) {dropped}, failed after retries {failed_spans}, exported {exported}\n\
+         soak: access logs dropped (queue full) {logs_dropped}, exported {logs_exported}\n\
          soak: {} istio_requests_total series for {PEERS} peers (max_series {MAX_SERIES} + overflow)",
         started.elapsed().as_secs_f64(),
         rss_warm / 1024,
@@ -112,6 +116,7 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
     );
     assert!(down >= 50_000, "the outage phase sent only {down} requests");
     assert!(dropped > 0, "with the collector down, the queue cap drops the oldest spans and counts them");
+    assert!(logs_dropped > 0, "and the oldest access logs");
     assert!(
         rss_down.max(rss_end) <= rss_warm + MAX_GROWTH_KB,
         "memory grew from {rss_warm} kB to {} kB",
@@ -120,4 +125,5 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
     assert!(requests_series.len() <= MAX_SERIES + 1, "series cap: {}", requests_series.len());
     assert!(requests_series.iter().any(|p| p.label("otel.metric.overflow") == "true"));
     assert!(exported > 0, "spans flow again once the collector is back");
+    assert!(logs_exported > 0, "access logs too");
 }
