@@ -32,7 +32,7 @@ wasm:
 	# The test-only build that traps on a marked request (tests/tests/vm_faults.rs).
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter --features test-trap --target-dir target/test-trap
 
-# The module to ship: the release build through wasm-opt -Oz (Debian's binaryen), about 18% smaller.
+# The module to ship: the release build through wasm-opt -Oz (Debian's binaryen), about 19% smaller.
 wasm-opt: wasm
 	command -v wasm-opt >/dev/null || (apt-get install -y -q binaryen >/dev/null)
 	wasm-opt -Oz --enable-bulk-memory --enable-sign-ext --enable-mutable-globals --enable-nontrapping-float-to-int \

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use serde::Deserialize;
+use crate::json_fields::Fields;
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: &str, reason: impl Into<String>) -> Self {
         Self { field: field.to_string(), reason: reason.into() }
     }
 }
@@ -33,19 +33,16 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Trace context formats the filter reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Propagation {
     /// W3C Trace Context Level 1: `traceparent` and `tracestate`.
-    #[serde(rename = "w3c")]
     W3c,
     /// B3: the `x-b3-*` headers, and the single `b3` header when the request carried one.
-    #[serde(rename = "b3")]
     B3,
 }
 
 /// How spans are named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanNaming {
     /// `GET /api/items`: method and path, without the query string.
     MethodPath,
@@ -104,8 +101,7 @@ impl Collector {
 }
 
 /// The OTLP transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocol {
     /// OTLP/HTTP with protobuf bodies (`POST /v1/traces`, ...), usually port 4318.
     #[default]
@@ -154,8 +150,7 @@ pub struct Logs {
 }
 
 /// Which requests get an access-log record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogMode {
     /// Every request.
     #[default]
@@ -167,8 +162,7 @@ pub enum LogMode {
 }
 
 /// Aggregation temporality of exported metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Temporality {
     /// Totals since a start time.
     Cumulative,
@@ -193,54 +187,99 @@ pub struct Export {
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_INTERVAL_MS: u64 = 3_600_000;
-const MAX_BATCH: usize = 16_384;
-const MAX_QUEUE: usize = 1_048_576;
-const MAX_SERIES: usize = 100_000;
+const MAX_BATCH: u64 = 16_384;
+const MAX_QUEUE: u64 = 1_048_576;
+const MAX_SERIES: u64 = 100_000;
 
 /// Parse and validate a `pluginConfig` JSON document.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
-    let de = &mut serde_json::Deserializer::from_slice(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path.is_empty() { ".".to_string() } else { path };
-        ConfigError::new(&field, e.into_inner().to_string())
-    })?;
-    Config::try_from(raw)
+    let doc: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError::new(".", e.to_string()))?;
+    Config::try_from(RawConfig::read(&doc)?)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+const PROPAGATIONS: [(&str, Propagation); 2] = [("w3c", Propagation::W3c), ("b3", Propagation::B3)];
+const SPAN_NAMINGS: [(&str, SpanNaming); 2] = [("method_path", SpanNaming::MethodPath), ("method", SpanNaming::Method)];
+const PROTOCOLS: [(&str, Protocol); 2] = [("http", Protocol::Http), ("grpc", Protocol::Grpc)];
+const LOG_MODES: [(&str, LogMode); 3] =
+    [("all", LogMode::All), ("errors", LogMode::Errors), ("sampled", LogMode::Sampled)];
+const TEMPORALITIES: [(&str, Temporality); 2] =
+    [("cumulative", Temporality::Cumulative), ("delta", Temporality::Delta)];
+
+/// The document as written, defaults filled in, not yet validated.
 struct RawConfig {
     collector: Option<RawCollector>,
-    #[serde(default)]
     traces: RawTraces,
-    #[serde(default)]
     metrics: RawMetrics,
-    #[serde(default)]
     logs: RawLogs,
-    #[serde(default)]
     export: RawExport,
-    #[serde(default)]
     resource: RawResource,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+impl RawConfig {
+    fn read(doc: &serde_json::Value) -> Result<Self, ConfigError> {
+        let f = Fields::new("", doc, &["collector", "traces", "metrics", "logs", "export", "resource"])?;
+        let section = |name: &str, known: &[&str]| f.object(name, known);
+        Ok(Self {
+            collector: section(
+                "collector",
+                &["cluster", "protocol", "authority", "timeout_ms", "headers", "headers_from_env"],
+            )?
+            .map(|c| RawCollector::read(&c))
+            .transpose()?,
+            traces: match section(
+                "traces",
+                &["enabled", "sampling_ratio", "propagation", "span_name", "request_headers", "sensitive_headers"],
+            )? {
+                Some(t) => RawTraces::read(&t)?,
+                None => RawTraces::default(),
+            },
+            metrics: match section("metrics", &["enabled", "export_interval_ms", "temporality", "max_series"])? {
+                Some(m) => RawMetrics::read(&m)?,
+                None => RawMetrics::default(),
+            },
+            logs: match section("logs", &["enabled", "mode"])? {
+                Some(l) => {
+                    RawLogs { enabled: l.bool("enabled", false)?, mode: l.variant("mode", &LOG_MODES, LogMode::All)? }
+                }
+                None => RawLogs::default(),
+            },
+            export: match section(
+                "export",
+                &["flush_interval_ms", "max_batch", "max_queue", "max_in_flight", "max_retries"],
+            )? {
+                Some(e) => RawExport::read(&e)?,
+                None => RawExport::default(),
+            },
+            resource: match section("resource", &["attributes"])? {
+                Some(r) => RawResource { attributes: r.string_map("attributes")? },
+                None => RawResource::default(),
+            },
+        })
+    }
+}
+
 struct RawCollector {
     cluster: Option<String>,
-    #[serde(default)]
     protocol: Protocol,
     authority: Option<String>,
-    #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
-    #[serde(default)]
     headers: BTreeMap<String, String>,
-    #[serde(default)]
     headers_from_env: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
+impl RawCollector {
+    fn read(f: &Fields<'_>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            cluster: f.string("cluster")?,
+            protocol: f.variant("protocol", &PROTOCOLS, Protocol::Http)?,
+            authority: f.string("authority")?,
+            timeout_ms: f.u64("timeout_ms", default_timeout_ms())?,
+            headers: f.string_map("headers")?,
+            headers_from_env: f.string_map("headers_from_env")?,
+        })
+    }
+}
+
 struct RawTraces {
     enabled: bool,
     sampling_ratio: f64,
@@ -263,13 +302,25 @@ impl Default for RawTraces {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
+impl RawTraces {
+    fn read(f: &Fields<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            enabled: f.bool("enabled", d.enabled)?,
+            sampling_ratio: f.f64("sampling_ratio", d.sampling_ratio)?,
+            propagation: f.variants("propagation", &PROPAGATIONS, d.propagation)?,
+            span_name: f.variant("span_name", &SPAN_NAMINGS, d.span_name)?,
+            request_headers: f.strings("request_headers")?,
+            sensitive_headers: f.strings("sensitive_headers")?,
+        })
+    }
+}
+
 struct RawMetrics {
     enabled: bool,
     export_interval_ms: u64,
     temporality: Temporality,
-    max_series: usize,
+    max_series: u64,
 }
 
 impl Default for RawMetrics {
@@ -278,21 +329,30 @@ impl Default for RawMetrics {
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+impl RawMetrics {
+    fn read(f: &Fields<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            enabled: f.bool("enabled", d.enabled)?,
+            export_interval_ms: f.u64("export_interval_ms", d.export_interval_ms)?,
+            temporality: f.variant("temporality", &TEMPORALITIES, d.temporality)?,
+            max_series: f.u64("max_series", d.max_series)?,
+        })
+    }
+}
+
+#[derive(Default)]
 struct RawLogs {
     enabled: bool,
     mode: LogMode,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
 struct RawExport {
     flush_interval_ms: u64,
-    max_batch: usize,
-    max_queue: usize,
-    max_in_flight: usize,
-    max_retries: u32,
+    max_batch: u64,
+    max_queue: u64,
+    max_in_flight: u64,
+    max_retries: u64,
 }
 
 impl Default for RawExport {
@@ -301,10 +361,21 @@ impl Default for RawExport {
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+impl RawExport {
+    fn read(f: &Fields<'_>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        Ok(Self {
+            flush_interval_ms: f.u64("flush_interval_ms", d.flush_interval_ms)?,
+            max_batch: f.u64("max_batch", d.max_batch)?,
+            max_queue: f.u64("max_queue", d.max_queue)?,
+            max_in_flight: f.u64("max_in_flight", d.max_in_flight)?,
+            max_retries: f.u64("max_retries", d.max_retries)?,
+        })
+    }
+}
+
+#[derive(Default)]
 struct RawResource {
-    #[serde(default)]
     attributes: BTreeMap<String, String>,
 }
 
@@ -409,7 +480,10 @@ impl RawTraces {
     fn compile(self) -> Result<Traces, ConfigError> {
         let ratio = self.sampling_ratio;
         if !(0.0..=1.0).contains(&ratio) {
-            return Err(ConfigError::new("traces.sampling_ratio", format!("must be between 0 and 1, got {ratio}")));
+            return Err(ConfigError::new(
+                "traces.sampling_ratio",
+                format!("must be between 0 and 1, got {}", number_text(ratio)),
+            ));
         }
         let mut propagation = Vec::with_capacity(self.propagation.len());
         for p in self.propagation {
@@ -465,7 +539,7 @@ impl RawMetrics {
             enabled: self.enabled,
             export_interval: Duration::from_millis(self.export_interval_ms),
             temporality: self.temporality,
-            max_series: self.max_series,
+            max_series: checked(self.max_series),
         })
     }
 }
@@ -485,10 +559,10 @@ impl RawExport {
         in_range("export.max_retries", self.max_retries, 0, 10)?;
         Ok(Export {
             flush_interval: Duration::from_millis(self.flush_interval_ms),
-            max_batch: self.max_batch,
-            max_queue: self.max_queue,
-            max_in_flight: self.max_in_flight,
-            max_retries: self.max_retries,
+            max_batch: checked(self.max_batch),
+            max_queue: checked(self.max_queue),
+            max_in_flight: checked(self.max_in_flight),
+            max_retries: checked(self.max_retries),
         })
     }
 }
@@ -498,6 +572,17 @@ fn compile_resource(raw: RawResource) -> Result<BTreeMap<String, String>, Config
         return Err(ConfigError::new("resource.attributes", format!("attribute names must not be empty, got {key:?}")));
     }
     Ok(raw.attributes)
+}
+
+/// `v` as JSON writes it. (serde_json's float formatting is in the module anyway; core's `{}` for
+/// f64 would add its own, ~15 KB.)
+pub fn number_text(v: f64) -> String {
+    serde_json::Number::from_f64(v).map_or_else(|| "a non-finite number".to_string(), |n| n.to_string())
+}
+
+/// A value already checked to be in range for `T`.
+fn checked<T: TryFrom<u64> + Default>(v: u64) -> T {
+    T::try_from(v).unwrap_or_default()
 }
 
 fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, min: T, max: T) -> Result<(), ConfigError> {

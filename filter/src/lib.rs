@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod config;
 pub mod export;
+mod json_fields;
 pub mod metrics;
 pub mod node;
 pub mod otlp;

@@ -153,7 +153,7 @@ impl Root {
                 config.collector.cluster,
                 config.collector.protocol,
                 if config.traces.enabled { "on" } else { "off" },
-                config.traces.sampling_ratio,
+                config::number_text(config.traces.sampling_ratio),
                 if config.metrics.enabled { "on" } else { "off" },
                 if config.logs.enabled { format!("{:?}", config.logs.mode) } else { "off".into() },
             ),
