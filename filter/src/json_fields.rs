@@ -145,6 +145,8 @@ fn pick<T: Copy>(path: &str, v: &Value, variants: &[(&str, T)]) -> Result<T, Con
 }
 
 fn join(path: &str, name: &str) -> String {
+    // An empty key still needs a visible name.
+    let name = if name.is_empty() { "\"\"" } else { name };
     if path.is_empty() {
         name.to_string()
     } else {
@@ -205,5 +207,10 @@ mod tests {
             Fields::new("", &json!([1]), &[]).err().unwrap().to_string(),
             ".: invalid type: an array, expected a JSON object"
         );
+        // Found by fuzzing: an empty key must still be named.
+        let empty = Fields::new("", &json!({"": {}}), &["a"]).err().unwrap();
+        assert_eq!(empty.to_string(), "\"\": unknown field ``, expected one of `a`");
+        let nested = Fields::new("a", &json!({"": 1}), &[]).err().unwrap();
+        assert_eq!(nested.field, "a.\"\"");
     }
 }
