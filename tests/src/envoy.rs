@@ -481,6 +481,20 @@ impl Envoy {
         fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
     }
 
+    /// Wait until meshtel's counter `wasmcustom.meshtel.<name>` satisfies `ok` and return it;
+    /// panics with the value and Envoy's log after `timeout`.
+    pub fn wait_meshtel_stat(&self, name: &str, timeout: Duration, ok: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.stat(&format!("wasmcustom.meshtel.{name}"));
+            if ok(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{name} stuck at {v}\n{}", self.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A counter or gauge from `/stats` (e.g. `wasmcustom.meshtel.spans_exported`); 0 if absent.
     pub fn stat(&self, name: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/stats?filter=^{}$", self.admin_port, name.replace('.', "\\."));

@@ -101,15 +101,7 @@ fn grpc_delivers_what_http_delivers() {
 }
 
 fn wait_stat(sidecar: &Sidecar, name: &str, ok: impl Fn(u64) -> bool) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let v = sidecar.envoy.stat(&format!("wasmcustom.meshtel.{name}"));
-        if ok(v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} stuck at {v}\n{}", sidecar.envoy.log());
-        thread::sleep(Duration::from_millis(50));
-    }
+    sidecar.envoy.wait_meshtel_stat(name, WAIT, ok)
 }
 
 #[test]
