@@ -191,17 +191,30 @@ impl Collector {
 
     /// Wait until at least `n` log records arrived; panics after `timeout` with what did arrive.
     pub fn wait_for_logs(&self, n: usize, timeout: Duration) -> Vec<ReceivedLog> {
+        self.wait_for(n, timeout, "log records", Self::logs, ReceivedLog::body)
+    }
+
+    /// Wait until `items` returns at least `n`; panics after `timeout` with what did arrive, or at
+    /// once when an export could not be decoded.
+    fn wait_for<T>(
+        &self,
+        n: usize,
+        timeout: Duration,
+        what: &str,
+        items: impl Fn(&Self) -> Vec<T>,
+        describe: impl Fn(&T) -> String,
+    ) -> Vec<T> {
         let deadline = Instant::now() + timeout;
         loop {
-            let logs = self.logs();
+            let got = items(self);
             let bad = self.state.lock().unwrap().bad_requests.clone();
             assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
-            if logs.len() >= n {
-                return logs;
+            if got.len() >= n {
+                return got;
             }
             if Instant::now() > deadline {
-                let bodies: Vec<String> = logs.iter().map(|l| l.body()).collect();
-                panic!("expected {n} log records within {timeout:?}, got {}: {bodies:?}", logs.len());
+                let seen: Vec<String> = got.iter().map(&describe).collect();
+                panic!("expected {n} {what} within {timeout:?}, got {}: {seen:?}", got.len());
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -272,20 +285,7 @@ impl Collector {
 
     /// Wait until at least `n` spans arrived; panics after `timeout` with what did arrive.
     pub fn wait_for_spans(&self, n: usize, timeout: Duration) -> Vec<ReceivedSpan> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let spans = self.spans();
-            let bad = self.state.lock().unwrap().bad_requests.clone();
-            assert!(bad.is_empty(), "the receiver got malformed exports: {bad:?}");
-            if spans.len() >= n {
-                return spans;
-            }
-            if Instant::now() > deadline {
-                let names: Vec<String> = spans.iter().map(|s| format!("{} ({})", s.span.name, s.service())).collect();
-                panic!("expected {n} spans within {timeout:?}, got {}: {names:?}", spans.len());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_for(n, timeout, "spans", Self::spans, |s| format!("{} ({})", s.span.name, s.service()))
     }
 
     /// Wait for the span with this parent span id.
