@@ -1,16 +1,12 @@
 //! Istio's request metrics to `ExportMetricsServiceRequest`, named so that the Collector's
 //! Prometheus exporters produce Istio's own series names.
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
-    ResourceMetrics, ScopeMetrics, Sum,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
-use super::common::string_kv;
+use super::wire::Writer;
 use crate::config::Temporality;
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
 use crate::metrics::labels::LABEL_NAMES;
@@ -26,118 +22,120 @@ pub const RESPONSE_BYTES: &str = "istio_response_bytes";
 /// Attribute marking the series that collects label sets past `metrics.max_series`.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
 
+/// `metrics.proto` and `metrics_service.proto` field numbers.
+mod field {
+    pub const REQUEST_RESOURCE_METRICS: u32 = 1;
+    pub const RESOURCE_METRICS_RESOURCE: u32 = 1;
+    pub const RESOURCE_METRICS_SCOPE_METRICS: u32 = 2;
+    pub const SCOPE_METRICS_SCOPE: u32 = 1;
+    pub const SCOPE_METRICS_METRICS: u32 = 2;
+    pub const METRIC_NAME: u32 = 1;
+    pub const METRIC_DESCRIPTION: u32 = 2;
+    pub const METRIC_UNIT: u32 = 3;
+    pub const METRIC_SUM: u32 = 7;
+    pub const METRIC_HISTOGRAM: u32 = 9;
+    /// `Sum` and `Histogram`.
+    pub const DATA_POINTS: u32 = 1;
+    pub const AGGREGATION_TEMPORALITY: u32 = 2;
+    pub const SUM_IS_MONOTONIC: u32 = 3;
+    /// Both data point kinds.
+    pub const POINT_START_TIME: u32 = 2;
+    pub const POINT_TIME: u32 = 3;
+    pub const NUMBER_AS_INT: u32 = 6;
+    pub const NUMBER_ATTRIBUTES: u32 = 7;
+    pub const HISTOGRAM_COUNT: u32 = 4;
+    pub const HISTOGRAM_SUM: u32 = 5;
+    pub const HISTOGRAM_BUCKET_COUNTS: u32 = 6;
+    pub const HISTOGRAM_EXPLICIT_BOUNDS: u32 = 7;
+    pub const HISTOGRAM_ATTRIBUTES: u32 = 9;
+}
+
 /// Encodes metric exports for one workload; built once per VM.
 #[derive(Debug, Clone)]
 pub struct MetricsEncoder {
-    resource: Resource,
-    scope: InstrumentationScope,
+    /// The resource and scope, encoded once.
+    resource: Vec<u8>,
+    scope: Vec<u8>,
 }
 
-fn point_attributes(labels: Option<&aggregate::LabelValues>) -> Vec<KeyValue> {
+fn point_attributes(w: &mut Writer, field: u32, labels: Option<&aggregate::LabelValues>) {
     match labels {
-        Some(values) => LABEL_NAMES.iter().zip(values).map(|(k, v)| string_kv(k, v.as_str())).collect(),
-        None => vec![KeyValue {
-            key: OVERFLOW_ATTRIBUTE.to_string(),
-            value: Some(AnyValue { value: Some(any_value::Value::BoolValue(true)) }),
-            key_strindex: 0,
-        }],
+        Some(values) => LABEL_NAMES.iter().zip(values).for_each(|(k, v)| w.string_attribute(field, k, v)),
+        None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
     }
 }
+
+/// Which histogram of a series.
+type HistogramOf = fn(&SeriesData) -> &Option<aggregate::Histogram>;
 
 impl MetricsEncoder {
     /// An encoder for metrics of the workload `resource` describes.
     pub fn new(resource: Resource) -> Self {
-        Self { resource, scope: super::common::scope() }
+        Self { resource: resource.encode_to_vec(), scope: super::common::scope().encode_to_vec() }
     }
 
-    /// The export request for an aggregate covering `start_ns..now_ns`.
-    pub fn request(
-        &self,
-        agg: &Aggregator,
-        temporality: Temporality,
-        start_ns: u64,
-        now_ns: u64,
-    ) -> ExportMetricsServiceRequest {
+    /// The protobuf body of an OTLP metrics export (`ExportMetricsServiceRequest`) of an aggregate
+    /// covering `start_ns..now_ns`, and its number of data points.
+    pub fn encode(&self, agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> (Vec<u8>, u64) {
         let temporality = match temporality {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
-        } as i32;
-        let mut requests = Vec::with_capacity(agg.len());
-        let (mut duration, mut req_bytes, mut resp_bytes) = (Vec::new(), Vec::new(), Vec::new());
-        for (labels, data) in agg.series() {
-            let attributes = point_attributes(labels);
-            requests.push(NumberDataPoint {
-                attributes: attributes.clone(),
-                start_time_unix_nano: start_ns,
-                time_unix_nano: now_ns,
-                exemplars: Vec::new(),
-                flags: 0,
-                value: Some(number_data_point::Value::AsInt(i64::try_from(data.requests).unwrap_or(i64::MAX))),
-            });
-            let hist = |h: &Option<aggregate::Histogram>, attributes: Vec<KeyValue>| {
-                let h = h.clone().unwrap_or_default();
-                let mut buckets = h.buckets;
-                buckets.resize(BUCKET_BOUNDS.len() + 1, 0);
-                HistogramDataPoint {
-                    attributes,
-                    start_time_unix_nano: start_ns,
-                    time_unix_nano: now_ns,
-                    count: h.count,
-                    sum: Some(h.sum),
-                    bucket_counts: buckets,
-                    explicit_bounds: BUCKET_BOUNDS.to_vec(),
-                    exemplars: Vec::new(),
-                    flags: 0,
-                    min: None,
-                    max: None,
-                }
-            };
-            let SeriesData { duration: d, request_bytes: rq, response_bytes: rs, .. } = data;
-            duration.push(hist(d, attributes.clone()));
-            req_bytes.push(hist(rq, attributes.clone()));
-            resp_bytes.push(hist(rs, attributes));
-        }
-        let metric = |name: &str, description: &str, unit: &str, data: metric::Data| Metric {
-            name: name.to_string(),
-            description: description.to_string(),
-            unit: unit.to_string(),
-            metadata: Vec::new(),
-            data: Some(data),
+        } as u64;
+        let times = |w: &mut Writer| {
+            w.fixed64(field::POINT_START_TIME, start_ns);
+            w.fixed64(field::POINT_TIME, now_ns);
         };
-        let histogram =
-            |points| metric::Data::Histogram(Histogram { data_points: points, aggregation_temporality: temporality });
-        let metrics = vec![
-            metric(
-                REQUESTS_TOTAL,
-                "Requests handled by the proxy",
-                "",
-                metric::Data::Sum(Sum {
-                    data_points: requests,
-                    aggregation_temporality: temporality,
-                    is_monotonic: true,
-                }),
-            ),
-            metric(REQUEST_DURATION, "Request duration", "ms", histogram(duration)),
-            metric(REQUEST_BYTES, "Request size, headers included", "By", histogram(req_bytes)),
-            metric(RESPONSE_BYTES, "Response size, headers included", "By", histogram(resp_bytes)),
-        ];
-        ExportMetricsServiceRequest {
-            resource_metrics: vec![ResourceMetrics {
-                resource: Some(self.resource.clone()),
-                scope_metrics: vec![ScopeMetrics {
-                    scope: Some(self.scope.clone()),
-                    metrics,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            }],
-        }
-    }
-
-    /// The protobuf body of an OTLP/HTTP metrics export, and its number of data points.
-    pub fn encode(&self, agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> (Vec<u8>, u64) {
-        let points = agg.len() as u64 * 4;
-        (self.request(agg, temporality, start_ns, now_ns).encode_to_vec(), points)
+        let metric = |w: &mut Writer, name: &str, description: &str, unit: &str| {
+            w.string(field::METRIC_NAME, name);
+            w.string(field::METRIC_DESCRIPTION, description);
+            w.string(field::METRIC_UNIT, unit);
+        };
+        let no_requests = aggregate::Histogram::default();
+        let histogram = |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf| {
+            w.message(field::SCOPE_METRICS_METRICS, |w| {
+                metric(w, name, description, unit);
+                w.message(field::METRIC_HISTOGRAM, |w| {
+                    for (labels, data) in agg.series() {
+                        w.message(field::DATA_POINTS, |w| {
+                            let h = of(data).as_ref().unwrap_or(&no_requests);
+                            times(w);
+                            w.fixed64(field::HISTOGRAM_COUNT, h.count);
+                            w.double(field::HISTOGRAM_SUM, h.sum);
+                            let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
+                            w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
+                            w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
+                            point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
+                        });
+                    }
+                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                });
+            });
+        };
+        let mut w = Writer::with_capacity(256 + self.resource.len() + agg.len() * 2_400);
+        w.message(field::REQUEST_RESOURCE_METRICS, |w| {
+            w.encoded_message(field::RESOURCE_METRICS_RESOURCE, &self.resource);
+            w.message(field::RESOURCE_METRICS_SCOPE_METRICS, |w| {
+                w.encoded_message(field::SCOPE_METRICS_SCOPE, &self.scope);
+                w.message(field::SCOPE_METRICS_METRICS, |w| {
+                    metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
+                    w.message(field::METRIC_SUM, |w| {
+                        for (labels, data) in agg.series() {
+                            w.message(field::DATA_POINTS, |w| {
+                                times(w);
+                                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
+                                point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+                            });
+                        }
+                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                        w.bool(field::SUM_IS_MONOTONIC, true);
+                    });
+                });
+                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
+                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
+                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
+            });
+        });
+        (w.into_bytes(), agg.len() as u64 * 4)
     }
 }
 
@@ -153,6 +151,14 @@ pub fn rejected_points(body: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use crate::metrics::aggregate::Measurement;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
+
+    fn decoded(agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> ExportMetricsServiceRequest {
+        let (bytes, points) = MetricsEncoder::new(Resource::default()).encode(agg, temporality, start_ns, now_ns);
+        assert_eq!(points, agg.len() as u64 * 4);
+        ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap()
+    }
 
     fn find<'a>(req: &'a ExportMetricsServiceRequest, name: &str) -> &'a Metric {
         req.resource_metrics[0].scope_metrics[0].metrics.iter().find(|m| m.name == name).unwrap()
@@ -165,7 +171,7 @@ mod tests {
         agg.record(labels.clone(), &Measurement { duration_ms: 7.0, request_bytes: 300, response_bytes: 70_000 });
         agg.record(labels, &Measurement { duration_ms: 20.0, request_bytes: 300, response_bytes: 10 });
         agg.record(vec!["other".into(); 25], &Measurement::default());
-        let req = MetricsEncoder::new(Resource::default()).request(&agg, Temporality::Cumulative, 5, 9);
+        let req = decoded(&agg, Temporality::Cumulative, 5, 9);
 
         let Some(metric::Data::Sum(sum)) = &find(&req, REQUESTS_TOTAL).data else { panic!("a sum") };
         assert!(sum.is_monotonic);
@@ -190,7 +196,7 @@ mod tests {
 
     #[test]
     fn delta_temporality_is_marked() {
-        let req = MetricsEncoder::new(Resource::default()).request(&Aggregator::new(1), Temporality::Delta, 0, 1);
+        let req = decoded(&Aggregator::new(1), Temporality::Delta, 0, 1);
         let Some(metric::Data::Histogram(h)) = &find(&req, REQUEST_BYTES).data else { panic!("a histogram") };
         assert_eq!(h.aggregation_temporality, AggregationTemporality::Delta as i32);
     }

@@ -7,6 +7,7 @@ use prost::encoding::{encode_key, encode_varint, WireType};
 
 /// `AnyValue` fields (common.proto).
 const ANY_STRING: u32 = 1;
+const ANY_BOOL: u32 = 2;
 const ANY_INT: u32 = 3;
 const ANY_ARRAY: u32 = 5;
 /// `KeyValue` fields.
@@ -69,6 +70,41 @@ impl Writer {
         }
     }
 
+    /// A `double` field written even at zero (an `optional` field, or a oneof member).
+    pub fn double(&mut self, field: u32, value: f64) {
+        encode_key(field, WireType::SixtyFourBit, &mut self.buf);
+        self.buf.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// An `sfixed64` field written even at zero (a oneof member).
+    pub fn sfixed64(&mut self, field: u32, value: i64) {
+        encode_key(field, WireType::SixtyFourBit, &mut self.buf);
+        self.buf.extend_from_slice(&value.to_le_bytes());
+    }
+
+    /// A `bool` field; skipped when false.
+    pub fn bool(&mut self, field: u32, value: bool) {
+        self.varint(field, u64::from(value));
+    }
+
+    /// A packed `repeated fixed64` field; skipped when empty.
+    pub fn packed_fixed64(&mut self, field: u32, values: impl ExactSizeIterator<Item = u64>) {
+        if values.len() > 0 {
+            encode_key(field, WireType::LengthDelimited, &mut self.buf);
+            encode_varint(values.len() as u64 * 8, &mut self.buf);
+            values.for_each(|v| self.buf.extend_from_slice(&v.to_le_bytes()));
+        }
+    }
+
+    /// A packed `repeated double` field; skipped when empty.
+    pub fn packed_double(&mut self, field: u32, values: &[f64]) {
+        if !values.is_empty() {
+            encode_key(field, WireType::LengthDelimited, &mut self.buf);
+            encode_varint(values.len() as u64 * 8, &mut self.buf);
+            values.iter().for_each(|v| self.buf.extend_from_slice(&v.to_le_bytes()));
+        }
+    }
+
     /// A message field whose encoding is already at hand (a resource or scope encoded once).
     pub fn encoded_message(&mut self, field: u32, encoded: &[u8]) {
         self.len_delimited(field, encoded);
@@ -108,6 +144,17 @@ impl Writer {
                 // A oneof member is written even at its default value.
                 encode_key(ANY_INT, WireType::Varint, &mut w.buf);
                 encode_varint(value as u64, &mut w.buf);
+            });
+        });
+    }
+
+    /// A `KeyValue` with a boolean value.
+    pub fn bool_attribute(&mut self, field: u32, key: &str, value: bool) {
+        self.message(field, |w| {
+            w.string(KV_KEY, key);
+            w.message(KV_VALUE, |w| {
+                encode_key(ANY_BOOL, WireType::Varint, &mut w.buf);
+                encode_varint(u64::from(value), &mut w.buf);
             });
         });
     }
@@ -159,6 +206,7 @@ mod tests {
         w.int_attribute(1, "zero", 0);
         w.int_attribute(1, "negative", -5);
         w.string_array_attribute(1, "list", &["p".into(), String::new()]);
+        w.bool_attribute(1, "flag", true);
         let long = "v".repeat(300);
         w.string_attribute(1, "long", &long);
         let got = decode(w);
@@ -169,7 +217,8 @@ mod tests {
         let strings = |v: &[&str]| v.iter().map(|s| Some(Value::StringValue(s.to_string()))).collect::<Vec<_>>();
         let Some(Value::ArrayValue(ArrayValue { values })) = &got[4].1 else { panic!("an array: {:?}", got[4]) };
         assert_eq!(values.iter().map(|v| v.value.clone()).collect::<Vec<_>>(), strings(&["p", ""]));
-        assert_eq!(got[5], ("long".into(), Some(Value::StringValue(long))));
+        assert_eq!(got[5], ("flag".into(), Some(Value::BoolValue(true))));
+        assert_eq!(got[6], ("long".into(), Some(Value::StringValue(long))));
     }
 
     #[test]
