@@ -10,6 +10,7 @@ use meshtel_tests::collector::{Answer, Collector, ReceivedLog, ReceivedSpan};
 use meshtel_tests::mesh::{Sidecar, SidecarSpec};
 use meshtel_tests::metrics::{series, total};
 use meshtel_tests::request;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -40,26 +41,21 @@ fn drive(sidecar: &Sidecar) {
 /// ports of the per-test app and proxy.
 const PER_RUN: [&str; 5] = ["server.port", "upstream_host", "upstream_cluster", "duration", "http.response.body.size"];
 
-fn span_content(s: &ReceivedSpan) -> String {
-    let attrs: BTreeMap<&str, String> = s
-        .span
-        .attributes
+fn stable(attributes: &[KeyValue]) -> BTreeMap<&str, String> {
+    attributes
         .iter()
         .filter(|kv| !PER_RUN.contains(&kv.key.as_str()))
         .map(|kv| (kv.key.as_str(), format!("{:?}", kv.value)))
-        .collect();
+        .collect()
+}
+
+fn span_content(s: &ReceivedSpan) -> String {
+    let attrs = stable(&s.span.attributes);
     format!("{} {} {:?} {attrs:?} {:?}", s.span.name, s.span.kind, s.span.status, s.service())
 }
 
 fn log_content(l: &ReceivedLog) -> String {
-    let attrs: BTreeMap<&str, String> = l
-        .record
-        .attributes
-        .iter()
-        .filter(|kv| !PER_RUN.contains(&kv.key.as_str()))
-        .map(|kv| (kv.key.as_str(), format!("{:?}", kv.value)))
-        .collect();
-    format!("{} {} {attrs:?}", l.record.severity_number, l.record.event_name)
+    format!("{} {} {:?}", l.record.severity_number, l.record.event_name, stable(&l.record.attributes))
 }
 
 fn sorted<T>(items: &[T], f: impl Fn(&T) -> String) -> Vec<String> {

@@ -171,46 +171,29 @@ impl Root {
 
     fn dispatch(&self, telemetry: &mut Telemetry, payload: Payload, now: u64) -> Option<String> {
         let c = &telemetry.config().collector;
-        if c.protocol == Protocol::Grpc {
+        let (call, sent) = if c.protocol == Protocol::Grpc {
             let (service, method) = otlp::grpc_method(payload.path);
             let metadata: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
-            let sent = hostcalls::dispatch_grpc_call(
-                &self.grpc_target,
-                service,
-                method,
-                metadata,
-                Some(&payload.body),
-                c.timeout,
-            );
-            return match sent {
-                Ok(token) => {
-                    telemetry.sent(token, payload);
-                    None
-                }
-                Err(status) => {
-                    let reason = format!(
-                        "the proxy refused the gRPC call to cluster {:?} ({status:?}): is the cluster defined?",
-                        c.cluster
-                    );
-                    telemetry.not_sent(payload, reason, now)
-                }
-            };
-        }
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", "POST"),
-            (":path", payload.path),
-            (":authority", &c.authority),
-            ("content-type", otlp::CONTENT_TYPE),
-        ];
-        headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        match hostcalls::dispatch_http_call(&c.cluster, headers, Some(&payload.body), vec![], c.timeout) {
+            let body = Some(payload.body.as_slice());
+            ("gRPC call", hostcalls::dispatch_grpc_call(&self.grpc_target, service, method, metadata, body, c.timeout))
+        } else {
+            let mut headers: Vec<(&str, &str)> = vec![
+                (":method", "POST"),
+                (":path", payload.path),
+                (":authority", &c.authority),
+                ("content-type", otlp::CONTENT_TYPE),
+            ];
+            headers.extend(c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            ("call", hostcalls::dispatch_http_call(&c.cluster, headers, Some(&payload.body), vec![], c.timeout))
+        };
+        match sent {
             Ok(token) => {
                 telemetry.sent(token, payload);
                 None
             }
             Err(status) => {
                 let reason = format!(
-                    "the proxy refused the call to cluster {:?} ({status:?}): is the cluster defined?",
+                    "the proxy refused the {call} to cluster {:?} ({status:?}): is the cluster defined?",
                     c.cluster
                 );
                 telemetry.not_sent(payload, reason, now)

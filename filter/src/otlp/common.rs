@@ -8,6 +8,42 @@ use opentelemetry_semantic_conventions::resource as res;
 
 use crate::node::NodeInfo;
 
+use super::wire::Writer;
+use prost::Message;
+
+/// The part every OTLP export request shares: `Export*ServiceRequest { resource_* { resource,
+/// scope_* { scope, items... } } }`, with the same field numbers (1, 1, 2, 1, 2) for traces,
+/// metrics and logs. The resource and scope are encoded once per VM.
+#[derive(Debug, Clone)]
+pub(crate) struct Envelope {
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+}
+
+impl Envelope {
+    /// Field number of the items (`spans`, `metrics`, `log_records`) inside the scope message.
+    pub const ITEMS: u32 = 2;
+
+    /// The envelope of everything this workload exports.
+    pub fn new(resource: &Resource) -> Self {
+        Self { resource: resource.encode_to_vec(), scope: scope().encode_to_vec() }
+    }
+
+    /// An export request whose items `items` writes (as repeated [`Envelope::ITEMS`]);
+    /// `capacity` is a guess of the items' size.
+    pub fn encode(&self, capacity: usize, items: impl FnOnce(&mut Writer)) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64 + self.resource.len() + capacity);
+        w.message(1, |w| {
+            w.encoded_message(1, &self.resource);
+            w.message(2, |w| {
+                w.encoded_message(1, &self.scope);
+                items(w);
+            });
+        });
+        w.into_bytes()
+    }
+}
+
 /// The instrumentation scope of everything meshtel emits.
 pub(crate) fn scope() -> InstrumentationScope {
     InstrumentationScope {

@@ -5,17 +5,13 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_semantic_conventions::attribute as attr;
 use prost::Message;
 
+use super::common::Envelope;
 use super::trace::http_attributes;
 use super::wire::Writer;
 use crate::access_log::AccessLog;
 
-/// `logs.proto` and `logs_service.proto` field numbers.
+/// `logs.proto` field numbers.
 mod field {
-    pub const REQUEST_RESOURCE_LOGS: u32 = 1;
-    pub const RESOURCE_LOGS_RESOURCE: u32 = 1;
-    pub const RESOURCE_LOGS_SCOPE_LOGS: u32 = 2;
-    pub const SCOPE_LOGS_SCOPE: u32 = 1;
-    pub const SCOPE_LOGS_LOG_RECORDS: u32 = 2;
     pub const TIME: u32 = 1;
     pub const SEVERITY_NUMBER: u32 = 2;
     pub const SEVERITY_TEXT: u32 = 3;
@@ -35,29 +31,22 @@ pub const EVENT_NAME: &str = "meshtel.access_log";
 /// Encodes batches of access-log records for one workload; built once per VM.
 #[derive(Debug, Clone)]
 pub struct LogEncoder {
-    resource: Vec<u8>,
-    scope: Vec<u8>,
+    envelope: Envelope,
 }
 
 impl LogEncoder {
     /// An encoder for the workload `resource` describes.
     pub fn new(resource: &Resource) -> Self {
-        Self { resource: resource.encode_to_vec(), scope: super::common::scope().encode_to_vec() }
+        Self { envelope: Envelope::new(resource) }
     }
 
     /// The protobuf body of an OTLP export (`ExportLogsServiceRequest`) of a batch of records.
     pub fn encode(&self, logs: &[AccessLog]) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64 + self.resource.len() + logs.len() * 768);
-        w.message(field::REQUEST_RESOURCE_LOGS, |w| {
-            w.encoded_message(field::RESOURCE_LOGS_RESOURCE, &self.resource);
-            w.message(field::RESOURCE_LOGS_SCOPE_LOGS, |w| {
-                w.encoded_message(field::SCOPE_LOGS_SCOPE, &self.scope);
-                for log in logs {
-                    w.message(field::SCOPE_LOGS_LOG_RECORDS, |w| record(w, log));
-                }
-            });
-        });
-        w.into_bytes()
+        self.envelope.encode(logs.len() * 768, |w| {
+            for log in logs {
+                w.message(Envelope::ITEMS, |w| record(w, log));
+            }
+        })
     }
 }
 

@@ -6,6 +6,7 @@ use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
+use super::common::Envelope;
 use super::wire::Writer;
 use crate::config::Temporality;
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
@@ -22,13 +23,8 @@ pub const RESPONSE_BYTES: &str = "istio_response_bytes";
 /// Attribute marking the series that collects label sets past `metrics.max_series`.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
 
-/// `metrics.proto` and `metrics_service.proto` field numbers.
+/// `metrics.proto` field numbers.
 mod field {
-    pub const REQUEST_RESOURCE_METRICS: u32 = 1;
-    pub const RESOURCE_METRICS_RESOURCE: u32 = 1;
-    pub const RESOURCE_METRICS_SCOPE_METRICS: u32 = 2;
-    pub const SCOPE_METRICS_SCOPE: u32 = 1;
-    pub const SCOPE_METRICS_METRICS: u32 = 2;
     pub const METRIC_NAME: u32 = 1;
     pub const METRIC_DESCRIPTION: u32 = 2;
     pub const METRIC_UNIT: u32 = 3;
@@ -53,9 +49,7 @@ mod field {
 /// Encodes metric exports for one workload; built once per VM.
 #[derive(Debug, Clone)]
 pub struct MetricsEncoder {
-    /// The resource and scope, encoded once.
-    resource: Vec<u8>,
-    scope: Vec<u8>,
+    envelope: Envelope,
 }
 
 fn point_attributes(w: &mut Writer, field: u32, labels: Option<&aggregate::LabelValues>) {
@@ -71,7 +65,7 @@ type HistogramOf = fn(&SeriesData) -> &Option<aggregate::Histogram>;
 impl MetricsEncoder {
     /// An encoder for metrics of the workload `resource` describes.
     pub fn new(resource: Resource) -> Self {
-        Self { resource: resource.encode_to_vec(), scope: super::common::scope().encode_to_vec() }
+        Self { envelope: Envelope::new(&resource) }
     }
 
     /// The protobuf body of an OTLP metrics export (`ExportMetricsServiceRequest`) of an aggregate
@@ -92,7 +86,7 @@ impl MetricsEncoder {
         };
         let no_requests = aggregate::Histogram::default();
         let histogram = |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf| {
-            w.message(field::SCOPE_METRICS_METRICS, |w| {
+            w.message(Envelope::ITEMS, |w| {
                 metric(w, name, description, unit);
                 w.message(field::METRIC_HISTOGRAM, |w| {
                     for (labels, data) in agg.series() {
@@ -111,31 +105,26 @@ impl MetricsEncoder {
                 });
             });
         };
-        let mut w = Writer::with_capacity(256 + self.resource.len() + agg.len() * 2_400);
-        w.message(field::REQUEST_RESOURCE_METRICS, |w| {
-            w.encoded_message(field::RESOURCE_METRICS_RESOURCE, &self.resource);
-            w.message(field::RESOURCE_METRICS_SCOPE_METRICS, |w| {
-                w.encoded_message(field::SCOPE_METRICS_SCOPE, &self.scope);
-                w.message(field::SCOPE_METRICS_METRICS, |w| {
-                    metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
-                    w.message(field::METRIC_SUM, |w| {
-                        for (labels, data) in agg.series() {
-                            w.message(field::DATA_POINTS, |w| {
-                                times(w);
-                                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
-                                point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
-                            });
-                        }
-                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                        w.bool(field::SUM_IS_MONOTONIC, true);
-                    });
+        let body = self.envelope.encode(256 + agg.len() * 2_400, |w| {
+            w.message(Envelope::ITEMS, |w| {
+                metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
+                w.message(field::METRIC_SUM, |w| {
+                    for (labels, data) in agg.series() {
+                        w.message(field::DATA_POINTS, |w| {
+                            times(w);
+                            w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
+                            point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+                        });
+                    }
+                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                    w.bool(field::SUM_IS_MONOTONIC, true);
                 });
-                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
-                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
-                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
             });
+            histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
+            histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
+            histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
         });
-        (w.into_bytes(), agg.len() as u64 * 4)
+        (body, agg.len() as u64 * 4)
     }
 }
 

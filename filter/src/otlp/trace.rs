@@ -6,6 +6,7 @@ use opentelemetry_proto::tonic::trace::v1::{span, status};
 use opentelemetry_semantic_conventions::attribute as attr;
 use prost::Message;
 
+use super::common::Envelope;
 use super::wire::Writer;
 use crate::node::NodeInfo;
 use crate::span::{Completion, RequestInfo, SpanKind, SpanRecord};
@@ -18,13 +19,8 @@ const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 const KNOWN_METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"];
 
-/// `trace.proto` and `trace_service.proto` field numbers.
+/// `trace.proto` field numbers.
 mod field {
-    pub const REQUEST_RESOURCE_SPANS: u32 = 1;
-    pub const RESOURCE_SPANS_RESOURCE: u32 = 1;
-    pub const RESOURCE_SPANS_SCOPE_SPANS: u32 = 2;
-    pub const SCOPE_SPANS_SCOPE: u32 = 1;
-    pub const SCOPE_SPANS_SPANS: u32 = 2;
     pub const TRACE_ID: u32 = 1;
     pub const SPAN_ID: u32 = 2;
     pub const TRACE_STATE: u32 = 3;
@@ -42,9 +38,7 @@ mod field {
 /// Encodes batches of spans for one workload; built once per VM.
 #[derive(Debug, Clone)]
 pub struct TraceEncoder {
-    /// The resource and scope, encoded once.
-    resource: Vec<u8>,
-    scope: Vec<u8>,
+    envelope: Envelope,
     mesh_attributes: Vec<(&'static str, String)>,
 }
 
@@ -61,22 +55,16 @@ impl TraceEncoder {
         .filter(|(_, v)| !v.is_empty())
         .map(|(k, v)| (k, v.to_string()))
         .collect();
-        Self { resource: resource.encode_to_vec(), scope: super::common::scope().encode_to_vec(), mesh_attributes }
+        Self { envelope: Envelope::new(&resource), mesh_attributes }
     }
 
     /// The protobuf body of an OTLP export (`ExportTraceServiceRequest`) of a batch of spans.
     pub fn encode(&self, spans: &[SpanRecord]) -> Vec<u8> {
-        let mut w = Writer::with_capacity(64 + self.resource.len() + spans.len() * 640);
-        w.message(field::REQUEST_RESOURCE_SPANS, |w| {
-            w.encoded_message(field::RESOURCE_SPANS_RESOURCE, &self.resource);
-            w.message(field::RESOURCE_SPANS_SCOPE_SPANS, |w| {
-                w.encoded_message(field::SCOPE_SPANS_SCOPE, &self.scope);
-                for s in spans {
-                    w.message(field::SCOPE_SPANS_SPANS, |w| self.span(w, s));
-                }
-            });
-        });
-        w.into_bytes()
+        self.envelope.encode(spans.len() * 640, |w| {
+            for s in spans {
+                w.message(Envelope::ITEMS, |w| self.span(w, s));
+            }
+        })
     }
 
     fn span(&self, w: &mut Writer, s: &SpanRecord) {
