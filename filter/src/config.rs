@@ -138,6 +138,9 @@ pub struct Metrics {
     pub temporality: Temporality,
     /// Most label sets per proxy; later ones fold into the `otel.metric.overflow` series.
     pub max_series: usize,
+    /// Whether a peer may be taken from the `x-envoy-peer-metadata` headers when Istio's filter
+    /// state has none (plain Envoy, old Istio). Any client can forge those headers.
+    pub peer_metadata_headers: bool,
 }
 
 /// Access-log settings: one OTLP log record per request, Istio's access-log fields as attributes.
@@ -233,7 +236,10 @@ impl RawConfig {
                 Some(t) => RawTraces::read(&t)?,
                 None => RawTraces::default(),
             },
-            metrics: match section("metrics", &["enabled", "export_interval_ms", "temporality", "max_series"])? {
+            metrics: match section(
+                "metrics",
+                &["enabled", "export_interval_ms", "temporality", "max_series", "peer_metadata_headers"],
+            )? {
                 Some(m) => RawMetrics::read(&m)?,
                 None => RawMetrics::default(),
             },
@@ -321,11 +327,18 @@ struct RawMetrics {
     export_interval_ms: u64,
     temporality: Temporality,
     max_series: u64,
+    peer_metadata_headers: bool,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
-        Self { enabled: true, export_interval_ms: 10_000, temporality: Temporality::Cumulative, max_series: 2_000 }
+        Self {
+            enabled: true,
+            export_interval_ms: 10_000,
+            temporality: Temporality::Cumulative,
+            max_series: 2_000,
+            peer_metadata_headers: true,
+        }
     }
 }
 
@@ -337,6 +350,7 @@ impl RawMetrics {
             export_interval_ms: f.u64("export_interval_ms", d.export_interval_ms)?,
             temporality: f.variant("temporality", &TEMPORALITIES, d.temporality)?,
             max_series: f.u64("max_series", d.max_series)?,
+            peer_metadata_headers: f.bool("peer_metadata_headers", d.peer_metadata_headers)?,
         })
     }
 }
@@ -540,6 +554,7 @@ impl RawMetrics {
             export_interval: Duration::from_millis(self.export_interval_ms),
             temporality: self.temporality,
             max_series: checked(self.max_series),
+            peer_metadata_headers: self.peer_metadata_headers,
         })
     }
 }

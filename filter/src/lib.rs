@@ -7,18 +7,17 @@
 pub mod access_log;
 pub mod config;
 pub mod export;
+pub mod host;
+pub mod istio;
 mod json_fields;
 pub mod metrics;
-pub mod node;
 pub mod otlp;
-pub mod peer;
 pub mod propagation;
-pub mod response_flags;
+pub mod request;
 pub mod sampler;
 pub mod span;
 pub mod telemetry;
 pub mod trace_context;
-pub mod xds_metadata;
 
 // Unit-test binaries are commands with their own entry point; the glue is the reactor's.
 #[cfg(all(target_arch = "wasm32", not(test)))]

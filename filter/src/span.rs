@@ -2,7 +2,8 @@
 //! OTLP only at flush time (see [`crate::otlp`]).
 
 use crate::config::SpanNaming;
-use crate::node::NodeInfo;
+use crate::istio::labels::Reporter;
+use crate::istio::node::NodeInfo;
 use crate::propagation::{Headers, TraceDecision};
 
 /// Span kind from the proxy's point of view.
@@ -15,25 +16,15 @@ pub enum SpanKind {
     Client,
 }
 
-/// Envoy's `xds.listener_direction` value for inbound listeners.
-pub const LISTENER_INBOUND: u64 = 1;
-/// Envoy's `xds.listener_direction` value for outbound listeners.
-pub const LISTENER_OUTBOUND: u64 = 2;
-
-/// Decide the span kind of a request. Gateways serve. A sidecar serves traffic to an Istio
-/// `inbound|...` cluster and is a client of `outbound|...` ones; for other clusters (passthrough)
-/// the listener's direction decides, read only then; without either the proxy is taken as a server.
-pub fn span_kind(node: &NodeInfo, cluster: Option<&str>, listener_direction: impl FnOnce() -> Option<u64>) -> SpanKind {
-    if node.is_gateway() {
-        return SpanKind::Server;
-    }
-    match cluster {
-        Some(c) if c.starts_with("inbound|") => SpanKind::Server,
-        Some(c) if c.starts_with("outbound|") => SpanKind::Client,
-        _ => match listener_direction() {
-            Some(LISTENER_OUTBOUND) => SpanKind::Client,
-            _ => SpanKind::Server,
-        },
+/// The span kind of a request its `reporter` counts: the client side is a CLIENT span, except
+/// at gateways, which serve their callers (Istio reports gateways as the source because their
+/// peer is upstream). Sidecar inbound and waypoints serve: a waypoint is its destination
+/// service's reverse proxy, as a gateway is, and the caller's own CLIENT span comes from the
+/// caller (ztunnel makes none).
+pub fn span_kind(node: &NodeInfo, reporter: Reporter) -> SpanKind {
+    match reporter {
+        Reporter::Source if !node.is_gateway() => SpanKind::Client,
+        _ => SpanKind::Server,
     }
 }
 
@@ -220,16 +211,14 @@ mod tests {
     }
 
     #[test]
-    fn kind_follows_gateway_then_cluster_then_listener_direction() {
+    fn kind_follows_the_reporter_and_gateways_serve() {
         let sidecar = NodeInfo { id: "sidecar~1~a.ns~ns.svc.cluster.local".into(), ..Default::default() };
         let gateway = NodeInfo { id: "router~1~gw.istio-system~x".into(), ..Default::default() };
-        let never = || -> Option<u64> { panic!("the listener is not asked when the cluster decides") };
-        assert_eq!(span_kind(&gateway, Some("outbound|80||a"), never), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, Some("outbound|80||a"), never), SpanKind::Client);
-        assert_eq!(span_kind(&sidecar, Some("inbound|80||"), never), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, Some("PassthroughCluster"), || Some(LISTENER_OUTBOUND)), SpanKind::Client);
-        assert_eq!(span_kind(&sidecar, None, || Some(LISTENER_INBOUND)), SpanKind::Server);
-        assert_eq!(span_kind(&sidecar, None, || None), SpanKind::Server);
+        let waypoint = NodeInfo { id: "waypoint~1~wp.ns~x".into(), ..Default::default() };
+        assert_eq!(span_kind(&sidecar, Reporter::Source), SpanKind::Client);
+        assert_eq!(span_kind(&sidecar, Reporter::Destination), SpanKind::Server);
+        assert_eq!(span_kind(&gateway, Reporter::Source), SpanKind::Server);
+        assert_eq!(span_kind(&waypoint, Reporter::Waypoint), SpanKind::Server);
     }
 
     #[test]

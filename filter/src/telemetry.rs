@@ -9,35 +9,23 @@ use std::collections::HashMap;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
+use crate::istio::facts::DownstreamFacts;
+use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, label_values, RequestFacts};
+use crate::istio::node::NodeInfo;
+use crate::istio::peer::{self, PeerInfo};
+use crate::istio::xds_metadata::{self, ServiceInfo};
 use crate::metrics::aggregate::Measurement;
-use crate::metrics::labels::{IstioLabels, Reporter, RequestFacts};
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
-use crate::node::NodeInfo;
 use crate::otlp::{self, LogEncoder, TraceEncoder};
-use crate::peer::{self, PeerInfo};
 use crate::propagation::{start_trace, HeaderOp, Headers, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
-use crate::span::{truncate, Completion, RequestInfo, SpanKind, SpanRecord, MAX_ATTRIBUTE_LEN};
-use crate::xds_metadata::{self, ServiceInfo};
+use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
 
 /// Most clusters whose Istio service metadata is cached per VM.
 const MAX_CACHED_CLUSTERS: usize = 1024;
 /// Most downstream connections whose identity facts are cached per VM.
 const MAX_CACHED_CONNECTIONS: usize = 1024;
-
-/// What a downstream connection says about the caller; the same for every request on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DownstreamFacts {
-    /// Whether the connection uses mutual TLS.
-    pub mtls: bool,
-    /// The caller's SPIFFE identity.
-    pub peer_principal: Option<String>,
-    /// This proxy's SPIFFE identity.
-    pub local_principal: Option<String>,
-    /// The caller from Istio's `downstream_peer` filter state.
-    pub peer: Option<PeerInfo>,
-}
 
 /// A request in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,8 +36,10 @@ pub struct ActiveRequest {
     pub start_unix_nanos: u64,
     /// Captured request facts; filled for sampled requests and when metrics are on.
     pub request: RequestInfo,
-    /// Whether the request is gRPC.
+    /// Whether the request is gRPC by Istio's test of its `content-type`.
     pub grpc: bool,
+    /// Whether the request is gRPC-Web (a `grpc_web` filter after meshtel may make it gRPC).
+    pub grpc_web: bool,
     /// The caller, from its `x-envoy-peer-metadata` header (metrics only).
     pub downstream_peer: Option<PeerInfo>,
     /// Whether the request may get an access-log record (the glue then reads what it needs).
@@ -71,26 +61,12 @@ impl ActiveRequest {
 /// What the proxy knows at the end of a request that only metrics need.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricFacts {
-    /// Request wire bytes, headers included.
+    /// What the labels are derived from.
+    pub labels: RequestFacts,
+    /// Request bytes, headers included.
     pub request_bytes: u64,
-    /// Response wire bytes, headers included.
+    /// Response bytes, headers included.
     pub response_bytes: u64,
-    /// gRPC status, if the proxy saw one.
-    pub grpc_status: Option<u32>,
-    /// Whether the downstream connection used mutual TLS.
-    pub mtls: bool,
-    /// The peer's SPIFFE identity.
-    pub peer_principal: Option<String>,
-    /// This proxy's SPIFFE identity.
-    pub local_principal: Option<String>,
-    /// The peer from Istio's filter state (`downstream_peer` / `upstream_peer`).
-    pub filter_state_peer: Option<PeerInfo>,
-    /// The upstream, from its `x-envoy-peer-metadata` response header.
-    pub upstream_peer: Option<PeerInfo>,
-    /// The upstream endpoint's `istio.workload` metadata.
-    pub host_workload: Option<String>,
-    /// The destination service from the cluster's Istio metadata.
-    pub cluster_service: Option<ServiceInfo>,
 }
 
 /// meshtel's own health counters for one VM, cumulative.
@@ -221,6 +197,14 @@ impl Telemetry {
         self.metrics.is_some()
     }
 
+    /// The label sets recorded since the last tick, as `name -> value` maps, with their counts.
+    #[cfg(test)]
+    pub(crate) fn recorded_series(&self) -> Vec<(std::collections::BTreeMap<&'static str, String>, u64)> {
+        let names = crate::istio::labels::LABEL_NAMES;
+        let series = self.metrics.as_ref().map(|m| m.local_series()).unwrap_or_default();
+        series.into_iter().map(|(values, n)| (names.iter().copied().zip(values).collect(), n)).collect()
+    }
+
     /// Create the proxy-wide shared entries if this is the first VM.
     pub fn init_shared(&self, store: &dyn SharedStore, now_ns: u64) {
         if let Some(m) = &self.metrics {
@@ -263,8 +247,10 @@ impl Telemetry {
         } else {
             RequestInfo::default()
         };
-        let grpc = metrics && headers.single("content-type").is_some_and(|ct| ct.starts_with("application/grpc"));
-        let downstream_peer = if metrics {
+        let content_type = if metrics { headers.single("content-type").unwrap_or_default() } else { "" };
+        let grpc = is_grpc_content_type(content_type.as_bytes());
+        let grpc_web = is_grpc_web_content_type(content_type.as_bytes());
+        let downstream_peer = if metrics && self.config.metrics.peer_metadata_headers {
             headers
                 .0
                 .iter()
@@ -273,7 +259,7 @@ impl Telemetry {
         } else {
             None
         };
-        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, downstream_peer, log }, ops))
+        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, grpc_web, downstream_peer, log }, ops))
     }
 
     /// The Istio service behind `cluster`, from its metadata (read by `read` once per cluster).
@@ -339,36 +325,7 @@ impl Telemetry {
     }
 
     fn metric_point(&self, active: &ActiveRequest, c: &Completion, f: MetricFacts) -> (Vec<String>, Measurement) {
-        let reporter =
-            if self.node.is_gateway() || c.kind == SpanKind::Client { Reporter::Source } else { Reporter::Destination };
-        let peer = match reporter {
-            Reporter::Destination => f.filter_state_peer.or_else(|| active.downstream_peer.clone()),
-            Reporter::Source => f
-                .filter_state_peer
-                .or(f.upstream_peer)
-                .or_else(|| f.host_workload.as_deref().and_then(peer::from_host_workload)),
-        };
-        // Istio falls back to the Host header only on sidecar outbound traffic.
-        let header_fallback = reporter == Reporter::Source && !self.node.is_gateway();
-        let service = f
-            .cluster_service
-            .or_else(|| {
-                let host = c.upstream_cluster.as_deref()?.strip_prefix("outbound|")?.splitn(3, '|').nth(2)?;
-                xds_metadata::service_from_host(host)
-            })
-            .or_else(|| header_fallback.then(|| xds_metadata::service_from_host(&active.request.authority)).flatten());
-        let facts = RequestFacts {
-            peer: peer.unwrap_or_default(),
-            peer_principal: f.peer_principal,
-            local_principal: f.local_principal,
-            service,
-            grpc: active.grpc,
-            response_code: c.status_code,
-            grpc_status: f.grpc_status,
-            response_flags: c.response_flags.clone(),
-            mtls: f.mtls,
-        };
-        let labels = IstioLabels::new(reporter, &self.node, facts).into_values();
+        let labels = label_values(&self.node, f.labels);
         let measurement = Measurement {
             duration_ms: c.end_unix_nanos.saturating_sub(active.start_unix_nanos) as f64 / 1e6,
             request_bytes: f.request_bytes,
@@ -657,10 +614,10 @@ mod tests {
         let reads = std::cell::Cell::new(0);
         let read = || {
             reads.set(reads.get() + 1);
-            DownstreamFacts { mtls: true, ..Default::default() }
+            DownstreamFacts { peer_principal: Some("p".into()), ..Default::default() }
         };
         for _ in 0..3 {
-            assert!(t.downstream_facts(Some(7), read).mtls);
+            assert!(t.downstream_facts(Some(7), read).peer_principal.is_some());
         }
         assert_eq!(reads.get(), 1, "one read for three requests on connection 7");
         t.downstream_facts(Some(8), read);

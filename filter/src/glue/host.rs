@@ -3,9 +3,49 @@
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MetricType, Status};
+use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
 
+use crate::host::{HeaderMap, Host};
 use crate::metrics::shared::{SharedStore, StoreError};
+
+/// The proxy, as the request path sees it.
+pub struct ProxyHost;
+
+fn map_type(map: HeaderMap) -> MapType {
+    match map {
+        HeaderMap::Request => MapType::HttpRequestHeaders,
+        HeaderMap::Response => MapType::HttpResponseHeaders,
+    }
+}
+
+impl Host for ProxyHost {
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        property(path)
+    }
+
+    fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(map_type(map), name).ok().flatten()
+    }
+
+    fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)> {
+        hostcalls::get_map_bytes(map_type(map)).unwrap_or_default()
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) {
+        let _ = match value {
+            Some(v) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(v)),
+            None => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
+        };
+    }
+
+    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) {
+        let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec());
+    }
+
+    fn now_ns(&self) -> u64 {
+        now_ns()
+    }
+}
 
 /// Current time in nanoseconds since the Unix epoch; 0 if the host cannot tell.
 pub fn now_ns() -> u64 {
@@ -24,12 +64,6 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
 /// A string property.
 pub fn property_string(path: &[&str]) -> Option<String> {
     property(path).and_then(|b| String::from_utf8(b).ok())
-}
-
-/// An integer property (8 bytes, little-endian).
-pub fn property_u64(path: &[&str]) -> Option<u64> {
-    let bytes: [u8; 8] = property(path)?.try_into().ok()?;
-    Some(u64::from_le_bytes(bytes))
 }
 
 /// Log a line; logging failures are ignored.

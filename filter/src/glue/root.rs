@@ -12,7 +12,7 @@ use super::host::{self, log, property, property_string, Counter, HostStore};
 use super::http::Http;
 use crate::config::{self, Config, Protocol};
 use crate::export::Payload;
-use crate::node::{decode_pairs, NodeInfo};
+use crate::istio::node::{decode_pairs, NodeInfo};
 use crate::otlp;
 use crate::telemetry::{Telemetry, TelemetryStats};
 

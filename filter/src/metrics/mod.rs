@@ -2,7 +2,6 @@
 //! merged proxy-wide through shared data off the request path, exported by one elected VM.
 
 pub mod aggregate;
-pub mod labels;
 pub mod shared;
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -82,6 +81,12 @@ impl MetricsPipeline {
     pub fn record(&mut self, labels: LabelValues, m: &Measurement) {
         self.stats.recorded += 1;
         self.local.record(labels, m);
+    }
+
+    /// This VM's label sets recorded since the last merge, with their request counts.
+    #[cfg(test)]
+    pub(crate) fn local_series(&self) -> Vec<(LabelValues, u64)> {
+        self.local.series().filter_map(|(l, d)| Some((l?.clone(), d.requests))).collect()
     }
 
     /// Periodic work: merge local deltas into shared data, keep or claim leadership, and as the

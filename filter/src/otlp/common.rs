@@ -6,7 +6,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, Instrumentatio
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_semantic_conventions::resource as res;
 
-use crate::node::NodeInfo;
+use crate::istio::node::NodeInfo;
 
 use super::wire::Writer;
 use prost::Message;

@@ -9,8 +9,8 @@ use prost::Message;
 use super::common::Envelope;
 use super::wire::Writer;
 use crate::config::Temporality;
+use crate::istio::labels::LABEL_NAMES;
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
-use crate::metrics::labels::LABEL_NAMES;
 
 /// `istio_requests_total`: a monotonic sum; the name already ends in `_total`.
 pub const REQUESTS_TOTAL: &str = "istio_requests_total";

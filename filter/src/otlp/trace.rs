@@ -8,7 +8,7 @@ use prost::Message;
 
 use super::common::Envelope;
 use super::wire::Writer;
-use crate::node::NodeInfo;
+use crate::istio::node::NodeInfo;
 use crate::span::{Completion, RequestInfo, SpanKind, SpanRecord};
 
 // OTLP span flags (trace.proto): W3C trace flags in the low byte, then "is remote is known"

@@ -46,7 +46,7 @@ pub fn cluster_service(metadata: &[u8]) -> Option<ServiceInfo> {
     };
     let service =
         ServiceInfo { host: string(first, "host"), name: string(first, "name"), namespace: string(first, "namespace") };
-    (!service.host.is_empty()).then_some(service)
+    (service != ServiceInfo::default()).then_some(service)
 }
 
 /// `istio.workload` of an endpoint's metadata (`workload;namespace;name;revision;cluster`).
@@ -55,23 +55,17 @@ pub fn host_workload(metadata: &[u8]) -> Option<String> {
     (!w.is_empty()).then_some(w)
 }
 
-/// A service named by a host (the `Host` header, or an Istio cluster name's FQDN):
-/// `name.namespace.svc.<domain>` gives name and namespace; other hosts only a name.
-pub fn service_from_host(host: &str) -> Option<ServiceInfo> {
-    let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
-        _ => host,
-    };
-    if host.is_empty() {
-        return None;
-    }
-    let labels: Vec<&str> = host.split('.').collect();
-    let (name, namespace) = match labels.as_slice() {
-        [name, ns, "svc", ..] => (name.to_string(), ns.to_string()),
-        [name, ..] => (name.to_string(), String::new()),
-        [] => return None,
-    };
-    Some(ServiceInfo { host: host.to_string(), name, namespace })
+/// Istio's catch-all clusters, which name the destination service themselves
+/// (istio_stats.cc, `populatePeerInfo`).
+pub fn is_istio_catch_all(cluster: &str) -> bool {
+    matches!(
+        cluster,
+        "BlackHoleCluster"
+            | "PassthroughCluster"
+            | "InboundPassthroughCluster"
+            | "InboundPassthroughClusterIpv4"
+            | "InboundPassthroughClusterIpv6"
+    )
 }
 
 #[cfg(test)]
@@ -132,15 +126,8 @@ mod tests {
     }
 
     #[test]
-    fn names_services_from_hosts() {
-        let s = service_from_host("reviews.shop.svc.cluster.local:9080").unwrap();
-        assert_eq!(
-            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
-            ("reviews.shop.svc.cluster.local", "reviews", "shop")
-        );
-        let s = service_from_host("api.example.com").unwrap();
-        assert_eq!((s.name.as_str(), s.namespace.as_str()), ("api", ""));
-        assert_eq!(service_from_host(""), None);
-        assert_eq!(service_from_host("[::1]:80").unwrap().host, "[::1]:80");
+    fn knows_istios_catch_all_clusters() {
+        assert!(is_istio_catch_all("PassthroughCluster") && is_istio_catch_all("InboundPassthroughClusterIpv6"));
+        assert!(!is_istio_catch_all("outbound|80||PassthroughCluster"));
     }
 }

@@ -2,9 +2,9 @@
 
 // Bit order of Envoy's `CoreResponseFlag` (envoy/stream_info/stream_info.h); the short names
 // are those of `ResponseFlagUtils` (source/common/stream_info/utility.cc).
-const SHORT_NAMES: [&str; 29] = [
+const SHORT_NAMES: [&str; 30] = [
     "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE", "DC", "URX", "SI", "IH",
-    "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR",
+    "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO", "DR", "UDO",
 ];
 
 /// Render Envoy's response flag bitmask as its short form: `-` for none, else names joined by `,`.
@@ -36,6 +36,7 @@ mod tests {
         assert_eq!(short_string(0x2 | 0x100), "UH,NR");
         assert_eq!(short_string(0x4000), "DC");
         assert_eq!(short_string(0x1000_0000), "DR");
+        assert_eq!(short_string(0x2000_0000), "UDO", "the last core flag of Envoy 1.40");
         assert_eq!(short_string(1 << 40), "-", "unknown bits are ignored");
     }
 }

@@ -6,6 +6,26 @@ use std::collections::BTreeMap;
 pub const LABEL_CANONICAL_NAME: &str = "service.istio.io/canonical-name";
 /// Istio label naming a workload's canonical revision.
 pub const LABEL_CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
+/// The pod label Istio's stats filter reads for the local `*_app`.
+pub const LABEL_APP: &str = "app";
+/// The pod label Istio's stats filter reads for the local `*_version`.
+pub const LABEL_VERSION: &str = "version";
+/// Kubernetes' recommended app label, which Istio prefers for peers.
+pub const LABEL_APP_QUALIFIED: &str = "app.kubernetes.io/name";
+/// Kubernetes' recommended version label, which Istio prefers for peers.
+pub const LABEL_VERSION_QUALIFIED: &str = "app.kubernetes.io/version";
+
+/// What kind of proxy this is, from the type in its node id (istio/istio
+/// `pilot/pkg/model/context.go`, `NodeType`: `sidecar`, `router`, `waypoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// A workload's sidecar (and anything not recognised).
+    Sidecar,
+    /// An ingress or egress gateway (`router~`).
+    Gateway,
+    /// An ambient waypoint (`waypoint~`).
+    Waypoint,
+}
 
 /// What Istio's node metadata says about this proxy. Missing fields are empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,37 +47,56 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
-    /// Istio gateways run with a node id of type `router`.
-    pub fn is_gateway(&self) -> bool {
-        self.id.starts_with("router~")
+    /// The proxy's kind, from its node id.
+    pub fn kind(&self) -> ProxyKind {
+        match self.id.split('~').next() {
+            Some("router") => ProxyKind::Gateway,
+            Some("waypoint") => ProxyKind::Waypoint,
+            _ => ProxyKind::Sidecar,
+        }
     }
 
-    fn label(&self, key: &str) -> Option<&str> {
-        self.labels.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    /// Istio gateways run with a node id of type `router`.
+    pub fn is_gateway(&self) -> bool {
+        self.kind() == ProxyKind::Gateway
+    }
+
+    /// A pod label as it is, empty when absent (Istio's `extractMapString` on `LABELS`).
+    pub fn label(&self, key: &str) -> &str {
+        self.labels.get(key).map(String::as_str).unwrap_or_default()
+    }
+
+    fn non_empty_label(&self, key: &str) -> Option<&str> {
+        Some(self.label(key)).filter(|v| !v.is_empty())
     }
 
     fn non_empty(s: &str) -> Option<&str> {
         (!s.is_empty()).then_some(s)
     }
 
-    /// The `app` of Istio's labels: `app.kubernetes.io/name`, else `app`.
+    /// The app for the OpenTelemetry resource: `app.kubernetes.io/name`, else `app`.
     pub fn app(&self) -> Option<&str> {
-        self.label("app.kubernetes.io/name").or_else(|| self.label("app"))
+        self.non_empty_label(LABEL_APP_QUALIFIED).or_else(|| self.non_empty_label(LABEL_APP))
     }
 
-    /// The `version` of Istio's labels: `app.kubernetes.io/version`, else `version`.
+    /// The version for the OpenTelemetry resource: `app.kubernetes.io/version`, else `version`.
     pub fn version(&self) -> Option<&str> {
-        self.label("app.kubernetes.io/version").or_else(|| self.label("version"))
+        self.non_empty_label(LABEL_VERSION_QUALIFIED).or_else(|| self.non_empty_label(LABEL_VERSION))
     }
 
-    /// Canonical service as Istio derives it: the label, else the app, else the workload name.
+    /// Canonical service as istiod derives the label when a pod lacks it (the label, else the
+    /// app, else the workload name): `service.name` of the OpenTelemetry resource. Istio's
+    /// metric labels use the label alone ([`NodeInfo::label`]).
     pub fn canonical_service(&self) -> Option<&str> {
-        self.label(LABEL_CANONICAL_NAME).or_else(|| self.app()).or_else(|| Self::non_empty(&self.workload_name))
+        self.non_empty_label(LABEL_CANONICAL_NAME)
+            .or_else(|| self.app())
+            .or_else(|| Self::non_empty(&self.workload_name))
     }
 
-    /// Canonical revision as Istio derives it: the label, else the version, else `latest`.
+    /// Canonical revision as istiod derives it (the label, else the version, else `latest`):
+    /// `service.version` of the OpenTelemetry resource.
     pub fn canonical_revision(&self) -> &str {
-        self.label(LABEL_CANONICAL_REVISION).or_else(|| self.version()).unwrap_or("latest")
+        self.non_empty_label(LABEL_CANONICAL_REVISION).or_else(|| self.version()).unwrap_or("latest")
     }
 }
 
@@ -95,6 +134,12 @@ pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
 
 #[cfg(test)]
 pub(crate) fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let bytes: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    encode_byte_pairs(&bytes)
+}
+
+#[cfg(test)]
+pub(crate) fn encode_byte_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
     for (k, v) in pairs {
         out.extend((k.len() as u32).to_le_bytes());
@@ -103,7 +148,7 @@ pub(crate) fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
     for (k, v) in pairs {
         out.extend(k.as_bytes());
         out.push(0);
-        out.extend(v.as_bytes());
+        out.extend(*v);
         out.push(0);
     }
     out
@@ -155,6 +200,22 @@ mod tests {
         let n = node(&[], "w");
         assert_eq!((n.canonical_service(), n.canonical_revision()), (Some("w"), "latest"));
         assert_eq!(node(&[], "").canonical_service(), None);
+    }
+
+    #[test]
+    fn kind_comes_from_the_node_id_type() {
+        let kind = |id: &str| NodeInfo { id: id.into(), ..Default::default() }.kind();
+        assert_eq!(kind("router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local"), ProxyKind::Gateway);
+        assert_eq!(kind("waypoint~10.0.0.2~waypoint-7d9.shop~shop.svc.cluster.local"), ProxyKind::Waypoint);
+        assert_eq!(kind("sidecar~10.0.0.3~a.ns~ns.svc.cluster.local"), ProxyKind::Sidecar);
+        assert_eq!(kind(""), ProxyKind::Sidecar);
+        assert_eq!(kind("waypointish~1~a~b"), ProxyKind::Sidecar);
+    }
+
+    #[test]
+    fn labels_are_read_as_they_are() {
+        let n = node(&[("app", "a"), ("version", "")], "w");
+        assert_eq!((n.label("app"), n.label("version"), n.label("missing")), ("a", "", ""));
     }
 
     #[test]

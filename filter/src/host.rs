@@ -1,0 +1,151 @@
+//! The seam between meshtel's logic and the proxy: the calls the request path makes.
+//!
+//! The glue implements [`Host`] over `proxy_wasm::hostcalls`; unit tests use [`mock::MockHost`].
+//! Every read tolerates absence: a property or header the proxy does not have is `None`, and
+//! each caller decides what "unknown" means for it.
+
+/// Which header map of the current stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderMap {
+    /// The request headers (readable in the request phase and in the log phase).
+    Request,
+    /// The response headers (readable from the response phase on).
+    Response,
+}
+
+/// What the request path asks of the proxy.
+pub trait Host {
+    /// A property's raw bytes (`["xds", "cluster_name"]`, ...); `None` when absent or unreadable.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+
+    /// One header's value; `None` when absent.
+    fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>>;
+
+    /// Every header of a map, in order; empty when unreadable.
+    fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)>;
+
+    /// Set (`Some`) or remove (`None`) one request header. A refusal costs propagation only.
+    fn set_request_header(&self, name: &str, value: Option<&str>);
+
+    /// Replace the whole request header map. A refusal costs propagation only.
+    fn replace_request_headers(&self, headers: &[(&str, &[u8])]);
+
+    /// Now, in nanoseconds since the Unix epoch; 0 when the proxy cannot tell.
+    fn now_ns(&self) -> u64;
+
+    /// A UTF-8 string property.
+    fn property_string(&self, path: &[&str]) -> Option<String> {
+        self.property(path).and_then(|b| String::from_utf8(b).ok())
+    }
+
+    /// A non-empty UTF-8 string property.
+    fn property_non_empty(&self, path: &[&str]) -> Option<String> {
+        self.property_string(path).filter(|s| !s.is_empty())
+    }
+
+    /// An integer property (Envoy encodes them as 8 bytes, little-endian).
+    fn property_u64(&self, path: &[&str]) -> Option<u64> {
+        let bytes: [u8; 8] = self.property(path)?.try_into().ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+
+    /// A boolean property (Envoy encodes them as one byte).
+    fn property_bool(&self, path: &[&str]) -> bool {
+        self.property(path).is_some_and(|b| b.first() == Some(&1))
+    }
+}
+
+/// A host for unit tests: properties and headers set up front, every read and write recorded.
+#[cfg(test)]
+pub mod mock {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use super::{HeaderMap, Host};
+
+    /// What the code under test asked for and changed.
+    #[derive(Debug, Default)]
+    pub struct Calls {
+        /// Property paths read, joined with `.`, in order.
+        pub properties: Vec<String>,
+        /// Request headers set or removed, in order.
+        pub set: Vec<(String, Option<String>)>,
+        /// Whole-map replacements of the request headers.
+        pub replaced: Vec<Vec<(String, Vec<u8>)>>,
+    }
+
+    /// A proxy that answers from tables.
+    #[derive(Debug, Default)]
+    pub struct MockHost {
+        properties: HashMap<String, Vec<u8>>,
+        headers: HashMap<HeaderMap, Vec<(String, Vec<u8>)>>,
+        now_ns: u64,
+        /// Everything asked and changed so far.
+        pub calls: RefCell<Calls>,
+    }
+
+    impl MockHost {
+        /// A host with nothing set.
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Set a property (path written with `.`, e.g. `xds.cluster_name`) to raw bytes.
+        pub fn with_property(mut self, path: &str, value: impl Into<Vec<u8>>) -> Self {
+            self.properties.insert(path.to_string(), value.into());
+            self
+        }
+
+        /// Set an integer property, encoded as Envoy does.
+        pub fn with_u64(self, path: &str, value: u64) -> Self {
+            self.with_property(path, value.to_le_bytes().to_vec())
+        }
+
+        /// Add a header.
+        pub fn with_header(mut self, map: HeaderMap, name: &str, value: &str) -> Self {
+            self.headers.entry(map).or_default().push((name.to_string(), value.as_bytes().to_vec()));
+            self
+        }
+
+        /// Set the clock.
+        pub fn at(mut self, now_ns: u64) -> Self {
+            self.now_ns = now_ns;
+            self
+        }
+
+        /// How many times a property was read.
+        pub fn reads(&self, path: &str) -> usize {
+            self.calls.borrow().properties.iter().filter(|p| *p == path).count()
+        }
+    }
+
+    impl Host for MockHost {
+        fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+            let key = path.join(".");
+            let value = self.properties.get(&key).cloned();
+            self.calls.borrow_mut().properties.push(key);
+            value
+        }
+
+        fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
+            self.headers.get(&map)?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        }
+
+        fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)> {
+            self.headers.get(&map).cloned().unwrap_or_default()
+        }
+
+        fn set_request_header(&self, name: &str, value: Option<&str>) {
+            self.calls.borrow_mut().set.push((name.to_string(), value.map(str::to_string)));
+        }
+
+        fn replace_request_headers(&self, headers: &[(&str, &[u8])]) {
+            let copy = headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
+            self.calls.borrow_mut().replaced.push(copy);
+        }
+
+        fn now_ns(&self) -> u64 {
+            self.now_ns
+        }
+    }
+}

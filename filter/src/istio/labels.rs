@@ -1,0 +1,513 @@
+//! Istio's standard metric labels, derived as Istio's stats filter derives them.
+
+use crate::istio::node::{NodeInfo, LABEL_APP, LABEL_CANONICAL_NAME, LABEL_CANONICAL_REVISION, LABEL_VERSION};
+use crate::istio::peer::{spiffe_namespace, PeerInfo};
+
+/// Value of a label nothing is known about.
+pub const UNKNOWN: &str = "unknown";
+
+/// Istio's standard label names, in the order [`label_values`] returns them.
+pub const LABEL_NAMES: [&str; 25] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_cluster",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Which of Istio's reporters a request is counted by (`Reporter` in `istio_stats.cc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Reporter {
+    /// The client side: sidecar outbound and gateways (`ClientSidecar`, label `source`).
+    Source,
+    /// The server side: sidecar inbound (`ServerSidecar`, label `destination`).
+    #[default]
+    Destination,
+    /// An ambient waypoint (`ServerGateway`, label `waypoint`).
+    Waypoint,
+}
+
+impl Reporter {
+    /// The `reporter` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
+        }
+    }
+
+    /// Whether the proxy serves the request (Istio's server-side rules for principals, the
+    /// peer from `downstream_peer`, and a connection security policy).
+    pub fn is_server(self) -> bool {
+        self != Reporter::Source
+    }
+}
+
+/// The destination service as the proxy names it, before Istio's per-reporter fallbacks.
+/// Empty strings are not known.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// `destination_service` (`service_host` in `istio_stats.cc`).
+    pub host: String,
+    /// `destination_service_name` (`service_host_name`).
+    pub name: String,
+    /// `destination_service_namespace` (`service_namespace`).
+    pub namespace: String,
+}
+
+/// What one request contributes to its labels, beyond the proxy's own identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// The reporter.
+    pub reporter: Reporter,
+    /// The peer: the downstream one on the server side, the upstream one (or the endpoint's
+    /// `istio.workload` metadata) on the client side.
+    pub peer: Option<PeerInfo>,
+    /// Waypoints only: the upstream peer, the destination side.
+    pub upstream_peer: Option<PeerInfo>,
+    /// The peer's SPIFFE identity, by the reporter's rules (see [`crate::istio::facts`]).
+    pub peer_principal: Option<String>,
+    /// This proxy's SPIFFE identity on the connection.
+    pub local_principal: Option<String>,
+    /// The destination service (see [`crate::istio::xds_metadata::destination`]).
+    pub service: Destination,
+    /// Whether the request is gRPC by Istio's test (`Grpc::Common::isGrpcRequestHeaders`).
+    pub grpc: bool,
+    /// HTTP status; 0 when none was sent.
+    pub response_code: u32,
+    /// gRPC status, for gRPC requests that got one.
+    pub grpc_status: Option<u32>,
+    /// Envoy's response flags, short form.
+    pub response_flags: String,
+}
+
+fn known(s: &str) -> String {
+    if s.is_empty() {
+        UNKNOWN.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+fn known_or(s: &str, fallback: &str) -> String {
+    if s.is_empty() {
+        fallback.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Whether a `content-type` is gRPC as Istio's stats filter tests it (Envoy's
+/// `Grpc::Common::hasGrpcContentType`): exactly `application/grpc` or `application/grpc+...`;
+/// `application/grpc-web` is not gRPC.
+pub fn is_grpc_content_type(content_type: &[u8]) -> bool {
+    match content_type.strip_prefix(b"application/grpc") {
+        Some(rest) => rest.is_empty() || rest.first() == Some(&b'+'),
+        None => false,
+    }
+}
+
+/// Whether a `content-type` is gRPC-Web, which Envoy's `grpc_web` filter turns into gRPC.
+pub fn is_grpc_web_content_type(content_type: &[u8]) -> bool {
+    content_type.starts_with(b"application/grpc-web")
+}
+
+/// Istio's full standard label set of one request, as values in [`LABEL_NAMES`] order.
+///
+/// Each rule is that of `populatePeerInfo` and `log` in istio/proxy
+/// `source/extensions/filters/http/istio_stats/istio_stats.cc` (release-1.30): the local side
+/// straight from node metadata (empty stays empty), each missing peer value `unknown`, a
+/// missing peer canonical revision `latest` (`unknown` for a waypoint's destination).
+pub fn label_values(node: &NodeInfo, f: RequestFacts) -> Vec<String> {
+    let peer = f.peer.unwrap_or_default();
+    let peer_san = f.peer_principal.unwrap_or_default();
+    let local_san = f.local_principal.unwrap_or_default();
+    // The namespace of the peer's SAN, else the peer's own.
+    let peer_namespace = spiffe_namespace(&peer_san).map(str::to_string).unwrap_or_else(|| peer.namespace.clone());
+    let local = |key: &str| node.label(key).to_string();
+    let svc = &f.service;
+    let (source, destination): ([String; 8], [String; 8]);
+    let (service_host, service_name, service_namespace);
+    let peer_side = |p: &PeerInfo, namespace: &str, principal: &str, latest: &str| {
+        [
+            known(&p.workload),
+            known(namespace),
+            known(principal),
+            known(&p.app),
+            known(&p.version),
+            known(&p.canonical_service),
+            known_or(&p.canonical_revision, latest),
+            known(&p.cluster),
+        ]
+    };
+    let local_side = |principal: &str| {
+        [
+            node.workload_name.clone(),
+            node.namespace.clone(),
+            known(principal),
+            local(LABEL_APP),
+            local(LABEL_VERSION),
+            local(LABEL_CANONICAL_NAME),
+            local(LABEL_CANONICAL_REVISION),
+            node.cluster_id.clone(),
+        ]
+    };
+    match f.reporter {
+        Reporter::Destination => {
+            source = peer_side(&peer, &peer_namespace, &peer_san, "latest");
+            destination = local_side(&local_san);
+            let canonical = local(LABEL_CANONICAL_NAME);
+            service_host = known_or(&svc.host, &canonical);
+            service_name = known_or(&svc.name, &canonical);
+            service_namespace = node.namespace.clone();
+        }
+        Reporter::Waypoint => {
+            source = peer_side(&peer, &peer_namespace, &peer_san, "latest");
+            // The destination is the upstream peer alone: its own namespace and identity.
+            let up = f.upstream_peer.unwrap_or_default();
+            destination = peer_side(&up, &up.namespace, &up.identity, UNKNOWN);
+            service_host = known(&svc.host);
+            service_name = known(&svc.name);
+            service_namespace = known(&svc.namespace);
+        }
+        Reporter::Source => {
+            source = local_side(&local_san);
+            destination = peer_side(&peer, &peer_namespace, &peer_san, "latest");
+            service_host = known(&svc.host);
+            service_name = known(&svc.name);
+            service_namespace = known_or(&svc.namespace, &known(&peer_namespace));
+        }
+    }
+    let policy = match (f.reporter.is_server(), !peer_san.is_empty() && !local_san.is_empty()) {
+        (false, _) => UNKNOWN,
+        (true, true) => "mutual_tls",
+        (true, false) => "none",
+    };
+    let [sw, sn, sp, sa, sv, scs, scr, sc] = source;
+    let [dw, dn, dp, da, dv, dcs, dcr, dc] = destination;
+    vec![
+        f.reporter.label().to_string(),
+        sw,
+        sn,
+        sp,
+        sa,
+        sv,
+        scs,
+        scr,
+        sc,
+        dw,
+        dn,
+        dp,
+        da,
+        dv,
+        service_host,
+        service_name,
+        service_namespace,
+        dcs,
+        dcr,
+        dc,
+        // Istio decides gRPC in its decodeHeaders: a request answered before it is `http`.
+        if f.grpc { "grpc" } else { "http" }.to_string(),
+        f.response_code.to_string(),
+        if f.grpc { f.grpc_status.map(|s| s.to_string()).unwrap_or_default() } else { String::new() },
+        if f.response_flags.is_empty() { "-".to_string() } else { f.response_flags },
+        policy.to_string(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// istio/proxy `testdata/server_node_metadata.json.tmpl` (the parts the labels read).
+    fn ratings() -> NodeInfo {
+        NodeInfo {
+            id: "sidecar~10.52.0.34~ratings-v1-84975bc778-pxz2w.default~default.svc.cluster.local".into(),
+            name: "ratings-v1-84975bc778-pxz2w".into(),
+            namespace: "default".into(),
+            workload_name: "ratings-v1".into(),
+            labels: [
+                ("app", "ratings"),
+                ("version", "v1"),
+                ("service.istio.io/canonical-name", "ratings"),
+                ("service.istio.io/canonical-revision", "version-1"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            mesh_id: "proj-123".into(),
+            cluster_id: "server-cluster".into(),
+        }
+    }
+
+    /// The client of istio/proxy `testdata/client_node_metadata.json.tmpl`, as a peer.
+    fn productpage() -> PeerInfo {
+        PeerInfo {
+            workload: "productpage-v1".into(),
+            namespace: "default".into(),
+            app: "productpage".into(),
+            version: "v1".into(),
+            canonical_service: "productpage-v1".into(),
+            canonical_revision: "version-1".into(),
+            cluster: "client-cluster".into(),
+            identity: String::new(),
+        }
+    }
+
+    fn labels(node: &NodeInfo, f: RequestFacts) -> std::collections::BTreeMap<&'static str, String> {
+        LABEL_NAMES.iter().copied().zip(label_values(node, f)).collect()
+    }
+
+    fn server_service() -> Destination {
+        Destination {
+            host: "server.default.svc.cluster.local".into(),
+            name: "server".into(),
+            namespace: "default".into(),
+        }
+    }
+
+    #[test]
+    fn server_side_matches_istios_server_request_total_golden() {
+        // istio/proxy testdata/metric/server_request_total.yaml.tmpl (TestStatsPayload/Default).
+        let f = RequestFacts {
+            reporter: Reporter::Destination,
+            peer: Some(productpage()),
+            service: server_service(),
+            response_code: 200,
+            response_flags: "-".into(),
+            ..Default::default()
+        };
+        let l = labels(&ratings(), f);
+        let want = [
+            ("reporter", "destination"),
+            ("source_workload", "productpage-v1"),
+            ("source_canonical_service", "productpage-v1"),
+            ("source_canonical_revision", "version-1"),
+            ("source_workload_namespace", "default"),
+            ("source_principal", "unknown"),
+            ("source_app", "productpage"),
+            ("source_version", "v1"),
+            ("source_cluster", "client-cluster"),
+            ("destination_workload", "ratings-v1"),
+            ("destination_workload_namespace", "default"),
+            ("destination_principal", "unknown"),
+            ("destination_app", "ratings"),
+            ("destination_version", "v1"),
+            ("destination_service", "server.default.svc.cluster.local"),
+            ("destination_canonical_service", "ratings"),
+            ("destination_canonical_revision", "version-1"),
+            ("destination_service_name", "server"),
+            ("destination_service_namespace", "default"),
+            ("destination_cluster", "server-cluster"),
+            ("request_protocol", "http"),
+            ("response_code", "200"),
+            ("grpc_response_status", ""),
+            ("response_flags", "-"),
+            ("connection_security_policy", "none"),
+        ];
+        for (name, value) in want {
+            assert_eq!(l[name], value, "{name}");
+        }
+        assert_eq!(l.len(), 25);
+    }
+
+    #[test]
+    fn local_labels_are_taken_as_they_are() {
+        // istio_stats.cc Context: LABELS["app"] / ["version"] and the canonical labels, no fallback.
+        let mut node = ratings();
+        node.labels.clear();
+        node.labels.insert("app.kubernetes.io/name".into(), "k8s-name".into());
+        let l = labels(&node, RequestFacts::default());
+        for name in ["destination_app", "destination_version", "destination_canonical_service"] {
+            assert_eq!(l[name], "", "{name}: empty, not unknown, and no app.kubernetes.io/name");
+        }
+        assert_eq!(l["destination_canonical_revision"], "");
+        assert_eq!(l["destination_service"], "", "the inbound fallback is the (empty) local canonical name");
+        assert_eq!(l["destination_service_namespace"], "default", "always the node's namespace");
+        assert_eq!(l["source_canonical_revision"], "latest");
+        assert_eq!(l["source_workload"], "unknown");
+    }
+
+    #[test]
+    fn inbound_without_a_service_falls_back_to_the_local_canonical_name() {
+        // istio/proxy testdata/metric/server_disable_host_header_fallback.yaml.tmpl.
+        let f = RequestFacts {
+            service: Destination { name: "InboundPassthroughClusterIpv4".into(), ..Default::default() },
+            ..Default::default()
+        };
+        let l = labels(&ratings(), f);
+        assert_eq!(l["destination_service"], "ratings");
+        assert_eq!(l["destination_service_name"], "InboundPassthroughClusterIpv4");
+        assert_eq!(labels(&ratings(), RequestFacts::default())["destination_service_name"], "ratings");
+    }
+
+    #[test]
+    fn client_side_matches_istios_client_request_total_golden() {
+        // istio/proxy testdata/metric/client_request_total.yaml.tmpl, seen from productpage.
+        let client = NodeInfo {
+            id: "sidecar~10.52.0.34~productpage-v1-84975bc778-pxz2w.default~default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            workload_name: "productpage-v1".into(),
+            labels: [
+                ("app", "productpage"),
+                ("version", "v1"),
+                ("service.istio.io/canonical-name", "productpage-v1"),
+                ("service.istio.io/canonical-revision", "version-1"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            cluster_id: "client-cluster".into(),
+            ..Default::default()
+        };
+        let server = PeerInfo {
+            workload: "ratings-v1".into(),
+            namespace: "default".into(),
+            app: "ratings".into(),
+            version: "v1".into(),
+            canonical_service: "ratings".into(),
+            canonical_revision: "version-1".into(),
+            cluster: "server-cluster".into(),
+            identity: String::new(),
+        };
+        let f = RequestFacts {
+            reporter: Reporter::Source,
+            peer: Some(server),
+            service: server_service(),
+            grpc: true,
+            grpc_status: Some(7),
+            response_code: 200,
+            response_flags: "-".into(),
+            ..Default::default()
+        };
+        let l = labels(&client, f);
+        assert_eq!(l["reporter"], "source");
+        assert_eq!(
+            (l["source_workload"].as_str(), l["source_canonical_service"].as_str()),
+            ("productpage-v1", "productpage-v1")
+        );
+        assert_eq!(
+            (l["destination_workload"].as_str(), l["destination_cluster"].as_str()),
+            ("ratings-v1", "server-cluster")
+        );
+        assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "7"));
+        assert_eq!(l["connection_security_policy"], "unknown");
+        assert_eq!(l["source_principal"], "unknown");
+    }
+
+    #[test]
+    fn client_service_namespace_falls_back_to_the_peer() {
+        let f = RequestFacts {
+            reporter: Reporter::Source,
+            peer: Some(PeerInfo { namespace: "peer-ns".into(), ..Default::default() }),
+            service: Destination { host: "127.0.0.1:8080".into(), name: "127.0.0.1:8080".into(), ..Default::default() },
+            ..Default::default()
+        };
+        let l = labels(&ratings(), f);
+        assert_eq!(l["destination_service_namespace"], "peer-ns");
+        assert_eq!(l["destination_service"], "127.0.0.1:8080");
+        assert_eq!(l["destination_canonical_revision"], "latest");
+        let l = labels(&ratings(), RequestFacts { reporter: Reporter::Source, ..Default::default() });
+        assert_eq!(
+            (l["destination_service"].as_str(), l["destination_service_namespace"].as_str()),
+            ("unknown", "unknown")
+        );
+    }
+
+    #[test]
+    fn principal_namespace_wins_and_mutual_tls_needs_both_principals() {
+        let f = RequestFacts {
+            peer: Some(productpage()),
+            peer_principal: Some("spiffe://cluster.local/ns/other/sa/client".into()),
+            local_principal: Some("spiffe://cluster.local/ns/default/sa/server".into()),
+            ..Default::default()
+        };
+        let l = labels(&ratings(), f.clone());
+        assert_eq!(l["source_workload_namespace"], "other");
+        assert_eq!(l["source_principal"], "spiffe://cluster.local/ns/other/sa/client");
+        assert_eq!(l["destination_principal"], "spiffe://cluster.local/ns/default/sa/server");
+        assert_eq!(l["connection_security_policy"], "mutual_tls");
+        let l = labels(&ratings(), RequestFacts { local_principal: None, ..f });
+        assert_eq!(l["connection_security_policy"], "none");
+    }
+
+    #[test]
+    fn waypoint_matches_istios_server_waypoint_proxy_golden() {
+        // istio/proxy testdata/metric/server_waypoint_proxy_request_total.yaml.tmpl: the node
+        // (testdata/server_waypoint_proxy_node_metadata.json.tmpl) has no labels and is not used.
+        let node = NodeInfo {
+            id: "waypoint~10.0.0.9~waypoint-5c8.default~default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            cluster_id: "server-cluster".into(),
+            mesh_id: "proj-123".into(),
+            ..Default::default()
+        };
+        let upstream = PeerInfo {
+            workload: "ratings-v1".into(),
+            namespace: "default".into(),
+            app: "ratings".into(),
+            version: "version-1".into(),
+            canonical_service: "ratings".into(),
+            canonical_revision: "version-1".into(),
+            cluster: "ratings-cluster".into(),
+            identity: "spiffe://cluster.global/ns/default/sa/ratings".into(),
+        };
+        let f = RequestFacts {
+            reporter: Reporter::Waypoint,
+            peer: Some(productpage()),
+            upstream_peer: Some(upstream),
+            service: server_service(),
+            response_code: 200,
+            ..Default::default()
+        };
+        let l = labels(&node, f);
+        assert_eq!(l["reporter"], "waypoint");
+        assert_eq!(l["source_workload"], "productpage-v1");
+        assert_eq!(l["destination_principal"], "spiffe://cluster.global/ns/default/sa/ratings");
+        assert_eq!(
+            (l["destination_version"].as_str(), l["destination_cluster"].as_str()),
+            ("version-1", "ratings-cluster")
+        );
+        assert_eq!(l["destination_service_name"], "server");
+        assert_eq!(l["connection_security_policy"], "none");
+        let l = labels(&node, RequestFacts { reporter: Reporter::Waypoint, ..Default::default() });
+        assert_eq!(l["destination_canonical_revision"], "unknown", "unknown, not latest, at a waypoint");
+        assert_eq!(l["source_canonical_revision"], "latest");
+        assert_eq!(l["destination_service_namespace"], "unknown");
+    }
+
+    #[test]
+    fn grpc_is_tested_as_envoy_tests_it() {
+        assert!(is_grpc_content_type(b"application/grpc"));
+        assert!(is_grpc_content_type(b"application/grpc+proto"));
+        assert!(!is_grpc_content_type(b"application/grpc-web"));
+        assert!(!is_grpc_content_type(b"application/grpcx"));
+        assert!(!is_grpc_content_type(b"text/plain"));
+        assert!(is_grpc_web_content_type(b"application/grpc-web+proto"));
+        let l = labels(&ratings(), RequestFacts { grpc_status: Some(3), ..Default::default() });
+        assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("http", ""));
+        let l = labels(&ratings(), RequestFacts { grpc: true, ..Default::default() });
+        assert_eq!(l["grpc_response_status"], "", "gRPC without a status");
+    }
+}

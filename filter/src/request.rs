@@ -1,0 +1,335 @@
+//! One HTTP request's path through meshtel, over the [`Host`] seam: what is read, and when.
+//!
+//! The glue calls [`Telemetry::on_request_headers`] and [`Telemetry::on_log`] and nothing else;
+//! every decision about a request is made here and in [`crate::istio`].
+
+use crate::host::{HeaderMap, Host};
+use crate::istio::facts::{self, DownstreamFacts};
+use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
+use crate::istio::response_flags;
+use crate::propagation::HeaderOp;
+use crate::span::{span_kind, Completion};
+use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
+
+impl Telemetry {
+    /// The request phase: decide the trace and propagate it. `None` when the request is left
+    /// alone (all signals off).
+    pub fn on_request_headers(&mut self, host: &dyn Host) -> Option<ActiveRequest> {
+        let headers = host.headers(HeaderMap::Request);
+        let (active, ops) = self.start_request(&headers, host.now_ns())?;
+        apply(host, headers, ops);
+        Some(active)
+    }
+
+    /// The log phase, once per request that reaches it. `active` is what the request phase
+    /// captured; `None` when meshtel's request phase never ran because an earlier filter
+    /// answered first (an RBAC or ext_authz deny, any local reply). Istio's stats filter counts
+    /// those (it records in the log phase too), so meshtel reads what the request phase would
+    /// have read, now: the request headers as they stand and the request's start time. Such a
+    /// request was not propagated, and Istio labels it `http` (it decides gRPC in its own
+    /// request phase, which did not run either).
+    pub fn on_log(&mut self, host: &dyn Host, active: Option<ActiveRequest>) {
+        let active = match active {
+            Some(a) => a,
+            None => {
+                let headers = host.headers(HeaderMap::Request);
+                let start = host.property_u64(&["request", "time"]).unwrap_or_else(|| host.now_ns());
+                let Some((mut a, _)) = self.start_request(&headers, start) else {
+                    return;
+                };
+                a.grpc = false;
+                a.grpc_web = false;
+                a
+            }
+        };
+        let metrics = self.metrics_enabled();
+        let recorded = active.recorded();
+        if !recorded && !metrics {
+            return;
+        }
+        let cluster = host.property_string(&["xds", "cluster_name"]);
+        let reporter =
+            facts::reporter(self.node(), cluster.as_deref(), || host.property_u64(&["xds", "listener_direction"]));
+        let log = active.log;
+        let completion = Completion {
+            end_unix_nanos: host.now_ns(),
+            status_code: host.property_u64(&["response", "code"]).and_then(|c| u32::try_from(c).ok()).unwrap_or(0),
+            response_flags: response_flags::short_string(host.property_u64(&["response", "flags"]).unwrap_or(0)),
+            kind: span_kind(self.node(), reporter),
+            protocol: recorded.then(|| host.property_string(&["request", "protocol"])).flatten(),
+            client_address: recorded.then(|| host.property_string(&["source", "address"])).flatten(),
+            upstream_cluster: cluster,
+            upstream_host: log.then(|| host.property_string(&["upstream", "address"])).flatten(),
+            bytes_received: if log { host.property_u64(&["request", "size"]).unwrap_or(0) } else { 0 },
+            bytes_sent: if log { host.property_u64(&["response", "size"]).unwrap_or(0) } else { 0 },
+        };
+        let facts = metrics.then(|| self.metric_facts(host, reporter, &active, &completion));
+        self.finish_request(active, completion, facts);
+    }
+
+    /// Read what Istio's labels need, by the reporter's rules (see [`crate::istio::facts`]).
+    fn metric_facts(
+        &mut self,
+        host: &dyn Host,
+        reporter: Reporter,
+        active: &ActiveRequest,
+        completion: &Completion,
+    ) -> MetricFacts {
+        let headers = self.config().metrics.peer_metadata_headers;
+        let mut f = RequestFacts { reporter, ..Default::default() };
+        if reporter.is_server() {
+            let id = host.property_u64(&["connection", "id"]);
+            let DownstreamFacts { peer_principal, local_principal, peer } =
+                self.downstream_facts(id, || facts::read_downstream(host));
+            f.peer = peer.or_else(|| headers.then(|| active.downstream_peer.clone()).flatten());
+            f.peer_principal = peer_principal;
+            f.local_principal = local_principal;
+            if reporter == Reporter::Waypoint {
+                f.upstream_peer = facts::read_upstream_peer(host, headers).0;
+            }
+        } else {
+            let up = facts::read_upstream(host, headers);
+            f.peer = up.peer;
+            f.peer_principal = up.peer_principal;
+            f.local_principal = up.local_principal;
+        }
+        // The gRPC-Web filter Istio places after meshtel rewrites the request to gRPC before
+        // Istio's stats filter looks: look again at what the request says now.
+        f.grpc = active.grpc
+            || (active.grpc_web
+                && host.header(HeaderMap::Request, "content-type").is_some_and(|ct| is_grpc_content_type(&ct)));
+        if f.grpc {
+            f.grpc_status = host.property_u64(&["response", "grpc_status"]).and_then(|s| u32::try_from(s).ok());
+        }
+        f.response_code = completion.status_code;
+        f.response_flags = completion.response_flags.clone();
+        let header = facts::host_header_fallback(self.node(), reporter).then_some(active.request.authority.as_str());
+        let cluster = completion.upstream_cluster.as_deref();
+        f.service = facts::destination(
+            header.filter(|h| !h.is_empty()),
+            || host.property_string(&["xds", "route_name"]),
+            cluster,
+            || cluster.and_then(|c| self.cluster_service(c, || host.property(&["xds", "cluster_metadata"]))),
+        );
+        MetricFacts {
+            labels: f,
+            request_bytes: host.property_u64(&["request", "total_size"]).unwrap_or(0),
+            response_bytes: host.property_u64(&["response", "total_size"]).unwrap_or(0),
+        }
+    }
+}
+
+/// Apply the propagation header changes. One change is one single-header call; several go in
+/// one call that replaces the header map (each single-header call costs a host call and a
+/// route-cache reset). A change the proxy refuses costs propagation, never the request.
+fn apply(host: &dyn Host, mut headers: Vec<(String, Vec<u8>)>, ops: Vec<HeaderOp>) {
+    match ops.as_slice() {
+        [] => return,
+        [HeaderOp::Set(name, value)] => return host.set_request_header(name, Some(value)),
+        [HeaderOp::Remove(name)] => return host.set_request_header(name, None),
+        _ => {}
+    }
+    for op in ops {
+        match op {
+            HeaderOp::Set(name, value) => {
+                headers.retain(|(k, _)| k != name);
+                headers.push((name.to_string(), value.into_bytes()));
+            }
+            HeaderOp::Remove(name) => headers.retain(|(k, _)| k != name),
+        }
+    }
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    host.replace_request_headers(&pairs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use crate::host::mock::MockHost;
+    use crate::istio::node::NodeInfo;
+    use crate::istio::peer::{encode_filter_state, encode_peer_metadata};
+    use std::collections::BTreeMap;
+
+    const SIDECAR: &str = "sidecar~10.0.0.1~ratings-v1-x.default~default.svc.cluster.local";
+
+    fn telemetry(node_id: &str, extra: &str) -> Telemetry {
+        let json = format!(r#"{{"collector":{{"cluster":"outbound|4318||otel.obs.svc.cluster.local"}}{extra}}}"#);
+        let node = NodeInfo {
+            id: node_id.into(),
+            namespace: "default".into(),
+            workload_name: "ratings-v1".into(),
+            labels: [("app", "ratings"), ("service.istio.io/canonical-name", "ratings")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        Telemetry::new(config::parse(json.as_bytes()).unwrap(), node, 7, "test", 0)
+    }
+
+    fn only_series(t: &Telemetry) -> BTreeMap<&'static str, String> {
+        let mut series = t.recorded_series();
+        assert_eq!(series.len(), 1, "{series:#?}");
+        series.remove(0).0
+    }
+
+    fn request(host: MockHost) -> MockHost {
+        host.with_header(HeaderMap::Request, ":method", "GET")
+            .with_header(HeaderMap::Request, ":path", "/")
+            .with_header(HeaderMap::Request, ":authority", "ratings:9080")
+    }
+
+    #[test]
+    fn a_request_denied_before_the_request_phase_is_still_counted() {
+        // istio/proxy TestStats403Failure (testdata/metric/server_request_total.yaml.tmpl with
+        // ResponseCode 403): RBAC answers before the stats plugins; Istio counts it in the log phase.
+        let mut t = telemetry(SIDECAR, "");
+        let peer = encode_peer_metadata(&[("WORKLOAD_NAME", "productpage-v1"), ("NAMESPACE", "default")], &[]);
+        let host = request(MockHost::new())
+            .with_header(HeaderMap::Request, "x-envoy-peer-metadata", &peer)
+            .with_header(HeaderMap::Request, "content-type", "application/grpc")
+            .with_u64("xds.listener_direction", 1)
+            .with_u64("response.code", 403)
+            .with_u64("request.time", 5)
+            .at(9);
+        t.on_log(&host, None);
+        let l = only_series(&t);
+        assert_eq!((l["reporter"].as_str(), l["response_code"].as_str()), ("destination", "403"));
+        assert_eq!(l["source_workload"], "productpage-v1", "the peer header as it stood at log time");
+        assert_eq!(l["request_protocol"], "http", "Istio decides gRPC in its own request phase, which never ran");
+        assert_eq!(t.stats().spans_recorded, 1, "a sampled span too, with the request's start time");
+        assert!(host.calls.borrow().set.is_empty() && host.calls.borrow().replaced.is_empty(), "nothing propagated");
+    }
+
+    #[test]
+    fn propagation_writes_one_header_with_one_call_and_several_with_one_map() {
+        let mut t = telemetry(SIDECAR, r#","traces":{"propagation":["w3c"]}"#);
+        let host = request(MockHost::new());
+        assert!(t.on_request_headers(&host).is_some());
+        let calls = host.calls.borrow();
+        assert_eq!((calls.set.len(), calls.replaced.len()), (1, 0), "{calls:?}");
+        assert_eq!(calls.set[0].0, "traceparent");
+        let mut t = telemetry(SIDECAR, r#","traces":{"propagation":["w3c","b3"]}"#);
+        let host = request(MockHost::new());
+        t.on_request_headers(&host);
+        let calls = host.calls.borrow();
+        assert_eq!((calls.set.len(), calls.replaced.len()), (0, 1));
+        assert!(calls.replaced[0].iter().any(|(k, _)| k == ":path"), "the other headers are kept");
+    }
+
+    #[test]
+    fn grpc_web_counts_as_grpc_once_a_grpc_web_filter_rewrote_it() {
+        let mut t = telemetry(SIDECAR, "");
+        let host = request(MockHost::new()).with_header(HeaderMap::Request, "content-type", "application/grpc-web");
+        let active = t.on_request_headers(&host);
+        // What the request says at log time, after Envoy's grpc_web filter.
+        let host = request(MockHost::new())
+            .with_header(HeaderMap::Request, "content-type", "application/grpc")
+            .with_property("xds.cluster_name", "inbound|9080||")
+            .with_u64("response.grpc_status", 0);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "0"));
+
+        let mut t = telemetry(SIDECAR, "");
+        let host = request(MockHost::new()).with_header(HeaderMap::Request, "content-type", "application/grpc-web");
+        let active = t.on_request_headers(&host);
+        t.on_log(&host.with_property("xds.cluster_name", "inbound|9080||"), active);
+        assert_eq!(only_series(&t)["request_protocol"], "http", "gRPC-Web left as it is is not gRPC");
+    }
+
+    #[test]
+    fn peer_metadata_headers_can_be_refused() {
+        let peer = encode_peer_metadata(&[("WORKLOAD_NAME", "forged")], &[]);
+        for (setting, want) in [("true", "forged"), ("false", "unknown")] {
+            let mut t = telemetry(SIDECAR, &format!(r#","metrics":{{"peer_metadata_headers":{setting}}}"#));
+            let host = request(MockHost::new())
+                .with_header(HeaderMap::Request, "x-envoy-peer-metadata", &peer)
+                .with_property("xds.cluster_name", "inbound|9080||");
+            let active = t.on_request_headers(&host);
+            t.on_log(&host, active);
+            assert_eq!(only_series(&t)["source_workload"], want, "peer_metadata_headers: {setting}");
+        }
+    }
+
+    #[test]
+    fn istio_filter_state_peer_wins_over_headers_and_is_read_once_per_connection() {
+        let mut t = telemetry(SIDECAR, "");
+        let header = encode_peer_metadata(&[("WORKLOAD_NAME", "from-header")], &[]);
+        let state = encode_filter_state(&[("workload", "from-filter-state"), ("namespace", "ns-a")], &[]);
+        let host = request(MockHost::new())
+            .with_header(HeaderMap::Request, "x-envoy-peer-metadata", &header)
+            .with_property("filter_state.downstream_peer", state)
+            .with_property("filter_state.io.istio.peer_principal", "spiffe://td/ns/ns-a/sa/a")
+            .with_property("filter_state.io.istio.local_principal", "spiffe://td/ns/default/sa/ratings")
+            .with_property("xds.cluster_name", "inbound|9080||")
+            .with_u64("connection.id", 42);
+        for _ in 0..3 {
+            let active = t.on_request_headers(&host);
+            t.on_log(&host, active);
+        }
+        let series = t.recorded_series();
+        assert_eq!(series.len(), 1);
+        let (l, n) = &series[0];
+        assert_eq!((l["source_workload"].as_str(), *n), ("from-filter-state", 3));
+        assert_eq!(l["connection_security_policy"], "mutual_tls");
+        assert_eq!(host.reads("filter_state.downstream_peer"), 1, "one read per connection, in one call");
+        assert_eq!(host.reads("filter_state.io.istio.peer_principal"), 1);
+    }
+
+    #[test]
+    fn outbound_resolves_the_service_from_the_host_header_and_routes() {
+        let mut t = telemetry(SIDECAR, "");
+        let host = MockHost::new()
+            .with_header(HeaderMap::Request, ":authority", "example.com:8443")
+            .with_property("xds.cluster_name", "PassthroughCluster")
+            .with_property("xds.route_name", "allow_any")
+            .with_u64("xds.listener_direction", 2);
+        let active = t.on_request_headers(&host);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!(l["reporter"], "source");
+        assert_eq!(
+            (l["destination_service"].as_str(), l["destination_service_name"].as_str()),
+            ("example.com:8443", "PassthroughCluster")
+        );
+    }
+
+    #[test]
+    fn gateways_never_fall_back_to_the_host_header() {
+        let mut t = telemetry("router~10.0.0.2~gw.istio-system~istio-system.svc.cluster.local", "");
+        let host = request(MockHost::new()).with_property("xds.cluster_name", "outbound|80||nometa");
+        let active = t.on_request_headers(&host);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!((l["reporter"].as_str(), l["destination_service"].as_str()), ("source", "unknown"));
+    }
+
+    #[test]
+    fn waypoints_report_both_peers_from_istios_filter_state() {
+        let mut t = telemetry("waypoint~10.0.0.3~waypoint-x.default~default.svc.cluster.local", "");
+        let down = encode_filter_state(&[("workload", "productpage-v1"), ("namespace", "default")], &[]);
+        let up = encode_filter_state(
+            &[("workload", "ratings-v1"), ("namespace", "default"), ("identity", "spiffe://td/ns/default/sa/ratings")],
+            &[("app", "ratings")],
+        );
+        let host = request(MockHost::new())
+            .with_property("filter_state.downstream_peer", down)
+            .with_property("filter_state.upstream_peer", up)
+            .with_property("filter_state.io.istio.peer_principal", "spiffe://td/ns/default/sa/productpage")
+            .with_property("xds.cluster_name", "inbound-vip|9080|http|ratings.default.svc.cluster.local");
+        let active = t.on_request_headers(&host);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!(l["reporter"], "waypoint");
+        assert_eq!(
+            (l["source_workload"].as_str(), l["destination_workload"].as_str()),
+            ("productpage-v1", "ratings-v1")
+        );
+        assert_eq!(l["source_principal"], "spiffe://td/ns/default/sa/productpage");
+        assert_eq!(l["destination_principal"], "spiffe://td/ns/default/sa/ratings");
+        assert_eq!(l["destination_canonical_revision"], "unknown");
+        assert_eq!(l["connection_security_policy"], "none", "no local principal");
+    }
+}
