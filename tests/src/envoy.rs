@@ -124,6 +124,18 @@ pub struct Listener {
     pub request_headers: Vec<(String, String)>,
     /// Headers the route adds to responses.
     pub response_headers: Vec<(String, String)>,
+    /// HTTP filters ahead of meshtel (Istio's RBAC, set_filter_state, ...), in order.
+    pub filters_before: Vec<Value>,
+    /// HTTP filters between meshtel and the router (Istio's `grpc_web`, ...).
+    pub filters_after: Vec<Value>,
+    /// Network filters ahead of the HTTP connection manager.
+    pub network_filters: Vec<Value>,
+    /// The route's name (Istio names its catch-all routes `allow_any` and `block_all`).
+    pub route_name: Option<String>,
+    /// Answer every request with this status instead of routing (Istio's `block_all` route).
+    pub direct_response: Option<u16>,
+    /// An internal listener (`internal_listener`, reached through an `envoy_internal_address`).
+    pub internal: bool,
 }
 
 impl Listener {
@@ -137,8 +149,59 @@ impl Listener {
             mtls: None,
             request_headers: Vec::new(),
             response_headers: Vec::new(),
+            filters_before: Vec::new(),
+            filters_after: Vec::new(),
+            network_filters: Vec::new(),
+            route_name: None,
+            direct_response: None,
+            internal: false,
         }
     }
+}
+
+/// An HTTP filter that sets string filter state on each request, shared with the upstream
+/// connection once (what Istio's HBONE termination does for `io.istio.peer_principal`).
+pub fn set_filter_state(pairs: &[(&str, &str)]) -> Value {
+    let entries: Vec<Value> = pairs
+        .iter()
+        .map(|(k, v)| {
+            json!({
+                "object_key": k,
+                "factory_key": "envoy.string",
+                "format_string": {"text_format_source": {"inline_string": v}},
+                "shared_with_upstream": "ONCE",
+            })
+        })
+        .collect();
+    json!({
+        "name": "envoy.filters.http.set_filter_state",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+            "on_request_headers": entries,
+        },
+    })
+}
+
+/// The network form of [`set_filter_state`]: set once per connection, as Istio's `istio_authn`
+/// network filter sets the principals of a connection.
+pub fn set_connection_filter_state(pairs: &[(&str, &str)]) -> Value {
+    let entries: Vec<Value> = pairs
+        .iter()
+        .map(|(k, v)| {
+            json!({
+                "object_key": k,
+                "factory_key": "envoy.string",
+                "format_string": {"text_format_source": {"inline_string": v}},
+            })
+        })
+        .collect();
+    json!({
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
+            "on_new_connection": entries,
+        },
+    })
 }
 
 fn headers_to_add(headers: &[(String, String)]) -> Value {
@@ -174,6 +237,8 @@ pub struct Cluster {
     pub host: String,
     /// The Kubernetes service (`name.namespace.svc.cluster.local`) Istio's cluster metadata names.
     pub service: Option<String>,
+    /// The namespace the cluster metadata gives, when not the service host's.
+    pub service_namespace: Option<String>,
     /// The endpoint's Istio workload metadata (`workload;namespace;canonical;revision;cluster`).
     pub workload: Option<String>,
     /// Connect with mutual TLS, presenting this identity.
@@ -190,6 +255,7 @@ impl Cluster {
             port,
             host: "127.0.0.1".into(),
             service: None,
+            service_namespace: None,
             workload: None,
             mtls: None,
             http2: false,
@@ -238,6 +304,10 @@ pub struct Proxy {
     pub failure_policy: &'static str,
     /// Turn on Envoy's native OpenTelemetry tracer, exporting to an OTLP/HTTP receiver on this port.
     pub native_tracer: Option<u16>,
+    /// Listeners as Envoy takes them, without meshtel (HBONE termination, tunnels, ...).
+    pub raw_listeners: Vec<Value>,
+    /// Clusters as Envoy takes them.
+    pub raw_clusters: Vec<Value>,
 }
 
 /// The cluster Envoy's native tracer exports through.
@@ -253,8 +323,10 @@ pub fn trap_wasm_path() -> PathBuf {
 impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
     pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
-        let listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm)).collect();
+        let mut listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm)).collect();
+        listeners.extend(self.raw_listeners.iter().cloned());
         let mut clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
+        clusters.extend(self.raw_clusters.iter().cloned());
         if let Some(port) = self.native_tracer {
             clusters.push(cluster(&Cluster::new(NATIVE_TRACER_CLUSTER, port)));
         }
@@ -262,6 +334,14 @@ impl Proxy {
             "node": {"id": self.node.id, "cluster": "meshtel-test", "metadata": self.node.metadata},
             "admin": {"address": socket(admin_port)},
             "static_resources": {"listeners": listeners, "clusters": clusters},
+            // Istio's bootstrap always has it (tools/packaging/common/envoy_bootstrap.json).
+            "bootstrap_extensions": [{
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+                    "buffer_size_kb": 64,
+                },
+            }],
         })
     }
 }
@@ -283,7 +363,7 @@ fn socket(port: u16) -> Value {
 fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
     let host_env_keys: Vec<&str> = proxy.vm_env.iter().map(|(k, _)| k.as_str()).collect();
     let plugin_config = proxy.plugin_config.as_ref();
-    let mut http_filters = Vec::new();
+    let mut http_filters = l.filters_before.clone();
     if let Some(config) = plugin_config {
         http_filters.push(json!({
             "name": "istio.meshtel",
@@ -307,16 +387,24 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
             },
         }));
     }
+    http_filters.extend(l.filters_after.iter().cloned());
     http_filters.push(json!({
         "name": "envoy.filters.http.router",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
     }));
-    let mut listener = json!({
-        "name": l.name,
-        "address": socket(l.port),
-        "traffic_direction": match l.direction { Direction::Inbound => "INBOUND", Direction::Outbound => "OUTBOUND" },
-        "filter_chains": [{
-            "filters": [{
+    let action = match l.direct_response {
+        Some(status) => json!({"direct_response": {"status": status}}),
+        None => json!({"route": {"cluster": l.cluster, "timeout": "10s"}}),
+    };
+    let mut route = json!({"match": {"prefix": "/"}});
+    if let (Some(r), Some(a)) = (route.as_object_mut(), action.as_object()) {
+        r.extend(a.clone());
+        if let Some(name) = &l.route_name {
+            r.insert("name".into(), json!(name));
+        }
+    }
+    let mut filters = l.network_filters.clone();
+    filters.push(json!({
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -326,16 +414,24 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
                         "virtual_hosts": [{
                             "name": "all",
                             "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": l.cluster, "timeout": "10s"}}],
+                            "routes": [route],
                             "request_headers_to_add": headers_to_add(&l.request_headers),
                             "response_headers_to_add": headers_to_add(&l.response_headers),
                         }],
                     },
                     "http_filters": http_filters,
                 },
-            }],
-        }],
+    }));
+    let mut listener = json!({
+        "name": l.name,
+        "traffic_direction": match l.direction { Direction::Inbound => "INBOUND", Direction::Outbound => "OUTBOUND" },
+        "filter_chains": [{"filters": filters}],
     });
+    if l.internal {
+        listener["internal_listener"] = json!({});
+    } else {
+        listener["address"] = socket(l.port);
+    }
     if let Some(port) = proxy.native_tracer {
         // Envoy's own OpenTelemetry tracer at 100%, exporting OTLP/HTTP: the native baseline.
         listener["filter_chains"][0]["filters"][0]["typed_config"]["tracing"] = json!({
@@ -371,11 +467,13 @@ fn cluster(c: &Cluster) -> Value {
     if let Some(w) = &c.workload {
         endpoint["metadata"] = json!({"filter_metadata": {"istio": {"workload": w}}});
     }
+    // Port 0: no endpoint at all (Istio's BlackHoleCluster).
+    let endpoints = if c.port == 0 { json!([]) } else { json!([{"lb_endpoints": [endpoint]}]) };
     let mut cluster = json!({
         "name": c.name,
         "type": if c.host.parse::<std::net::IpAddr>().is_ok() { "STATIC" } else { "STRICT_DNS" },
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [endpoint]}]},
+        "load_assignment": {"cluster_name": c.name, "endpoints": endpoints},
     });
     if c.http2 {
         cluster["typed_extension_protocol_options"] = json!({
@@ -397,6 +495,7 @@ fn cluster(c: &Cluster) -> Value {
     if let Some(host) = &c.service {
         let mut parts = host.split('.');
         let (name, ns) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let ns = c.service_namespace.as_deref().unwrap_or(ns);
         cluster["metadata"] = json!({"filter_metadata": {"istio": {
             "services": [{"host": host, "name": name, "namespace": ns}],
         }}});

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod collector;
 pub mod envoy;
+pub mod istio;
 mod grpc;
 pub mod mesh;
 pub mod metrics;

@@ -182,6 +182,8 @@ impl SidecarSpec {
             wasm: self.wasm.clone(),
             failure_policy: self.failure_policy,
             native_tracer: None,
+            raw_listeners: Vec::new(),
+            raw_clusters: Vec::new(),
         };
         (proxy, inbound, outbound)
     }
@@ -233,6 +235,8 @@ pub fn gateway_with(
         wasm: None,
         failure_policy: "FAIL_OPEN",
         native_tracer: None,
+        raw_listeners: Vec::new(),
+        raw_clusters: Vec::new(),
     };
     Gateway { envoy: Envoy::start(&proxy), port: listen }
 }
