@@ -132,6 +132,15 @@ pub struct RenderArgs {
     /// Run in every workload of the mesh.
     #[arg(long, help_heading = "Where")]
     pub mesh_wide: bool,
+    /// Run in the ambient waypoint of this Gateway name, in the one --namespace given.
+    #[arg(long, value_name = "NAME", help_heading = "Where")]
+    pub waypoint: Option<String>,
+    /// Run in the waypoints for this Service, in the one --namespace given (the Service's).
+    #[arg(long, value_name = "NAME", help_heading = "Where")]
+    pub service: Option<String>,
+    /// Run in every ambient waypoint of the mesh (GatewayClass istio-waypoint, root namespace).
+    #[arg(long, help_heading = "Where")]
+    pub all_waypoints: bool,
 
     /// The collector Service, NAME.NAMESPACE:PORT or an FQDN [default: otel-collector.observability:4318].
     #[arg(long, value_name = "HOST:PORT", help_heading = "Telemetry")]
@@ -334,7 +343,13 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         }
     }
 
-    let mode = match (gateway, mesh_wide, &workload_label, namespaces.is_empty()) {
+    let waypoint_modes = usize::from(args.waypoint.is_some())
+        + usize::from(args.service.is_some())
+        + usize::from(args.all_waypoints);
+    let mode = if waypoint_modes > 0 {
+        waypoint_mode(args, &namespaces, gateway || mesh_wide || workload_label.is_some(), waypoint_modes)?
+    } else {
+        match (gateway, mesh_wide, &workload_label, namespaces.is_empty()) {
         (true, false, None, true) => Mode::Gateway {
             name: gateway_name,
             namespace: args
@@ -362,10 +377,11 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         (false, false, None, false) => Mode::Namespaces(namespaces),
         (false, false, None, true) => {
             return Err(
-                "choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE or --mesh-wide"
+                "choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE, --mesh-wide, --waypoint NAME, --service NAME or --all-waypoints"
                     .into(),
             )
         }
+    }
     };
     if gateway_name_without_gateway(args, &mode) {
         return Err("--gateway-name and --gateway-namespace need --gateway".into());
@@ -504,6 +520,36 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         disable_istio_tracing: args.disable_istio_tracing || file.disable_istio_tracing.unwrap_or(false),
         collector_service_entry,
         host_env,
+    })
+}
+
+/// The waypoint modes: Istio attaches a WasmPlugin to a waypoint only through `targetRefs`
+/// (istio/istio `pilot/pkg/model/policyattachment.go`); a selector never reaches one.
+fn waypoint_mode(args: &RenderArgs, namespaces: &[String], other: bool, count: usize) -> Result<Mode, String> {
+    if count > 1 || other {
+        return Err("--waypoint, --service and --all-waypoints exclude each other and the other modes".into());
+    }
+    if args.all_waypoints {
+        if !namespaces.is_empty() {
+            return Err("--all-waypoints attaches from the root namespace (--root-namespace), not --namespace".into());
+        }
+        return Ok(Mode::AllWaypoints);
+    }
+    let (flag, name) = match (&args.waypoint, &args.service) {
+        (Some(n), _) => ("--waypoint", n.clone()),
+        (_, Some(n)) => ("--service", n.clone()),
+        _ => return Err("no waypoint mode".into()),
+    };
+    if !crate::rules::is_dns_subdomain(&name) || name.len() > 253 {
+        return Err(format!("{flag}: {name:?} is not a valid resource name"));
+    }
+    let [namespace] = namespaces else {
+        return Err(format!("{flag} needs exactly one --namespace (the {} namespace)", &flag[2..]));
+    };
+    Ok(if args.waypoint.is_some() {
+        Mode::Waypoint { name, namespace: namespace.clone() }
+    } else {
+        Mode::Service { name, namespace: namespace.clone() }
     })
 }
 

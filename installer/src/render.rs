@@ -28,6 +28,24 @@ pub enum Mode {
     },
     /// Every workload of the mesh.
     MeshWide,
+    /// An ambient waypoint, by its Gateway (`targetRefs` kind `Gateway`; Istio attaches nothing
+    /// else to a waypoint but Services and the `istio-waypoint` GatewayClass).
+    Waypoint {
+        /// The waypoint's Gateway name.
+        name: String,
+        /// Its namespace.
+        namespace: String,
+    },
+    /// What the waypoints serving one Service do for it (`targetRefs` kind `Service`, in the
+    /// Service's namespace).
+    Service {
+        /// Service name.
+        name: String,
+        /// Its namespace.
+        namespace: String,
+    },
+    /// Every waypoint of the mesh (`targetRefs` GatewayClass `istio-waypoint`, root namespace).
+    AllWaypoints,
 }
 
 /// Which Istio API to render.
@@ -171,6 +189,31 @@ fn attachments(opts: &RenderOptions) -> Vec<Attachment> {
         Mode::MeshWide => {
             vec![Attachment { namespace: opts.root_namespace.clone(), selector: None, target_refs: None }]
         }
+        Mode::Waypoint { name, namespace } => {
+            vec![target(namespace, Some(GATEWAY_API_GROUP), "Gateway", name)]
+        }
+        Mode::Service { name, namespace } => vec![target(namespace, Some(""), "Service", name)],
+        Mode::AllWaypoints => {
+            vec![target(&opts.root_namespace, Some(GATEWAY_API_GROUP), "GatewayClass", WAYPOINT_GATEWAY_CLASS)]
+        }
+    }
+}
+
+/// The Gateway API group of `Gateway` and `GatewayClass` targets.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+/// The GatewayClass of Istio's waypoints.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+
+fn target(namespace: &str, group: Option<&str>, kind: &str, name: &str) -> Attachment {
+    Attachment {
+        namespace: namespace.to_string(),
+        selector: None,
+        target_refs: Some(vec![TargetRef {
+            group: group.map(str::to_string),
+            kind: kind.into(),
+            name: name.into(),
+            namespace: None,
+        }]),
     }
 }
 

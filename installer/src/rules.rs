@@ -138,6 +138,7 @@ pub fn check_attachment(
     }
     if let Some(s) = selector {
         check_selector(s, "spec.selector", problems);
+        check_selector_reaches(s, problems);
     }
     if let Some(t) = target_ref {
         check_target_ref(t, "spec.targetRef", problems);
@@ -148,7 +149,33 @@ pub fn check_attachment(
         }
         for (i, t) in refs.iter().enumerate() {
             check_target_ref(t, &format!("spec.targetRefs[{i}]"), problems);
+            check_gateway_class(t, &format!("spec.targetRefs[{i}]"), problems);
         }
+    }
+}
+
+/// The label Istio puts on every waypoint pod (istio/istio
+/// `manifests/charts/istio-control/istio-discovery/files/waypoint.yaml`).
+const GATEWAY_CLASS_LABEL: &str = "gateway.networking.k8s.io/gateway-class-name";
+
+/// A selector aimed at waypoint pods attaches to nothing: Istio applies WasmPlugins to a
+/// waypoint only through `targetRefs` (istio/istio `pilot/pkg/model/policyattachment.go`).
+fn check_selector_reaches(sel: &Selector, problems: &mut Vec<Problem>) {
+    if sel.match_labels.get(GATEWAY_CLASS_LABEL).is_some_and(|v| v == crate::render::WAYPOINT_GATEWAY_CLASS) {
+        problems.push(Problem::new(
+            format!("spec.selector.matchLabels.{GATEWAY_CLASS_LABEL}"),
+            "Istio never applies a selector to a waypoint; attach it with targetRefs: kind Gateway (meshtel render --waypoint NAME --namespace NS), kind Service (--service) or GatewayClass istio-waypoint (--all-waypoints)",
+        ));
+    }
+}
+
+/// The only GatewayClass Istio attaches WasmPlugins to is its waypoints'.
+fn check_gateway_class(t: &TargetRef, path: &str, problems: &mut Vec<Problem>) {
+    if t.kind == "GatewayClass" && t.name != crate::render::WAYPOINT_GATEWAY_CLASS {
+        problems.push(Problem::new(
+            format!("{path}.name"),
+            format!("Istio attaches to GatewayClass {} only, got {:?}", crate::render::WAYPOINT_GATEWAY_CLASS, t.name),
+        ));
     }
 }
 
@@ -338,6 +365,25 @@ mod tests {
             messages(&p),
             vec!["spec.targetRefs[0].namespace: cross namespace referencing is not currently supported"]
         );
+    }
+
+    #[test]
+    fn refuses_selectors_aimed_at_waypoints_and_other_gateway_classes() {
+        let mut p = plugin();
+        p.spec.selector = Some(Selector {
+            match_labels: [("gateway.networking.k8s.io/gateway-class-name".into(), "istio-waypoint".into())].into(),
+        });
+        let m = messages(&p);
+        assert!(m.iter().any(|m| m.contains("never applies a selector to a waypoint")), "{m:?}");
+        let mut p = plugin();
+        p.spec.target_refs = Some(vec![TargetRef {
+            group: Some("gateway.networking.k8s.io".into()),
+            kind: "GatewayClass".into(),
+            name: "istio".into(),
+            namespace: None,
+        }]);
+        let m = messages(&p);
+        assert!(m.iter().any(|m| m.contains("GatewayClass istio-waypoint only")), "{m:?}");
     }
 
     #[test]

@@ -37,9 +37,12 @@ fn typed<T: serde::de::DeserializeOwned>(doc: &Value) -> Result<T, Problem> {
     })
 }
 
-/// Whether a module is meshtel's, so that its pluginConfig is checked with meshtel's parser.
+/// Whether a module is meshtel's, so that its pluginConfig is checked with meshtel's parser: by
+/// meshtel's labels, its image name, or the shape of its pluginConfig (a `collector` section
+/// naming a `cluster`, which every meshtel config has), whatever the image is called.
 fn is_meshtel(labels: &std::collections::BTreeMap<String, String>, module: &WasmModule) -> bool {
-    labels.get("app.kubernetes.io/name").is_some_and(|n| n == "meshtel") || module.url.contains("meshtel")
+    let shaped = module.plugin_config.as_ref().and_then(|c| c.pointer("/collector/cluster")).is_some();
+    labels.get("app.kubernetes.io/name").is_some_and(|n| n == "meshtel") || module.url.contains("meshtel") || shaped
 }
 
 fn check_plugin_config(module: &WasmModule, at: &str, problems: &mut Vec<Problem>) {

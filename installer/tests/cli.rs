@@ -150,6 +150,43 @@ spec:
 }
 
 #[test]
+fn validate_knows_meshtels_config_by_its_shape_and_refuses_waypoint_selectors() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let f = write(
+        dir,
+        "renamed.yaml",
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: telemetry, namespace: shop}
+spec:
+  url: oci://registry.example.com/platform/otel-filter:1
+  selector: {matchLabels: {gateway.networking.k8s.io/gateway-class-name: istio-waypoint}}
+  pluginConfig: {collector: {cluster: "outbound|4318||otel.obs.svc.cluster.local"}, metrics: {max_series: 0}}
+"#,
+    );
+    let o = meshtel(&["validate", &f]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("spec.pluginConfig.metrics.max_series"), "meshtel's config, whatever the image: {err}");
+    assert!(err.contains("never applies a selector to a waypoint"), "{err}");
+}
+
+#[test]
+fn waypoint_modes_need_their_namespace() {
+    for (args, expect) in [
+        (&["render", "--waypoint", "wp"][..], "--waypoint needs exactly one --namespace"),
+        (&["render", "--service", "s", "--namespace", "a", "--namespace", "b"][..], "--service needs exactly one --namespace"),
+        (&["render", "--all-waypoints", "--namespace", "a"][..], "root namespace"),
+        (&["render", "--waypoint", "wp", "--gateway", "--namespace", "a"][..], "exclude each other"),
+    ] {
+        let o = meshtel(args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
 fn validate_with_crds_checks_the_openapi_schema() {
     let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio/crd-all.gen.yaml");
     let tmp = temp_dir();

@@ -49,7 +49,31 @@ const MODES: &[&[&str]] = &[
     &["--workload-label", "meshtel.io/trace=enabled"],
     &["--workload-label", "app=checkout", "--namespace", "shop"],
     &["--mesh-wide"],
+    &["--waypoint", "waypoint", "--namespace", "shop"],
+    &["--service", "reviews", "--namespace", "shop"],
+    &["--all-waypoints"],
 ];
+
+#[test]
+fn waypoint_modes_attach_by_target_refs_only() {
+    // istio/istio pilot/pkg/model/policyattachment.go: a waypoint takes a WasmPlugin only by
+    // targetRefs: its Gateway, a Service it serves (in the Service's namespace), or the
+    // istio-waypoint GatewayClass from the root namespace.
+    let cases: [(&[&str], &str, &str, &str, &str); 3] = [
+        (&["--waypoint", "wp", "--namespace", "shop"], "shop", "gateway.networking.k8s.io", "Gateway", "wp"),
+        (&["--service", "reviews", "--namespace", "shop"], "shop", "", "Service", "reviews"),
+        (&["--all-waypoints"], "istio-system", "gateway.networking.k8s.io", "GatewayClass", "istio-waypoint"),
+    ];
+    for (args, ns, group, kind, name) in cases {
+        let docs = yaml_documents(&render(args)).unwrap();
+        let plugin = &docs[0];
+        assert_eq!(plugin["metadata"]["namespace"], ns, "{args:?}");
+        assert!(plugin["spec"].get("selector").is_none(), "{args:?}");
+        assert!(plugin["spec"].get("match").is_none(), "ports never match a waypoint's HTTP chains: {args:?}");
+        let target = &plugin["spec"]["targetRefs"][0];
+        assert_eq!((target["group"].as_str().unwrap_or(""), target["kind"].as_str(), target["name"].as_str()), (group, Some(kind), Some(name)));
+    }
+}
 
 #[test]
 fn every_mode_and_api_validates_against_istio_crds() {
@@ -199,5 +223,5 @@ fn checked_in_manifests_match_what_the_installer_renders() {
         assert_valid(&want, &istio_crds());
         seen += 1;
     }
-    assert_eq!(seen, 3, "namespace, gateway and workload-label manifests");
+    assert_eq!(seen, 4, "namespace, gateway, workload-label and waypoint manifests");
 }
