@@ -343,9 +343,8 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         }
     }
 
-    let waypoint_modes = usize::from(args.waypoint.is_some())
-        + usize::from(args.service.is_some())
-        + usize::from(args.all_waypoints);
+    let waypoint_modes =
+        usize::from(args.waypoint.is_some()) + usize::from(args.service.is_some()) + usize::from(args.all_waypoints);
     let mode = if waypoint_modes > 0 {
         waypoint_mode(args, &namespaces, gateway || mesh_wide || workload_label.is_some(), waypoint_modes)?
     } else {

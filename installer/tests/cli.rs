@@ -176,7 +176,10 @@ spec:
 fn waypoint_modes_need_their_namespace() {
     for (args, expect) in [
         (&["render", "--waypoint", "wp"][..], "--waypoint needs exactly one --namespace"),
-        (&["render", "--service", "s", "--namespace", "a", "--namespace", "b"][..], "--service needs exactly one --namespace"),
+        (
+            &["render", "--service", "s", "--namespace", "a", "--namespace", "b"][..],
+            "--service needs exactly one --namespace",
+        ),
         (&["render", "--all-waypoints", "--namespace", "a"][..], "root namespace"),
         (&["render", "--waypoint", "wp", "--gateway", "--namespace", "a"][..], "exclude each other"),
     ] {

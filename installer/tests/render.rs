@@ -71,7 +71,10 @@ fn waypoint_modes_attach_by_target_refs_only() {
         assert!(plugin["spec"].get("selector").is_none(), "{args:?}");
         assert!(plugin["spec"].get("match").is_none(), "ports never match a waypoint's HTTP chains: {args:?}");
         let target = &plugin["spec"]["targetRefs"][0];
-        assert_eq!((target["group"].as_str().unwrap_or(""), target["kind"].as_str(), target["name"].as_str()), (group, Some(kind), Some(name)));
+        assert_eq!(
+            (target["group"].as_str().unwrap_or(""), target["kind"].as_str(), target["name"].as_str()),
+            (group, Some(kind), Some(name))
+        );
     }
 }
 

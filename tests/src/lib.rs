@@ -3,8 +3,8 @@
 pub mod app;
 pub mod collector;
 pub mod envoy;
-pub mod istio;
 mod grpc;
+pub mod istio;
 pub mod mesh;
 pub mod metrics;
 pub mod report;

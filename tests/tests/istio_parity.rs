@@ -112,7 +112,12 @@ fn sidecar_outbound_matches_client_request_total() {
     let collector = Collector::start();
     let app = App::start(Behavior::Echo);
     let port = free_port();
-    let p = proxy(client_node(), outbound(port, OUTBOUND_SERVER), vec![server_cluster(OUTBOUND_SERVER, app.port)], &collector);
+    let p = proxy(
+        client_node(),
+        outbound(port, OUTBOUND_SERVER),
+        vec![server_cluster(OUTBOUND_SERVER, app.port)],
+        &collector,
+    );
     let _envoy = Envoy::start(&p);
     let point = run(&collector, port, &[(PEER_METADATA_REQUEST, &answer_as_server())], "/", 200);
     assert_labels(&point, "client_request_total.yaml.tmpl", &client_request_total());
@@ -157,7 +162,8 @@ fn host_header_names_the_service_without_cluster_metadata() {
     let collector = Collector::start();
     let app = App::start(Behavior::Echo);
     let port = free_port();
-    let p = proxy(client_node(), outbound(port, "host_header"), vec![Cluster::new("host_header", app.port)], &collector);
+    let p =
+        proxy(client_node(), outbound(port, "host_header"), vec![Cluster::new("host_header", app.port)], &collector);
     let _envoy = Envoy::start(&p);
     let point = run(&collector, port, &[(PEER_METADATA_REQUEST, &answer_as_server())], "/", 200);
     let host: &'static str = Box::leak(format!("127.0.0.1:{port}").into_boxed_str());
@@ -228,7 +234,11 @@ fn rbac_denied_request_is_counted_403() {
     let p = proxy(server_node(), l, vec![server_cluster("inbound|9080||", app.port)], &collector);
     let _envoy = Envoy::start(&p);
     let point = run(&collector, port, &[("x-envoy-peer-metadata", &from_client())], "/", 403);
-    assert_labels(&point, "server_request_total.yaml.tmpl (ResponseCode 403)", &with(server_request_total(), &[("response_code", "403")]));
+    assert_labels(
+        &point,
+        "server_request_total.yaml.tmpl (ResponseCode 403)",
+        &with(server_request_total(), &[("response_code", "403")]),
+    );
 }
 
 #[test]
@@ -368,7 +378,12 @@ fn gateway_reports_source_without_host_header_fallback() {
     let app = App::start(Behavior::Echo);
     let port = free_port();
     let node = Node::gateway();
-    let p = proxy(node, outbound(port, "outbound|9080||nometa"), vec![Cluster::new("outbound|9080||nometa", app.port)], &collector);
+    let p = proxy(
+        node,
+        outbound(port, "outbound|9080||nometa"),
+        vec![Cluster::new("outbound|9080||nometa", app.port)],
+        &collector,
+    );
     let _envoy = Envoy::start(&p);
     let point = run(&collector, port, &[(PEER_METADATA_REQUEST, &answer_as_server())], "/", 200);
     let want = with(
@@ -401,8 +416,13 @@ fn waypoint_matches_server_waypoint_proxy_request_total() {
     let p = proxy(waypoint_node(), l, vec![server_cluster(&cluster, app.port)], &collector);
     let _envoy = Envoy::start(&p);
     let backend = peer_metadata_of(&waypoint_backend_node());
-    let point =
-        run(&collector, port, &[("x-envoy-peer-metadata", &from_client()), (PEER_METADATA_REQUEST, &backend)], "/", 200);
+    let point = run(
+        &collector,
+        port,
+        &[("x-envoy-peer-metadata", &from_client()), (PEER_METADATA_REQUEST, &backend)],
+        "/",
+        200,
+    );
     let want = with(
         server_request_total(),
         &[
@@ -436,8 +456,13 @@ fn waypoint_behind_hbone_termination_matches_server_waypoint_proxy_connect_reque
     let _envoy = Envoy::start(&p);
     let source = peer_metadata_of(&Node { id: String::new(), metadata: json!({"WORKLOAD_NAME": "productpage-v1"}) });
     let backend = peer_metadata_of(&waypoint_backend_node());
-    let point =
-        run(&collector, client_port, &[("x-envoy-peer-metadata", &source), (PEER_METADATA_REQUEST, &backend)], "/", 200);
+    let point = run(
+        &collector,
+        client_port,
+        &[("x-envoy-peer-metadata", &source), (PEER_METADATA_REQUEST, &backend)],
+        "/",
+        200,
+    );
     let want = with(
         server_request_total(),
         &[
