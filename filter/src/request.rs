@@ -105,9 +105,13 @@ impl Telemetry {
         f.response_flags = completion.response_flags.clone();
         let header = facts::host_header_fallback(self.node(), reporter).then_some(active.request.authority.as_str());
         let cluster = completion.upstream_cluster.as_deref();
+        // Istio's `allow_any` / `block_all` routes lead to its catch-all clusters or to no
+        // cluster: behind an Istio service cluster the route name cannot change the answer,
+        // so the property is read only where it can.
+        let route_matters = !cluster.is_some_and(facts::is_istio_service_cluster);
         f.service = facts::destination(
             header.filter(|h| !h.is_empty()),
-            || host.property_string(&["xds", "route_name"]),
+            || route_matters.then(|| host.property_string(&["xds", "route_name"])).flatten(),
             cluster,
             || cluster.and_then(|c| self.cluster_service(c, || host.property(&["xds", "cluster_metadata"]))),
         );

@@ -159,25 +159,33 @@ impl Listener {
     }
 }
 
-/// An HTTP filter that sets string filter state on each request, shared with the upstream
+/// `set_filter_state` entries of string values; `shared` shares them with the upstream
 /// connection once (what Istio's HBONE termination does for `io.istio.peer_principal`).
-pub fn set_filter_state(pairs: &[(&str, &str)]) -> Value {
-    let entries: Vec<Value> = pairs
+fn filter_state_entries(pairs: &[(&str, &str)], shared: bool) -> Vec<Value> {
+    pairs
         .iter()
         .map(|(k, v)| {
-            json!({
+            let mut e = json!({
                 "object_key": k,
                 "factory_key": "envoy.string",
                 "format_string": {"text_format_source": {"inline_string": v}},
-                "shared_with_upstream": "ONCE",
-            })
+            });
+            if shared {
+                e["shared_with_upstream"] = json!("ONCE");
+            }
+            e
         })
-        .collect();
+        .collect()
+}
+
+/// An HTTP filter that sets string filter state on each request, shared with the upstream
+/// connection once.
+pub fn set_filter_state(pairs: &[(&str, &str)]) -> Value {
     json!({
         "name": "envoy.filters.http.set_filter_state",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
-            "on_request_headers": entries,
+            "on_request_headers": filter_state_entries(pairs, true),
         },
     })
 }
@@ -185,21 +193,11 @@ pub fn set_filter_state(pairs: &[(&str, &str)]) -> Value {
 /// The network form of [`set_filter_state`]: set once per connection, as Istio's `istio_authn`
 /// network filter sets the principals of a connection.
 pub fn set_connection_filter_state(pairs: &[(&str, &str)]) -> Value {
-    let entries: Vec<Value> = pairs
-        .iter()
-        .map(|(k, v)| {
-            json!({
-                "object_key": k,
-                "factory_key": "envoy.string",
-                "format_string": {"text_format_source": {"inline_string": v}},
-            })
-        })
-        .collect();
     json!({
         "name": "envoy.filters.network.set_filter_state",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
-            "on_new_connection": entries,
+            "on_new_connection": filter_state_entries(pairs, false),
         },
     })
 }

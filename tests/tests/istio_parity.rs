@@ -82,6 +82,19 @@ fn outbound(port: u16, cluster: &str) -> Listener {
     Listener::new("0.0.0.0_9080", port, Direction::Outbound, cluster)
 }
 
+/// The destination labels of a client-side request no peer answered for (no exchange, no
+/// endpoint metadata, no service namespace): `unknown`, the canonical revision `latest`.
+const NO_DESTINATION_PEER: &[(&str, &str)] = &[
+    ("destination_workload", "unknown"),
+    ("destination_workload_namespace", "unknown"),
+    ("destination_app", "unknown"),
+    ("destination_version", "unknown"),
+    ("destination_canonical_service", "unknown"),
+    ("destination_canonical_revision", "latest"),
+    ("destination_cluster", "unknown"),
+    ("destination_service_namespace", "unknown"),
+];
+
 const OUTBOUND_SERVER: &str = "outbound|9080||server.default.svc.cluster.local";
 
 /// What Istio's client-side exchange sends: the client node's metadata header.
@@ -254,17 +267,7 @@ fn outbound_passthrough_keeps_the_host_and_names_the_cluster() {
     let _envoy = Envoy::start(&p);
     let point = run(&collector, port, &[], "/", 200);
     let host: &'static str = Box::leak(format!("127.0.0.1:{port}").into_boxed_str());
-    let unknown_peer = [
-        ("destination_workload", "unknown"),
-        ("destination_workload_namespace", "unknown"),
-        ("destination_app", "unknown"),
-        ("destination_version", "unknown"),
-        ("destination_canonical_service", "unknown"),
-        ("destination_canonical_revision", "latest"),
-        ("destination_cluster", "unknown"),
-        ("destination_service_namespace", "unknown"),
-    ];
-    let mut want = with(client_request_total(), &unknown_peer);
+    let mut want = with(client_request_total(), NO_DESTINATION_PEER);
     want = with(want, &[("destination_service", host), ("destination_service_name", "PassthroughCluster")]);
     assert_labels(&point, "client_request_total.yaml.tmpl (passthrough, istio_stats.cc)", &want);
 }
@@ -301,20 +304,8 @@ fn blackhole_route_names_blackhole_cluster() {
     let point = run(&collector, port, &[], "/", 502);
     let host: &'static str = Box::leak(format!("127.0.0.1:{port}").into_boxed_str());
     let want = with(
-        client_request_total(),
-        &[
-            ("destination_workload", "unknown"),
-            ("destination_workload_namespace", "unknown"),
-            ("destination_app", "unknown"),
-            ("destination_version", "unknown"),
-            ("destination_canonical_service", "unknown"),
-            ("destination_canonical_revision", "latest"),
-            ("destination_cluster", "unknown"),
-            ("destination_service_namespace", "unknown"),
-            ("destination_service", host),
-            ("destination_service_name", "BlackHoleCluster"),
-            ("response_code", "502"),
-        ],
+        with(client_request_total(), NO_DESTINATION_PEER),
+        &[("destination_service", host), ("destination_service_name", "BlackHoleCluster"), ("response_code", "502")],
     );
     assert_labels(&point, "client_request_total.yaml.tmpl (block_all, istio_stats.cc)", &want);
 }

@@ -52,6 +52,12 @@ pub fn host_header_fallback(node: &NodeInfo, reporter: Reporter) -> bool {
     reporter == Reporter::Source && node.kind() == ProxyKind::Sidecar
 }
 
+/// Whether `cluster` is one istiod builds for a service (`inbound|`, `outbound|`,
+/// `inbound-vip|`: istio/istio `pilot/pkg/model/service.go`, `BuildSubsetKey`).
+pub fn is_istio_service_cluster(cluster: &str) -> bool {
+    ["inbound|", "outbound|", "inbound-vip|"].iter().any(|p| cluster.starts_with(p))
+}
+
 /// What a downstream connection says about the caller; the same for every request on it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DownstreamFacts {
@@ -195,6 +201,13 @@ mod tests {
         );
         assert_eq!(reporter(&sidecar, None, || Some(LISTENER_INBOUND)), Reporter::Destination, "a local reply");
         assert_eq!(reporter(&sidecar, None, || None), Reporter::Source, "Istio: anything not INBOUND is a client");
+    }
+
+    #[test]
+    fn knows_istios_service_clusters() {
+        assert!(is_istio_service_cluster("inbound-vip|9080|http|r.ns.svc.cluster.local"));
+        assert!(is_istio_service_cluster("outbound|80||a"));
+        assert!(!is_istio_service_cluster("PassthroughCluster"));
     }
 
     #[test]
