@@ -81,7 +81,8 @@ impl Telemetry {
             let id = host.property_u64(&["connection", "id"]);
             let DownstreamFacts { peer_principal, local_principal, peer } =
                 self.downstream_facts(id, || facts::read_downstream(host));
-            f.peer = peer.or_else(|| headers.then(|| active.downstream_peer.clone()).flatten());
+            // `downstream_peer` is only decoded when `metrics.peer_metadata_headers` allows it.
+            f.peer = peer.or_else(|| active.downstream_peer.clone());
             f.peer_principal = peer_principal;
             f.local_principal = local_principal;
             if reporter == Reporter::Waypoint {
