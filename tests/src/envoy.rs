@@ -429,6 +429,9 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
         listener["internal_listener"] = json!({});
     } else {
         listener["address"] = socket(l.port);
+        // Envoy binds with SO_REUSEPORT by default: a second Envoy on a taken port would share it
+        // silently and take part of another test's traffic. Without it, the bind fails loudly.
+        listener["enable_reuse_port"] = json!(false);
     }
     if let Some(port) = proxy.native_tracer {
         // Envoy's own OpenTelemetry tracer at 100%, exporting OTLP/HTTP: the native baseline.

@@ -11,9 +11,10 @@ pub mod report;
 pub mod server;
 pub mod tls;
 
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// The repository root.
@@ -21,9 +22,20 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 right now, and never handed out before in this process.
+///
+/// Tests run in parallel threads; the kernel may give two of them the same ephemeral port between
+/// one's probe and its Envoy's bind, so ports are remembered here.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 fn agent() -> &'static ureq::Agent {
