@@ -56,7 +56,10 @@ manifests:
 
 # The end-to-end benchmark (needs wrk: apt-get install wrk); prints a Markdown report.
 bench: tools wasm
-	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter
+	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter -p meshtel-probe-filter
+	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter --features response-headers --target-dir target/probe
+	cp target/probe/wasm32-wasip1/release/meshtel_probe_filter.wasm \
+		target/wasm32-wasip1/release/meshtel_probe_filter_response_headers.wasm
 	command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null)
 	cargo run --quiet --release -p meshtel-tests --bin bench
 

@@ -11,6 +11,11 @@
 //! `BENCH_ONLY=text` keeps the baseline and the scenarios whose name contains `text`, and
 //! `BENCH_PERF=1` profiles Envoy with `perf` during each saturation run, and
 //! `BENCH_COMPARE_WASM=path.wasm` adds that build of the filter (traces + metrics) for an A/B.
+//!
+//! Then the cost model of the ABI: the probe module (`tests/probe-filter`) making N host calls of
+//! one kind per request, each row against the probe making none, so that one run prices every call
+//! kind meshtel makes or could make (`BENCH_PROBE_SECONDS`, default 6, per saturation run; no
+//! fixed-rate run). `BENCH_ONLY=probe` runs only that table.
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -36,12 +41,81 @@ enum Filter {
     Meshtel(Value),
     /// meshtel built elsewhere (`BENCH_COMPARE_WASM`), with this config.
     Other(std::path::PathBuf, Value),
+    /// The probe module (file name under target/wasm32-wasip1/release) with this config.
+    Probe(&'static str, Value),
 }
 
 #[derive(Clone)]
 struct Scenario {
     name: &'static str,
     filter: Filter,
+    /// Request headers sent on top of wrk's own (`host`), `x-bench-NN: ...`.
+    extra_headers: usize,
+    /// For probe rows: host calls made per request, and the row they are priced against.
+    calls: usize,
+    reference: &'static str,
+}
+
+impl Scenario {
+    fn config(name: &'static str, filter: Filter) -> Self {
+        Scenario { name, filter, extra_headers: 0, calls: 0, reference: "" }
+    }
+
+    fn is_probe(&self) -> bool {
+        matches!(self.filter, Filter::Probe(..))
+    }
+}
+
+/// The probe module without, and with, a response-headers callback.
+const PROBE: &str = "meshtel_probe_filter.wasm";
+const PROBE_RESPONSE: &str = "meshtel_probe_filter_response_headers.wasm";
+const PROBE_NONE: &str = "probe: no calls";
+const PROBE_NONE_HEADERS: &str = "probe: no calls, 16 more request headers";
+
+/// The cost-model rows: N calls of one kind per request, priced against a probe making none.
+fn probe_scenarios() -> Vec<Scenario> {
+    let row = |name: &'static str, kind: &str, n: usize, arg: &str| Scenario {
+        name,
+        filter: Filter::Probe(PROBE, json!({"kind": kind, "n": n, "arg": arg})),
+        extra_headers: 0,
+        calls: n,
+        reference: PROBE_NONE,
+    };
+    let reads = 32;
+    let writes = 16;
+    let with_headers = |mut s: Scenario| {
+        s.extra_headers = 16;
+        s.reference = PROBE_NONE_HEADERS;
+        s
+    };
+    vec![
+        Scenario { reference: "Envoy alone (baseline)", calls: 1, ..row(PROBE_NONE, "none", 0, "") },
+        Scenario {
+            filter: Filter::Probe(PROBE_RESPONSE, json!({"kind": "none"})),
+            calls: 1,
+            ..row("probe: a response-headers callback", "none", 0, "")
+        },
+        Scenario { extra_headers: 16, ..row(PROBE_NONE_HEADERS, "none", 0, "") },
+        row("probe: get_current_time_nanoseconds", "time", reads, ""),
+        row("probe: get_property response.code", "property", reads, "response.code"),
+        row("probe: get_property response.flags", "property", reads, "response.flags"),
+        row("probe: get_property response.total_size", "property", reads, "response.total_size"),
+        row("probe: get_property request.protocol", "property", reads, "request.protocol"),
+        row("probe: get_property source.address", "property", reads, "source.address"),
+        row("probe: get_property connection.id", "property", reads, "connection.id"),
+        row("probe: get_property xds.cluster_name", "property", reads, "xds.cluster_name"),
+        row("probe: get_property xds.cluster_metadata", "property", reads, "xds.cluster_metadata"),
+        row("probe: get_property node.metadata", "property", reads, "node.metadata"),
+        row("probe: get_map_bytes (wrk's request)", "get_map_bytes", reads, ""),
+        with_headers(row("probe: get_map_bytes (16 more headers)", "get_map_bytes", reads, "")),
+        row("probe: get_map_value traceparent (absent)", "get_map_value", reads, "traceparent"),
+        with_headers(row("probe: get_map_value x-bench-15 (16 more headers)", "get_map_value", reads, "x-bench-15")),
+        row("probe: set_map_bytes (wrk's request + 4)", "set_map_bytes", writes, ""),
+        with_headers(row("probe: set_map_bytes (16 more headers + 4)", "set_map_bytes", writes, "")),
+        row("probe: replace_map_value (new header)", "replace_map_value", writes, ""),
+        row("probe: add_map_value (new header)", "add_map_value", writes, ""),
+        row("probe: remove_map_value (absent header)", "remove_map_value", writes, ""),
+    ]
 }
 
 #[derive(Default, Clone)]
@@ -76,10 +150,13 @@ fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Run wrk; returns (requests, requests/s).
-fn wrk(url: &str, seconds: u64, connections: u32) -> (u64, f64) {
+/// Run wrk, sending `extra_headers` more request headers; returns (requests, requests/s).
+fn wrk(url: &str, seconds: u64, connections: u32, extra_headers: usize) -> (u64, f64) {
+    let headers = (0..extra_headers).flat_map(|i| ["-H".to_string(), format!("x-bench-{i:02}: value-{i:02}")]);
     let out = Command::new("wrk")
-        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s"), url])
+        .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .args(headers)
+        .arg(url)
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -142,6 +219,10 @@ fn run(s: &Scenario, seconds: u64) -> Result {
             spec = spec.module(path.clone(), "FAIL_OPEN");
             spec.plugin_config = Some(plugin_config(overrides.clone()));
         }
+        Filter::Probe(file, config) => {
+            spec = spec.module(repo_root().join("target/wasm32-wasip1/release").join(file), "FAIL_OPEN");
+            spec.plugin_config = Some(config.clone());
+        }
     }
     let (mut proxy, inbound, _) = spec.proxy();
     if matches!(s.filter, Filter::Native) {
@@ -149,16 +230,18 @@ fn run(s: &Scenario, seconds: u64) -> Result {
     }
     let envoy = Envoy::start(&proxy);
     let url = format!("http://127.0.0.1:{inbound}/bench");
-    wrk(&url, 2, 16);
+    wrk(&url, 2, 16, s.extra_headers);
     let pid = envoy.pid();
     let perf = profile_start(pid, s.name, seconds);
     let cpu0 = cpu_seconds(pid);
-    let (requests, rps) = wrk(&url, seconds, 32);
+    let (requests, rps) = wrk(&url, seconds, 32, s.extra_headers);
     let cpu = cpu_seconds(pid) - cpu0;
     profile_report(perf);
     let rss = rss_mb(pid);
-    let (p50, p99) = fixed_rate_latency(&url);
-    thread::sleep(Duration::from_secs(2));
+    let (p50, p99) = if s.is_probe() { (0.0, 0.0) } else { fixed_rate_latency(&url) };
+    if !s.is_probe() {
+        thread::sleep(Duration::from_secs(2));
+    }
     Result {
         name: s.name,
         rps,
@@ -180,49 +263,51 @@ fn main() {
         v
     };
     let scenarios = [
-        Scenario { name: "Envoy alone (baseline)", filter: Filter::None },
-        Scenario { name: "no-op Wasm filter", filter: Filter::Noop },
-        Scenario { name: "native OTel tracer, 100%", filter: Filter::Native },
-        Scenario { name: "meshtel traces + metrics, 100%", filter: Filter::Meshtel(with(json!({}))) },
-        Scenario { name: "meshtel metrics only", filter: Filter::Meshtel(with(json!({"traces": {"enabled": false}}))) },
-        Scenario {
-            name: "meshtel traces 1% + metrics",
-            filter: Filter::Meshtel(with(json!({"traces": {"sampling_ratio": 0.01}}))),
-        },
-        Scenario {
-            name: "meshtel traces + metrics, W3C only",
-            filter: Filter::Meshtel(with(json!({"traces": {"propagation": ["w3c"]}}))),
-        },
-        Scenario {
-            name: "meshtel traces + metrics + access logs",
-            filter: Filter::Meshtel(with(json!({"logs": {"enabled": true}}))),
-        },
+        Scenario::config("Envoy alone (baseline)", Filter::None),
+        Scenario::config("no-op Wasm filter", Filter::Noop),
+        Scenario::config("native OTel tracer, 100%", Filter::Native),
+        Scenario::config("meshtel traces + metrics, 100%", Filter::Meshtel(with(json!({})))),
+        Scenario::config("meshtel metrics only", Filter::Meshtel(with(json!({"traces": {"enabled": false}})))),
+        Scenario::config(
+            "meshtel traces 1% + metrics",
+            Filter::Meshtel(with(json!({"traces": {"sampling_ratio": 0.01}}))),
+        ),
+        Scenario::config(
+            "meshtel traces + metrics, W3C only",
+            Filter::Meshtel(with(json!({"traces": {"propagation": ["w3c"]}}))),
+        ),
+        Scenario::config(
+            "meshtel traces + metrics + access logs",
+            Filter::Meshtel(with(json!({"logs": {"enabled": true}}))),
+        ),
     ];
     let version = Command::new(envoy_bin())
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    eprintln!("benchmarking {} scenarios, {rounds_count} rounds, {seconds} s of saturation each ...", scenarios.len());
+    let probe_seconds: u64 = std::env::var("BENCH_PROBE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     // A/B against another build of the filter (e.g. the previous commit's), in the same run.
     let mut scenarios = scenarios.to_vec();
     if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
         let config = with(json!({}));
-        scenarios.push(Scenario {
-            name: "meshtel traces + metrics, 100%, BENCH_COMPARE_WASM",
-            filter: Filter::Other(path.into(), config),
-        });
+        scenarios.push(Scenario::config(
+            "meshtel traces + metrics, 100%, BENCH_COMPARE_WASM",
+            Filter::Other(path.into(), config),
+        ));
     }
+    scenarios.extend(probe_scenarios());
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<&Scenario> =
         scenarios.iter().filter(|s| only.is_empty() || s.name.contains(&only) || s.name.contains("baseline")).collect();
+    eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
     // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
     // each figure is the median over the rounds.
     let mut rounds: Vec<Vec<Result>> = vec![Vec::new(); scenarios.len()];
     for round in 1..=rounds_count {
         for (i, s) in scenarios.iter().enumerate() {
             eprintln!("  round {round}/{rounds_count}: {}", s.name);
-            rounds[i].push(run(s, seconds));
+            rounds[i].push(run(s, if s.is_probe() { probe_seconds } else { seconds }));
         }
     }
     let results: Vec<Result> = rounds.iter().map(|r| median(r)).collect();
@@ -239,7 +324,8 @@ fn main() {
     println!("Machine: {} cores, {}; medians of {rounds_count} rounds; load: wrk -t2 -c32 -d{seconds}s on loopback, Envoy --concurrency 2, echo upstream; latency at {FIXED_RATE} req/s for {FIXED_SECONDS} s\n", num_cores(), cpu_model());
     println!("| configuration | Envoy CPU µs/request | overhead µs | / native overhead | / no-op overhead | req/s at saturation | p50 ms @{FIXED_RATE}/s | p99 ms | RSS MB | spans received |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for r in &results {
+    let probe_names: Vec<&str> = scenarios.iter().filter(|s| s.is_probe()).map(|s| s.name).collect();
+    for r in results.iter().filter(|r| !probe_names.contains(&r.name)) {
         let overhead = r.cpu_us_per_request - base.cpu_us_per_request;
         println!(
             "| {} | {:.1} | {:+.1} | {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {} |",
@@ -254,6 +340,23 @@ fn main() {
             r.rss_mb,
             r.spans
         );
+    }
+    if !probe_names.is_empty() {
+        cost_table(&scenarios, &results, probe_seconds);
+    }
+}
+
+/// The cost model: per probe row, the CPU it adds over its reference row, divided by its calls.
+fn cost_table(scenarios: &[&Scenario], results: &[Result], seconds: u64) {
+    let cpu = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.cpu_us_per_request);
+    println!("\nCost model of the ABI (probe module; wrk -t2 -c32 -d{seconds}s per row; each row against its reference row in the same run):\n");
+    println!("| host call or callback | calls per request | Envoy CPU µs/request | over reference µs | µs per call | reference |");
+    println!("|---|---|---|---|---|---|");
+    for s in scenarios.iter().filter(|s| s.is_probe()) {
+        let (Some(own), Some(reference)) = (cpu(s.name), cpu(s.reference)) else { continue };
+        let over = own - reference;
+        let per = if s.calls == 0 { "-".to_string() } else { format!("{:.3}", over / s.calls as f64) };
+        println!("| {} | {} | {own:.1} | {over:+.1} | {per} | {} |", s.name.trim_start_matches("probe: "), s.calls, s.reference);
     }
 }
 
