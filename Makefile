@@ -18,7 +18,7 @@ demo: tools wasm
 test: tools wasm
 	cargo test --workspace
 	# The micro-benchmarks once each, in test mode: they build and run (figures come from make bench).
-	cargo test --quiet -p meshtel-filter --bench core
+	cargo test --quiet -p meshtel-filter --features mock-host --bench core
 	$(MAKE) --no-print-directory wasm-unit-test
 
 # The filter's unit tests on the real 32-bit target, run by wasmtime.

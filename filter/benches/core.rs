@@ -1,8 +1,10 @@
-//! Micro-benchmarks of the pure core, natively: trace context, the per-request record of a span,
-//! of Istio metrics and of an access log, and OTLP encoding per span, log record and metric point. Also prints the heap
-//! allocations one request costs on the request path.
+//! Micro-benchmarks of the pure core, natively: trace context, one request's whole path through
+//! the host seam (`Telemetry::on_request_headers` + `on_log` over the mock host) per
+//! configuration, and OTLP encoding per span, log record and metric point. Also prints, per
+//! configuration, the heap allocations and the host calls of one request in the steady state (a
+//! known series on a kept-alive connection).
 //!
-//! `cargo bench -p meshtel-filter --bench core`
+//! `cargo bench -p meshtel-filter --features mock-host --bench core`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // benchmark code
 
@@ -12,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use meshtel_filter::access_log::AccessLog;
 use meshtel_filter::config;
+use meshtel_filter::host::mock::MockHost;
+use meshtel_filter::host::HeaderMap;
 use meshtel_filter::istio::labels::LABEL_NAMES;
 use meshtel_filter::istio::node::NodeInfo;
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
@@ -101,6 +105,86 @@ fn request(t: &mut Telemetry, hs: &[(String, Vec<u8>)]) {
     t.finish_request(active, completion(), metrics);
 }
 
+/// The bench's inbound request as Envoy hands it to a sidecar's inbound chain: wrk's request
+/// (`tests/src/bin/bench.rs`) with what Envoy adds, and the log-phase properties meshtel reads.
+fn inbound_host() -> MockHost {
+    let mut host = MockHost::new().counting_only().at(1_000_000);
+    for (k, v) in [
+        (":authority", "127.0.0.1:15006"),
+        (":path", "/bench"),
+        (":method", "GET"),
+        (":scheme", "http"),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "5b0c4b0e-5f2c-4a8e-9a51-6d1c0f6a7b1e"),
+    ] {
+        host = host.with_header(HeaderMap::Request, k, v);
+    }
+    host.with_header(HeaderMap::Response, ":status", "200")
+        .with_property("xds.cluster_name", "inbound|8080||")
+        .with_u64("xds.listener_direction", 1)
+        .with_u64("response.code", 200)
+        .with_u64("response.flags", 0)
+        .with_property("request.protocol", "HTTP/1.1")
+        .with_property("source.address", "127.0.0.1:51234")
+        .with_u64("connection.id", 7)
+        .with_u64("request.total_size", 120)
+        .with_u64("response.total_size", 310)
+        .with_u64("request.size", 0)
+        .with_u64("response.size", 220)
+        .with_property("upstream.address", "127.0.0.1:8080")
+}
+
+/// One request through the host seam, as the glue drives it.
+fn seam_request(t: &mut Telemetry, host: &MockHost) {
+    let active = t.on_request_headers(host);
+    t.on_log(host, active);
+}
+
+/// The configurations of `make bench`, by name and config.
+const CONFIGS: [(&str, &str); 4] = [
+    ("traces + metrics, 100%", ""),
+    ("metrics only", r#","traces":{"enabled":false}"#),
+    ("traces 1% + metrics", r#","traces":{"sampling_ratio":0.01}"#),
+    ("traces + metrics + access logs", r#","logs":{"enabled":true}"#),
+];
+
+fn seam(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request path through the host seam");
+    for (name, extra) in CONFIGS {
+        let mut t = telemetry(extra);
+        let host = inbound_host();
+        g.bench_function(name, |b| b.iter(|| seam_request(&mut t, &host)));
+    }
+    g.finish();
+    // The steady state: the series and the connection are known; 1000 requests after one.
+    println!("\nper request in the steady state (inbound sidecar, known series, kept-alive connection):");
+    println!("| configuration | heap allocations | host calls | properties | header reads | map reads | header writes | map writes | clock |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, extra) in CONFIGS {
+        let mut t = telemetry(extra);
+        let host = inbound_host();
+        seam_request(&mut t, &host);
+        host.reset();
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..1000 {
+            seam_request(&mut t, &host);
+        }
+        let allocations = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0;
+        let n = host.counts();
+        let per = |v: usize| v as f64 / 1000.0;
+        println!(
+            "| {name} | {allocations:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            per(n.total()),
+            per(n.properties),
+            per(n.header_reads),
+            per(n.map_reads),
+            per(n.header_writes),
+            per(n.map_writes),
+            per(n.time_reads)
+        );
+    }
+}
+
 fn trace_context(c: &mut Criterion) {
     let mut g = c.benchmark_group("trace_context");
     g.bench_function("parse_traceparent", |b| b.iter(|| parse_traceparent(std::hint::black_box(TP))));
@@ -185,5 +269,5 @@ fn encoding(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, trace_context, per_request, encoding);
+criterion_group!(benches, trace_context, seam, per_request, encoding);
 criterion_main!(benches);

@@ -55,31 +55,60 @@ pub trait Host {
     }
 }
 
-/// A host for unit tests: properties and headers set up front, every read and write recorded.
-#[cfg(test)]
+/// A host for unit tests and the micro-benchmarks: properties and headers set up front, every
+/// call counted and, unless [`mock::MockHost::counting_only`], recorded.
+#[cfg(any(test, feature = "mock-host"))]
 pub mod mock {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
+    use std::cell::{Cell, RefCell};
 
     use super::{HeaderMap, Host};
 
-    /// What the code under test asked for and changed.
+    /// What the code under test asked for and changed (not kept in counting-only mode).
     #[derive(Debug, Default)]
     pub struct Calls {
         /// Property paths read, joined with `.`, in order.
         pub properties: Vec<String>,
+        /// Single headers read, in order.
+        pub headers: Vec<(HeaderMap, String)>,
         /// Request headers set or removed, in order.
         pub set: Vec<(String, Option<String>)>,
         /// Whole-map replacements of the request headers.
         pub replaced: Vec<Vec<(String, Vec<u8>)>>,
     }
 
+    /// How many host calls of each kind were made.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct Counts {
+        /// `get_property`.
+        pub properties: usize,
+        /// `get_map_value` (one header).
+        pub header_reads: usize,
+        /// `get_map_bytes` (a whole map).
+        pub map_reads: usize,
+        /// `replace_map_value` / `remove_map_value` (one header).
+        pub header_writes: usize,
+        /// `set_map_bytes` (a whole map).
+        pub map_writes: usize,
+        /// `get_current_time_nanoseconds`.
+        pub time_reads: usize,
+    }
+
+    impl Counts {
+        /// All host calls.
+        pub fn total(&self) -> usize {
+            self.properties + self.header_reads + self.map_reads + self.header_writes + self.map_writes + self.time_reads
+        }
+    }
+
     /// A proxy that answers from tables.
     #[derive(Debug, Default)]
     pub struct MockHost {
-        properties: HashMap<String, Vec<u8>>,
-        headers: HashMap<HeaderMap, Vec<(String, Vec<u8>)>>,
+        /// Dotted path and value.
+        properties: Vec<(String, Vec<u8>)>,
+        headers: Vec<(HeaderMap, String, Vec<u8>)>,
         now_ns: u64,
+        counting_only: bool,
+        counts: Cell<Counts>,
         /// Everything asked and changed so far.
         pub calls: RefCell<Calls>,
     }
@@ -90,9 +119,17 @@ pub mod mock {
             Self::default()
         }
 
+        /// Count calls without recording them (a benchmark's host: no allocation of its own
+        /// beyond the values it returns, as a real host's returned buffers).
+        pub fn counting_only(mut self) -> Self {
+            self.counting_only = true;
+            self
+        }
+
         /// Set a property (path written with `.`, e.g. `xds.cluster_name`) to raw bytes.
         pub fn with_property(mut self, path: &str, value: impl Into<Vec<u8>>) -> Self {
-            self.properties.insert(path.to_string(), value.into());
+            self.properties.retain(|(k, _)| k != path);
+            self.properties.push((path.to_string(), value.into()));
             self
         }
 
@@ -103,7 +140,7 @@ pub mod mock {
 
         /// Add a header.
         pub fn with_header(mut self, map: HeaderMap, name: &str, value: &str) -> Self {
-            self.headers.entry(map).or_default().push((name.to_string(), value.as_bytes().to_vec()));
+            self.headers.push((map, name.to_string(), value.as_bytes().to_vec()));
             self
         }
 
@@ -117,34 +154,62 @@ pub mod mock {
         pub fn reads(&self, path: &str) -> usize {
             self.calls.borrow().properties.iter().filter(|p| *p == path).count()
         }
+
+        /// The host calls made so far, by kind.
+        pub fn counts(&self) -> Counts {
+            self.counts.get()
+        }
+
+        /// Start counting from zero.
+        pub fn reset(&self) {
+            self.counts.set(Counts::default());
+            *self.calls.borrow_mut() = Calls::default();
+        }
+
+        fn count(&self, f: impl FnOnce(&mut Counts)) {
+            let mut c = self.counts.get();
+            f(&mut c);
+            self.counts.set(c);
+        }
+
+        fn record(&self, f: impl FnOnce(&mut Calls)) {
+            if !self.counting_only {
+                f(&mut self.calls.borrow_mut());
+            }
+        }
     }
 
     impl Host for MockHost {
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-            let key = path.join(".");
-            let value = self.properties.get(&key).cloned();
-            self.calls.borrow_mut().properties.push(key);
-            value
+            self.count(|c| c.properties += 1);
+            self.record(|c| c.properties.push(path.join(".")));
+            let found = self.properties.iter().find(|(k, _)| k.split('.').eq(path.iter().copied()));
+            found.map(|(_, v)| v.clone())
         }
 
         fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
-            self.headers.get(&map)?.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            self.count(|c| c.header_reads += 1);
+            self.record(|c| c.headers.push((map, name.to_string())));
+            self.headers.iter().find(|(m, k, _)| *m == map && k == name).map(|(_, _, v)| v.clone())
         }
 
         fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)> {
-            self.headers.get(&map).cloned().unwrap_or_default()
+            self.count(|c| c.map_reads += 1);
+            self.headers.iter().filter(|(m, _, _)| *m == map).map(|(_, k, v)| (k.clone(), v.clone())).collect()
         }
 
         fn set_request_header(&self, name: &str, value: Option<&str>) {
-            self.calls.borrow_mut().set.push((name.to_string(), value.map(str::to_string)));
+            self.count(|c| c.header_writes += 1);
+            self.record(|c| c.set.push((name.to_string(), value.map(str::to_string))));
         }
 
         fn replace_request_headers(&self, headers: &[(&str, &[u8])]) {
-            let copy = headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect();
-            self.calls.borrow_mut().replaced.push(copy);
+            self.count(|c| c.map_writes += 1);
+            self.record(|c| c.replaced.push(headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect()));
         }
 
         fn now_ns(&self) -> u64 {
+            self.count(|c| c.time_reads += 1);
             self.now_ns
         }
     }
