@@ -4,6 +4,8 @@
 //! Every read tolerates absence: a property or header the proxy does not have is `None`, and
 //! each caller decides what "unknown" means for it.
 
+use crate::headers::HeaderPairs;
+
 /// Which header map of the current stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HeaderMap {
@@ -21,14 +23,11 @@ pub trait Host {
     /// One header's value; `None` when absent.
     fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>>;
 
-    /// Every header of a map, in order; empty when unreadable.
-    fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)>;
+    /// Every header of a map, in order, in the proxy's encoding; empty when unreadable.
+    fn headers(&self, map: HeaderMap) -> HeaderPairs;
 
     /// Set (`Some`) or remove (`None`) one request header. A refusal costs propagation only.
     fn set_request_header(&self, name: &str, value: Option<&str>);
-
-    /// Replace the whole request header map. A refusal costs propagation only.
-    fn replace_request_headers(&self, headers: &[(&str, &[u8])]);
 
     /// Now, in nanoseconds since the Unix epoch; 0 when the proxy cannot tell.
     fn now_ns(&self) -> u64;
@@ -62,6 +61,7 @@ pub mod mock {
     use std::cell::{Cell, RefCell};
 
     use super::{HeaderMap, Host};
+    use crate::headers::HeaderPairs;
 
     /// What the code under test asked for and changed (not kept in counting-only mode).
     #[derive(Debug, Default)]
@@ -72,8 +72,6 @@ pub mod mock {
         pub headers: Vec<(HeaderMap, String)>,
         /// Request headers set or removed, in order.
         pub set: Vec<(String, Option<String>)>,
-        /// Whole-map replacements of the request headers.
-        pub replaced: Vec<Vec<(String, Vec<u8>)>>,
     }
 
     /// How many host calls of each kind were made.
@@ -87,16 +85,16 @@ pub mod mock {
         pub map_reads: usize,
         /// `replace_map_value` / `remove_map_value` (one header).
         pub header_writes: usize,
-        /// `set_map_bytes` (a whole map).
-        pub map_writes: usize,
         /// `get_current_time_nanoseconds`.
         pub time_reads: usize,
+        /// Buffers the host allocated in the module to return a value (one per non-empty answer).
+        pub returned_buffers: usize,
     }
 
     impl Counts {
         /// All host calls.
         pub fn total(&self) -> usize {
-            self.properties + self.header_reads + self.map_reads + self.header_writes + self.map_writes + self.time_reads
+            self.properties + self.header_reads + self.map_reads + self.header_writes + self.time_reads
         }
     }
 
@@ -172,6 +170,13 @@ pub mod mock {
             self.counts.set(c);
         }
 
+        fn returned(&self, value: Option<Vec<u8>>) -> Option<Vec<u8>> {
+            if value.as_ref().is_some_and(|v| !v.is_empty()) {
+                self.count(|c| c.returned_buffers += 1);
+            }
+            value
+        }
+
         fn record(&self, f: impl FnOnce(&mut Calls)) {
             if !self.counting_only {
                 f(&mut self.calls.borrow_mut());
@@ -179,33 +184,45 @@ pub mod mock {
         }
     }
 
+    /// Whether `key` is `path` joined with `.` (segments may hold dots themselves).
+    fn is_dotted(key: &str, path: &[&str]) -> bool {
+        let mut rest = key;
+        for (i, segment) in path.iter().enumerate() {
+            let Some(after) = rest.strip_prefix(segment) else { return false };
+            rest = match after.strip_prefix('.') {
+                Some(r) if i + 1 < path.len() => r,
+                _ if i + 1 < path.len() => return false,
+                _ => after,
+            };
+        }
+        rest.is_empty()
+    }
+
     impl Host for MockHost {
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             self.count(|c| c.properties += 1);
             self.record(|c| c.properties.push(path.join(".")));
-            let found = self.properties.iter().find(|(k, _)| k.split('.').eq(path.iter().copied()));
-            found.map(|(_, v)| v.clone())
+            let found = self.properties.iter().find(|(k, _)| is_dotted(k, path));
+            self.returned(found.map(|(_, v)| v.clone()))
         }
 
         fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
             self.count(|c| c.header_reads += 1);
             self.record(|c| c.headers.push((map, name.to_string())));
-            self.headers.iter().find(|(m, k, _)| *m == map && k == name).map(|(_, _, v)| v.clone())
+            self.returned(self.headers.iter().find(|(m, k, _)| *m == map && k == name).map(|(_, _, v)| v.clone()))
         }
 
-        fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)> {
+        fn headers(&self, map: HeaderMap) -> HeaderPairs {
             self.count(|c| c.map_reads += 1);
-            self.headers.iter().filter(|(m, _, _)| *m == map).map(|(_, k, v)| (k.clone(), v.clone())).collect()
+            let pairs: Vec<(&str, &[u8])> =
+                self.headers.iter().filter(|(m, _, _)| *m == map).map(|(_, k, v)| (k.as_str(), v.as_slice())).collect();
+            self.count(|c| c.returned_buffers += 1);
+            HeaderPairs::from_pairs(&pairs)
         }
 
         fn set_request_header(&self, name: &str, value: Option<&str>) {
             self.count(|c| c.header_writes += 1);
             self.record(|c| c.set.push((name.to_string(), value.map(str::to_string))));
-        }
-
-        fn replace_request_headers(&self, headers: &[(&str, &[u8])]) {
-            self.count(|c| c.map_writes += 1);
-            self.record(|c| c.replaced.push(headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect()));
         }
 
         fn now_ns(&self) -> u64 {

@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod config;
 pub mod export;
+pub mod headers;
 pub mod host;
 pub mod istio;
 mod json_fields;

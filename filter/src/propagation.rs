@@ -4,50 +4,12 @@
 //! carrying the same trace and our span as the parent: meshtel bridges B3 and W3C meshes.
 
 use crate::config::Propagation;
+use crate::headers::Headers;
 use crate::sampler::RatioSampler;
 use crate::trace_context::{
     format_b3_single, format_traceparent, parse_b3_multi, parse_b3_single, parse_traceparent, sanitize_tracestate,
     Extracted, SpanId, TraceId,
 };
-
-/// Request headers as the proxy hands them over: lower-case names, raw values, repeats kept.
-#[derive(Debug, Clone, Copy)]
-pub struct Headers<'a>(pub &'a [(String, Vec<u8>)]);
-
-impl<'a> Headers<'a> {
-    /// The value of a header sent exactly once, if it is UTF-8. Repeated headers count as absent
-    /// here, since a repeated `traceparent` or `b3` is invalid.
-    pub fn single(&self, name: &str) -> Option<&'a str> {
-        let mut found = self.0.iter().filter(|(n, _)| n == name);
-        let first = found.next()?;
-        if found.next().is_some() {
-            return None;
-        }
-        std::str::from_utf8(&first.1).ok()
-    }
-
-    /// Whether the header is present at all.
-    pub fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|(n, _)| n == name)
-    }
-
-    /// All values of a header joined with `,` (how list headers such as `tracestate` combine);
-    /// `None` when absent or when any value is not UTF-8.
-    pub fn joined(&self, name: &str) -> Option<String> {
-        let mut out: Option<String> = None;
-        for (_, v) in self.0.iter().filter(|(n, _)| n == name) {
-            let v = std::str::from_utf8(v).ok()?;
-            match out.as_mut() {
-                None => out = Some(v.to_string()),
-                Some(o) => {
-                    o.push(',');
-                    o.push_str(v);
-                }
-            }
-        }
-        out
-    }
-}
 
 /// Source of new trace and span ids: a fast non-cryptographic generator seeded per VM.
 #[derive(Debug, Clone)]
@@ -234,18 +196,15 @@ fn push_b3_ops(d: &TraceDecision, headers: Headers<'_>, ops: &mut Vec<HeaderOp>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::headers::HeaderPairs;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
     const BOTH: &[Propagation] = &[Propagation::W3c, Propagation::B3];
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
-    }
-
     fn run(formats: &[Propagation], ratio: f64, pairs: &[(&str, &str)]) -> (TraceDecision, Vec<HeaderOp>) {
-        let headers = h(pairs);
-        start_trace(formats, &RatioSampler::new(ratio), Headers(&headers), &mut IdGenerator::with_seed(1))
+        let headers = HeaderPairs::from_pairs(pairs);
+        start_trace(formats, &RatioSampler::new(ratio), headers.view(), &mut IdGenerator::with_seed(1))
     }
 
     fn set<'a>(ops: &'a [HeaderOp], name: &str) -> Option<&'a str> {
@@ -394,8 +353,8 @@ mod tests {
 
     #[test]
     fn non_utf8_header_values_are_ignored() {
-        let headers = vec![("traceparent".to_string(), vec![0xff, 0xfe])];
-        let (d, _) = start_trace(BOTH, &RatioSampler::new(1.0), Headers(&headers), &mut IdGenerator::with_seed(1));
+        let headers = HeaderPairs::from_pairs(&[("traceparent", [0xff, 0xfe])]);
+        let (d, _) = start_trace(BOTH, &RatioSampler::new(1.0), headers.view(), &mut IdGenerator::with_seed(1));
         assert_eq!(d.parent_span_id, None);
     }
 

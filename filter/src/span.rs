@@ -2,9 +2,10 @@
 //! OTLP only at flush time (see [`crate::otlp`]).
 
 use crate::config::SpanNaming;
+use crate::headers::Headers;
 use crate::istio::labels::Reporter;
 use crate::istio::node::NodeInfo;
-use crate::propagation::{Headers, TraceDecision};
+use crate::propagation::TraceDecision;
 
 /// Span kind from the proxy's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,10 +71,8 @@ impl RequestInfo {
                 .iter()
                 .filter_map(|name| {
                     let values: Vec<String> = headers
-                        .0
-                        .iter()
-                        .filter(|(n, _)| n == name)
-                        .filter_map(|(_, v)| std::str::from_utf8(v).ok().map(|v| truncate(v, MAX_ATTRIBUTE_LEN)))
+                        .values(name)
+                        .filter_map(|v| std::str::from_utf8(v).ok().map(|v| truncate(v, MAX_ATTRIBUTE_LEN)))
                         .collect();
                     (!values.is_empty()).then(|| (name.clone(), values))
                 })
@@ -223,12 +222,12 @@ mod tests {
 
     #[test]
     fn request_info_drops_the_query_string() {
-        let h: Vec<(String, Vec<u8>)> =
-            [(":method", "GET"), (":path", "/items?token=secret"), (":authority", "shop:8080")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect();
-        let r = RequestInfo::from_headers(Headers(&h), &[]);
+        let h = crate::headers::HeaderPairs::from_pairs(&[
+            (":method", "GET"),
+            (":path", "/items?token=secret"),
+            (":authority", "shop:8080"),
+        ]);
+        let r = RequestInfo::from_headers(h.view(), &[]);
         assert_eq!((r.method.as_str(), r.path.as_str(), r.scheme.as_str()), ("GET", "/items", "http"));
         assert_eq!(r.authority, "shop:8080");
         assert_eq!(r.user_agent, None);

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
+use crate::headers::Headers;
 use crate::istio::facts::DownstreamFacts;
 use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, label_values, RequestFacts};
 use crate::istio::node::NodeInfo;
@@ -18,7 +19,7 @@ use crate::metrics::aggregate::Measurement;
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
-use crate::propagation::{start_trace, HeaderOp, Headers, IdGenerator, TraceDecision};
+use crate::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
 use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
 
@@ -214,15 +215,10 @@ impl Telemetry {
 
     /// Start a request: decide its trace and the header changes that propagate it.
     /// `None` when tracing, metrics and logs are all off: the request is left alone.
-    pub fn start_request(
-        &mut self,
-        headers: &[(String, Vec<u8>)],
-        now_ns: u64,
-    ) -> Option<(ActiveRequest, Vec<HeaderOp>)> {
+    pub fn start_request(&mut self, headers: Headers<'_>, now_ns: u64) -> Option<(ActiveRequest, Vec<HeaderOp>)> {
         if !self.config.traces.enabled && self.metrics.is_none() && !self.config.logs.enabled {
             return None;
         }
-        let headers = Headers(headers);
         let (trace, ops) = if self.config.traces.enabled {
             let (t, ops) = start_trace(&self.config.traces.propagation, &self.sampler, headers, &mut self.ids);
             (Some(t), ops)
@@ -251,11 +247,7 @@ impl Telemetry {
         let grpc = is_grpc_content_type(content_type.as_bytes());
         let grpc_web = is_grpc_web_content_type(content_type.as_bytes());
         let downstream_peer = if metrics && self.config.metrics.peer_metadata_headers {
-            headers
-                .0
-                .iter()
-                .find(|(n, _)| n == peer::PEER_METADATA_HEADER)
-                .and_then(|(_, v)| peer::from_peer_metadata_header(v))
+            headers.first(peer::PEER_METADATA_HEADER).and_then(peer::from_peer_metadata_header)
         } else {
             None
         };
@@ -457,8 +449,8 @@ mod tests {
         Telemetry::new(config::parse(json.as_bytes()).unwrap(), NodeInfo::default(), 42, "test", 0)
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
+    fn headers(pairs: &[(&str, &str)]) -> crate::headers::HeaderPairs {
+        crate::headers::HeaderPairs::from_pairs(pairs)
     }
 
     fn completion() -> Completion {
@@ -473,7 +465,7 @@ mod tests {
 
     fn record(t: &mut Telemetry, n: usize) {
         for _ in 0..n {
-            let (active, _) = t.start_request(&headers(&[(":method", "GET"), (":path", "/")]), 1).unwrap();
+            let (active, _) = t.start_request(headers(&[(":method", "GET"), (":path", "/")]).view(), 1).unwrap();
             t.finish_request(active, completion(), None);
         }
     }
@@ -504,7 +496,7 @@ mod tests {
     fn unsampled_requests_cost_no_span() {
         let mut t = telemetry(r#","traces":{"sampling_ratio":0}"#);
         let store = MemoryStore::default();
-        let (active, ops) = t.start_request(&[], 1).unwrap();
+        let (active, ops) = t.start_request(headers(&[]).view(), 1).unwrap();
         assert!(!active.sampled());
         assert!(!ops.is_empty(), "context still propagates");
         t.finish_request(active, completion(), None);
@@ -515,9 +507,9 @@ mod tests {
     #[test]
     fn disabled_tracing_leaves_requests_alone() {
         let mut t = telemetry(r#","traces":{"enabled":false},"metrics":{"enabled":false}"#);
-        assert_eq!(t.start_request(&[], 1), None);
+        assert_eq!(t.start_request(headers(&[]).view(), 1), None);
         let mut t = telemetry(r#","traces":{"enabled":false}"#);
-        let (active, ops) = t.start_request(&[], 1).unwrap();
+        let (active, ops) = t.start_request(headers(&[]).view(), 1).unwrap();
         assert!(ops.is_empty() && active.trace.is_none(), "metrics only: headers untouched");
     }
 
@@ -535,7 +527,7 @@ mod tests {
     fn logged(t: &mut Telemetry, code: u32, traceparent: Option<&str>) {
         let mut hs = vec![(":method", "GET"), (":path", "/p?secret=1"), ("x-request-id", "r1")];
         hs.extend(traceparent.map(|tp| ("traceparent", tp)));
-        let (active, _) = t.start_request(&headers(&hs), 1).unwrap();
+        let (active, _) = t.start_request(headers(&hs).view(), 1).unwrap();
         t.finish_request(active, Completion { status_code: code, ..completion() }, None);
     }
 
@@ -587,7 +579,7 @@ mod tests {
     fn access_logs_without_tracing_have_no_ids_and_leave_headers_alone() {
         use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
         let mut t = telemetry(r#","logs":{"enabled":true},"traces":{"enabled":false},"metrics":{"enabled":false}"#);
-        let (active, ops) = t.start_request(&headers(&[(":method", "GET")]), 1).unwrap();
+        let (active, ops) = t.start_request(headers(&[(":method", "GET")]).view(), 1).unwrap();
         assert!(ops.is_empty());
         t.finish_request(active, completion(), None);
         let payloads = exports(&mut t);

@@ -3,7 +3,8 @@
 #![no_main]
 
 use meshtel_filter::config::Propagation;
-use meshtel_filter::propagation::{start_trace, HeaderOp, Headers, IdGenerator};
+use meshtel_filter::headers::HeaderPairs;
+use meshtel_filter::propagation::{start_trace, HeaderOp, IdGenerator};
 use meshtel_filter::sampler::RatioSampler;
 use meshtel_filter::trace_context::{parse_b3_single, parse_traceparent, sanitize_tracestate, TRACESTATE_MAX_LEN};
 
@@ -12,12 +13,13 @@ const NAMES: [&str; 8] =
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     // Each line is a header: its first byte picks the name, the rest is the raw value.
-    let headers: Vec<(String, Vec<u8>)> = data
+    let headers: Vec<(&str, &[u8])> = data
         .split(|b| *b == b'\n')
-        .filter_map(|line| Some((NAMES[usize::from(*line.first()?) % NAMES.len()].to_string(), line[1..].to_vec())))
+        .filter_map(|line| Some((NAMES[usize::from(*line.first()?) % NAMES.len()], &line[1..])))
         .collect();
+    let headers = HeaderPairs::from_pairs(&headers);
     let sampler = RatioSampler::new(0.5);
-    let (decision, ops) = start_trace(&[Propagation::W3c, Propagation::B3], &sampler, Headers(&headers), &mut IdGenerator::with_seed(7));
+    let (decision, ops) = start_trace(&[Propagation::W3c, Propagation::B3], &sampler, headers.view(), &mut IdGenerator::with_seed(7));
     for op in ops {
         if let HeaderOp::Set(name, value) = op {
             match name {
@@ -31,6 +33,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // The same bytes as a header map in the ABI's encoding, as a misbehaving host might send it.
+    let raw = HeaderPairs::from_bytes(data.to_vec());
+    assert!(raw.view().iter().count() <= data.len() / 8);
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = parse_traceparent(s);
         let _ = sanitize_tracestate(s);

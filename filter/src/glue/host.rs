@@ -1,15 +1,38 @@
 //! Thin, failure-tolerant wrappers over host calls: every failure becomes `None` or a no-op.
+//!
+//! The two reads the request path makes most, `proxy_get_property` and
+//! `proxy_get_header_map_pairs`, are called directly rather than through `proxy_wasm::hostcalls`:
+//! the SDK builds each property path in two heap buffers, turns a header map into two strings per
+//! header, and panics on a status it does not expect. Here a path is built on the stack, a map is
+//! kept as the host's one buffer ([`HeaderPairs`]), and any status but `Ok` reads as absent.
 
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
 
+use crate::headers::HeaderPairs;
 use crate::host::{HeaderMap, Host};
 use crate::metrics::shared::{SharedStore, StoreError};
 
 /// The proxy, as the request path sees it.
 pub struct ProxyHost;
+
+// proxy-wasm ABI 0.2.1 imports; statuses as raw integers (0 is `Ok`).
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_get_property(path: *const u8, path_len: usize, data: *mut *mut u8, len: *mut usize) -> u32;
+    fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, len: *mut usize) -> u32;
+}
+
+/// Take ownership of a buffer the host returned.
+///
+/// # Safety
+/// `data` is null or was allocated by this module's `proxy_on_memory_allocate` with `len`
+/// bytes (proxy-wasm's allocator: a boxed `[u8]` of that length), and the host wrote it.
+unsafe fn returned(status: u32, data: *mut u8, len: usize) -> Option<Vec<u8>> {
+    (status == 0 && !data.is_null()).then(|| unsafe { Vec::from_raw_parts(data, len, len) })
+}
 
 fn map_type(map: HeaderMap) -> MapType {
     match map {
@@ -27,8 +50,12 @@ impl Host for ProxyHost {
         hostcalls::get_map_value_bytes(map_type(map), name).ok().flatten()
     }
 
-    fn headers(&self, map: HeaderMap) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(map_type(map)).unwrap_or_default()
+    fn headers(&self, map: HeaderMap) -> HeaderPairs {
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: valid out-pointers; what the host returns is as `returned` requires.
+        let bytes =
+            unsafe { returned(proxy_get_header_map_pairs(map_type(map) as u32, &mut data, &mut len), data, len) };
+        bytes.map(HeaderPairs::from_bytes).unwrap_or_default()
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) {
@@ -36,10 +63,6 @@ impl Host for ProxyHost {
             Some(v) => hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(v)),
             None => hostcalls::remove_map_value(MapType::HttpRequestHeaders, name),
         };
-    }
-
-    fn replace_request_headers(&self, headers: &[(&str, &[u8])]) {
-        let _ = hostcalls::set_map_bytes(MapType::HttpRequestHeaders, headers.to_vec());
     }
 
     fn now_ns(&self) -> u64 {
@@ -58,7 +81,27 @@ pub fn now_ns() -> u64 {
 
 /// A property's raw bytes; `None` when absent or unreadable.
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    hostcalls::get_property(path.to_vec()).ok().flatten()
+    // The ABI's path: segments joined by NUL. Meshtel's paths fit the stack buffer; a longer one
+    // (a filter-state key, say) goes to the heap.
+    let mut stack = [0u8; 96];
+    let mut heap = Vec::new();
+    let len = path.iter().map(|p| p.len() + 1).sum::<usize>().saturating_sub(1);
+    let buffer: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    // Segments, each but the last followed by a NUL (the buffer starts zeroed).
+    let mut rest = &mut buffer[..];
+    for segment in path {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(segment.len().min(rest.len()));
+        head.copy_from_slice(&segment.as_bytes()[..head.len()]);
+        rest = tail.get_mut(1..).unwrap_or_default();
+    }
+    let (mut data, mut len) = (std::ptr::null_mut(), 0);
+    // SAFETY: a valid path buffer and out-pointers; what the host returns is as `returned` requires.
+    unsafe { returned(proxy_get_property(buffer.as_ptr(), buffer.len(), &mut data, &mut len), data, len) }
 }
 
 /// A string property.

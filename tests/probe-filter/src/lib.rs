@@ -27,13 +27,8 @@ extern "C" {
     fn proxy_get_buffer_bytes(kind: u32, start: usize, size: usize, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_get_property(path: *const u8, path_len: usize, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, len: *mut usize) -> u32;
-    fn proxy_get_header_map_value(
-        map: u32,
-        key: *const u8,
-        key_len: usize,
-        data: *mut *mut u8,
-        len: *mut usize,
-    ) -> u32;
+    fn proxy_get_header_map_value(map: u32, key: *const u8, key_len: usize, data: *mut *mut u8, len: *mut usize)
+        -> u32;
     fn proxy_set_header_map_pairs(map: u32, data: *const u8, len: usize) -> u32;
     fn proxy_replace_header_map_value(
         map: u32,
@@ -42,8 +37,7 @@ extern "C" {
         value: *const u8,
         value_len: usize,
     ) -> u32;
-    fn proxy_add_header_map_value(map: u32, key: *const u8, key_len: usize, value: *const u8, value_len: usize)
-        -> u32;
+    fn proxy_add_header_map_value(map: u32, key: *const u8, key_len: usize, value: *const u8, value_len: usize) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
 }

@@ -356,7 +356,12 @@ fn cost_table(scenarios: &[&Scenario], results: &[Result], seconds: u64) {
         let (Some(own), Some(reference)) = (cpu(s.name), cpu(s.reference)) else { continue };
         let over = own - reference;
         let per = if s.calls == 0 { "-".to_string() } else { format!("{:.3}", over / s.calls as f64) };
-        println!("| {} | {} | {own:.1} | {over:+.1} | {per} | {} |", s.name.trim_start_matches("probe: "), s.calls, s.reference);
+        println!(
+            "| {} | {} | {own:.1} | {over:+.1} | {per} | {} |",
+            s.name.trim_start_matches("probe: "),
+            s.calls,
+            s.reference
+        );
     }
 }
 
