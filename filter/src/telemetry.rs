@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::headers::Headers;
 use crate::istio::facts::DownstreamFacts;
-use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, label_values, RequestFacts};
+use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, with_label_values, RequestFacts};
 use crate::istio::node::NodeInfo;
 use crate::istio::peer::{self, PeerInfo};
 use crate::istio::xds_metadata::{self, ServiceInfo};
@@ -288,11 +288,13 @@ impl Telemetry {
     /// Finish a request: record its span if sampled, its metrics if they are on, and its access
     /// log if it was wanted and `logs.mode` keeps it.
     pub fn finish_request(&mut self, active: ActiveRequest, completion: Completion, facts: Option<MetricFacts>) {
-        if let (Some(facts), true) = (facts, self.metrics.is_some()) {
-            let (labels, measurement) = self.metric_point(&active, &completion, facts);
-            if let Some(m) = self.metrics.as_mut() {
-                m.record(labels, &measurement);
-            }
+        if let (Some(facts), Some(metrics)) = (facts, self.metrics.as_mut()) {
+            let measurement = Measurement {
+                duration_ms: completion.end_unix_nanos.saturating_sub(active.start_unix_nanos) as f64 / 1e6,
+                request_bytes: facts.request_bytes,
+                response_bytes: facts.response_bytes,
+            };
+            with_label_values(&self.node, &facts.labels, |labels| metrics.record(labels, &measurement));
         }
         let log = active.log && access_log::keep(self.config.logs.mode, &completion);
         let ActiveRequest { trace, start_unix_nanos: start, request, .. } = active;
@@ -314,16 +316,6 @@ impl Telemetry {
 
     fn push_span(&mut self, trace: TraceDecision, start: u64, request: RequestInfo, completion: Completion) {
         self.spans.push(SpanRecord::new(trace, self.config.traces.span_name, start, request, completion));
-    }
-
-    fn metric_point(&self, active: &ActiveRequest, c: &Completion, f: MetricFacts) -> (Vec<String>, Measurement) {
-        let labels = label_values(&self.node, f.labels);
-        let measurement = Measurement {
-            duration_ms: c.end_unix_nanos.saturating_sub(active.start_unix_nanos) as f64 / 1e6,
-            request_bytes: f.request_bytes,
-            response_bytes: f.response_bytes,
-        };
-        (labels, measurement)
     }
 
     /// The next export call to make now, if any: spans, then access logs (retries before new

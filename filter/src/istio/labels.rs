@@ -102,19 +102,39 @@ pub struct RequestFacts {
     pub response_flags: String,
 }
 
-fn known(s: &str) -> String {
+fn known(s: &str) -> &str {
+    known_or(s, UNKNOWN)
+}
+
+fn known_or<'a>(s: &'a str, fallback: &'a str) -> &'a str {
     if s.is_empty() {
-        UNKNOWN.to_string()
+        fallback
     } else {
-        s.to_string()
+        s
     }
 }
 
-fn known_or(s: &str, fallback: &str) -> String {
-    if s.is_empty() {
-        fallback.to_string()
-    } else {
-        s.to_string()
+/// A number written in decimal on the stack (status codes as label values).
+struct Decimal {
+    digits: [u8; 10],
+    start: usize,
+}
+
+impl Decimal {
+    fn new(mut n: u32) -> Self {
+        let mut d = Decimal { digits: [b'0'; 10], start: 10 };
+        loop {
+            d.start -= 1;
+            d.digits[d.start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return d;
+            }
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[self.start..]).unwrap_or_default()
     }
 }
 
@@ -139,64 +159,43 @@ pub fn is_grpc_web_content_type(content_type: &[u8]) -> bool {
 /// `source/extensions/filters/http/istio_stats/istio_stats.cc` (release-1.30): the local side
 /// straight from node metadata (empty stays empty), each missing peer value `unknown`, a
 /// missing peer canonical revision `latest` (`unknown` for a waypoint's destination).
-pub fn label_values(node: &NodeInfo, f: RequestFacts) -> Vec<String> {
-    let peer = f.peer.unwrap_or_default();
-    let peer_san = f.peer_principal.unwrap_or_default();
-    let local_san = f.local_principal.unwrap_or_default();
+///
+/// The values are lent to `visit`, borrowed from `node` and `f`: a request on a series already
+/// known costs no allocation here.
+pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnce(&[&str; 25]) -> R) -> R {
+    static NO_PEER: PeerInfo = PeerInfo::EMPTY;
+    let peer = f.peer.as_ref().unwrap_or(&NO_PEER);
+    let peer_san = f.peer_principal.as_deref().unwrap_or_default();
+    let local_san = f.local_principal.as_deref().unwrap_or_default();
     // The namespace of the peer's SAN, else the peer's own.
-    let peer_namespace = spiffe_namespace(&peer_san).map(str::to_string).unwrap_or_else(|| peer.namespace.clone());
-    let local = |key: &str| node.label(key).to_string();
+    let peer_namespace = spiffe_namespace(peer_san).unwrap_or(&peer.namespace);
     let svc = &f.service;
-    let (source, destination): ([String; 8], [String; 8]);
+    let (source, destination): ([&str; 8], [&str; 8]);
     let (service_host, service_name, service_namespace);
-    let peer_side = |p: &PeerInfo, namespace: &str, principal: &str, latest: &str| {
-        [
-            known(&p.workload),
-            known(namespace),
-            known(principal),
-            known(&p.app),
-            known(&p.version),
-            known(&p.canonical_service),
-            known_or(&p.canonical_revision, latest),
-            known(&p.cluster),
-        ]
-    };
-    let local_side = |principal: &str| {
-        [
-            node.workload_name.clone(),
-            node.namespace.clone(),
-            known(principal),
-            local(LABEL_APP),
-            local(LABEL_VERSION),
-            local(LABEL_CANONICAL_NAME),
-            local(LABEL_CANONICAL_REVISION),
-            node.cluster_id.clone(),
-        ]
-    };
     match f.reporter {
         Reporter::Destination => {
-            source = peer_side(&peer, &peer_namespace, &peer_san, "latest");
-            destination = local_side(&local_san);
-            let canonical = local(LABEL_CANONICAL_NAME);
-            service_host = known_or(&svc.host, &canonical);
-            service_name = known_or(&svc.name, &canonical);
-            service_namespace = node.namespace.clone();
+            source = peer_side(peer, peer_namespace, peer_san, "latest");
+            destination = local_side(node, local_san);
+            let canonical = node.label(LABEL_CANONICAL_NAME);
+            service_host = known_or(&svc.host, canonical);
+            service_name = known_or(&svc.name, canonical);
+            service_namespace = node.namespace.as_str();
         }
         Reporter::Waypoint => {
-            source = peer_side(&peer, &peer_namespace, &peer_san, "latest");
+            source = peer_side(peer, peer_namespace, peer_san, "latest");
             // The destination is the upstream peer alone: its own namespace and identity.
-            let up = f.upstream_peer.unwrap_or_default();
-            destination = peer_side(&up, &up.namespace, &up.identity, UNKNOWN);
+            let up = f.upstream_peer.as_ref().unwrap_or(&NO_PEER);
+            destination = peer_side(up, &up.namespace, &up.identity, UNKNOWN);
             service_host = known(&svc.host);
             service_name = known(&svc.name);
             service_namespace = known(&svc.namespace);
         }
         Reporter::Source => {
-            source = local_side(&local_san);
-            destination = peer_side(&peer, &peer_namespace, &peer_san, "latest");
+            source = local_side(node, local_san);
+            destination = peer_side(peer, peer_namespace, peer_san, "latest");
             service_host = known(&svc.host);
             service_name = known(&svc.name);
-            service_namespace = known_or(&svc.namespace, &known(&peer_namespace));
+            service_namespace = known_or(&svc.namespace, known(peer_namespace));
         }
     }
     let policy = match (f.reporter.is_server(), !peer_san.is_empty() && !local_san.is_empty()) {
@@ -206,8 +205,10 @@ pub fn label_values(node: &NodeInfo, f: RequestFacts) -> Vec<String> {
     };
     let [sw, sn, sp, sa, sv, scs, scr, sc] = source;
     let [dw, dn, dp, da, dv, dcs, dcr, dc] = destination;
-    vec![
-        f.reporter.label().to_string(),
+    let code = Decimal::new(f.response_code);
+    let grpc_status = f.grpc_status.filter(|_| f.grpc).map(Decimal::new);
+    visit(&[
+        f.reporter.label(),
         sw,
         sn,
         sp,
@@ -228,17 +229,57 @@ pub fn label_values(node: &NodeInfo, f: RequestFacts) -> Vec<String> {
         dcr,
         dc,
         // Istio decides gRPC in its decodeHeaders: a request answered before it is `http`.
-        if f.grpc { "grpc" } else { "http" }.to_string(),
-        f.response_code.to_string(),
-        if f.grpc { f.grpc_status.map(|s| s.to_string()).unwrap_or_default() } else { String::new() },
-        if f.response_flags.is_empty() { "-".to_string() } else { f.response_flags },
-        policy.to_string(),
+        if f.grpc { "grpc" } else { "http" },
+        code.as_str(),
+        grpc_status.as_ref().map(Decimal::as_str).unwrap_or_default(),
+        known_or(&f.response_flags, "-"),
+        policy,
+    ])
+}
+
+/// One side of a request (source or destination) as its peer describes it.
+fn peer_side<'a>(p: &'a PeerInfo, namespace: &'a str, principal: &'a str, latest: &'a str) -> [&'a str; 8] {
+    [
+        known(&p.workload),
+        known(namespace),
+        known(principal),
+        known(&p.app),
+        known(&p.version),
+        known(&p.canonical_service),
+        known_or(&p.canonical_revision, latest),
+        known(&p.cluster),
     ]
+}
+
+/// This proxy's side, from its node metadata (empty stays empty).
+fn local_side<'a>(node: &'a NodeInfo, principal: &'a str) -> [&'a str; 8] {
+    [
+        node.workload_name.as_str(),
+        node.namespace.as_str(),
+        known(principal),
+        node.label(LABEL_APP),
+        node.label(LABEL_VERSION),
+        node.label(LABEL_CANONICAL_NAME),
+        node.label(LABEL_CANONICAL_REVISION),
+        node.cluster_id.as_str(),
+    ]
+}
+
+/// [`with_label_values`] as owned strings.
+pub fn label_values(node: &NodeInfo, f: &RequestFacts) -> Vec<String> {
+    with_label_values(node, f, |v| v.iter().map(|s| s.to_string()).collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_codes_are_written_in_decimal() {
+        for n in [0, 7, 200, 403, 1000, u32::MAX] {
+            assert_eq!(Decimal::new(n).as_str(), n.to_string());
+        }
+    }
 
     /// istio/proxy `testdata/server_node_metadata.json.tmpl` (the parts the labels read).
     fn ratings() -> NodeInfo {
@@ -276,7 +317,7 @@ mod tests {
     }
 
     fn labels(node: &NodeInfo, f: RequestFacts) -> std::collections::BTreeMap<&'static str, String> {
-        LABEL_NAMES.iter().copied().zip(label_values(node, f)).collect()
+        LABEL_NAMES.iter().copied().zip(label_values(node, &f)).collect()
     }
 
     fn server_service() -> Destination {

@@ -42,6 +42,18 @@ pub struct PeerInfo {
 }
 
 impl PeerInfo {
+    /// No peer: every field empty.
+    pub const EMPTY: PeerInfo = PeerInfo {
+        workload: String::new(),
+        namespace: String::new(),
+        app: String::new(),
+        version: String::new(),
+        canonical_service: String::new(),
+        canonical_revision: String::new(),
+        cluster: String::new(),
+        identity: String::new(),
+    };
+
     /// Whether any field is known.
     pub fn is_known(&self) -> bool {
         *self != PeerInfo::default()

@@ -3,9 +3,8 @@
 //! The same types serve three places: a worker's local deltas, the deltas merged from all
 //! workers in the proxy's shared data, and the exporting worker's cumulative totals.
 
-use std::collections::HashMap;
-
 use foldhash::fast::RandomState;
+use hashbrown::{Equivalent, HashMap};
 use prost::Message;
 
 /// Histogram bucket bounds Istio uses for durations (ms) and sizes (bytes): Envoy's defaults.
@@ -33,6 +32,40 @@ pub const BUCKET_BOUNDS: [f64; 19] = [
 
 /// Label values in [`super::labels::LABEL_NAMES`] order.
 pub type LabelValues = Vec<String>;
+
+/// A series' key: its label values, hashed by [`hash_labels`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeriesKey(LabelValues);
+
+impl std::hash::Hash for SeriesKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        hash_labels(&self.0, state);
+    }
+}
+
+/// Label values borrowed for a lookup, hashed as their [`SeriesKey`]: a known series is found
+/// without building its key.
+struct Borrowed<'a, S>(&'a [S]);
+
+impl<S: AsRef<str>> std::hash::Hash for Borrowed<'_, S> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        hash_labels(self.0, state);
+    }
+}
+
+impl<S: AsRef<str>> Equivalent<SeriesKey> for Borrowed<'_, S> {
+    fn equivalent(&self, key: &SeriesKey) -> bool {
+        key.0.len() == self.0.len() && key.0.iter().zip(self.0).all(|(a, b)| a == b.as_ref())
+    }
+}
+
+/// The one hash of a label set, owned or borrowed: each value's bytes and a terminator.
+fn hash_labels<S: AsRef<str>, H: std::hash::Hasher>(labels: &[S], state: &mut H) {
+    for l in labels {
+        state.write(l.as_ref().as_bytes());
+        state.write_u8(0xff);
+    }
+}
 
 /// A fixed-bucket histogram.
 #[derive(Clone, PartialEq, Message)]
@@ -147,7 +180,7 @@ struct SharedAggregate {
 pub struct Aggregator {
     // foldhash: several times faster than SipHash over the 25 label strings hashed per request,
     // and seeded per process, so peers cannot choose colliding label values ahead of time.
-    series: HashMap<LabelValues, SeriesData, RandomState>,
+    series: HashMap<SeriesKey, SeriesData, RandomState>,
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
@@ -159,12 +192,13 @@ impl Aggregator {
         Self { max_series, ..Default::default() }
     }
 
-    /// Record one request.
-    pub fn record(&mut self, labels: LabelValues, m: &Measurement) {
-        if let Some(s) = self.series.get_mut(&labels) {
+    /// Record one request; the label values are copied only for a new series.
+    pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
+        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
             s.record(m);
         } else if self.series.len() < self.max_series {
-            self.series.entry(labels).or_default().record(m);
+            let owned = SeriesKey(labels.iter().map(|l| l.as_ref().to_string()).collect());
+            self.series.entry(owned).or_default().record(m);
         } else {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m);
@@ -174,7 +208,7 @@ impl Aggregator {
     /// Add everything in `other`, under this aggregator's cap.
     pub fn merge(&mut self, other: &Aggregator) {
         for (labels, data) in &other.series {
-            self.merge_series(Some(labels), data);
+            self.merge_series(Some(&labels.0), data);
         }
         if let Some(o) = &other.overflow {
             self.merge_series(None, o);
@@ -183,8 +217,11 @@ impl Aggregator {
 
     fn merge_series(&mut self, labels: Option<&LabelValues>, data: &SeriesData) {
         match labels {
-            Some(l) if self.series.contains_key(l) || self.series.len() < self.max_series => {
-                self.series.entry(l.clone()).or_default().merge(data);
+            Some(l) if self.series.contains_key(&Borrowed(l)) || self.series.len() < self.max_series => {
+                match self.series.get_mut(&Borrowed(l)) {
+                    Some(s) => s.merge(data),
+                    None => self.series.entry(SeriesKey(l.clone())).or_default().merge(data),
+                }
             }
             Some(_) => {
                 self.folded += data.requests;
@@ -201,7 +238,7 @@ impl Aggregator {
 
     /// Series with their labels, the overflow series (labels `None`) last.
     pub fn series(&self) -> impl Iterator<Item = (Option<&LabelValues>, &SeriesData)> {
-        self.series.iter().map(|(l, d)| (Some(l), d)).chain(self.overflow.iter().map(|d| (None, d)))
+        self.series.iter().map(|(l, d)| (Some(&l.0), d)).chain(self.overflow.iter().map(|d| (None, d)))
     }
 
     /// Number of series, the overflow series included.
@@ -276,9 +313,9 @@ mod tests {
     #[test]
     fn records_per_label_set() {
         let mut a = Aggregator::new(10);
-        a.record(labels(1), &m(3.0));
-        a.record(labels(1), &m(30.0));
-        a.record(labels(2), &m(3.0));
+        a.record(&labels(1), &m(3.0));
+        a.record(&labels(1), &m(30.0));
+        a.record(&labels(2), &m(3.0));
         assert_eq!((a.len(), a.requests()), (2, 3));
         let (_, d) = a.series().find(|(l, _)| *l == Some(&labels(1))).unwrap();
         assert_eq!(d.requests, 2);
@@ -292,9 +329,9 @@ mod tests {
     fn caps_series_and_folds_the_rest_into_overflow() {
         let mut a = Aggregator::new(3);
         for i in 0..10 {
-            a.record(labels(i), &m(1.0));
+            a.record(&labels(i), &m(1.0));
         }
-        a.record(labels(0), &m(1.0));
+        a.record(&labels(0), &m(1.0));
         assert_eq!(a.len(), 4, "3 series plus overflow");
         assert_eq!(a.requests(), 11, "nothing is lost");
         assert_eq!(a.take_folded(), 7);
@@ -307,12 +344,12 @@ mod tests {
     fn merge_keeps_admitted_series_and_respects_the_cap() {
         let mut total = Aggregator::new(2);
         let mut a = Aggregator::new(5);
-        a.record(labels(1), &m(1.0));
-        a.record(labels(2), &m(1.0));
+        a.record(&labels(1), &m(1.0));
+        a.record(&labels(2), &m(1.0));
         total.merge(&a);
         let mut b = Aggregator::new(5);
-        b.record(labels(3), &m(1.0));
-        b.record(labels(1), &m(1.0));
+        b.record(&labels(3), &m(1.0));
+        b.record(&labels(1), &m(1.0));
         total.merge(&b);
         assert_eq!(total.requests(), 4);
         assert_eq!(total.len(), 3);
@@ -323,7 +360,7 @@ mod tests {
     fn shared_encoding_round_trips() {
         let mut a = Aggregator::new(2);
         for i in 0..4 {
-            a.record(labels(i), &m(i as f64));
+            a.record(&labels(i), &m(i as f64));
         }
         let (back, since) = Aggregator::decode(&a.encode(42), 2).unwrap();
         assert_eq!(since, 42);

@@ -140,7 +140,7 @@ mod tests {
     fn local(n: usize, label: &str) -> Aggregator {
         let mut a = Aggregator::new(100);
         for _ in 0..n {
-            a.record(vec![label.to_string(); 25], &Measurement::default());
+            a.record(&[label; 25], &Measurement::default());
         }
         a
     }

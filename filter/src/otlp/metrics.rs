@@ -157,9 +157,9 @@ mod tests {
     fn encodes_istio_metrics_with_labels_and_buckets() {
         let mut agg = Aggregator::new(1);
         let labels: Vec<String> = LABEL_NAMES.iter().map(|n| format!("v-{n}")).collect();
-        agg.record(labels.clone(), &Measurement { duration_ms: 7.0, request_bytes: 300, response_bytes: 70_000 });
-        agg.record(labels, &Measurement { duration_ms: 20.0, request_bytes: 300, response_bytes: 10 });
-        agg.record(vec!["other".into(); 25], &Measurement::default());
+        agg.record(&labels, &Measurement { duration_ms: 7.0, request_bytes: 300, response_bytes: 70_000 });
+        agg.record(&labels, &Measurement { duration_ms: 20.0, request_bytes: 300, response_bytes: 10 });
+        agg.record(&["other"; 25], &Measurement::default());
         let req = decoded(&agg, Temporality::Cumulative, 5, 9);
 
         let Some(metric::Data::Sum(sum)) = &find(&req, REQUESTS_TOTAL).data else { panic!("a sum") };
