@@ -77,7 +77,7 @@ fuzz:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --features meshtel-filter/mock-host -- -D warnings
 	cargo clippy --target wasm32-wasip1 -p meshtel-filter -- -D warnings
 
 clean:

@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use crate::config::{Config, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, METRICS_PATH};
-use aggregate::{Aggregator, LabelValues, Measurement};
+use aggregate::{Aggregator, Measurement};
 use shared::SharedStore;
 
 /// Heartbeats a leader may miss before another VM takes over.
@@ -85,7 +85,7 @@ impl MetricsPipeline {
 
     /// This VM's label sets recorded since the last merge, with their request counts.
     #[cfg(test)]
-    pub(crate) fn local_series(&self) -> Vec<(LabelValues, u64)> {
+    pub(crate) fn local_series(&self) -> Vec<(aggregate::LabelValues, u64)> {
         self.local.series().filter_map(|(l, d)| Some((l?.clone(), d.requests))).collect()
     }
 
