@@ -54,6 +54,32 @@ pub trait Host {
     }
 }
 
+/// A property path in the ABI's encoding (segments joined by NUL), written into `stack` when it
+/// fits (meshtel's own paths do) and into `heap` otherwise: no allocation per property read.
+pub fn property_path<'a>(path: &[&str], stack: &'a mut [u8], heap: &'a mut Vec<u8>) -> &'a [u8] {
+    let len = path.iter().map(|p| p.len() + 1).sum::<usize>().saturating_sub(1);
+    let buffer: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.clear();
+        heap.resize(len, 0);
+        heap
+    };
+    let mut rest = &mut buffer[..];
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            let Some((separator, tail)) = std::mem::take(&mut rest).split_first_mut() else { break };
+            *separator = 0;
+            rest = tail;
+        }
+        let n = segment.len().min(rest.len());
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+        head.copy_from_slice(&segment.as_bytes()[..n]);
+        rest = tail;
+    }
+    buffer
+}
+
 /// A host for unit tests and the micro-benchmarks: properties and headers set up front, every
 /// call counted and, unless [`mock::MockHost::counting_only`], recorded.
 #[cfg(any(test, feature = "mock-host"))]
@@ -229,5 +255,21 @@ pub mod mock {
             self.count(|c| c.time_reads += 1);
             self.now_ns
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::property_path;
+
+    #[test]
+    fn property_paths_are_joined_by_nul_on_the_stack_or_the_heap() {
+        let (mut stack, mut heap) = ([0xaa; 16], Vec::new());
+        assert_eq!(property_path(&["xds", "node", "id"], &mut stack, &mut heap), b"xds\0node\0id");
+        assert_eq!(property_path(&["plugin_name"], &mut stack, &mut heap), b"plugin_name");
+        assert_eq!(property_path(&[], &mut stack, &mut heap), b"");
+        let long = ["filter_state", "io.istio.peer_principal"];
+        assert_eq!(property_path(&long, &mut stack, &mut heap), b"filter_state\0io.istio.peer_principal");
+        assert!(heap.len() > 16, "too long for the stack buffer");
     }
 }

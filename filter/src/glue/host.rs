@@ -81,24 +81,8 @@ pub fn now_ns() -> u64 {
 
 /// A property's raw bytes; `None` when absent or unreadable.
 pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    // The ABI's path: segments joined by NUL. Meshtel's paths fit the stack buffer; a longer one
-    // (a filter-state key, say) goes to the heap.
-    let mut stack = [0u8; 96];
-    let mut heap = Vec::new();
-    let len = path.iter().map(|p| p.len() + 1).sum::<usize>().saturating_sub(1);
-    let buffer: &mut [u8] = if len <= stack.len() {
-        &mut stack[..len]
-    } else {
-        heap.resize(len, 0);
-        &mut heap
-    };
-    // Segments, each but the last followed by a NUL (the buffer starts zeroed).
-    let mut rest = &mut buffer[..];
-    for segment in path {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(segment.len().min(rest.len()));
-        head.copy_from_slice(&segment.as_bytes()[..head.len()]);
-        rest = tail.get_mut(1..).unwrap_or_default();
-    }
+    let (mut stack, mut heap) = ([0u8; 96], Vec::new());
+    let buffer = crate::host::property_path(path, &mut stack, &mut heap);
     let (mut data, mut len) = (std::ptr::null_mut(), 0);
     // SAFETY: a valid path buffer and out-pointers; what the host returns is as `returned` requires.
     unsafe { returned(proxy_get_property(buffer.as_ptr(), buffer.len(), &mut data, &mut len), data, len) }
