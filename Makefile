@@ -60,6 +60,9 @@ bench: tools wasm
 	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter --features response-headers --target-dir target/probe
 	cp target/probe/wasm32-wasip1/release/meshtel_probe_filter.wasm \
 		target/wasm32-wasip1/release/meshtel_probe_filter_response_headers.wasm
+	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter --features no-log --target-dir target/probe
+	cp target/probe/wasm32-wasip1/release/meshtel_probe_filter.wasm \
+		target/wasm32-wasip1/release/meshtel_probe_filter_no_log.wasm
 	command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null)
 	cargo run --quiet --release -p meshtel-tests --bin bench
 

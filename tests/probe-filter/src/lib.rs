@@ -5,7 +5,8 @@
 //! (proxy-wasm-cpp-host `src/context.cc`, e.g. `ContextBase::onResponseHeaders`), and the SDK
 //! exports all of them. With no calls it is the floor of any filter that has a request-headers and
 //! a log callback; built with `--features response-headers` it also has a (no-op) response-headers
-//! callback, which prices one more callback per request.
+//! callback, which prices one more callback per request, and with `--features no-log` it has no
+//! log callback, which prices that one.
 //!
 //! The plugin configuration is JSON: `{"kind": K, "n": N, "arg": A}`, where K is one of
 //! - `none`: no calls;
@@ -260,6 +261,7 @@ pub extern "C" fn proxy_on_response_headers(_context: u32, _headers: usize, _end
     CONTINUE
 }
 
+#[cfg(not(feature = "no-log"))]
 #[no_mangle]
 pub extern "C" fn proxy_on_log(_context: u32) {
     if let Some(p) = PROBE.with(Cell::get) {

@@ -69,8 +69,10 @@ impl Scenario {
 /// The probe module without, and with, a response-headers callback.
 const PROBE: &str = "meshtel_probe_filter.wasm";
 const PROBE_RESPONSE: &str = "meshtel_probe_filter_response_headers.wasm";
-const PROBE_NONE: &str = "probe: no calls";
-const PROBE_NONE_HEADERS: &str = "probe: no calls, 16 more request headers";
+const PROBE_NO_LOG: &str = "meshtel_probe_filter_no_log.wasm";
+const PROBE_REQUEST_ONLY: &str = "probe: a request-headers callback alone (context included)";
+const PROBE_NONE: &str = "probe: + a log callback (no calls: the reference below)";
+const PROBE_NONE_HEADERS: &str = "probe: no calls, 16 more request headers (the reference of those rows)";
 
 /// The cost-model rows: N calls of one kind per request, priced against a probe making none.
 fn probe_scenarios() -> Vec<Scenario> {
@@ -81,15 +83,21 @@ fn probe_scenarios() -> Vec<Scenario> {
         calls: n,
         reference: PROBE_NONE,
     };
-    let reads = 32;
-    let writes = 16;
+    let reads = 48;
+    let writes = 24;
     let with_headers = |mut s: Scenario| {
         s.extra_headers = 16;
         s.reference = PROBE_NONE_HEADERS;
         s
     };
     vec![
-        Scenario { reference: "Envoy alone (baseline)", calls: 1, ..row(PROBE_NONE, "none", 0, "") },
+        Scenario {
+            filter: Filter::Probe(PROBE_NO_LOG, json!({"kind": "none"})),
+            reference: "Envoy alone (baseline)",
+            calls: 1,
+            ..row(PROBE_REQUEST_ONLY, "none", 0, "")
+        },
+        Scenario { reference: PROBE_REQUEST_ONLY, calls: 1, ..row(PROBE_NONE, "none", 0, "") },
         Scenario {
             filter: Filter::Probe(PROBE_RESPONSE, json!({"kind": "none"})),
             calls: 1,
