@@ -249,6 +249,12 @@ fn sampling_ratio_one_records_every_new_trace() {
     let spans = collector.wait_for_spans(20, WAIT);
     let got: HashSet<String> = spans.iter().map(ReceivedSpan::trace_id).collect();
     assert_eq!(got, traces, "one new trace per request, each recorded");
+    // With metrics on, a server span's protocol and client address are the connection's,
+    // read once per kept-alive connection: every request's span still has them.
+    for s in &spans {
+        assert_eq!(s.attr("network.protocol.version").as_deref(), Some("1.1"));
+        assert_eq!(s.attr("client.address").as_deref(), Some("127.0.0.1"));
+    }
 }
 
 #[test]

@@ -67,6 +67,10 @@ pub struct DownstreamFacts {
     pub local_principal: Option<String>,
     /// The caller from Istio's `downstream_peer` filter state.
     pub peer: Option<PeerInfo>,
+    /// `request.protocol`: a downstream connection has one codec.
+    pub protocol: Option<String>,
+    /// `source.address`.
+    pub client_address: Option<String>,
 }
 
 /// Read the server side's identity facts: `io.istio.peer_principal` / `io.istio.local_principal`
@@ -80,7 +84,12 @@ pub fn read_downstream(host: &dyn Host) -> DownstreamFacts {
         peer_principal = host.property_non_empty(&["connection", "uri_san_peer_certificate"]);
         local_principal = host.property_non_empty(&["connection", "uri_san_local_certificate"]);
     }
-    DownstreamFacts { peer_principal, local_principal, peer: filter_state_peer(host, DOWNSTREAM_PEER) }
+    DownstreamFacts {
+        peer_principal,
+        local_principal,
+        peer: filter_state_peer(host, DOWNSTREAM_PEER),
+        ..Default::default()
+    }
 }
 
 /// Istio's peer filter state (`downstream_peer` / `upstream_peer`), in one property read.
