@@ -19,6 +19,7 @@ use meshtel_filter::host::mock::MockHost;
 use meshtel_filter::host::HeaderMap;
 use meshtel_filter::istio::labels::LABEL_NAMES;
 use meshtel_filter::istio::node::NodeInfo;
+use meshtel_filter::istio::peer::{encode_filter_state, encode_peer_metadata};
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
 use meshtel_filter::otlp::{self, LogEncoder, MetricsEncoder, TraceEncoder};
 use meshtel_filter::propagation::{IdGenerator, TraceDecision};
@@ -132,6 +133,23 @@ fn inbound_host() -> MockHost {
         .with_property("upstream.address", "127.0.0.1:8080")
 }
 
+/// The same request in a mesh: Istio's peer metadata filter has put the caller in filter state
+/// and Istio's authn filter its principals (cached per connection), and the caller's peer header
+/// arrived too.
+fn mesh_inbound_host() -> MockHost {
+    let peer = [("workload", "productpage-v1"), ("namespace", "default"), ("cluster", "Kubernetes")];
+    let labels = [("app", "productpage"), ("version", "v1"), ("service.istio.io/canonical-name", "productpage")];
+    inbound_host()
+        .with_property("filter_state.downstream_peer", encode_filter_state(&peer, &labels))
+        .with_property("filter_state.io.istio.peer_principal", "spiffe://cluster.local/ns/default/sa/productpage")
+        .with_property("filter_state.io.istio.local_principal", "spiffe://cluster.local/ns/ns-a/sa/a")
+        .with_header(
+            HeaderMap::Request,
+            "x-envoy-peer-metadata",
+            &encode_peer_metadata(&[("WORKLOAD_NAME", "productpage-v1"), ("NAMESPACE", "default")], &labels),
+        )
+}
+
 /// One request through the host seam, as the glue drives it.
 fn seam_request(t: &mut Telemetry, host: &MockHost) {
     let active = t.on_request_headers(host);
@@ -139,18 +157,27 @@ fn seam_request(t: &mut Telemetry, host: &MockHost) {
 }
 
 /// The configurations of `make bench`, by name and config.
-const CONFIGS: [(&str, &str); 4] = [
-    ("traces + metrics, 100%", ""),
-    ("metrics only", r#","traces":{"enabled":false}"#),
-    ("traces 1% + metrics", r#","traces":{"sampling_ratio":0.01}"#),
-    ("traces + metrics + access logs", r#","logs":{"enabled":true}"#),
+/// A configuration: its name, its pluginConfig fields, and the proxy it runs in.
+type Config = (&'static str, &'static str, fn() -> MockHost);
+
+const CONFIGS: [Config; 6] = [
+    ("traces + metrics, 100%", "", inbound_host),
+    ("metrics only", r#","traces":{"enabled":false}"#, inbound_host),
+    ("traces 1% + metrics", r#","traces":{"sampling_ratio":0.01}"#, inbound_host),
+    ("traces + metrics + access logs", r#","logs":{"enabled":true}"#, inbound_host),
+    (
+        "metrics only, in a mesh (peer filter state, principals, peer header)",
+        r#","traces":{"enabled":false}"#,
+        mesh_inbound_host,
+    ),
+    ("traces + metrics, 100%, in a mesh", "", mesh_inbound_host),
 ];
 
 fn seam(c: &mut Criterion) {
     let mut g = c.benchmark_group("request path through the host seam");
-    for (name, extra) in CONFIGS {
+    for (name, extra, host) in CONFIGS {
         let mut t = telemetry(extra);
-        let host = inbound_host();
+        let host = host();
         g.bench_function(name, |b| b.iter(|| seam_request(&mut t, &host)));
     }
     g.finish();
@@ -158,9 +185,9 @@ fn seam(c: &mut Criterion) {
     println!("\nper request in the steady state (inbound sidecar, known series, kept-alive connection):");
     println!("| configuration | heap allocations | of them meshtel's own | host calls | properties | header reads | map reads | header writes | clock |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (name, extra) in CONFIGS {
+    for (name, extra, host) in CONFIGS {
         let mut t = telemetry(extra);
-        let host = inbound_host();
+        let host = host();
         seam_request(&mut t, &host);
         host.reset();
         let before = ALLOCATIONS.load(Ordering::Relaxed);

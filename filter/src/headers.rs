@@ -39,6 +39,11 @@ impl HeaderPairs {
     pub fn view(&self) -> Headers<'_> {
         Headers(&self.0)
     }
+
+    /// The encoded bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
 }
 
 /// A view of a [`HeaderPairs`] buffer.
@@ -46,6 +51,16 @@ impl HeaderPairs {
 pub struct Headers<'a>(&'a [u8]);
 
 impl<'a> Headers<'a> {
+    /// A view of bytes in this encoding held elsewhere (a property's pairs map).
+    pub fn over(bytes: &'a [u8]) -> Self {
+        Headers(bytes)
+    }
+
+    /// How many pairs the buffer says it holds; `None` without a count.
+    pub fn declared(&self) -> Option<usize> {
+        word(self.0, 0)
+    }
+
     /// Every header in order, as `(name, value)`.
     pub fn iter(&self) -> Pairs<'a> {
         let count = word(self.0, 0).unwrap_or(0);
@@ -121,7 +136,8 @@ impl<'a> Iterator for Pairs<'a> {
         let value_start = name_end.checked_add(1)?;
         let value_end = value_start.checked_add(value_len)?;
         let (name, value) = (self.bytes.get(self.at..name_end), self.bytes.get(value_start..value_end));
-        let (Some(name), Some(value)) = (name, value) else {
+        // Each name and value is followed by a NUL: a buffer cut before it is cut short.
+        let (Some(name), Some(value), true) = (name, value, value_end < self.bytes.len()) else {
             self.count = 0;
             return None;
         };

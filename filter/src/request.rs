@@ -3,9 +3,12 @@
 //! The glue calls [`Telemetry::on_request_headers`] and [`Telemetry::on_log`] and nothing else;
 //! every decision about a request is made here and in [`crate::istio`].
 
+use std::rc::Rc;
+
 use crate::host::{HeaderMap, Host};
 use crate::istio::facts::{self, DownstreamFacts};
 use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
+use crate::istio::peer;
 use crate::istio::response_flags;
 use crate::propagation::HeaderOp;
 use crate::span::{span_kind, Completion};
@@ -57,14 +60,16 @@ impl Telemetry {
         let connection = (metrics && reporter.is_server()).then(|| {
             let id = host.property_u64(&["connection", "id"]);
             self.downstream_facts(id, || DownstreamFacts {
-                protocol: host.property_string(&["request", "protocol"]),
-                client_address: host.property_string(&["source", "address"]),
+                protocol: host.property_string(&["request", "protocol"]).map(Rc::from),
+                client_address: host.property_string(&["source", "address"]).map(Rc::from),
                 ..facts::read_downstream(host)
             })
         });
         let (protocol, client_address) = match (&connection, recorded) {
             (_, false) => (None, None),
-            (Some(c), true) => (c.protocol.clone(), c.client_address.clone()),
+            (Some(c), true) => {
+                (c.protocol.as_deref().map(str::to_string), c.client_address.as_deref().map(str::to_string))
+            }
             (None, true) => {
                 (host.property_string(&["request", "protocol"]), host.property_string(&["source", "address"]))
             }
@@ -97,18 +102,20 @@ impl Telemetry {
         let headers = self.config().metrics.peer_metadata_headers;
         let mut f = RequestFacts { reporter, ..Default::default() };
         if let Some(DownstreamFacts { peer_principal, local_principal, peer, .. }) = connection {
-            // `downstream_peer` is only decoded when `metrics.peer_metadata_headers` allows it.
-            f.peer = peer.or_else(|| active.downstream_peer.clone());
+            // The caller's header is the fallback of Istio's filter state: decoded only then (it
+            // is kept only when `metrics.peer_metadata_headers` allows it).
+            f.peer =
+                peer.or_else(|| active.peer_header.as_deref().and_then(peer::from_peer_metadata_header).map(Rc::new));
             f.peer_principal = peer_principal;
             f.local_principal = local_principal;
             if reporter == Reporter::Waypoint {
-                f.upstream_peer = facts::read_upstream_peer(host, headers).0;
+                f.upstream_peer = facts::read_upstream_peer(host, headers).0.map(Rc::new);
             }
         } else {
             let up = facts::read_upstream(host, headers);
-            f.peer = up.peer;
-            f.peer_principal = up.peer_principal;
-            f.local_principal = up.local_principal;
+            f.peer = up.peer.map(Rc::new);
+            f.peer_principal = up.peer_principal.map(Rc::from);
+            f.local_principal = up.local_principal.map(Rc::from);
         }
         // The gRPC-Web filter Istio places after meshtel rewrites the request to gRPC before
         // Istio's stats filter looks: look again at what the request says now.

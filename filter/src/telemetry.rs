@@ -13,7 +13,7 @@ use crate::headers::Headers;
 use crate::istio::facts::DownstreamFacts;
 use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, with_label_values, RequestFacts};
 use crate::istio::node::NodeInfo;
-use crate::istio::peer::{self, PeerInfo};
+use crate::istio::peer;
 use crate::istio::xds_metadata::{self, ServiceInfo};
 use crate::metrics::aggregate::Measurement;
 use crate::metrics::shared::SharedStore;
@@ -41,8 +41,9 @@ pub struct ActiveRequest {
     pub grpc: bool,
     /// Whether the request is gRPC-Web (a `grpc_web` filter after meshtel may make it gRPC).
     pub grpc_web: bool,
-    /// The caller, from its `x-envoy-peer-metadata` header (metrics only).
-    pub downstream_peer: Option<PeerInfo>,
+    /// The caller's `x-envoy-peer-metadata` header as sent (metrics only), decoded only if Istio's
+    /// filter state does not name the caller.
+    pub peer_header: Option<Vec<u8>>,
     /// Whether the request may get an access-log record (the glue then reads what it needs).
     pub log: bool,
 }
@@ -246,12 +247,12 @@ impl Telemetry {
         let content_type = if metrics { headers.single("content-type").unwrap_or_default() } else { "" };
         let grpc = is_grpc_content_type(content_type.as_bytes());
         let grpc_web = is_grpc_web_content_type(content_type.as_bytes());
-        let downstream_peer = if metrics && self.config.metrics.peer_metadata_headers {
-            headers.first(peer::PEER_METADATA_HEADER).and_then(peer::from_peer_metadata_header)
+        let peer_header = if metrics && self.config.metrics.peer_metadata_headers {
+            headers.first(peer::PEER_METADATA_HEADER).map(<[u8]>::to_vec)
         } else {
             None
         };
-        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, grpc_web, downstream_peer, log }, ops))
+        Some((ActiveRequest { trace, start_unix_nanos: now_ns, request, grpc, grpc_web, peer_header, log }, ops))
     }
 
     /// The Istio service behind `cluster`, from its metadata (read by `read` once per cluster).

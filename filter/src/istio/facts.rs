@@ -5,6 +5,8 @@
 //! code is envoyproxy/envoy `contrib/istio/filters/http/istio_stats`), reading only what the
 //! reporter's rules use, and each connection's identity once.
 
+use std::rc::Rc;
+
 use crate::host::{HeaderMap, Host};
 use crate::istio::labels::{Destination, Reporter};
 use crate::istio::node::{NodeInfo, ProxyKind};
@@ -62,15 +64,15 @@ pub fn is_istio_service_cluster(cluster: &str) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DownstreamFacts {
     /// The caller's SPIFFE identity.
-    pub peer_principal: Option<String>,
+    pub peer_principal: Option<Rc<str>>,
     /// This proxy's SPIFFE identity.
-    pub local_principal: Option<String>,
+    pub local_principal: Option<Rc<str>>,
     /// The caller from Istio's `downstream_peer` filter state.
-    pub peer: Option<PeerInfo>,
+    pub peer: Option<Rc<PeerInfo>>,
     /// `request.protocol`: a downstream connection has one codec.
-    pub protocol: Option<String>,
+    pub protocol: Option<Rc<str>>,
     /// `source.address`.
-    pub client_address: Option<String>,
+    pub client_address: Option<Rc<str>>,
 }
 
 /// Read the server side's identity facts: `io.istio.peer_principal` / `io.istio.local_principal`
@@ -85,9 +87,9 @@ pub fn read_downstream(host: &dyn Host) -> DownstreamFacts {
         local_principal = host.property_non_empty(&["connection", "uri_san_local_certificate"]);
     }
     DownstreamFacts {
-        peer_principal,
-        local_principal,
-        peer: filter_state_peer(host, DOWNSTREAM_PEER),
+        peer_principal: peer_principal.map(Rc::from),
+        local_principal: local_principal.map(Rc::from),
+        peer: filter_state_peer(host, DOWNSTREAM_PEER).map(Rc::new),
         ..Default::default()
     }
 }

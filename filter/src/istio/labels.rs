@@ -1,6 +1,8 @@
 //! Istio's standard metric labels, derived as Istio's stats filter derives them.
 
 use crate::istio::node::{NodeInfo, LABEL_APP, LABEL_CANONICAL_NAME, LABEL_CANONICAL_REVISION, LABEL_VERSION};
+use std::rc::Rc;
+
 use crate::istio::peer::{spiffe_namespace, PeerInfo};
 
 /// Value of a label nothing is known about.
@@ -83,13 +85,13 @@ pub struct RequestFacts {
     pub reporter: Reporter,
     /// The peer: the downstream one on the server side, the upstream one (or the endpoint's
     /// `istio.workload` metadata) on the client side.
-    pub peer: Option<PeerInfo>,
+    pub peer: Option<Rc<PeerInfo>>,
     /// Waypoints only: the upstream peer, the destination side.
-    pub upstream_peer: Option<PeerInfo>,
+    pub upstream_peer: Option<Rc<PeerInfo>>,
     /// The peer's SPIFFE identity, by the reporter's rules (see [`crate::istio::facts`]).
-    pub peer_principal: Option<String>,
+    pub peer_principal: Option<Rc<str>>,
     /// This proxy's SPIFFE identity on the connection.
-    pub local_principal: Option<String>,
+    pub local_principal: Option<Rc<str>>,
     /// The destination service (see [`crate::istio::xds_metadata::destination`]).
     pub service: Destination,
     /// Whether the request is gRPC by Istio's test (`Grpc::Common::isGrpcRequestHeaders`).
@@ -164,7 +166,7 @@ pub fn is_grpc_web_content_type(content_type: &[u8]) -> bool {
 /// known costs no allocation here.
 pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnce(&[&str; 25]) -> R) -> R {
     static NO_PEER: PeerInfo = PeerInfo::EMPTY;
-    let peer = f.peer.as_ref().unwrap_or(&NO_PEER);
+    let peer = f.peer.as_deref().unwrap_or(&NO_PEER);
     let peer_san = f.peer_principal.as_deref().unwrap_or_default();
     let local_san = f.local_principal.as_deref().unwrap_or_default();
     // The namespace of the peer's SAN, else the peer's own.
@@ -184,7 +186,7 @@ pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnc
         Reporter::Waypoint => {
             source = peer_side(peer, peer_namespace, peer_san, "latest");
             // The destination is the upstream peer alone: its own namespace and identity.
-            let up = f.upstream_peer.as_ref().unwrap_or(&NO_PEER);
+            let up = f.upstream_peer.as_deref().unwrap_or(&NO_PEER);
             destination = peer_side(up, &up.namespace, &up.identity, UNKNOWN);
             service_host = known(&svc.host);
             service_name = known(&svc.name);
@@ -333,7 +335,7 @@ mod tests {
         // istio/proxy testdata/metric/server_request_total.yaml.tmpl (TestStatsPayload/Default).
         let f = RequestFacts {
             reporter: Reporter::Destination,
-            peer: Some(productpage()),
+            peer: Some(productpage().into()),
             service: server_service(),
             response_code: 200,
             response_flags: "-".into(),
@@ -434,7 +436,7 @@ mod tests {
         };
         let f = RequestFacts {
             reporter: Reporter::Source,
-            peer: Some(server),
+            peer: Some(server.into()),
             service: server_service(),
             grpc: true,
             grpc_status: Some(7),
@@ -461,7 +463,7 @@ mod tests {
     fn client_service_namespace_falls_back_to_the_peer() {
         let f = RequestFacts {
             reporter: Reporter::Source,
-            peer: Some(PeerInfo { namespace: "peer-ns".into(), ..Default::default() }),
+            peer: Some(PeerInfo { namespace: "peer-ns".into(), ..Default::default() }.into()),
             service: Destination { host: "127.0.0.1:8080".into(), name: "127.0.0.1:8080".into(), ..Default::default() },
             ..Default::default()
         };
@@ -479,7 +481,7 @@ mod tests {
     #[test]
     fn principal_namespace_wins_and_mutual_tls_needs_both_principals() {
         let f = RequestFacts {
-            peer: Some(productpage()),
+            peer: Some(productpage().into()),
             peer_principal: Some("spiffe://cluster.local/ns/other/sa/client".into()),
             local_principal: Some("spiffe://cluster.local/ns/default/sa/server".into()),
             ..Default::default()
@@ -516,8 +518,8 @@ mod tests {
         };
         let f = RequestFacts {
             reporter: Reporter::Waypoint,
-            peer: Some(productpage()),
-            upstream_peer: Some(upstream),
+            peer: Some(productpage().into()),
+            upstream_peer: Some(upstream.into()),
             service: server_service(),
             response_code: 200,
             ..Default::default()

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::headers::Headers;
+
 /// Istio label naming a workload's canonical service.
 pub const LABEL_CANONICAL_NAME: &str = "service.istio.io/canonical-name";
 /// Istio label naming a workload's canonical revision.
@@ -100,58 +102,28 @@ impl NodeInfo {
     }
 }
 
-/// Decode a proxy-wasm pairs map (as the host returns `xds.node.metadata.LABELS`):
-/// a `u32` count, then `count` pairs of `u32` key and value sizes, then each key and value
-/// followed by a NUL. Returns `None` on any inconsistency; pairs that are not UTF-8 are skipped.
+/// Decode a proxy-wasm pairs map (as the host returns `xds.node.metadata.LABELS`; the encoding of
+/// [`crate::headers`]). Returns `None` unless every declared pair fits; pairs that are not UTF-8
+/// are skipped.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, String)>> {
-    let read_u32 = |at: usize| -> Option<usize> {
-        let b = bytes.get(at..at.checked_add(4)?)?;
-        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
     if bytes.is_empty() {
         return Some(Vec::new());
     }
-    let count = read_u32(0)?;
-    let sizes_end = count.checked_mul(8)?.checked_add(4)?;
-    if sizes_end > bytes.len() {
-        return None;
-    }
-    let mut pairs = Vec::with_capacity(count);
-    let mut data = sizes_end;
-    for i in 0..count {
-        let key_len = read_u32(4 + i * 8)?;
-        let value_len = read_u32(8 + i * 8)?;
-        let key = bytes.get(data..data.checked_add(key_len)?)?;
-        data = data.checked_add(key_len)?.checked_add(1)?;
-        let value = bytes.get(data..data.checked_add(value_len)?)?;
-        data = data.checked_add(value_len)?.checked_add(1)?;
-        if let (Ok(k), Ok(v)) = (std::str::from_utf8(key), std::str::from_utf8(value)) {
-            pairs.push((k.to_string(), v.to_string()));
-        }
-    }
-    (data <= bytes.len()).then_some(pairs)
+    let map = Headers::over(bytes);
+    let pairs: Vec<(&[u8], &[u8])> = map.iter().collect();
+    (pairs.len() == map.declared()?).then(|| {
+        pairs
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((std::str::from_utf8(k).ok()?.to_string(), std::str::from_utf8(v).ok()?.to_string()))
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
 pub(crate) fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let bytes: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
-    encode_byte_pairs(&bytes)
-}
-
-#[cfg(test)]
-pub(crate) fn encode_byte_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-    for (k, v) in pairs {
-        out.extend((k.len() as u32).to_le_bytes());
-        out.extend((v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend(k.as_bytes());
-        out.push(0);
-        out.extend(*v);
-        out.push(0);
-    }
-    out
+    crate::headers::HeaderPairs::from_pairs(pairs).into_bytes()
 }
 
 #[cfg(test)]

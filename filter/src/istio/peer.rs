@@ -126,12 +126,13 @@ pub fn from_filter_state(bytes: &[u8]) -> Option<PeerInfo> {
 
 /// The bytes Envoy hands a Wasm module for a peer filter state with these string fields and
 /// `labels` (a fixture built from the format in Envoy's `serializeValue`).
-#[cfg(test)]
-pub(crate) fn encode_filter_state(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> Vec<u8> {
-    let nested = crate::istio::node::encode_pairs(labels);
+#[cfg(any(test, feature = "mock-host"))]
+pub fn encode_filter_state(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> Vec<u8> {
+    use crate::headers::HeaderPairs;
+    let nested = HeaderPairs::from_pairs(labels).into_bytes();
     let mut all: Vec<(&str, &[u8])> = fields.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
     all.push(("labels", &nested));
-    crate::istio::node::encode_byte_pairs(&all)
+    HeaderPairs::from_pairs(&all).into_bytes()
 }
 
 /// Decode Istio's endpoint metadata `istio.workload`:
@@ -162,8 +163,8 @@ pub fn spiffe_namespace(principal: &str) -> Option<&str> {
     (!ns.is_empty()).then_some(ns)
 }
 
-#[cfg(test)]
-pub(crate) fn encode_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> String {
+#[cfg(any(test, feature = "mock-host"))]
+pub fn encode_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> String {
     use prost_types::Value;
     let sv = |s: &str| Value { kind: Some(Kind::StringValue(s.into())) };
     let mut st = Struct::default();
