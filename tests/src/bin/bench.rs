@@ -8,7 +8,8 @@
 //!
 //! `make bench` runs it. `BENCH_SECONDS` (default 10) sets the saturation run's length,
 //! `BENCH_ROUNDS` (default 3) how many times every scenario runs (figures are medians),
-//! `BENCH_ONLY=text` keeps the baseline and the scenarios whose name contains `text`, and
+//! `BENCH_ONLY=text` keeps the baseline and the scenarios whose name contains `text` (several
+//! texts separated by `|`), and
 //! `BENCH_PERF=1` profiles Envoy with `perf` during each saturation run, and
 //! `BENCH_COMPARE_WASM=path.wasm` adds that build of the filter (traces + metrics) for an A/B.
 //!
@@ -307,7 +308,7 @@ fn main() {
     scenarios.extend(probe_scenarios());
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<&Scenario> =
-        scenarios.iter().filter(|s| only.is_empty() || s.name.contains(&only) || s.name.contains("baseline")).collect();
+        scenarios.iter().filter(|s| only.split('|').any(|o| s.name.contains(o)) || s.name.contains("baseline")).collect();
     eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
     // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
     // each figure is the median over the rounds.
