@@ -307,8 +307,10 @@ fn main() {
     }
     scenarios.extend(probe_scenarios());
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let scenarios: Vec<&Scenario> =
-        scenarios.iter().filter(|s| only.split('|').any(|o| s.name.contains(o)) || s.name.contains("baseline")).collect();
+    let scenarios: Vec<&Scenario> = scenarios
+        .iter()
+        .filter(|s| only.split('|').any(|o| s.name.contains(o)) || s.name.contains("baseline"))
+        .collect();
     eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
     // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
     // each figure is the median over the rounds.
