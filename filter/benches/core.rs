@@ -11,7 +11,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use meshtel_filter::access_log::AccessLog;
 use meshtel_filter::config;
 use meshtel_filter::headers::HeaderPairs;
@@ -21,6 +21,7 @@ use meshtel_filter::istio::labels::LABEL_NAMES;
 use meshtel_filter::istio::node::NodeInfo;
 use meshtel_filter::istio::peer::{encode_filter_state, encode_peer_metadata};
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
+use meshtel_filter::metrics::shared::{drain, merge_into, MemoryStore, SharedStore};
 use meshtel_filter::otlp::{self, LogEncoder, MetricsEncoder, TraceEncoder};
 use meshtel_filter::propagation::{IdGenerator, TraceDecision};
 use meshtel_filter::span::{Completion, RequestInfo, SpanKind, SpanRecord};
@@ -294,5 +295,51 @@ fn encoding(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, trace_context, seam, per_request, encoding);
+/// Istio-shaped label values of series `i`: one caller per series, the rest the same.
+fn series_labels(i: usize) -> Vec<String> {
+    LABEL_NAMES
+        .iter()
+        .map(|n| match *n {
+            "source_workload" | "source_app" | "source_canonical_service" => format!("peer-{i}-v1"),
+            "source_principal" => format!("spiffe://cluster.local/ns/ns-peers/sa/peer-{i}"),
+            _ => format!("{n}-value"),
+        })
+        .collect()
+}
+
+/// The exporter's tick at 2,000 live series: a worker merging its deltas into shared data, and
+/// the leader draining and encoding the export.
+fn exporter_tick(c: &mut Criterion) {
+    const SERIES: usize = 2000;
+    let mut local = Aggregator::new(SERIES);
+    for i in 0..SERIES {
+        local.record(&series_labels(i), &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900 });
+    }
+    let store = MemoryStore::default();
+    let key = "meshtel/bench/metrics/pending";
+    merge_into(&store, key, &mut local.clone(), SERIES).unwrap();
+    let mut g = c.benchmark_group("exporter tick, 2000 series");
+    g.sample_size(20);
+    g.bench_function("worker: merge its deltas into shared data", |b| {
+        b.iter_batched(
+            || local.clone(),
+            |mut l| merge_into(&store, key, &mut l, SERIES).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
+    g.bench_function("leader: drain and encode the cumulative export", |b| {
+        b.iter(|| {
+            let (drained, _) = drain(&store, key, SERIES, 1).unwrap();
+            merge_into(&store, key, &mut local.clone(), SERIES).unwrap();
+            encoder.encode(&drained, config::Temporality::Cumulative, 0, 1)
+        })
+    });
+    g.finish();
+    let (body, points) = encoder.encode(&local, config::Temporality::Cumulative, 0, 1);
+    let shared = store.get(key).map_or(0, |(v, _)| v.len());
+    println!("\n2000 series: export body {} bytes ({points} points), shared entry {shared} bytes", body.len());
+}
+
+criterion_group!(benches, trace_context, seam, per_request, encoding, exporter_tick);
 criterion_main!(benches);

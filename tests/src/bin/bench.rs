@@ -52,6 +52,9 @@ struct Scenario {
     filter: Filter,
     /// Request headers sent on top of wrk's own (`host`), `x-bench-NN: ...`.
     extra_headers: usize,
+    /// Distinct callers cycled through (Istio's `x-envoy-peer-metadata` of `peer-I` workloads):
+    /// this many live series. 0: no peer header.
+    peers: usize,
     /// For probe rows: host calls made per request, and the row they are priced against.
     calls: usize,
     reference: &'static str,
@@ -59,12 +62,43 @@ struct Scenario {
 
 impl Scenario {
     fn config(name: &'static str, filter: Filter) -> Self {
-        Scenario { name, filter, extra_headers: 0, calls: 0, reference: "" }
+        Scenario { name, filter, extra_headers: 0, peers: 0, calls: 0, reference: "" }
     }
 
     fn is_probe(&self) -> bool {
         matches!(self.filter, Filter::Probe(..))
     }
+
+    /// Whether the fixed-rate latency run is made (not for the cost model and the series sweep).
+    fn latency(&self) -> bool {
+        !self.is_probe() && self.peers == 0
+    }
+}
+
+/// The series sweep: metrics only, with this many distinct callers (live series).
+fn sweep_scenarios(metrics_only: &Value) -> Vec<Scenario> {
+    [(1, "series sweep: metrics only, 1 live series"), (100, "series sweep: metrics only, 100 live series")]
+        .into_iter()
+        .chain([
+            (1000, "series sweep: metrics only, 1000 live series"),
+            (2000, "series sweep: metrics only, 2000 live series"),
+        ])
+        .map(|(peers, name)| Scenario { peers, ..Scenario::config(name, Filter::Meshtel(metrics_only.clone())) })
+        .collect()
+}
+
+/// A wrk script that sends each request as the next of `peers` distinct callers.
+fn peers_script(peers: usize) -> std::path::PathBuf {
+    let path = repo_root().join(format!("target/bench-peers-{peers}.lua"));
+    let values: Vec<String> = (0..peers)
+        .map(|i| format!("  \"{}\",", meshtel_tests::metrics::peer_metadata(&format!("peer-{i}"), "ns-peers")))
+        .collect();
+    let script = format!(
+        "local peers = {{\n{}\n}}\nlocal i = 0\nrequest = function()\n  i = i % #peers + 1\n  return wrk.format(nil, nil, {{[\"x-envoy-peer-metadata\"] = peers[i]}})\nend\n",
+        values.join("\n")
+    );
+    std::fs::write(&path, script).expect("write the wrk script");
+    path
 }
 
 /// The probe module without, and with, a response-headers callback.
@@ -81,6 +115,7 @@ fn probe_scenarios() -> Vec<Scenario> {
         name,
         filter: Filter::Probe(PROBE, json!({"kind": kind, "n": n, "arg": arg})),
         extra_headers: 0,
+        peers: 0,
         calls: n,
         reference: PROBE_NONE,
     };
@@ -159,12 +194,14 @@ fn rss_mb(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Run wrk, sending `extra_headers` more request headers; returns (requests, requests/s).
-fn wrk(url: &str, seconds: u64, connections: u32, extra_headers: usize) -> (u64, f64) {
-    let headers = (0..extra_headers).flat_map(|i| ["-H".to_string(), format!("x-bench-{i:02}: value-{i:02}")]);
+/// Run wrk with the scenario's request headers or callers; returns (requests, requests/s).
+fn wrk(url: &str, seconds: u64, connections: u32, s: &Scenario) -> (u64, f64) {
+    let headers = (0..s.extra_headers).flat_map(|i| ["-H".to_string(), format!("x-bench-{i:02}: value-{i:02}")]);
+    let script = (s.peers > 0).then(|| ["-s".to_string(), peers_script(s.peers).display().to_string()]);
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
         .args(headers)
+        .args(script.into_iter().flatten())
         .arg(url)
         .output()
         .expect("wrk (apt-get install wrk)");
@@ -239,16 +276,16 @@ fn run(s: &Scenario, seconds: u64) -> Result {
     }
     let envoy = Envoy::start(&proxy);
     let url = format!("http://127.0.0.1:{inbound}/bench");
-    wrk(&url, 2, 16, s.extra_headers);
+    wrk(&url, 2, 16, s);
     let pid = envoy.pid();
     let perf = profile_start(pid, s.name, seconds);
     let cpu0 = cpu_seconds(pid);
-    let (requests, rps) = wrk(&url, seconds, 32, s.extra_headers);
+    let (requests, rps) = wrk(&url, seconds, 32, s);
     let cpu = cpu_seconds(pid) - cpu0;
     profile_report(perf);
     let rss = rss_mb(pid);
-    let (p50, p99) = if s.is_probe() { (0.0, 0.0) } else { fixed_rate_latency(&url) };
-    if !s.is_probe() {
+    let (p50, p99) = if s.latency() { fixed_rate_latency(&url) } else { (0.0, 0.0) };
+    if s.latency() {
         thread::sleep(Duration::from_secs(2));
     }
     Result {
@@ -305,6 +342,7 @@ fn main() {
             Filter::Other(path.into(), config),
         ));
     }
+    scenarios.extend(sweep_scenarios(&with(json!({"traces": {"enabled": false}}))));
     scenarios.extend(probe_scenarios());
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<&Scenario> = scenarios
