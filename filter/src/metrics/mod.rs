@@ -12,6 +12,18 @@ use crate::otlp::{MetricsEncoder, METRICS_PATH};
 use aggregate::{Aggregator, Measurement};
 use shared::SharedStore;
 
+/// The format of meshtel's shared-data entries, part of every key. Istio sets no `vm_id`, so
+/// during an upgrade the old and the new module share one shared-data namespace (REFERENCE
+/// section 4; proxy-wasm-cpp-host keys shared data by vm_id): a build that changes what an
+/// entry holds (the encoding of [`aggregate::Aggregator`], the leader entry) bumps this, and
+/// each version then keeps to its own entries instead of reading the other's as garbage.
+pub const SHARED_FORMAT_VERSION: u32 = 1;
+
+/// The shared-data key of `entry` for the plugin `scope`: `meshtel/v{format}/{scope}/{entry}`.
+pub fn shared_key(scope: &str, entry: &str) -> String {
+    format!("meshtel/v{SHARED_FORMAT_VERSION}/{scope}/{entry}")
+}
+
 /// Heartbeats a leader may miss before another VM takes over.
 const LEADER_MISSED_HEARTBEATS: u64 = 5;
 
@@ -56,8 +68,8 @@ impl MetricsPipeline {
             max_series: m.max_series,
             export_interval_ns,
             merge_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
-            pending_key: format!("meshtel/{scope}/metrics/pending"),
-            leader_key: format!("meshtel/{scope}/metrics/leader"),
+            pending_key: shared_key(scope, "metrics/pending"),
+            leader_key: shared_key(scope, "metrics/leader"),
             token,
             local: Aggregator::new(m.max_series),
             cumulative: Aggregator::new(m.max_series),
@@ -223,6 +235,25 @@ mod tests {
             t += 100 * MS;
         }
         out
+    }
+
+    #[test]
+    fn another_format_version_in_the_same_namespace_is_neither_read_nor_disturbed() {
+        // An older module (unversioned keys, another encoding) still leads and has deltas pending.
+        let store = MemoryStore::default();
+        let (old_leader, old_pending) = ("meshtel/p/metrics/leader", "meshtel/p/metrics/pending");
+        store.set(old_leader, format!("99:{}", 10_000 * MS).as_bytes(), 0).unwrap();
+        store.set(old_pending, b"\xffan older encoding", 0).unwrap();
+        let mut workers = vec![pipeline("cumulative", 1), pipeline("cumulative", 2)];
+        workers[0].init_shared(&store, 0);
+        record(&mut workers[0], 5, "a");
+        record(&mut workers[1], 2, "a");
+        let exports = run(&mut workers, &store, 100 * MS, 1_500 * MS);
+        assert_eq!(exports.iter().map(requests).max(), Some(7), "this version elects and exports on its own");
+        assert_eq!(store.get(old_pending).unwrap().0, b"\xffan older encoding");
+        assert!(store.get(old_leader).unwrap().0.starts_with(b"99:"));
+        assert!(store.get(&shared_key("p", "metrics/pending")).is_some());
+        assert!(shared_key("p", "metrics/leader").starts_with("meshtel/v1/p/"));
     }
 
     #[test]
