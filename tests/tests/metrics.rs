@@ -225,6 +225,54 @@ fn cardinality_cap_folds_new_peers_into_the_overflow_series() {
     assert_eq!(sidecar.envoy.stat("wasmcustom.meshtel.metric_overflow"), 35);
 }
 
+/// 2,000 distinct callers, twice each, from 8 client threads through a 4-worker sidecar.
+fn two_thousand_peers(max_series: usize) -> (Vec<Point>, u64) {
+    const PEERS: usize = 2000;
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .concurrency(4)
+        .config(metrics_config(json!({"metrics": {"max_series": max_series}})))
+        .start();
+    let port = sidecar.inbound;
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            thread::spawn(move || {
+                let peers: Vec<String> = (t * PEERS / 8..(t + 1) * PEERS / 8)
+                    .map(|i| peer_metadata(&format!("peer{i}"), "ns-peers"))
+                    .collect();
+                let sends = (0..2).flat_map(|_| peers.iter());
+                sends.filter(|md| send(port, "/", &[("x-envoy-peer-metadata", md)]) == 200).count()
+            })
+        })
+        .collect();
+    let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let sent = 2 * PEERS as u64;
+    assert_eq!(ok as u64, sent);
+    let points = collector.wait_for_points(Duration::from_secs(30), |p| total(p, REQUESTS, |_| true) == sent);
+    (series(&points, REQUESTS), sent)
+}
+
+#[test]
+fn two_thousand_peers_through_four_workers_get_exact_totals_per_series() {
+    let (all, sent) = two_thousand_peers(2500);
+    assert_eq!(all.len(), 2000, "one series per caller");
+    assert!(all.iter().all(|p| p.value == 2), "{:?}", all.iter().find(|p| p.value != 2));
+    assert_eq!(all.iter().map(|p| p.value).sum::<u64>(), sent);
+    let workloads: std::collections::HashSet<&str> = all.iter().map(|p| p.label("source_workload")).collect();
+    assert_eq!(workloads.len(), 2000);
+}
+
+#[test]
+fn two_thousand_peers_over_the_cap_fold_into_the_overflow_series() {
+    let (all, sent) = two_thousand_peers(1500);
+    assert_eq!(all.iter().map(|p| p.value).sum::<u64>(), sent, "nothing lost");
+    let overflow: Vec<&Point> = all.iter().filter(|p| p.label("otel.metric.overflow") == "true").collect();
+    assert_eq!(overflow.len(), 1);
+    assert!(overflow[0].value >= 2 * 500, "at least the 500 callers past the cap: {}", overflow[0].value);
+    assert_eq!(all.len(), 1501, "the cap's series plus the overflow series");
+}
+
 #[test]
 fn metrics_disabled_exports_traces_only() {
     let collector = Collector::start();
