@@ -24,6 +24,22 @@ pub fn shared_key(scope: &str, entry: &str) -> String {
     format!("meshtel/v{SHARED_FORMAT_VERSION}/{scope}/{entry}")
 }
 
+/// Most series in one export body. Istio's 25 labels make a series ~6.4 KB of OTLP (four points):
+/// 200 keep a body near 1.3 MB, under the Collector's limits (4 MiB per OTLP/gRPC message by
+/// default, 20 MiB per OTLP/HTTP body) and the memory a body costs the VM and Envoy while in flight.
+pub const MAX_SERIES_PER_EXPORT: usize = 200;
+
+/// An export being sent in parts.
+#[derive(Debug)]
+struct ExportInProgress {
+    /// The drained deltas (delta temporality); `None`: the cumulative totals.
+    delta: Option<Aggregator>,
+    /// The first series not sent yet.
+    next: usize,
+    start_ns: u64,
+    now_ns: u64,
+}
+
 /// Heartbeats a leader may miss before another VM takes over.
 const LEADER_MISSED_HEARTBEATS: u64 = 5;
 
@@ -50,6 +66,7 @@ pub struct MetricsPipeline {
     cumulative: Aggregator,
     cumulative_start_ns: u64,
     leading: bool,
+    in_progress: Option<ExportInProgress>,
     last_merge_ns: u64,
     last_export_ns: u64,
     encoder: MetricsEncoder,
@@ -75,6 +92,7 @@ impl MetricsPipeline {
             cumulative: Aggregator::new(m.max_series),
             cumulative_start_ns: now_ns,
             leading: false,
+            in_progress: None,
             last_merge_ns: now_ns,
             last_export_ns: now_ns,
             encoder: MetricsEncoder::new(resource),
@@ -114,37 +132,56 @@ impl MetricsPipeline {
                 self.cumulative = Aggregator::new(self.max_series);
                 self.cumulative_start_ns = now_ns;
                 self.last_export_ns = now_ns;
+                if self.temporality == Temporality::Cumulative {
+                    self.in_progress = None;
+                }
             }
             self.leading = leading;
         }
         if let Some(retry) = self.sender.due_retry(now_ns) {
             return Some(retry);
         }
-        if !self.leading
-            || !self.sender.has_capacity()
-            || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns
-        {
+        if !self.sender.has_capacity() {
+            return None;
+        }
+        // An export in progress is finished before the next one starts: its remaining parts
+        // go out as the sender has room, one part per call.
+        if self.in_progress.is_none() {
+            self.in_progress = self.start_export(store, now_ns);
+        }
+        let export = self.in_progress.as_mut()?;
+        let agg = export.delta.as_ref().unwrap_or(&self.cumulative);
+        let part = export.next..(export.next + MAX_SERIES_PER_EXPORT).min(agg.len());
+        let (body, points) =
+            self.encoder.encode_part(agg, self.temporality, export.start_ns, export.now_ns, part.clone());
+        export.next = part.end;
+        if export.next >= agg.len() {
+            self.in_progress = None;
+        }
+        (points > 0).then(|| Payload::new(METRICS_PATH, body, points))
+    }
+
+    /// Drain the proxy's deltas if this VM leads and an export is due.
+    fn start_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<ExportInProgress> {
+        if !self.leading || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns {
             return None;
         }
         self.last_export_ns = now_ns;
         let (drained, since) = shared::drain(store, &self.pending_key, self.max_series, now_ns).ok()?;
-        let (body, points) = match self.temporality {
+        match self.temporality {
             Temporality::Cumulative => {
                 self.cumulative.merge(&drained);
                 self.stats.overflowed += self.cumulative.take_folded();
-                if self.cumulative.is_empty() {
-                    return None;
-                }
-                self.encoder.encode(&self.cumulative, Temporality::Cumulative, self.cumulative_start_ns, now_ns)
+                let start_ns = self.cumulative_start_ns;
+                (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
             }
-            Temporality::Delta => {
-                if drained.is_empty() {
-                    return None;
-                }
-                self.encoder.encode(&drained, Temporality::Delta, since, now_ns)
-            }
-        };
-        Some(Payload::new(METRICS_PATH, body, points))
+            Temporality::Delta => (!drained.is_empty()).then_some(ExportInProgress {
+                delta: Some(drained),
+                next: 0,
+                start_ns: since,
+                now_ns,
+            }),
+        }
     }
 
     fn merge(&mut self, store: &dyn SharedStore) {
@@ -235,6 +272,62 @@ mod tests {
             t += 100 * MS;
         }
         out
+    }
+
+    fn pipeline_of(temporality: &str, max_series: usize) -> MetricsPipeline {
+        let json = format!(
+            r#"{{"collector":{{"cluster":"outbound|4318||c.ns.svc.cluster.local"}},
+                "metrics":{{"export_interval_ms":1000,"temporality":"{temporality}","max_series":{max_series}}},
+                "export":{{"flush_interval_ms":100,"max_in_flight":2}}}}"#
+        );
+        MetricsPipeline::new(&config::parse(json.as_bytes()).unwrap(), Resource::default(), "p", 1, 0)
+    }
+
+    /// Each data point's `label` attribute, per payload.
+    fn series_of(p: &Payload) -> Vec<String> {
+        let req = ExportMetricsServiceRequest::decode(p.body.as_slice()).unwrap();
+        let m = &req.resource_metrics[0].scope_metrics[0].metrics[0];
+        let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(sum)) = &m.data else { panic!() };
+        sum.data_points.iter().map(|d| format!("{:?}", d.attributes.first().map(|a| &a.value))).collect()
+    }
+
+    #[test]
+    fn a_large_export_goes_out_in_parts_each_series_once_as_the_sender_has_room() {
+        for temporality in ["cumulative", "delta"] {
+            let store = MemoryStore::default();
+            let mut w = pipeline_of(temporality, 1000);
+            w.init_shared(&store, 0);
+            for i in 0..450 {
+                w.record(&vec![format!("s{i}"); 25], &Measurement::default());
+            }
+            // As the root context does: every tick, take parts while the sender has room, and
+            // send each; no answer comes back yet.
+            let (mut parts, mut token, mut t) = (Vec::new(), 0u32, 0);
+            let mut send_all = |w: &mut MetricsPipeline, parts: &mut Vec<(u32, Payload)>, t: u64| {
+                while let Some(p) = w.tick(&store, t) {
+                    token += 1;
+                    w.sender().sent(token, p.clone());
+                    parts.push((token, p));
+                }
+            };
+            while t <= 1_500 * MS {
+                send_all(&mut w, &mut parts, t);
+                t += 100 * MS;
+            }
+            assert_eq!(parts.len(), 2, "{temporality}: max_in_flight parts, then it waits");
+            for (token, _) in &parts {
+                w.sender().completed(*token, crate::export::Outcome::Success { rejected: 0 }, t);
+            }
+            send_all(&mut w, &mut parts, t);
+            assert_eq!(parts.len(), 3, "{temporality}: the rest once answered");
+            let parts: Vec<Payload> = parts.into_iter().map(|(_, p)| p).collect();
+            let sizes: Vec<usize> = parts.iter().map(|p| series_of(p).len()).collect();
+            assert_eq!(sizes, [200, 200, 50]);
+            let all: std::collections::HashSet<String> = parts.iter().flat_map(series_of).collect();
+            assert_eq!(all.len(), 450, "{temporality}: every series once");
+            assert_eq!(parts.iter().map(requests).sum::<u64>(), 450);
+            assert!(w.tick(&store, t + 100 * MS).is_none(), "{temporality}: done until the next interval");
+        }
     }
 
     #[test]

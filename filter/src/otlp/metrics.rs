@@ -71,6 +71,21 @@ impl MetricsEncoder {
     /// The protobuf body of an OTLP metrics export (`ExportMetricsServiceRequest`) of an aggregate
     /// covering `start_ns..now_ns`, and its number of data points.
     pub fn encode(&self, agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> (Vec<u8>, u64) {
+        self.encode_part(agg, temporality, start_ns, now_ns, 0..agg.len())
+    }
+
+    /// [`Self::encode`] of the series at positions `part` of the aggregate's order (stable while
+    /// the aggregate is not changed): one export of a large aggregate goes out in several bodies.
+    pub fn encode_part(
+        &self,
+        agg: &Aggregator,
+        temporality: Temporality,
+        start_ns: u64,
+        now_ns: u64,
+        part: std::ops::Range<usize>,
+    ) -> (Vec<u8>, u64) {
+        let series = || agg.series().skip(part.start).take(part.len());
+        let count = series().count();
         let temporality = match temporality {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
@@ -89,7 +104,7 @@ impl MetricsEncoder {
             w.message(Envelope::ITEMS, |w| {
                 metric(w, name, description, unit);
                 w.message(field::METRIC_HISTOGRAM, |w| {
-                    for (labels, data) in agg.series() {
+                    for (labels, data) in series() {
                         w.message(field::DATA_POINTS, |w| {
                             let h = of(data).as_ref().unwrap_or(&no_requests);
                             times(w);
@@ -105,11 +120,11 @@ impl MetricsEncoder {
                 });
             });
         };
-        let body = self.envelope.encode(256 + agg.len() * 2_400, |w| {
+        let body = self.envelope.encode(256 + count * 2_400, |w| {
             w.message(Envelope::ITEMS, |w| {
                 metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
                 w.message(field::METRIC_SUM, |w| {
-                    for (labels, data) in agg.series() {
+                    for (labels, data) in series() {
                         w.message(field::DATA_POINTS, |w| {
                             times(w);
                             w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
@@ -124,7 +139,7 @@ impl MetricsEncoder {
             histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
             histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
         });
-        (body, agg.len() as u64 * 4)
+        (body, count as u64 * 4)
     }
 }
 
