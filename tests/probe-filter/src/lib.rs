@@ -103,6 +103,8 @@ fn header(name: &[u8]) -> Vec<u8> {
 }
 
 /// Decode the ABI's header-map encoding: a count, then the sizes, then the NUL-terminated bytes.
+/// (meshtel's own codec is `meshtel_filter::headers`; depending on that crate would link the
+/// proxy-wasm SDK's exports into the probe and defeat its purpose.)
 fn decode_pairs(bytes: &[u8]) -> Vec<(&[u8], &[u8])> {
     let word = |i: usize| -> usize {
         bytes.get(i * 4..i * 4 + 4).map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
