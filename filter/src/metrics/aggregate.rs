@@ -5,7 +5,10 @@
 
 use foldhash::fast::RandomState;
 use hashbrown::{Equivalent, HashMap};
+use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
+
+use crate::otlp::wire::Writer;
 
 /// Histogram bucket bounds Istio uses for durations (ms) and sizes (bytes): Envoy's defaults.
 pub const BUCKET_BOUNDS: [f64; 19] = [
@@ -155,6 +158,13 @@ impl SeriesData {
     }
 }
 
+// Field numbers of `SharedAggregate` and `SharedSeries`, for the series-by-series writer and reader.
+const SHARED_SERIES: u32 = 1;
+const SHARED_SINCE: u32 = 2;
+const SERIES_LABELS: u32 = 1;
+const SERIES_OVERFLOW: u32 = 2;
+const SERIES_DATA: u32 = 3;
+
 #[derive(Clone, PartialEq, Message)]
 struct SharedSeries {
     #[prost(string, repeated, tag = "1")]
@@ -165,6 +175,9 @@ struct SharedSeries {
     data: Option<SeriesData>,
 }
 
+/// The shared-data entry's schema: what [`Aggregator::encode`] writes and [`Aggregator::decode`]
+/// reads series by series (the tests hold both to it).
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
 struct SharedAggregate {
     #[prost(message, repeated, tag = "1")]
@@ -256,39 +269,101 @@ impl Aggregator {
         std::mem::take(&mut self.folded)
     }
 
-    /// Serialize for the proxy's shared data, with the start of the period it covers.
+    /// Serialize for the proxy's shared data, with the start of the period it covers: a
+    /// `SharedAggregate` written series by series from the labels where they lie (building the
+    /// message first would copy every label value once more, at every merge).
     pub fn encode(&self, since_unix_nanos: u64) -> Vec<u8> {
-        SharedAggregate {
-            series: self
-                .series()
-                .map(|(labels, data)| SharedSeries {
-                    labels: labels.cloned().unwrap_or_default(),
-                    overflow: labels.is_none(),
-                    data: Some(data.clone()),
-                })
-                .collect(),
-            since_unix_nanos,
+        let mut w = Writer::with_capacity(16 + self.len() * 1_024);
+        for (labels, data) in self.series() {
+            w.message(SHARED_SERIES, |w| {
+                for label in labels.into_iter().flatten() {
+                    w.repeated_string(SERIES_LABELS, label);
+                }
+                w.bool(SERIES_OVERFLOW, labels.is_none());
+                w.encoded_message(SERIES_DATA, &data.encode_to_vec());
+            });
         }
-        .encode_to_vec()
+        w.varint(SHARED_SINCE, since_unix_nanos);
+        w.into_bytes()
     }
 
     /// Deserialize shared data written by [`Aggregator::encode`], under a cap of `max_series`.
-    /// Returns the aggregate and the start of its period; `None` for undecodable bytes.
+    /// Returns the aggregate and the start of its period; `None` for undecodable bytes. Read
+    /// series by series, each one's labels moved into the aggregate, so that at most one series
+    /// exists twice while decoding.
     pub fn decode(bytes: &[u8], max_series: usize) -> Option<(Aggregator, u64)> {
-        let shared = SharedAggregate::decode(bytes).ok()?;
         let mut agg = Aggregator::new(max_series);
-        for s in shared.series {
-            let data = s.data.unwrap_or_default();
-            agg.merge_series((!s.overflow).then_some(&s.labels), &data);
+        let mut since = 0;
+        let mut buf = bytes;
+        while !buf.is_empty() {
+            let (tag, wire_type) = decode_key(&mut buf).ok()?;
+            match (tag, wire_type) {
+                (SHARED_SERIES, WireType::LengthDelimited) => {
+                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                    let (one, rest) = buf.split_at_checked(len)?;
+                    let s = SharedSeries::decode(one).ok()?;
+                    agg.merge_owned((!s.overflow).then_some(s.labels), &s.data.unwrap_or_default());
+                    buf = rest;
+                }
+                (SHARED_SINCE, WireType::Varint) => since = decode_varint(&mut buf).ok()?,
+                _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
+            }
         }
         agg.folded = 0;
-        Some((agg, shared.since_unix_nanos))
+        Some((agg, since))
+    }
+
+    /// Add everything in `other`, taking its label values instead of copying them.
+    pub fn absorb(&mut self, other: Aggregator) {
+        for (labels, data) in other.series {
+            self.merge_owned(Some(labels.0), &data);
+        }
+        if let Some(o) = &other.overflow {
+            self.merge_series(None, o);
+        }
+    }
+
+    /// [`Self::merge_series`] with owned label values, moved in for a new series.
+    fn merge_owned(&mut self, labels: Option<LabelValues>, data: &SeriesData) {
+        let Some(labels) = labels else {
+            return self.merge_series(None, data);
+        };
+        if let Some(s) = self.series.get_mut(&Borrowed(&labels)) {
+            s.merge(data);
+        } else if self.series.len() < self.max_series {
+            self.series.entry(SeriesKey(labels)).or_default().merge(data);
+        } else {
+            self.folded += data.requests;
+            self.overflow.get_or_insert_with(SeriesData::default).merge(data);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shared_entry_is_written_and_read_as_its_schema() {
+        let mut a = Aggregator::new(2);
+        let mut with_empty = labels(1);
+        with_empty[3] = String::new();
+        a.record(&with_empty, &m(3.0));
+        a.record(&labels(2), &m(30.0));
+        a.record(&labels(3), &m(1.0)); // past the cap: the overflow series
+        let bytes = a.encode(42);
+        let schema = SharedAggregate::decode(bytes.as_slice()).unwrap();
+        assert_eq!(schema.since_unix_nanos, 42);
+        assert_eq!(schema.series.len(), 3);
+        let own = schema.series.iter().find(|s| s.labels.first().map(String::as_str) == Some("w1")).unwrap();
+        assert_eq!(own.labels, with_empty, "empty values keep their place");
+        assert!(schema.series.iter().any(|s| s.overflow && s.labels.is_empty()));
+        // And what the schema writes reads back the same.
+        let (back, since) = Aggregator::decode(&schema.encode_to_vec(), 2).unwrap();
+        assert_eq!((since, back.len(), back.requests()), (42, 3, 3));
+        let (again, _) = Aggregator::decode(&bytes, 2).unwrap();
+        assert_eq!(again, back);
+    }
 
     fn labels(i: usize) -> LabelValues {
         vec![format!("w{i}"); 25]

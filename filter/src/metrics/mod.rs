@@ -170,7 +170,7 @@ impl MetricsPipeline {
         let (drained, since) = shared::drain(store, &self.pending_key, self.max_series, now_ns).ok()?;
         match self.temporality {
             Temporality::Cumulative => {
-                self.cumulative.merge(&drained);
+                self.cumulative.absorb(drained);
                 self.stats.overflowed += self.cumulative.take_folded();
                 let start_ns = self.cumulative_start_ns;
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })

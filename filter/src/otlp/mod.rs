@@ -4,7 +4,7 @@ mod common;
 pub mod logs;
 pub mod metrics;
 mod trace;
-mod wire;
+pub(crate) mod wire;
 
 pub use common::{resource, resource_attributes};
 pub use logs::{rejected_log_records, LogEncoder};

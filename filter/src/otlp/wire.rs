@@ -105,6 +105,11 @@ impl Writer {
         }
     }
 
+    /// One element of a `repeated string` field: written even when empty (its position counts).
+    pub fn repeated_string(&mut self, field: u32, value: &str) {
+        self.len_delimited(field, value.as_bytes());
+    }
+
     /// A message field whose encoding is already at hand (a resource or scope encoded once).
     pub fn encoded_message(&mut self, field: u32, encoded: &[u8]) {
         self.len_delimited(field, encoded);
