@@ -3,8 +3,10 @@
 //! The same types serve three places: a worker's local deltas, the deltas merged from all
 //! workers in the proxy's shared data, and the exporting worker's cumulative totals.
 
+use std::rc::Rc;
+
 use foldhash::fast::RandomState;
-use hashbrown::{Equivalent, HashMap};
+use hashbrown::{Equivalent, HashMap, HashSet};
 use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 
@@ -36,9 +38,10 @@ pub const BUCKET_BOUNDS: [f64; 19] = [
 /// Label values in [`super::labels::LABEL_NAMES`] order.
 pub type LabelValues = Vec<String>;
 
-/// A series' key: its label values, hashed by [`hash_labels`].
+/// A series' key: its label values, each shared with every other series of the aggregator that
+/// has the same value (most of Istio's 25 labels repeat across series), hashed by [`hash_labels`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SeriesKey(LabelValues);
+struct SeriesKey(Box<[Rc<str>]>);
 
 impl std::hash::Hash for SeriesKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -58,7 +61,7 @@ impl<S: AsRef<str>> std::hash::Hash for Borrowed<'_, S> {
 
 impl<S: AsRef<str>> Equivalent<SeriesKey> for Borrowed<'_, S> {
     fn equivalent(&self, key: &SeriesKey) -> bool {
-        key.0.len() == self.0.len() && key.0.iter().zip(self.0).all(|(a, b)| a == b.as_ref())
+        key.0.len() == self.0.len() && key.0.iter().zip(self.0).all(|(a, b)| a.as_ref() == b.as_ref())
     }
 }
 
@@ -194,6 +197,8 @@ pub struct Aggregator {
     // foldhash: several times faster than SipHash over the 25 label strings hashed per request,
     // and seeded per process, so peers cannot choose colliding label values ahead of time.
     series: HashMap<SeriesKey, SeriesData, RandomState>,
+    /// The distinct label values of `series`, one allocation each.
+    strings: HashSet<Rc<str>, RandomState>,
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
@@ -205,13 +210,31 @@ impl Aggregator {
         Self { max_series, ..Default::default() }
     }
 
+    /// The key of a new series, its values interned.
+    fn key<S: AsRef<str>>(&mut self, labels: &[S]) -> SeriesKey {
+        let strings = &mut self.strings;
+        SeriesKey(
+            labels
+                .iter()
+                .map(|l| match strings.get(l.as_ref()) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s: Rc<str> = Rc::from(l.as_ref());
+                        strings.insert(s.clone());
+                        s
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// Record one request; the label values are copied only for a new series.
     pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
         if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
             s.record(m);
         } else if self.series.len() < self.max_series {
-            let owned = SeriesKey(labels.iter().map(|l| l.as_ref().to_string()).collect());
-            self.series.entry(owned).or_default().record(m);
+            let key = self.key(labels);
+            self.series.entry(key).or_default().record(m);
         } else {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m);
@@ -221,27 +244,28 @@ impl Aggregator {
     /// Add everything in `other`, under this aggregator's cap.
     pub fn merge(&mut self, other: &Aggregator) {
         for (labels, data) in &other.series {
-            self.merge_series(Some(&labels.0), data);
+            self.merge_series(&labels.0, data);
         }
         if let Some(o) = &other.overflow {
-            self.merge_series(None, o);
+            self.merge_overflow(o);
         }
     }
 
-    fn merge_series(&mut self, labels: Option<&LabelValues>, data: &SeriesData) {
-        match labels {
-            Some(l) if self.series.contains_key(&Borrowed(l)) || self.series.len() < self.max_series => {
-                match self.series.get_mut(&Borrowed(l)) {
-                    Some(s) => s.merge(data),
-                    None => self.series.entry(SeriesKey(l.clone())).or_default().merge(data),
-                }
-            }
-            Some(_) => {
-                self.folded += data.requests;
-                self.overflow.get_or_insert_with(SeriesData::default).merge(data);
-            }
-            None => self.overflow.get_or_insert_with(SeriesData::default).merge(data),
+    /// Add one series' data, under the cap.
+    fn merge_series<S: AsRef<str>>(&mut self, labels: &[S], data: &SeriesData) {
+        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
+            s.merge(data);
+        } else if self.series.len() < self.max_series {
+            let key = self.key(labels);
+            self.series.entry(key).or_default().merge(data);
+        } else {
+            self.folded += data.requests;
+            self.merge_overflow(data);
         }
+    }
+
+    fn merge_overflow(&mut self, data: &SeriesData) {
+        self.overflow.get_or_insert_with(SeriesData::default).merge(data);
     }
 
     /// Whether nothing was recorded.
@@ -250,8 +274,8 @@ impl Aggregator {
     }
 
     /// Series with their labels, the overflow series (labels `None`) last.
-    pub fn series(&self) -> impl Iterator<Item = (Option<&LabelValues>, &SeriesData)> {
-        self.series.iter().map(|(l, d)| (Some(&l.0), d)).chain(self.overflow.iter().map(|d| (None, d)))
+    pub fn series(&self) -> impl Iterator<Item = (Option<&[Rc<str>]>, &SeriesData)> {
+        self.series.iter().map(|(l, d)| (Some(&l.0[..]), d)).chain(self.overflow.iter().map(|d| (None, d)))
     }
 
     /// Number of series, the overflow series included.
@@ -302,7 +326,11 @@ impl Aggregator {
                     let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
                     let (one, rest) = buf.split_at_checked(len)?;
                     let s = SharedSeries::decode(one).ok()?;
-                    agg.merge_owned((!s.overflow).then_some(s.labels), &s.data.unwrap_or_default());
+                    let data = s.data.unwrap_or_default();
+                    match s.overflow {
+                        false => agg.merge_series(&s.labels, &data),
+                        true => agg.merge_overflow(&data),
+                    }
                     buf = rest;
                 }
                 (SHARED_SINCE, WireType::Varint) => since = decode_varint(&mut buf).ok()?,
@@ -312,36 +340,28 @@ impl Aggregator {
         agg.folded = 0;
         Some((agg, since))
     }
-
-    /// Add everything in `other`, taking its label values instead of copying them.
-    pub fn absorb(&mut self, other: Aggregator) {
-        for (labels, data) in other.series {
-            self.merge_owned(Some(labels.0), &data);
-        }
-        if let Some(o) = &other.overflow {
-            self.merge_series(None, o);
-        }
-    }
-
-    /// [`Self::merge_series`] with owned label values, moved in for a new series.
-    fn merge_owned(&mut self, labels: Option<LabelValues>, data: &SeriesData) {
-        let Some(labels) = labels else {
-            return self.merge_series(None, data);
-        };
-        if let Some(s) = self.series.get_mut(&Borrowed(&labels)) {
-            s.merge(data);
-        } else if self.series.len() < self.max_series {
-            self.series.entry(SeriesKey(labels)).or_default().merge(data);
-        } else {
-            self.folded += data.requests;
-            self.overflow.get_or_insert_with(SeriesData::default).merge(data);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_stored_once_per_aggregator() {
+        let mut a = Aggregator::new(10);
+        for i in 0..5 {
+            let mut l = vec!["same".to_string(); 25];
+            l[0] = format!("peer-{i}");
+            a.record(&l, &m(1.0));
+        }
+        assert_eq!(a.len(), 5);
+        assert_eq!(a.strings.len(), 6, "the five callers and the one value they share");
+        let (b, _) = Aggregator::decode(&a.encode(0), 10).unwrap();
+        assert_eq!(b.strings.len(), 6, "decoded values are interned too");
+        let mut c = Aggregator::new(10);
+        c.merge(&b);
+        assert_eq!((c.len(), c.strings.len()), (5, 6));
+    }
 
     #[test]
     fn the_shared_entry_is_written_and_read_as_its_schema() {
@@ -392,7 +412,8 @@ mod tests {
         a.record(&labels(1), &m(30.0));
         a.record(&labels(2), &m(3.0));
         assert_eq!((a.len(), a.requests()), (2, 3));
-        let (_, d) = a.series().find(|(l, _)| *l == Some(&labels(1))).unwrap();
+        let want = labels(1);
+        let (_, d) = a.series().find(|(l, _)| l.is_some_and(|l| l.iter().map(|v| &**v).eq(want.iter()))).unwrap();
         assert_eq!(d.requests, 2);
         let dur = d.duration.as_ref().unwrap();
         assert_eq!((dur.count, dur.sum), (2, 33.0));

@@ -116,7 +116,10 @@ impl MetricsPipeline {
     /// This VM's label sets recorded since the last merge, with their request counts.
     #[cfg(test)]
     pub(crate) fn local_series(&self) -> Vec<(aggregate::LabelValues, u64)> {
-        self.local.series().filter_map(|(l, d)| Some((l?.clone(), d.requests))).collect()
+        self.local
+            .series()
+            .filter_map(|(l, d)| Some((l?.iter().map(|s| s.to_string()).collect(), d.requests)))
+            .collect()
     }
 
     /// Periodic work: merge local deltas into shared data, keep or claim leadership, and as the
@@ -170,7 +173,7 @@ impl MetricsPipeline {
         let (drained, since) = shared::drain(store, &self.pending_key, self.max_series, now_ns).ok()?;
         match self.temporality {
             Temporality::Cumulative => {
-                self.cumulative.absorb(drained);
+                self.cumulative.merge(&drained);
                 self.stats.overflowed += self.cumulative.take_folded();
                 let start_ns = self.cumulative_start_ns;
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })

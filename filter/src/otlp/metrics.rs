@@ -52,7 +52,7 @@ pub struct MetricsEncoder {
     envelope: Envelope,
 }
 
-fn point_attributes(w: &mut Writer, field: u32, labels: Option<&aggregate::LabelValues>) {
+fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str>]>) {
     match labels {
         Some(values) => LABEL_NAMES.iter().zip(values).for_each(|(k, v)| w.string_attribute(field, k, v)),
         None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
