@@ -94,8 +94,6 @@ pub mod mock {
     pub struct Calls {
         /// Property paths read, joined with `.`, in order.
         pub properties: Vec<String>,
-        /// Single headers read, in order.
-        pub headers: Vec<(HeaderMap, String)>,
         /// Request headers set or removed, in order.
         pub set: Vec<(String, Option<String>)>,
     }
@@ -234,7 +232,6 @@ pub mod mock {
 
         fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
             self.count(|c| c.header_reads += 1);
-            self.record(|c| c.headers.push((map, name.to_string())));
             self.returned(self.headers.iter().find(|(m, k, _)| *m == map && k == name).map(|(_, _, v)| v.clone()))
         }
 

@@ -59,10 +59,13 @@ impl Telemetry {
         // come from that cache when it is read anyway.
         let connection = (metrics && reporter.is_server()).then(|| {
             let id = host.property_u64(&["connection", "id"]);
-            self.downstream_facts(id, || DownstreamFacts {
-                protocol: host.property_string(&["request", "protocol"]).map(Rc::from),
-                client_address: host.property_string(&["source", "address"]).map(Rc::from),
-                ..facts::read_downstream(host)
+            self.downstream_facts(id, || {
+                let (protocol, client_address) = protocol_and_client(host);
+                DownstreamFacts {
+                    protocol: protocol.map(Rc::from),
+                    client_address: client_address.map(Rc::from),
+                    ..facts::read_downstream(host)
+                }
             })
         });
         let (protocol, client_address) = match (&connection, recorded) {
@@ -70,9 +73,7 @@ impl Telemetry {
             (Some(c), true) => {
                 (c.protocol.as_deref().map(str::to_string), c.client_address.as_deref().map(str::to_string))
             }
-            (None, true) => {
-                (host.property_string(&["request", "protocol"]), host.property_string(&["source", "address"]))
-            }
+            (None, true) => protocol_and_client(host),
         };
         let completion = Completion {
             end_unix_nanos: host.now_ns(),
@@ -145,6 +146,12 @@ impl Telemetry {
             response_bytes: host.property_u64(&["response", "total_size"]).unwrap_or(0),
         }
     }
+}
+
+/// The downstream connection's protocol and the client's address (the same for every request on
+/// the connection).
+fn protocol_and_client(host: &dyn Host) -> (Option<String>, Option<String>) {
+    (host.property_string(&["request", "protocol"]), host.property_string(&["source", "address"]))
 }
 
 /// The response's HTTP status. `:status` of the response headers as sent downstream (a local

@@ -308,6 +308,25 @@ pub struct Proxy {
     pub raw_clusters: Vec<Value>,
 }
 
+impl Proxy {
+    /// A proxy with one worker, the release build of meshtel under `FAIL_OPEN`, nothing else.
+    pub fn new(node: Node, listeners: Vec<Listener>, clusters: Vec<Cluster>, plugin_config: Option<Value>) -> Self {
+        Proxy {
+            node,
+            listeners,
+            clusters,
+            plugin_config,
+            concurrency: 1,
+            vm_env: Vec::new(),
+            wasm: None,
+            failure_policy: "FAIL_OPEN",
+            native_tracer: None,
+            raw_listeners: Vec::new(),
+            raw_clusters: Vec::new(),
+        }
+    }
+}
+
 /// The cluster Envoy's native tracer exports through.
 pub const NATIVE_TRACER_CLUSTER: &str = "native-otel";
 

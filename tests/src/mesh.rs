@@ -173,17 +173,11 @@ impl SidecarSpec {
             clusters.push(Cluster::new(&service_cluster(host), *port).istio_service(host, true));
         }
         let proxy = Proxy {
-            node: Node::sidecar(&self.app, &self.namespace),
-            listeners,
-            clusters,
-            plugin_config: self.plugin_config.clone(),
             concurrency: self.concurrency,
             vm_env: self.vm_env.clone(),
             wasm: self.wasm.clone(),
             failure_policy: self.failure_policy,
-            native_tracer: None,
-            raw_listeners: Vec::new(),
-            raw_clusters: Vec::new(),
+            ..Proxy::new(Node::sidecar(&self.app, &self.namespace), listeners, clusters, self.plugin_config.clone())
         };
         (proxy, inbound, outbound)
     }
@@ -225,18 +219,11 @@ pub fn gateway_with(
     if exchange {
         listener.request_headers.push((PEER_METADATA.into(), crate::metrics::peer_metadata_of(&Node::gateway())));
     }
-    let proxy = Proxy {
-        node: Node::gateway(),
-        listeners: vec![listener],
-        clusters: vec![upstream, Cluster::to(COLLECTOR_CLUSTER, collector)],
-        plugin_config: Some(config),
-        concurrency: 1,
-        vm_env: Vec::new(),
-        wasm: None,
-        failure_policy: "FAIL_OPEN",
-        native_tracer: None,
-        raw_listeners: Vec::new(),
-        raw_clusters: Vec::new(),
-    };
+    let proxy = Proxy::new(
+        Node::gateway(),
+        vec![listener],
+        vec![upstream, Cluster::to(COLLECTOR_CLUSTER, collector)],
+        Some(config),
+    );
     Gateway { envoy: Envoy::start(&proxy), port: listen }
 }

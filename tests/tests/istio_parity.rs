@@ -36,19 +36,7 @@ const COUNT: u64 = 10;
 fn proxy(node: Node, listener: Listener, clusters: Vec<Cluster>, collector: &Collector) -> Proxy {
     let mut clusters = clusters;
     clusters.push(Cluster::to(COLLECTOR_CLUSTER, collector.port));
-    Proxy {
-        node,
-        listeners: vec![listener],
-        clusters,
-        plugin_config: Some(plugin_config(json!({"metrics": {"export_interval_ms": 1000}}))),
-        concurrency: 1,
-        vm_env: Vec::new(),
-        wasm: None,
-        failure_policy: "FAIL_OPEN",
-        native_tracer: None,
-        raw_listeners: Vec::new(),
-        raw_clusters: Vec::new(),
-    }
+    Proxy::new(node, vec![listener], clusters, Some(plugin_config(json!({"metrics": {"export_interval_ms": 1000}}))))
 }
 
 /// Send `COUNT` requests to `port` expecting `status`, then wait for them at the collector and

@@ -35,9 +35,6 @@ pub const BUCKET_BOUNDS: [f64; 19] = [
     3_600_000.0,
 ];
 
-/// Label values in [`super::labels::LABEL_NAMES`] order.
-pub type LabelValues = Vec<String>;
-
 /// A series' key: its label values, each shared with every other series of the aggregator that
 /// has the same value (most of Istio's 25 labels repeat across series), hashed by [`hash_labels`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +382,7 @@ mod tests {
         assert_eq!(again, back);
     }
 
-    fn labels(i: usize) -> LabelValues {
+    fn labels(i: usize) -> Vec<String> {
         vec![format!("w{i}"); 25]
     }
 

@@ -115,7 +115,7 @@ impl MetricsPipeline {
 
     /// This VM's label sets recorded since the last merge, with their request counts.
     #[cfg(test)]
-    pub(crate) fn local_series(&self) -> Vec<(aggregate::LabelValues, u64)> {
+    pub(crate) fn local_series(&self) -> Vec<(Vec<String>, u64)> {
         self.local
             .series()
             .filter_map(|(l, d)| Some((l?.iter().map(|s| s.to_string()).collect(), d.requests)))
