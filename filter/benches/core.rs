@@ -21,7 +21,7 @@ use meshtel_filter::istio::labels::LABEL_NAMES;
 use meshtel_filter::istio::node::NodeInfo;
 use meshtel_filter::istio::peer::{encode_filter_state, encode_peer_metadata};
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
-use meshtel_filter::metrics::shared::{drain, merge_into, MemoryStore, SharedStore};
+use meshtel_filter::metrics::shared::{hand_over, take_over, MemoryStore, SharedStore};
 use meshtel_filter::otlp::{self, LogEncoder, MetricsEncoder, TraceEncoder};
 use meshtel_filter::propagation::{IdGenerator, TraceDecision};
 use meshtel_filter::span::{Completion, RequestInfo, SpanKind, SpanRecord};
@@ -307,8 +307,9 @@ fn series_labels(i: usize) -> Vec<String> {
         .collect()
 }
 
-/// The exporter's tick at 2,000 live series: a worker merging its deltas into shared data, and
-/// the leader draining and encoding the export.
+/// The exporter's tick at 2,000 live series, every one of them touched since the last tick (the
+/// worst case): a worker handing its deltas over, the leader taking two workers' batches, and the
+/// encoding of one export part (one part per tick), and of a whole export for scale.
 fn exporter_tick(c: &mut Criterion) {
     const SERIES: usize = 2000;
     let mut local = Aggregator::new(SERIES);
@@ -316,29 +317,44 @@ fn exporter_tick(c: &mut Criterion) {
         local.record(&series_labels(i), &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900 });
     }
     let store = MemoryStore::default();
-    let key = "meshtel/bench/metrics/pending";
-    merge_into(&store, key, &mut local.clone(), SERIES).unwrap();
+    let queue = store.queue("meshtel/bench/metrics/deltas").unwrap();
     let mut g = c.benchmark_group("exporter tick, 2000 series");
     g.sample_size(20);
-    g.bench_function("worker: merge its deltas into shared data", |b| {
+    g.bench_function("worker: hand its deltas over", |b| {
         b.iter_batched(
             || local.clone(),
-            |mut l| merge_into(&store, key, &mut l, SERIES).unwrap(),
+            |mut l| {
+                hand_over(&store, queue, &mut l).unwrap();
+                store.dequeue(queue)
+            },
             BatchSize::LargeInput,
         )
     });
-    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
-    g.bench_function("leader: drain and encode the cumulative export", |b| {
+    let batch = local.encode_batch();
+    let mut totals = Aggregator::new(SERIES);
+    totals.merge_batch(&batch).unwrap();
+    g.bench_function("leader: take two workers' batches", |b| {
         b.iter(|| {
-            let (drained, _) = drain(&store, key, SERIES, 1).unwrap();
-            merge_into(&store, key, &mut local.clone(), SERIES).unwrap();
-            encoder.encode(&drained, config::Temporality::Cumulative, 0, 1)
+            store.enqueue(queue, &batch).unwrap();
+            store.enqueue(queue, &batch).unwrap();
+            take_over(&store, queue, &mut totals, 256)
         })
+    });
+    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
+    let part = 0..meshtel_filter::metrics::MAX_SERIES_PER_EXPORT;
+    g.bench_function("leader: encode one export part (200 series)", |b| {
+        b.iter(|| encoder.encode_part(&totals, config::Temporality::Cumulative, 0, 1, part.clone()))
+    });
+    g.bench_function("leader: encode the whole export (10 parts)", |b| {
+        b.iter(|| encoder.encode(&totals, config::Temporality::Cumulative, 0, 1))
     });
     g.finish();
     let (body, points) = encoder.encode(&local, config::Temporality::Cumulative, 0, 1);
-    let shared = store.get(key).map_or(0, |(v, _)| v.len());
-    println!("\n2000 series: export body {} bytes ({points} points), shared entry {shared} bytes", body.len());
+    println!(
+        "\n2000 series: export body {} bytes ({points} points), one worker's batch {} bytes",
+        body.len(),
+        batch.len()
+    );
 }
 
 criterion_group!(benches, trace_context, seam, per_request, encoding, exporter_tick);

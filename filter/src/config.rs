@@ -138,6 +138,9 @@ pub struct Metrics {
     pub temporality: Temporality,
     /// Most label sets per proxy; later ones fold into the `otel.metric.overflow` series.
     pub max_series: usize,
+    /// How long a series without requests keeps being exported (cumulative temporality) before
+    /// its totals are dropped; `None`: for as long as the VM lives.
+    pub series_expiry: Option<Duration>,
     /// Whether a peer may be taken from the `x-envoy-peer-metadata` headers when Istio's filter
     /// state has none (plain Envoy, old Istio). Any client can forge those headers.
     pub peer_metadata_headers: bool,
@@ -190,6 +193,8 @@ pub struct Export {
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// Longest `metrics.series_expiry_ms`: a week.
+const MAX_EXPIRY_MS: u64 = 7 * 24 * 3_600_000;
 const MAX_BATCH: u64 = 16_384;
 const MAX_QUEUE: u64 = 1_048_576;
 const MAX_SERIES: u64 = 100_000;
@@ -238,7 +243,14 @@ impl RawConfig {
             },
             metrics: match section(
                 "metrics",
-                &["enabled", "export_interval_ms", "temporality", "max_series", "peer_metadata_headers"],
+                &[
+                    "enabled",
+                    "export_interval_ms",
+                    "temporality",
+                    "max_series",
+                    "series_expiry_ms",
+                    "peer_metadata_headers",
+                ],
             )? {
                 Some(m) => RawMetrics::read(&m)?,
                 None => RawMetrics::default(),
@@ -327,6 +339,7 @@ struct RawMetrics {
     export_interval_ms: u64,
     temporality: Temporality,
     max_series: u64,
+    series_expiry_ms: u64,
     peer_metadata_headers: bool,
 }
 
@@ -337,6 +350,7 @@ impl Default for RawMetrics {
             export_interval_ms: 10_000,
             temporality: Temporality::Cumulative,
             max_series: 2_000,
+            series_expiry_ms: 600_000,
             peer_metadata_headers: true,
         }
     }
@@ -350,6 +364,7 @@ impl RawMetrics {
             export_interval_ms: f.u64("export_interval_ms", d.export_interval_ms)?,
             temporality: f.variant("temporality", &TEMPORALITIES, d.temporality)?,
             max_series: f.u64("max_series", d.max_series)?,
+            series_expiry_ms: f.u64("series_expiry_ms", d.series_expiry_ms)?,
             peer_metadata_headers: f.bool("peer_metadata_headers", d.peer_metadata_headers)?,
         })
     }
@@ -549,11 +564,24 @@ impl RawMetrics {
     fn compile(self) -> Result<Metrics, ConfigError> {
         in_range("metrics.export_interval_ms", self.export_interval_ms, 1_000, MAX_INTERVAL_MS)?;
         in_range("metrics.max_series", self.max_series, 1, MAX_SERIES)?;
+        in_range("metrics.series_expiry_ms", self.series_expiry_ms, 0, MAX_EXPIRY_MS)?;
+        // A series is stamped at each export: an expiry shorter than the interval would drop
+        // series that are still live.
+        if self.series_expiry_ms != 0 && self.series_expiry_ms < self.export_interval_ms {
+            return Err(ConfigError::new(
+                "metrics.series_expiry_ms",
+                format!(
+                    "must be 0 (never) or at least metrics.export_interval_ms ({}), got {}",
+                    self.export_interval_ms, self.series_expiry_ms
+                ),
+            ));
+        }
         Ok(Metrics {
             enabled: self.enabled,
             export_interval: Duration::from_millis(self.export_interval_ms),
             temporality: self.temporality,
             max_series: checked(self.max_series),
+            series_expiry: (self.series_expiry_ms != 0).then(|| Duration::from_millis(self.series_expiry_ms)),
             peer_metadata_headers: self.peer_metadata_headers,
         })
     }
@@ -757,6 +785,23 @@ mod tests {
         );
         assert!(err(r#"{"collector":{"cluster":"outbound|4318||c","timeout_ms":0}}"#)
             .starts_with("collector.timeout_ms: must be between 1 and 60000"));
+    }
+
+    #[test]
+    fn series_expiry_is_never_shorter_than_the_export_interval() {
+        let with = |m: &str| format!(r#"{{"collector":{{"cluster":"outbound|4318||c"}},"metrics":{{{m}}}}}"#);
+        assert_eq!(
+            err(&with(r#""series_expiry_ms":5000"#)),
+            "metrics.series_expiry_ms: must be 0 (never) or at least metrics.export_interval_ms (10000), got 5000"
+        );
+        assert_eq!(
+            err(&with(r#""series_expiry_ms":604800001"#)),
+            "metrics.series_expiry_ms: must be between 0 and 604800000, got 604800001"
+        );
+        let expiry = |m: &str| parse(with(m).as_bytes()).unwrap().metrics.series_expiry;
+        assert_eq!(expiry(""), Some(Duration::from_secs(600)), "ten minutes by default");
+        assert_eq!(expiry(r#""series_expiry_ms":0"#), None);
+        assert_eq!(expiry(r#""export_interval_ms":5000,"series_expiry_ms":5000"#), Some(Duration::from_secs(5)));
     }
 
     #[test]

@@ -207,10 +207,10 @@ impl Telemetry {
         series.into_iter().map(|(values, n)| (names.iter().copied().zip(values).collect(), n)).collect()
     }
 
-    /// Create the proxy-wide shared entries if this is the first VM.
-    pub fn init_shared(&self, store: &dyn SharedStore, now_ns: u64) {
-        if let Some(m) = &self.metrics {
-            m.init_shared(store, now_ns);
+    /// Create the proxy-wide shared entries if this is the first VM, and find the queue.
+    pub fn init_shared(&mut self, store: &dyn SharedStore) {
+        if let Some(m) = &mut self.metrics {
+            m.init_shared(store);
         }
     }
 

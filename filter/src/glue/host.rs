@@ -23,6 +23,9 @@ pub struct ProxyHost;
 extern "C" {
     fn proxy_get_property(path: *const u8, path_len: usize, data: *mut *mut u8, len: *mut usize) -> u32;
     fn proxy_get_header_map_pairs(map: u32, data: *mut *mut u8, len: *mut usize) -> u32;
+    fn proxy_register_shared_queue(name: *const u8, name_len: usize, id: *mut u32) -> u32;
+    fn proxy_enqueue_shared_queue(id: u32, value: *const u8, value_len: usize) -> u32;
+    fn proxy_dequeue_shared_queue(id: u32, data: *mut *mut u8, len: *mut usize) -> u32;
 }
 
 /// Take ownership of a buffer the host returned.
@@ -135,5 +138,28 @@ impl SharedStore for HostStore {
             Status::CasMismatch => StoreError::CasMismatch,
             _ => StoreError::Failed,
         })
+    }
+
+    // The SDK's queue calls panic on a status they do not expect; these read any status but
+    // `Ok` as a refusal.
+    fn queue(&self, name: &str) -> Option<u32> {
+        let mut id = 0;
+        // SAFETY: a valid name buffer and out-pointer.
+        let status = unsafe { proxy_register_shared_queue(name.as_ptr(), name.len(), &mut id) };
+        (status == 0 && id != 0).then_some(id)
+    }
+
+    fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), StoreError> {
+        // SAFETY: a valid value buffer.
+        match unsafe { proxy_enqueue_shared_queue(queue, value.as_ptr(), value.len()) } {
+            0 => Ok(()),
+            _ => Err(StoreError::Failed),
+        }
+    }
+
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        let (mut data, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: valid out-pointers; what the host returns is as `returned` requires.
+        unsafe { returned(proxy_dequeue_shared_queue(queue, &mut data, &mut len), data, len) }
     }
 }

@@ -40,6 +40,8 @@ struct Stats {
     export_retries: Counter,
     metric_requests_recorded: Counter,
     metric_overflow: Counter,
+    metric_series_expired: Counter,
+    metric_batches_unreadable: Counter,
     metric_points_exported: Counter,
     metric_points_failed: Counter,
     metric_export_failures: Counter,
@@ -62,6 +64,8 @@ impl Stats {
             export_retries: Counter::define("meshtel.export_retries"),
             metric_requests_recorded: Counter::define("meshtel.metric_requests_recorded"),
             metric_overflow: Counter::define("meshtel.metric_overflow"),
+            metric_series_expired: Counter::define("meshtel.metric_series_expired"),
+            metric_batches_unreadable: Counter::define("meshtel.metric_batches_unreadable"),
             metric_points_exported: Counter::define("meshtel.metric_points_exported"),
             metric_points_failed: Counter::define("meshtel.metric_points_failed"),
             metric_export_failures: Counter::define("meshtel.metric_export_failures"),
@@ -86,6 +90,8 @@ impl Stats {
             (&self.export_retries, now.traces.retries, was.traces.retries),
             (&self.metric_requests_recorded, now.metrics.recorded, was.metrics.recorded),
             (&self.metric_overflow, now.metrics.overflowed, was.metrics.overflowed),
+            (&self.metric_series_expired, now.metrics.expired, was.metrics.expired),
+            (&self.metric_batches_unreadable, now.metrics.unreadable, was.metrics.unreadable),
             (&self.metric_points_exported, now.metric_exports.exported, was.metric_exports.exported),
             (&self.metric_points_failed, now.metric_exports.failed, was.metric_exports.failed),
             (&self.metric_export_failures, now.metric_exports.failed_requests, was.metric_exports.failed_requests),
@@ -160,8 +166,8 @@ impl Root {
         );
         let scope = property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
         let now = host::now_ns();
-        let telemetry = Telemetry::new(config, node, seed(), &scope, now);
-        telemetry.init_shared(&HostStore, now);
+        let mut telemetry = Telemetry::new(config, node, seed(), &scope, now);
+        telemetry.init_shared(&HostStore);
         self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
         self.stats.get_or_insert_with(Stats::define);
         if hostcalls::set_tick_period(tick).is_err() {

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use foldhash::fast::RandomState;
 use hashbrown::{Equivalent, HashMap, HashSet};
-use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+use prost::encoding::{decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 
 use crate::otlp::wire::Writer;
@@ -58,7 +58,10 @@ impl<S: AsRef<str>> std::hash::Hash for Borrowed<'_, S> {
 
 impl<S: AsRef<str>> Equivalent<SeriesKey> for Borrowed<'_, S> {
     fn equivalent(&self, key: &SeriesKey) -> bool {
-        key.0.len() == self.0.len() && key.0.iter().zip(self.0).all(|(a, b)| a.as_ref() == b.as_ref())
+        // Values interned by the same aggregator (a batch being taken) are the same allocation:
+        // equal by address, without comparing bytes.
+        let same = |a: &str, b: &str| std::ptr::eq(a, b) || a == b;
+        key.0.len() == self.0.len() && key.0.iter().zip(self.0).all(|(a, b)| same(a, b.as_ref()))
     }
 }
 
@@ -135,6 +138,13 @@ pub struct SeriesData {
     /// `istio_response_bytes`.
     #[prost(message, optional, tag = "4")]
     pub response_bytes: Option<Histogram>,
+    /// When the cumulative totals began counting this series (set by
+    /// [`Aggregator::merge_stamped`]; zero, and so not on the wire, in deltas).
+    #[prost(uint64, tag = "5")]
+    pub start_ns: u64,
+    /// When the cumulative totals last saw this series change (as `start_ns`).
+    #[prost(uint64, tag = "6")]
+    pub updated_ns: u64,
 }
 
 impl SeriesData {
@@ -158,32 +168,139 @@ impl SeriesData {
     }
 }
 
-// Field numbers of `SharedAggregate` and `SharedSeries`, for the series-by-series writer and reader.
-const SHARED_SERIES: u32 = 1;
-const SHARED_SINCE: u32 = 2;
+// Field numbers of `DeltaBatch` and `BatchSeries`, for the writer and reader below.
+const BATCH_VALUES: u32 = 1;
+const BATCH_SERIES: u32 = 2;
 const SERIES_LABELS: u32 = 1;
 const SERIES_OVERFLOW: u32 = 2;
 const SERIES_DATA: u32 = 3;
 
+/// One series of a `DeltaBatch`: its labels as positions in the batch's `values`.
+#[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
-struct SharedSeries {
-    #[prost(string, repeated, tag = "1")]
-    labels: Vec<String>,
+struct BatchSeries {
+    #[prost(uint32, repeated, tag = "1")]
+    labels: Vec<u32>,
     #[prost(bool, tag = "2")]
     overflow: bool,
     #[prost(message, optional, tag = "3")]
     data: Option<SeriesData>,
 }
 
-/// The shared-data entry's schema: what [`Aggregator::encode`] writes and [`Aggregator::decode`]
-/// reads series by series (the tests hold both to it).
+/// The schema of what a worker hands the exporting VM: the series it touched since its last
+/// merge, each distinct label value written once. [`Aggregator::encode_batch`] writes it and
+/// [`Aggregator::merge_batch`] reads it without building this message (the tests hold both to it).
 #[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
-struct SharedAggregate {
-    #[prost(message, repeated, tag = "1")]
-    series: Vec<SharedSeries>,
-    #[prost(uint64, tag = "2")]
-    since_unix_nanos: u64,
+struct DeltaBatch {
+    #[prost(string, repeated, tag = "1")]
+    values: Vec<String>,
+    #[prost(message, repeated, tag = "2")]
+    series: Vec<BatchSeries>,
+}
+
+/// Bytes that are not a batch written by [`Aggregator::encode_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadBatch;
+
+// The batch's series data written and read by hand, field for field what prost's derived
+// `Message` of `SeriesData` and `Histogram` writes and reads (the tests hold the two together):
+// a worker's data is added into the leader's series where it lies, without a decoded copy (five
+// allocations per series through prost).
+const DATA_REQUESTS: u32 = 1;
+const DATA_DURATION: u32 = 2;
+const DATA_REQUEST_BYTES: u32 = 3;
+const DATA_RESPONSE_BYTES: u32 = 4;
+const HISTOGRAM_BUCKETS: u32 = 1;
+const HISTOGRAM_SUM: u32 = 2;
+const HISTOGRAM_COUNT: u32 = 3;
+
+impl Histogram {
+    fn write(&self, w: &mut Writer) {
+        // Trailing empty buckets are left out (a shorter list reads the same): most requests
+        // fall in a few low buckets.
+        let used = self.buckets.iter().rposition(|c| *c != 0).map_or(0, |last| last + 1);
+        w.packed_varint(HISTOGRAM_BUCKETS, &self.buckets[..used]);
+        if self.sum != 0.0 {
+            w.double(HISTOGRAM_SUM, self.sum);
+        }
+        w.varint(HISTOGRAM_COUNT, self.count);
+    }
+
+    /// Add an encoded histogram; more buckets than Istio's are refused.
+    fn merge_encoded(&mut self, mut buf: &[u8]) -> Result<(), BadBatch> {
+        let mut next = 0;
+        let mut add = |h: &mut Histogram, v: u64| {
+            if next > BUCKET_BOUNDS.len() {
+                return Err(BadBatch);
+            }
+            if h.buckets.len() <= next {
+                h.buckets.resize(BUCKET_BOUNDS.len() + 1, 0);
+            }
+            h.buckets[next] += v;
+            next += 1;
+            Ok(())
+        };
+        while !buf.is_empty() {
+            match read_key(&mut buf)? {
+                (HISTOGRAM_BUCKETS, WireType::LengthDelimited) => {
+                    let mut packed = length_delimited(&mut buf)?;
+                    while !packed.is_empty() {
+                        add(self, read_varint(&mut packed)?)?;
+                    }
+                }
+                (HISTOGRAM_BUCKETS, WireType::Varint) => add(self, read_varint(&mut buf)?)?,
+                (HISTOGRAM_SUM, WireType::SixtyFourBit) => {
+                    let (bytes, rest) = buf.split_first_chunk::<8>().ok_or(BadBatch)?;
+                    self.sum += f64::from_le_bytes(*bytes);
+                    buf = rest;
+                }
+                (HISTOGRAM_COUNT, WireType::Varint) => self.count += read_varint(&mut buf)?,
+                (tag, wire_type) => {
+                    skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SeriesData {
+    /// Write the deltas (the cumulative-only stamps are not part of a batch).
+    fn write(&self, w: &mut Writer) {
+        w.varint(DATA_REQUESTS, self.requests);
+        for (field, h) in [
+            (DATA_DURATION, &self.duration),
+            (DATA_REQUEST_BYTES, &self.request_bytes),
+            (DATA_RESPONSE_BYTES, &self.response_bytes),
+        ] {
+            if let Some(h) = h {
+                w.message(field, |w| h.write(w));
+            }
+        }
+    }
+
+    /// Add encoded deltas.
+    fn merge_encoded(&mut self, mut buf: &[u8]) -> Result<(), BadBatch> {
+        while !buf.is_empty() {
+            let (tag, wire_type) = read_key(&mut buf)?;
+            let histogram = match (tag, wire_type) {
+                (DATA_REQUESTS, WireType::Varint) => {
+                    self.requests += read_varint(&mut buf)?;
+                    continue;
+                }
+                (DATA_DURATION, WireType::LengthDelimited) => &mut self.duration,
+                (DATA_REQUEST_BYTES, WireType::LengthDelimited) => &mut self.request_bytes,
+                (DATA_RESPONSE_BYTES, WireType::LengthDelimited) => &mut self.response_bytes,
+                _ => {
+                    skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?;
+                    continue;
+                }
+            };
+            histogram.get_or_insert_with(Histogram::default).merge_encoded(length_delimited(&mut buf)?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Series per label set, at most `max_series` of them; past that, new label sets are folded
@@ -209,20 +326,7 @@ impl Aggregator {
 
     /// The key of a new series, its values interned.
     fn key<S: AsRef<str>>(&mut self, labels: &[S]) -> SeriesKey {
-        let strings = &mut self.strings;
-        SeriesKey(
-            labels
-                .iter()
-                .map(|l| match strings.get(l.as_ref()) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s: Rc<str> = Rc::from(l.as_ref());
-                        strings.insert(s.clone());
-                        s
-                    }
-                })
-                .collect(),
-        )
+        SeriesKey(labels.iter().map(|l| self.intern(l.as_ref())).collect())
     }
 
     /// Record one request; the label values are copied only for a new series.
@@ -261,8 +365,32 @@ impl Aggregator {
         }
     }
 
+    /// Add a series' encoded deltas; `labels` (`None`: the overflow series) are this
+    /// aggregator's own interned values.
+    fn merge_encoded_series(&mut self, labels: Option<&[Rc<str>]>, data: &[u8]) -> Result<(), BadBatch> {
+        let Some(labels) = labels else {
+            return self.overflow.get_or_insert_with(SeriesData::default).merge_encoded(data);
+        };
+        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
+            s.merge_encoded(data)
+        } else if self.series.len() < self.max_series {
+            self.series.entry(SeriesKey(labels.into())).or_default().merge_encoded(data)
+        } else {
+            let mut folded = SeriesData::default();
+            folded.merge_encoded(data)?;
+            self.folded += folded.requests;
+            self.merge_overflow(&folded);
+            Ok(())
+        }
+    }
+
     fn merge_overflow(&mut self, data: &SeriesData) {
         self.overflow.get_or_insert_with(SeriesData::default).merge(data);
+    }
+
+    /// The most label sets this aggregator admits.
+    pub fn max_series(&self) -> usize {
+        self.max_series
     }
 
     /// Whether nothing was recorded.
@@ -290,61 +418,188 @@ impl Aggregator {
         std::mem::take(&mut self.folded)
     }
 
-    /// Serialize for the proxy's shared data, with the start of the period it covers: a
-    /// `SharedAggregate` written series by series from the labels where they lie (building the
-    /// message first would copy every label value once more, at every merge).
-    pub fn encode(&self, since_unix_nanos: u64) -> Vec<u8> {
-        let mut w = Writer::with_capacity(16 + self.len() * 1_024);
+    /// The batch of everything in this aggregator (a `DeltaBatch`): each distinct label value
+    /// once, each series as positions in that table. Proportional to the series held, which for
+    /// a worker's deltas are the series it touched since its last merge.
+    pub fn encode_batch(&self) -> Vec<u8> {
+        let mut index: HashMap<*const u8, u32, RandomState> = HashMap::default();
+        let mut table = Writer::with_capacity(self.strings.len() * 24);
+        let mut series = Writer::with_capacity(self.len() * 256);
+        let mut positions = Vec::new();
         for (labels, data) in self.series() {
-            w.message(SHARED_SERIES, |w| {
-                for label in labels.into_iter().flatten() {
-                    w.repeated_string(SERIES_LABELS, label);
-                }
+            positions.clear();
+            for value in labels.into_iter().flatten() {
+                // Interned: one value, one pointer. The table grows as values are first met.
+                let next = index.len() as u32;
+                let at = *index.entry(value.as_ptr()).or_insert_with(|| {
+                    table.repeated_string(BATCH_VALUES, value);
+                    next
+                });
+                positions.push(at);
+            }
+            series.message(BATCH_SERIES, |w| {
+                w.packed_varint(SERIES_LABELS, &positions);
                 w.bool(SERIES_OVERFLOW, labels.is_none());
-                w.encoded_message(SERIES_DATA, &data.encode_to_vec());
+                w.message(SERIES_DATA, |w| data.write(w));
             });
         }
-        w.varint(SHARED_SINCE, since_unix_nanos);
-        w.into_bytes()
+        let mut bytes = table.into_bytes();
+        bytes.extend_from_slice(&series.into_bytes());
+        bytes
     }
 
-    /// Deserialize shared data written by [`Aggregator::encode`], under a cap of `max_series`.
-    /// Returns the aggregate and the start of its period; `None` for undecodable bytes. Read
-    /// series by series, each one's labels moved into the aggregate, so that at most one series
-    /// exists twice while decoding.
-    pub fn decode(bytes: &[u8], max_series: usize) -> Option<(Aggregator, u64)> {
-        let mut agg = Aggregator::new(max_series);
-        let mut since = 0;
+    /// Add a batch written by [`Aggregator::encode_batch`], under this aggregator's cap: each
+    /// distinct value is interned once, each series found by the values it points at.
+    /// `Err` for bytes that are not such a batch; the series read before the error are kept.
+    pub fn merge_batch(&mut self, bytes: &[u8]) -> Result<(), BadBatch> {
+        let mut values = Vec::new();
         let mut buf = bytes;
         while !buf.is_empty() {
-            let (tag, wire_type) = decode_key(&mut buf).ok()?;
-            match (tag, wire_type) {
-                (SHARED_SERIES, WireType::LengthDelimited) => {
-                    let len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
-                    let (one, rest) = buf.split_at_checked(len)?;
-                    let s = SharedSeries::decode(one).ok()?;
-                    let data = s.data.unwrap_or_default();
-                    match s.overflow {
-                        false => agg.merge_series(&s.labels, &data),
-                        true => agg.merge_overflow(&data),
-                    }
-                    buf = rest;
-                }
-                (SHARED_SINCE, WireType::Varint) => since = decode_varint(&mut buf).ok()?,
-                _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default()).ok()?,
+            let (tag, wire_type) = read_key(&mut buf)?;
+            if (tag, wire_type) == (BATCH_VALUES, WireType::LengthDelimited) {
+                let value = std::str::from_utf8(length_delimited(&mut buf)?).map_err(|_| BadBatch)?;
+                values.push(self.intern(value));
+            } else {
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?;
             }
         }
-        agg.folded = 0;
-        Some((agg, since))
+        let mut labels: Vec<Rc<str>> = Vec::new();
+        let mut buf = bytes;
+        while !buf.is_empty() {
+            let (tag, wire_type) = read_key(&mut buf)?;
+            if (tag, wire_type) != (BATCH_SERIES, WireType::LengthDelimited) {
+                skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?;
+                continue;
+            }
+            let (mut series, mut overflow, mut data) = (length_delimited(&mut buf)?, false, &[][..]);
+            labels.clear();
+            while !series.is_empty() {
+                let mut label = |at: u64| match values.get(usize::try_from(at).unwrap_or(usize::MAX)) {
+                    Some(v) => {
+                        labels.push(Rc::clone(v));
+                        Ok(())
+                    }
+                    None => Err(BadBatch),
+                };
+                match read_key(&mut series)? {
+                    (SERIES_LABELS, WireType::LengthDelimited) => {
+                        let mut packed = length_delimited(&mut series)?;
+                        while !packed.is_empty() {
+                            label(read_varint(&mut packed)?)?;
+                        }
+                    }
+                    (SERIES_LABELS, WireType::Varint) => label(read_varint(&mut series)?)?,
+                    (SERIES_OVERFLOW, WireType::Varint) => overflow = read_varint(&mut series)? != 0,
+                    (SERIES_DATA, WireType::LengthDelimited) => data = length_delimited(&mut series)?,
+                    (tag, wire_type) => {
+                        skip_field(wire_type, tag, &mut series, DecodeContext::default()).map_err(|_| BadBatch)?
+                    }
+                }
+            }
+            self.merge_encoded_series((!overflow).then_some(&labels[..]), data)?;
+        }
+        // What a batch folded was counted by the worker that wrote it; a shared cap folds anew.
+        Ok(())
     }
+
+    /// The aggregator's one copy of `value`.
+    fn intern(&mut self, value: &str) -> Rc<str> {
+        match self.strings.get(value) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Rc<str> = Rc::from(value);
+                self.strings.insert(s.clone());
+                s
+            }
+        }
+    }
+
+    /// Add `other` as cumulative totals do: a series met for the first time starts at
+    /// `start_ns` (the start of the period `other` covers), and every series `other` holds
+    /// is marked updated at `now_ns`.
+    pub fn merge_stamped(&mut self, other: &Aggregator, start_ns: u64, now_ns: u64) {
+        for (labels, data) in &other.series {
+            self.merge_series(&labels.0, data);
+            if let Some(s) = self.series.get_mut(&Borrowed(&labels.0)) {
+                if s.start_ns == 0 {
+                    s.start_ns = start_ns;
+                }
+                s.updated_ns = now_ns;
+            }
+        }
+        if let Some(o) = &other.overflow {
+            self.merge_overflow(o);
+        }
+    }
+
+    /// Drop the series last updated before `cutoff_ns` (by [`Aggregator::merge_stamped`]) and
+    /// the label values no series uses any more. Returns how many series were dropped.
+    pub fn expire(&mut self, cutoff_ns: u64) -> usize {
+        let before = self.series.len();
+        self.series.retain(|_, d| d.updated_ns >= cutoff_ns);
+        let dropped = before - self.series.len();
+        if dropped > 0 {
+            self.strings.retain(|s| Rc::strong_count(s) > 1);
+        }
+        dropped
+    }
+}
+
+/// A varint, read with a one-byte fast path: most values in a batch (label positions, bucket
+/// counts, keys) are below 128, and prost's general reader is not inlined at the size-optimized
+/// `opt-level` meshtel ships with (profiled: 30% of taking a batch).
+#[inline(always)]
+fn read_varint(buf: &mut &[u8]) -> Result<u64, BadBatch> {
+    match buf.first() {
+        Some(&b) if b < 0x80 => {
+            *buf = &buf[1..];
+            Ok(u64::from(b))
+        }
+        _ => decode_varint(buf).map_err(|_| BadBatch),
+    }
+}
+
+/// A field key: its number and wire type.
+#[inline(always)]
+fn read_key(buf: &mut &[u8]) -> Result<(u32, WireType), BadBatch> {
+    let key = read_varint(buf)?;
+    let wire_type = WireType::try_from(key & 0x7).map_err(|_| BadBatch)?;
+    let tag = u32::try_from(key >> 3).map_err(|_| BadBatch)?;
+    if tag == 0 {
+        return Err(BadBatch);
+    }
+    Ok((tag, wire_type))
+}
+
+/// The bytes of the length-delimited field whose key was just read.
+fn length_delimited<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], BadBatch> {
+    let len = usize::try_from(read_varint(buf)?).map_err(|_| BadBatch)?;
+    let (one, rest) = buf.split_at_checked(len).ok_or(BadBatch)?;
+    *buf = rest;
+    Ok(one)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A batch's series with their labels as strings, sorted, read with the schema.
+    fn schema_series(bytes: &[u8]) -> Vec<(Vec<String>, bool, u64)> {
+        let batch = DeltaBatch::decode(bytes).unwrap();
+        let mut all: Vec<_> = batch
+            .series
+            .iter()
+            .map(|s| {
+                let labels = s.labels.iter().map(|i| batch.values[*i as usize].clone()).collect();
+                (labels, s.overflow, s.data.as_ref().map_or(0, |d| d.requests))
+            })
+            .collect();
+        all.sort();
+        all
+    }
+
     #[test]
-    fn label_values_are_stored_once_per_aggregator() {
+    fn label_values_are_stored_once_per_aggregator_and_once_per_batch() {
         let mut a = Aggregator::new(10);
         for i in 0..5 {
             let mut l = vec!["same".to_string(); 25];
@@ -353,33 +608,124 @@ mod tests {
         }
         assert_eq!(a.len(), 5);
         assert_eq!(a.strings.len(), 6, "the five callers and the one value they share");
-        let (b, _) = Aggregator::decode(&a.encode(0), 10).unwrap();
-        assert_eq!(b.strings.len(), 6, "decoded values are interned too");
-        let mut c = Aggregator::new(10);
-        c.merge(&b);
-        assert_eq!((c.len(), c.strings.len()), (5, 6));
+        let bytes = a.encode_batch();
+        assert_eq!(DeltaBatch::decode(bytes.as_slice()).unwrap().values.len(), 6, "each value written once");
+        let mut b = Aggregator::new(10);
+        b.merge_batch(&bytes).unwrap();
+        assert_eq!((b.len(), b.strings.len()), (5, 6), "read values are interned too");
+        b.merge_batch(&bytes).unwrap();
+        assert_eq!((b.len(), b.requests(), b.strings.len()), (5, 10, 6));
     }
 
     #[test]
-    fn the_shared_entry_is_written_and_read_as_its_schema() {
+    fn the_batch_is_written_and_read_as_its_schema() {
         let mut a = Aggregator::new(2);
         let mut with_empty = labels(1);
         with_empty[3] = String::new();
         a.record(&with_empty, &m(3.0));
         a.record(&labels(2), &m(30.0));
         a.record(&labels(3), &m(1.0)); // past the cap: the overflow series
-        let bytes = a.encode(42);
-        let schema = SharedAggregate::decode(bytes.as_slice()).unwrap();
-        assert_eq!(schema.since_unix_nanos, 42);
-        assert_eq!(schema.series.len(), 3);
-        let own = schema.series.iter().find(|s| s.labels.first().map(String::as_str) == Some("w1")).unwrap();
-        assert_eq!(own.labels, with_empty, "empty values keep their place");
-        assert!(schema.series.iter().any(|s| s.overflow && s.labels.is_empty()));
-        // And what the schema writes reads back the same.
-        let (back, since) = Aggregator::decode(&schema.encode_to_vec(), 2).unwrap();
-        assert_eq!((since, back.len(), back.requests()), (42, 3, 3));
-        let (again, _) = Aggregator::decode(&bytes, 2).unwrap();
-        assert_eq!(again, back);
+        let bytes = a.encode_batch();
+        let series = schema_series(&bytes);
+        assert_eq!(series.len(), 3);
+        assert!(series.contains(&(with_empty.clone(), false, 1)), "empty values keep their place");
+        assert!(series.contains(&(labels(2), false, 1)));
+        assert!(series.contains(&(vec![], true, 1)), "the overflow series, without labels");
+        // What the schema writes (in any field order) reads back the same.
+        let mut schema = DeltaBatch::decode(bytes.as_slice()).unwrap();
+        schema.series.reverse();
+        let mut reordered = schema
+            .series
+            .iter()
+            .map(|s| {
+                let mut w = Vec::new();
+                prost::encoding::message::encode(BATCH_SERIES, s, &mut w);
+                w
+            })
+            .collect::<Vec<_>>()
+            .concat();
+        for v in &schema.values {
+            prost::encoding::string::encode(BATCH_VALUES, v, &mut reordered);
+        }
+        let (mut back, mut again) = (Aggregator::new(2), Aggregator::new(2));
+        back.merge_batch(&reordered).unwrap();
+        again.merge_batch(&bytes).unwrap();
+        assert_eq!((back.len(), back.requests()), (3, 3));
+        assert_eq!(schema_series(&back.encode_batch()), schema_series(&again.encode_batch()));
+    }
+
+    #[test]
+    fn series_data_is_written_and_read_as_prost_does() {
+        let mut d = SeriesData::default();
+        for (ms, bytes) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)] {
+            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes });
+        }
+        let mut w = Writer::default();
+        d.write(&mut w);
+        let ours = w.into_bytes();
+        assert_eq!(SeriesData::decode(ours.as_slice()).unwrap(), d, "prost reads what we write");
+        let mut back = SeriesData::default();
+        back.merge_encoded(&d.encode_to_vec()).unwrap();
+        assert_eq!(back, d, "we read what prost writes");
+        back.merge_encoded(&ours).unwrap();
+        assert_eq!((back.requests, back.duration.as_ref().unwrap().count), (8, 8), "and add it");
+        let only_requests = SeriesData { requests: 3, ..Default::default() };
+        let mut back = SeriesData::default();
+        back.merge_encoded(&only_requests.encode_to_vec()).unwrap();
+        assert_eq!(back, only_requests);
+        // More buckets than Istio's are refused.
+        let wide = Histogram { buckets: vec![1; BUCKET_BOUNDS.len() + 2], sum: 1.0, count: 1 };
+        assert_eq!(Histogram::default().merge_encoded(&wide.encode_to_vec()), Err(BadBatch));
+    }
+
+    #[test]
+    fn bad_batches_are_refused() {
+        let mut a = Aggregator::new(10);
+        a.record(&labels(1), &m(1.0));
+        let good = a.encode_batch();
+        let mut agg = Aggregator::new(10);
+        assert_eq!(agg.merge_batch(&[0xff, 0xff, 0xff]), Err(BadBatch));
+        assert_eq!(agg.merge_batch(&good[..good.len() - 3]), Err(BadBatch), "truncated");
+        // A series pointing past the value table.
+        let mut w = Writer::default();
+        w.message(BATCH_SERIES, |w| w.packed_varint(SERIES_LABELS, &[7u32]));
+        assert_eq!(agg.merge_batch(&w.into_bytes()), Err(BadBatch));
+        // A value that is not UTF-8.
+        let mut w = Writer::default();
+        w.bytes(BATCH_VALUES, &[0xc3, 0x28]);
+        assert_eq!(agg.merge_batch(&w.into_bytes()), Err(BadBatch));
+        assert_eq!(agg.merge_batch(&[]), Ok(()), "an empty batch is nothing");
+        assert_eq!(agg.merge_batch(&good), Ok(()));
+        assert_eq!(agg.requests(), 1);
+    }
+
+    #[test]
+    fn cumulative_totals_stamp_and_expire_series() {
+        let mut total = Aggregator::new(10);
+        let mut d = Aggregator::new(10);
+        d.record(&labels(1), &m(1.0));
+        d.record(&labels(2), &m(1.0));
+        total.merge_stamped(&d, 100, 200);
+        let mut d = Aggregator::new(10);
+        d.record(&labels(2), &m(1.0));
+        total.merge_stamped(&d, 200, 300);
+        let stamps = |t: &Aggregator, i: usize| {
+            let want = labels(i);
+            t.series()
+                .find(|(l, _)| l.is_some_and(|l| l.iter().map(|v| &**v).eq(want.iter())))
+                .map(|(_, d)| (d.start_ns, d.updated_ns))
+        };
+        assert_eq!(stamps(&total, 1), Some((100, 200)));
+        assert_eq!(stamps(&total, 2), Some((100, 300)), "the start is kept, the update moves");
+        assert_eq!(total.expire(250), 1);
+        assert_eq!((stamps(&total, 1), total.len()), (None, 1));
+        assert_eq!(total.strings.len(), 1, "the dropped series' values went with it");
+        // A series back after its expiry starts anew.
+        let mut d = Aggregator::new(10);
+        d.record(&labels(1), &m(1.0));
+        total.merge_stamped(&d, 400, 500);
+        assert_eq!(stamps(&total, 1), Some((400, 500)));
+        assert_eq!(total.requests(), 3, "1 for series 1 since its return, 2 for series 2");
     }
 
     fn labels(i: usize) -> Vec<String> {
@@ -450,15 +796,15 @@ mod tests {
     }
 
     #[test]
-    fn shared_encoding_round_trips() {
-        let mut a = Aggregator::new(2);
+    fn batches_round_trip_under_the_readers_cap() {
+        let mut a = Aggregator::new(4);
         for i in 0..4 {
             a.record(&labels(i), &m(i as f64));
         }
-        let (back, since) = Aggregator::decode(&a.encode(42), 2).unwrap();
-        assert_eq!(since, 42);
+        let mut back = Aggregator::new(2);
+        back.merge_batch(&a.encode_batch()).unwrap();
         assert_eq!(back.requests(), 4);
-        assert_eq!(back.len(), 3);
-        assert!(Aggregator::decode(&[0xff, 0xff, 0xff], 2).is_none());
+        assert_eq!(back.len(), 3, "two series and the overflow");
+        assert_eq!(back.take_folded(), 2);
     }
 }

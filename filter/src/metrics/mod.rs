@@ -12,14 +12,14 @@ use crate::otlp::{MetricsEncoder, METRICS_PATH};
 use aggregate::{Aggregator, Measurement};
 use shared::SharedStore;
 
-/// The format of meshtel's shared-data entries, part of every key. Istio sets no `vm_id`, so
-/// during an upgrade the old and the new module share one shared-data namespace (REFERENCE
-/// section 4; proxy-wasm-cpp-host keys shared data by vm_id): a build that changes what an
-/// entry holds (the encoding of [`aggregate::Aggregator`], the leader entry) bumps this, and
-/// each version then keeps to its own entries instead of reading the other's as garbage.
-pub const SHARED_FORMAT_VERSION: u32 = 1;
+/// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
+/// so during an upgrade the old and the new module share one namespace (REFERENCE section 4;
+/// proxy-wasm-cpp-host keys shared data and queues by vm_id): a build that changes what they
+/// hold bumps this, and each version then keeps to its own instead of reading the other's as
+/// garbage. Version 2: per-worker delta batches on a queue (version 1: one merged entry).
+pub const SHARED_FORMAT_VERSION: u32 = 2;
 
-/// The shared-data key of `entry` for the plugin `scope`: `meshtel/v{format}/{scope}/{entry}`.
+/// The shared name of `entry` for the plugin `scope`: `meshtel/v{format}/{scope}/{entry}`.
 pub fn shared_key(scope: &str, entry: &str) -> String {
     format!("meshtel/v{SHARED_FORMAT_VERSION}/{scope}/{entry}")
 }
@@ -29,10 +29,14 @@ pub fn shared_key(scope: &str, entry: &str) -> String {
 /// default, 20 MiB per OTLP/HTTP body) and the memory a body costs the VM and Envoy while in flight.
 pub const MAX_SERIES_PER_EXPORT: usize = 200;
 
+/// Most batches the leader takes from the queue per merge: one per worker per merge interval
+/// arrive, so this bounds a tick's work without letting the queue grow.
+const MAX_BATCHES_PER_MERGE: usize = 256;
+
 /// An export being sent in parts.
 #[derive(Debug)]
 struct ExportInProgress {
-    /// The drained deltas (delta temporality); `None`: the cumulative totals.
+    /// The taken deltas (delta temporality); `None`: the cumulative totals.
     delta: Option<Aggregator>,
     /// The first series not sent yet.
     next: usize,
@@ -50,6 +54,10 @@ pub struct MetricStats {
     pub recorded: u64,
     /// Requests folded into the overflow series because of `metrics.max_series`.
     pub overflowed: u64,
+    /// Series dropped from the cumulative totals after `metrics.series_expiry_ms` without requests.
+    pub expired: u64,
+    /// Batches taken from the queue that could not be read (dropped).
+    pub unreadable: u64,
 }
 
 /// One VM's metric state.
@@ -59,24 +67,34 @@ pub struct MetricsPipeline {
     max_series: usize,
     export_interval_ns: u64,
     merge_interval_ns: u64,
-    pending_key: String,
+    series_expiry_ns: Option<u64>,
+    queue_name: String,
+    /// The deltas queue, once the proxy has given it.
+    queue: Option<u32>,
     leader_key: String,
     token: u64,
+    /// This VM's deltas since its last merge.
     local: Aggregator,
+    /// As the leader: every worker's deltas taken since the last export, and since when.
+    pending: Aggregator,
+    pending_since_ns: u64,
+    /// As the leader under cumulative temporality: the totals of this term.
     cumulative: Aggregator,
     cumulative_start_ns: u64,
     leading: bool,
     in_progress: Option<ExportInProgress>,
     last_merge_ns: u64,
     last_export_ns: u64,
+    /// The tick that produced the last export part: one part per tick.
+    last_part_ns: Option<u64>,
     encoder: MetricsEncoder,
     sender: Sender,
     stats: MetricStats,
 }
 
 impl MetricsPipeline {
-    /// The pipeline of one VM. `scope` names the shared-data entries (the plugin name, so that
-    /// two meshtel plugins in one proxy stay apart); `token` identifies this VM in elections.
+    /// The pipeline of one VM. `scope` names the shared entries (the plugin name, so that two
+    /// meshtel plugins in one proxy stay apart); `token` identifies this VM in elections.
     pub fn new(config: &Config, resource: Resource, scope: &str, token: u64, now_ns: u64) -> Self {
         let m = &config.metrics;
         let export_interval_ns = duration_ns(m.export_interval);
@@ -85,26 +103,32 @@ impl MetricsPipeline {
             max_series: m.max_series,
             export_interval_ns,
             merge_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
-            pending_key: shared_key(scope, "metrics/pending"),
+            series_expiry_ns: m.series_expiry.map(duration_ns),
+            queue_name: shared_key(scope, "metrics/deltas"),
+            queue: None,
             leader_key: shared_key(scope, "metrics/leader"),
             token,
             local: Aggregator::new(m.max_series),
+            pending: Aggregator::new(m.max_series),
+            pending_since_ns: now_ns,
             cumulative: Aggregator::new(m.max_series),
             cumulative_start_ns: now_ns,
             leading: false,
             in_progress: None,
             last_merge_ns: now_ns,
             last_export_ns: now_ns,
+            last_part_ns: None,
             encoder: MetricsEncoder::new(resource),
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries),
             stats: MetricStats::default(),
         }
     }
 
-    /// Create the shared entries if this is the first VM (at configure time, before traffic).
-    pub fn init_shared(&self, store: &dyn SharedStore, now_ns: u64) {
-        shared::init(store, &self.pending_key, &Aggregator::new(self.max_series).encode(now_ns));
+    /// Create the shared leader entry if this is the first VM, and find the deltas queue (at
+    /// configure time, before traffic).
+    pub fn init_shared(&mut self, store: &dyn SharedStore) {
         shared::init(store, &self.leader_key, b"");
+        self.queue = store.queue(&self.queue_name);
     }
 
     /// Record one request: a map update, nothing shared, nothing encoded.
@@ -122,35 +146,24 @@ impl MetricsPipeline {
             .collect()
     }
 
-    /// Periodic work: merge local deltas into shared data, keep or claim leadership, and as the
-    /// leader produce the export that is due, if any.
+    /// Periodic work: hand local deltas to the queue, keep or claim leadership, and as the
+    /// leader take the queued deltas and produce the next part of the export that is due.
     pub fn tick(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
         if now_ns.saturating_sub(self.last_merge_ns) >= self.merge_interval_ns {
             self.last_merge_ns = now_ns;
-            self.merge(store);
-            let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
-            let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
-            if leading && !self.leading {
-                // A new term starts new totals: the collector sees a reset, never a double count.
-                self.cumulative = Aggregator::new(self.max_series);
-                self.cumulative_start_ns = now_ns;
-                self.last_export_ns = now_ns;
-                if self.temporality == Temporality::Cumulative {
-                    self.in_progress = None;
-                }
-            }
-            self.leading = leading;
+            self.merge(store, now_ns);
         }
         if let Some(retry) = self.sender.due_retry(now_ns) {
             return Some(retry);
         }
-        if !self.sender.has_capacity() {
+        // One part per tick: a large export is spread over ticks, and at most one body it
+        // makes is new in the VM and in Envoy at a time.
+        if !self.sender.has_capacity() || self.last_part_ns == Some(now_ns) {
             return None;
         }
-        // An export in progress is finished before the next one starts: its remaining parts
-        // go out as the sender has room, one part per call.
+        // An export in progress is finished before the next one starts.
         if self.in_progress.is_none() {
-            self.in_progress = self.start_export(store, now_ns);
+            self.in_progress = self.start_export(now_ns);
         }
         let export = self.in_progress.as_mut()?;
         let agg = export.delta.as_ref().unwrap_or(&self.cumulative);
@@ -161,41 +174,71 @@ impl MetricsPipeline {
         if export.next >= agg.len() {
             self.in_progress = None;
         }
+        self.last_part_ns = Some(now_ns);
         (points > 0).then(|| Payload::new(METRICS_PATH, body, points))
     }
 
-    /// Drain the proxy's deltas if this VM leads and an export is due.
-    fn start_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<ExportInProgress> {
+    /// Hand this VM's deltas over, renew or claim leadership, and as the leader take what the
+    /// workers handed over.
+    fn merge(&mut self, store: &dyn SharedStore, now_ns: u64) {
+        if self.queue.is_none() {
+            self.queue = store.queue(&self.queue_name);
+        }
+        let Some(queue) = self.queue else { return };
+        if !self.local.is_empty() {
+            self.stats.overflowed += self.local.take_folded();
+            // On failure the deltas stay local (bounded by max_series) and go on a later tick.
+            let _ = shared::hand_over(store, queue, &mut self.local);
+        }
+        let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
+        let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
+        if leading && !self.leading {
+            // A new term starts new totals: the collector sees a reset, never a double count.
+            self.cumulative = Aggregator::new(self.max_series);
+            self.cumulative_start_ns = now_ns;
+            self.pending_since_ns = now_ns;
+            self.last_export_ns = now_ns;
+        }
+        if !leading && self.leading {
+            // Stepped down: what was taken and not exported goes back for the next leader.
+            if !self.pending.is_empty() && shared::hand_over(store, queue, &mut self.pending).is_err() {
+                self.pending = Aggregator::new(self.max_series);
+            }
+            self.cumulative = Aggregator::new(self.max_series);
+        }
+        if leading != self.leading && self.temporality == Temporality::Cumulative {
+            self.in_progress = None;
+        }
+        self.leading = leading;
+        if leading {
+            let (_, unreadable) = shared::take_over(store, queue, &mut self.pending, MAX_BATCHES_PER_MERGE);
+            self.stats.unreadable += unreadable as u64;
+            self.stats.overflowed += self.pending.take_folded();
+        }
+    }
+
+    /// As the leader, when an export is due: the deltas taken since the last one, or the
+    /// cumulative totals they are added to.
+    fn start_export(&mut self, now_ns: u64) -> Option<ExportInProgress> {
         if !self.leading || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns {
             return None;
         }
         self.last_export_ns = now_ns;
-        let (drained, since) = shared::drain(store, &self.pending_key, self.max_series, now_ns).ok()?;
+        let since = std::mem::replace(&mut self.pending_since_ns, now_ns);
+        let taken = std::mem::replace(&mut self.pending, Aggregator::new(self.max_series));
         match self.temporality {
             Temporality::Cumulative => {
-                self.cumulative.merge(&drained);
+                self.cumulative.merge_stamped(&taken, since, now_ns);
                 self.stats.overflowed += self.cumulative.take_folded();
+                if let Some(expiry) = self.series_expiry_ns {
+                    self.stats.expired += self.cumulative.expire(now_ns.saturating_sub(expiry)) as u64;
+                }
                 let start_ns = self.cumulative_start_ns;
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
             }
-            Temporality::Delta => (!drained.is_empty()).then_some(ExportInProgress {
-                delta: Some(drained),
-                next: 0,
-                start_ns: since,
-                now_ns,
-            }),
-        }
-    }
-
-    fn merge(&mut self, store: &dyn SharedStore) {
-        if self.local.is_empty() {
-            return;
-        }
-        let folded_locally = self.local.take_folded();
-        self.stats.overflowed += folded_locally;
-        // On failure the deltas stay local (bounded by max_series) and merge on a later tick.
-        if let Ok(folded) = shared::merge_into(store, &self.pending_key, &mut self.local, self.max_series) {
-            self.stats.overflowed += folded;
+            Temporality::Delta => {
+                (!taken.is_empty()).then_some(ExportInProgress { delta: Some(taken), next: 0, start_ns: since, now_ns })
+            }
         }
     }
 
@@ -299,7 +342,7 @@ mod tests {
         for temporality in ["cumulative", "delta"] {
             let store = MemoryStore::default();
             let mut w = pipeline_of(temporality, 1000);
-            w.init_shared(&store, 0);
+            w.init_shared(&store);
             for i in 0..450 {
                 w.record(&vec![format!("s{i}"); 25], &Measurement::default());
             }
@@ -335,28 +378,34 @@ mod tests {
 
     #[test]
     fn another_format_version_in_the_same_namespace_is_neither_read_nor_disturbed() {
-        // An older module (unversioned keys, another encoding) still leads and has deltas pending.
+        // Older modules still lead and have deltas pending: an unversioned one and version 1
+        // (one merged `pending` entry), each in its own encoding.
         let store = MemoryStore::default();
-        let (old_leader, old_pending) = ("meshtel/p/metrics/leader", "meshtel/p/metrics/pending");
-        store.set(old_leader, format!("99:{}", 10_000 * MS).as_bytes(), 0).unwrap();
-        store.set(old_pending, b"\xffan older encoding", 0).unwrap();
+        let old = ["meshtel/p/metrics", "meshtel/v1/p/metrics"];
+        for prefix in old {
+            store.set(&format!("{prefix}/leader"), format!("99:{}", 10_000 * MS).as_bytes(), 0).unwrap();
+            store.set(&format!("{prefix}/pending"), b"\xffan older encoding", 0).unwrap();
+        }
         let mut workers = vec![pipeline("cumulative", 1), pipeline("cumulative", 2)];
-        workers[0].init_shared(&store, 0);
+        workers[0].init_shared(&store);
         record(&mut workers[0], 5, "a");
         record(&mut workers[1], 2, "a");
         let exports = run(&mut workers, &store, 100 * MS, 1_500 * MS);
         assert_eq!(exports.iter().map(requests).max(), Some(7), "this version elects and exports on its own");
-        assert_eq!(store.get(old_pending).unwrap().0, b"\xffan older encoding");
-        assert!(store.get(old_leader).unwrap().0.starts_with(b"99:"));
-        assert!(store.get(&shared_key("p", "metrics/pending")).is_some());
-        assert!(shared_key("p", "metrics/leader").starts_with("meshtel/v1/p/"));
+        for prefix in old {
+            assert_eq!(store.get(&format!("{prefix}/pending")).unwrap().0, b"\xffan older encoding");
+            assert!(store.get(&format!("{prefix}/leader")).unwrap().0.starts_with(b"99:"));
+        }
+        assert!(shared_key("p", "metrics/leader").starts_with("meshtel/v2/p/"));
+        assert!(store.get(&shared_key("p", "metrics/leader")).unwrap().0.starts_with(b"1:"));
+        assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 0, "every batch taken");
     }
 
     #[test]
     fn workers_add_up_to_one_cumulative_series_set() {
         let store = MemoryStore::default();
         let mut workers = vec![pipeline("cumulative", 1), pipeline("cumulative", 2), pipeline("cumulative", 3)];
-        workers[0].init_shared(&store, 0);
+        workers[0].init_shared(&store);
         record(&mut workers[0], 5, "a");
         record(&mut workers[1], 7, "a");
         record(&mut workers[2], 1, "b");
@@ -373,7 +422,7 @@ mod tests {
     fn delta_exports_sum_to_the_total() {
         let store = MemoryStore::default();
         let mut workers = vec![pipeline("delta", 1), pipeline("delta", 2)];
-        workers[0].init_shared(&store, 0);
+        workers[0].init_shared(&store);
         let mut all = Vec::new();
         for round in 0..4u64 {
             record(&mut workers[(round % 2) as usize], 10, "a");
@@ -383,11 +432,118 @@ mod tests {
         assert_eq!(all.iter().map(requests).sum::<u64>(), 40);
     }
 
+    fn pipeline_with(metrics: &str, token: u64) -> MetricsPipeline {
+        let json = format!(
+            r#"{{"collector":{{"cluster":"outbound|4318||c.ns.svc.cluster.local"}},
+                "metrics":{{"export_interval_ms":1000,{metrics}}},"export":{{"flush_interval_ms":100}}}}"#
+        );
+        MetricsPipeline::new(&config::parse(json.as_bytes()).unwrap(), Resource::default(), "p", token, 0)
+    }
+
+    /// The series of each batch waiting in the deltas queue, taken one batch at a time.
+    fn queued_batches(store: &MemoryStore) -> Vec<usize> {
+        let q = store.queue(&shared_key("p", "metrics/deltas")).unwrap();
+        std::iter::from_fn(|| store.dequeue(q))
+            .map(|b| {
+                let mut a = Aggregator::new(10_000);
+                a.merge_batch(&b).unwrap();
+                a.len()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_worker_hands_over_only_the_series_it_touched_since_its_last_merge() {
+        let store = MemoryStore::default();
+        // Another VM leads, so the batches stay in the queue to be looked at.
+        store.set(&shared_key("p", "metrics/leader"), format!("99:{}", 10_000 * MS).as_bytes(), 0).unwrap();
+        let mut w = pipeline_with(r#""max_series":1000"#, 1);
+        w.init_shared(&store);
+        for i in 0..300 {
+            record(&mut w, 1, &format!("peer{i}"));
+        }
+        assert!(w.tick(&store, 100 * MS).is_none());
+        record(&mut w, 3, "peer7");
+        assert!(w.tick(&store, 200 * MS).is_none());
+        assert!(w.tick(&store, 300 * MS).is_none(), "nothing touched, nothing handed over");
+        assert_eq!(queued_batches(&store), [300, 1]);
+        assert!(!w.is_leader());
+    }
+
+    #[test]
+    fn a_leader_that_steps_down_hands_back_what_it_took() {
+        let store = MemoryStore::default();
+        let (mut one, mut two) = (pipeline("delta", 1), pipeline("delta", 2));
+        one.init_shared(&store);
+        record(&mut one, 4, "a");
+        record(&mut two, 3, "a");
+        assert!(one.tick(&store, 100 * MS).is_none());
+        assert!(two.tick(&store, 100 * MS).is_none());
+        assert!(one.tick(&store, 200 * MS).is_none(), "1 leads and took both batches, not due yet");
+        assert!(one.is_leader() && !two.is_leader());
+        // 1 misses its heartbeats; 2 takes over; 1 comes back, steps down and hands back.
+        let mut two = vec![two];
+        assert!(run(&mut two, &store, 300 * MS, 800 * MS).is_empty());
+        assert!(two[0].is_leader());
+        assert!(one.tick(&store, 900 * MS).is_none());
+        assert!(!one.is_leader());
+        let exports = run(&mut two, &store, 900 * MS, 2_000 * MS);
+        assert_eq!(exports.iter().map(requests).sum::<u64>(), 7, "nothing lost, nothing twice");
+    }
+
+    #[test]
+    fn a_series_without_requests_expires_and_comes_back_with_a_new_start() {
+        let store = MemoryStore::default();
+        let mut w = vec![pipeline_with(r#""max_series":10,"series_expiry_ms":2000"#, 1)];
+        w[0].init_shared(&store);
+        record(&mut w[0], 1, "quiet");
+        record(&mut w[0], 1, "busy");
+        let mut exports = run(&mut w, &store, 100 * MS, 1_000 * MS);
+        for s in 1..5 {
+            record(&mut w[0], 1, "busy");
+            exports.extend(run(&mut w, &store, s * 1_000 * MS + 100 * MS, (s + 1) * 1_000 * MS));
+        }
+        let series: Vec<Vec<String>> = exports.iter().map(series_of).collect();
+        // Leadership from 100 ms, exports at 1.1, 2.1, 3.1 and 4.1 s.
+        assert_eq!(series.len(), 4, "one export a second");
+        assert!(series[..3].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
+        assert_eq!(series[3].len(), 1, "then it is dropped");
+        assert_eq!(w[0].stats().expired, 1);
+        record(&mut w[0], 2, "quiet");
+        let back = run(&mut w, &store, 5_100 * MS, 6_000 * MS);
+        let req = ExportMetricsServiceRequest::decode(back[0].body.as_slice()).unwrap();
+        let Some(metric::Data::Sum(sum)) = &req.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
+        let quiet = sum.data_points.iter().find(|d| format!("{:?}", d.attributes[0].value).contains("quiet")).unwrap();
+        let busy = sum.data_points.iter().find(|d| format!("{:?}", d.attributes[0].value).contains("busy")).unwrap();
+        assert_eq!(quiet.value, Some(number_data_point::Value::AsInt(2)), "counted anew");
+        assert_eq!(quiet.start_time_unix_nano, 4_100 * MS, "from the export before its return");
+        assert_eq!((busy.value, busy.start_time_unix_nano), (Some(number_data_point::Value::AsInt(5)), 100 * MS));
+    }
+
+    #[test]
+    fn one_export_part_per_tick() {
+        let store = MemoryStore::default();
+        let mut w = pipeline_of("cumulative", 1000);
+        w.init_shared(&store);
+        for i in 0..450 {
+            w.record(&vec![format!("s{i}"); 25], &Measurement::default());
+        }
+        // Leadership from 100 ms: the first export is due at 1.1 s.
+        let mut t = 100 * MS;
+        while t < 1_100 * MS {
+            assert!(w.tick(&store, t).is_none());
+            t += 100 * MS;
+        }
+        assert!(w.tick(&store, t).is_some());
+        assert!(w.tick(&store, t).is_none(), "the next part waits for the next tick");
+        assert!(w.tick(&store, t + 1).is_some());
+    }
+
     #[test]
     fn a_new_leader_starts_new_totals() {
         let store = MemoryStore::default();
         let mut a = vec![pipeline("cumulative", 1)];
-        a[0].init_shared(&store, 0);
+        a[0].init_shared(&store);
         record(&mut a[0], 3, "a");
         let first = run(&mut a, &store, 100 * MS, 1_200 * MS);
         assert_eq!(requests(&first[0]), 3);
@@ -403,7 +559,7 @@ mod tests {
     fn overflow_is_counted() {
         let store = MemoryStore::default();
         let mut w = vec![pipeline("cumulative", 1)];
-        w[0].init_shared(&store, 0);
+        w[0].init_shared(&store);
         for i in 0..10 {
             record(&mut w[0], 1, &format!("peer{i}"));
         }

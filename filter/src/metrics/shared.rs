@@ -1,17 +1,27 @@
-//! The proxy-wide side of metrics, over Envoy's shared data (one store for all VMs of a proxy).
+//! The proxy-wide side of metrics, over what Envoy shares between the VMs of a proxy: shared
+//! data (values with compare-and-swap) and shared queues.
 //!
-//! Workers merge their local deltas into one `pending` entry with compare-and-swap; one VM,
-//! elected through a `leader` entry with a heartbeat, drains `pending` and exports. No shared
-//! data is touched per request.
+//! Each worker hands the deltas it recorded since its last merge to one queue, as a batch of
+//! just the series it touched; one VM, elected through a `leader` entry with a heartbeat,
+//! dequeues the batches and exports. No VM reads or rewrites what the others hold, so a merge
+//! costs what changed, whatever the number of live series. Nothing shared is touched per request.
 
 use super::aggregate::Aggregator;
 
-/// Shared data as the proxy offers it: values with a compare-and-swap version.
+/// What the proxy shares between its VMs.
 pub trait SharedStore {
     /// The value and its version; `None` when the key is absent.
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Store a value if the version is still `cas` (0 stores unconditionally).
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
+    /// The id of queue `name`, created if it does not exist yet; `None` if the proxy refused.
+    /// (Envoy delivers its "queue ready" callback to the VM that registered last; meshtel polls
+    /// on its tick instead and does not need it.)
+    fn queue(&self, name: &str) -> Option<u32>;
+    /// Append `value` to queue `queue`.
+    fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), StoreError>;
+    /// Take the oldest value of queue `queue`; `None` when it is empty or unreadable.
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>>;
 }
 
 /// Why a shared-data write failed.
@@ -34,51 +44,26 @@ pub fn init(store: &dyn SharedStore, key: &str, value: &[u8]) {
     }
 }
 
-/// Merge `local` into the aggregate at `key`. On success `local` is emptied; on failure it is
-/// kept for the next attempt. Returns requests folded into overflow by the shared cap.
-pub fn merge_into(
-    store: &dyn SharedStore,
-    key: &str,
-    local: &mut Aggregator,
-    max_series: usize,
-) -> Result<u64, StoreError> {
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key).unwrap_or_default();
-        let (mut shared, since) =
-            Aggregator::decode(&bytes, max_series).unwrap_or_else(|| (Aggregator::new(max_series), 0));
-        shared.merge(local);
-        match store.set(key, &shared.encode(since), cas) {
-            Ok(()) => {
-                *local = Aggregator::new(max_series);
-                return Ok(shared.take_folded());
-            }
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::CasMismatch)
+/// Hand `local`'s deltas to `queue` as one batch. On success `local` is emptied; on failure it
+/// is kept (bounded by its cap) for the next attempt.
+pub fn hand_over(store: &dyn SharedStore, queue: u32, local: &mut Aggregator) -> Result<(), StoreError> {
+    store.enqueue(queue, &local.encode_batch())?;
+    *local = Aggregator::new(local.max_series());
+    Ok(())
 }
 
-/// Take everything at `key`, leaving an empty aggregate that starts at `now`.
-/// Returns the aggregate and the start of the period it covers.
-pub fn drain(
-    store: &dyn SharedStore,
-    key: &str,
-    max_series: usize,
-    now_ns: u64,
-) -> Result<(Aggregator, u64), StoreError> {
-    let empty = Aggregator::new(max_series).encode(now_ns);
-    for _ in 0..MAX_CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key).unwrap_or_default();
-        let (taken, since) =
-            Aggregator::decode(&bytes, max_series).unwrap_or_else(|| (Aggregator::new(max_series), now_ns));
-        match store.set(key, &empty, cas) {
-            Ok(()) => return Ok((taken, since)),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
+/// Add up to `max_batches` batches from `queue` into `into`. Returns the batches taken and
+/// how many of them were unreadable (dropped: nothing meshtel writes is).
+pub fn take_over(store: &dyn SharedStore, queue: u32, into: &mut Aggregator, max_batches: usize) -> (usize, usize) {
+    let (mut taken, mut bad) = (0, 0);
+    while taken < max_batches {
+        let Some(batch) = store.dequeue(queue) else { break };
+        taken += 1;
+        if into.merge_batch(&batch).is_err() {
+            bad += 1;
         }
     }
-    Err(StoreError::CasMismatch)
+    (taken, bad)
 }
 
 /// Claim or keep leadership: the leader entry holds `token:heartbeat_ns`. A VM takes over
@@ -110,10 +95,19 @@ fn parse_leader(bytes: &[u8]) -> (Option<u64>, u64) {
     }
 }
 
-/// An in-memory [`SharedStore`] with Envoy's compare-and-swap semantics, for tests.
+/// An in-memory [`SharedStore`] with Envoy's semantics (compare-and-swap versions, FIFO
+/// queues shared by name), for tests.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     entries: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    queues: std::cell::RefCell<Vec<(String, std::collections::VecDeque<Vec<u8>>)>>,
+}
+
+impl MemoryStore {
+    /// Values waiting in queue `name`.
+    pub fn queued(&self, name: &str) -> usize {
+        self.queues.borrow().iter().find(|(n, _)| n == name).map_or(0, |(_, q)| q.len())
+    }
 }
 
 impl SharedStore for MemoryStore {
@@ -129,6 +123,30 @@ impl SharedStore for MemoryStore {
         }
         entries.insert(key.to_string(), (value.to_vec(), current + 1));
         Ok(())
+    }
+
+    fn queue(&self, name: &str) -> Option<u32> {
+        let mut queues = self.queues.borrow_mut();
+        let at = match queues.iter().position(|(n, _)| n == name) {
+            Some(at) => at,
+            None => {
+                queues.push((name.to_string(), Default::default()));
+                queues.len() - 1
+            }
+        };
+        // Envoy's queue ids start at 1; 0 is never one.
+        u32::try_from(at + 1).ok()
+    }
+
+    fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), StoreError> {
+        let mut queues = self.queues.borrow_mut();
+        let (_, q) = queues.get_mut((queue as usize).wrapping_sub(1)).ok_or(StoreError::Failed)?;
+        q.push_back(value.to_vec());
+        Ok(())
+    }
+
+    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
+        self.queues.borrow_mut().get_mut((queue as usize).wrapping_sub(1))?.1.pop_front()
     }
 }
 
@@ -146,49 +164,39 @@ mod tests {
     }
 
     #[test]
-    fn workers_merge_and_the_leader_drains_exact_totals() {
+    fn workers_hand_over_and_the_leader_takes_exact_totals() {
         let store = MemoryStore::default();
-        init(&store, "p", &Aggregator::new(100).encode(0));
+        let q = store.queue("q").unwrap();
+        assert_eq!(store.queue("q"), Some(q), "one queue per name");
         let (mut w1, mut w2) = (local(3, "a"), local(4, "b"));
-        merge_into(&store, "p", &mut w1, 100).unwrap();
-        merge_into(&store, "p", &mut w2, 100).unwrap();
+        hand_over(&store, q, &mut w1).unwrap();
+        hand_over(&store, q, &mut w2).unwrap();
+        hand_over(&store, q, &mut local(2, "a")).unwrap();
         assert!(w1.is_empty() && w2.is_empty());
-        let (taken, since) = drain(&store, "p", 100, 10).unwrap();
-        assert_eq!((taken.requests(), since), (7, 0));
-        let (again, since) = drain(&store, "p", 100, 20).unwrap();
-        assert_eq!((again.requests(), since), (0, 10), "drained once, the next period starts at the drain");
+        let mut total = Aggregator::new(100);
+        assert_eq!(take_over(&store, q, &mut total, 2), (2, 0), "at most what was asked");
+        assert_eq!(take_over(&store, q, &mut total, 8), (1, 0));
+        assert_eq!((total.len(), total.requests()), (2, 9));
+        assert_eq!(take_over(&store, q, &mut total, 8), (0, 0), "taken once");
     }
 
     #[test]
-    fn a_lost_race_is_retried_not_lost() {
-        struct Racy<'a>(&'a MemoryStore, std::cell::Cell<bool>);
-        impl SharedStore for Racy<'_> {
-            fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-                self.0.get(key)
-            }
-            fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-                if self.1.replace(false) {
-                    // Another worker writes between our read and our write.
-                    merge_into(self.0, key, &mut local(5, "other"), 100).unwrap();
-                }
-                self.0.set(key, value, cas)
-            }
-        }
+    fn a_refused_hand_over_keeps_the_deltas() {
         let store = MemoryStore::default();
-        init(&store, "p", &Aggregator::new(100).encode(0));
-        let racy = Racy(&store, std::cell::Cell::new(true));
-        merge_into(&racy, "p", &mut local(2, "me"), 100).unwrap();
-        assert_eq!(drain(&store, "p", 100, 1).unwrap().0.requests(), 7);
+        let mut w = local(3, "a");
+        assert_eq!(hand_over(&store, 9, &mut w), Err(StoreError::Failed), "no such queue");
+        assert_eq!(w.requests(), 3);
     }
 
     #[test]
     fn shared_cap_folds_new_label_sets() {
         let store = MemoryStore::default();
-        init(&store, "p", &Aggregator::new(1).encode(0));
-        assert_eq!(merge_into(&store, "p", &mut local(2, "a"), 1).unwrap(), 0);
-        assert_eq!(merge_into(&store, "p", &mut local(3, "b"), 1).unwrap(), 3);
-        let (taken, _) = drain(&store, "p", 1, 1).unwrap();
-        assert_eq!((taken.len(), taken.requests()), (2, 5));
+        let q = store.queue("q").unwrap();
+        hand_over(&store, q, &mut local(2, "a")).unwrap();
+        hand_over(&store, q, &mut local(3, "b")).unwrap();
+        let mut total = Aggregator::new(1);
+        take_over(&store, q, &mut total, 8);
+        assert_eq!((total.len(), total.requests(), total.take_folded()), (2, 5, 3));
     }
 
     #[test]
@@ -204,11 +212,14 @@ mod tests {
     }
 
     #[test]
-    fn garbage_in_shared_data_is_replaced() {
+    fn garbage_is_dropped_and_counted() {
         let store = MemoryStore::default();
-        store.set("p", b"\xff\xff\xff", 0).unwrap();
-        merge_into(&store, "p", &mut local(1, "a"), 100).unwrap();
-        assert_eq!(drain(&store, "p", 100, 1).unwrap().0.requests(), 1);
+        let q = store.queue("q").unwrap();
+        store.enqueue(q, b"\xff\xff\xff").unwrap();
+        hand_over(&store, q, &mut local(1, "a")).unwrap();
+        let mut total = Aggregator::new(100);
+        assert_eq!(take_over(&store, q, &mut total, 8), (2, 1));
+        assert_eq!(total.requests(), 1);
         store.set("l", b"garbage", 0).unwrap();
         assert!(lead(&store, "l", 9, 1, 50));
     }

@@ -76,6 +76,7 @@ impl MetricsEncoder {
 
     /// [`Self::encode`] of the series at positions `part` of the aggregate's order (stable while
     /// the aggregate is not changed): one export of a large aggregate goes out in several bodies.
+    /// A point starts at its series' own `start_ns` when it has one, else at `start_ns`.
     pub fn encode_part(
         &self,
         agg: &Aggregator,
@@ -90,8 +91,10 @@ impl MetricsEncoder {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
         } as u64;
-        let times = |w: &mut Writer| {
-            w.fixed64(field::POINT_START_TIME, start_ns);
+        // A series the cumulative totals began counting later (or again, after its expiry)
+        // carries its own start.
+        let times = |w: &mut Writer, data: &SeriesData| {
+            w.fixed64(field::POINT_START_TIME, if data.start_ns != 0 { data.start_ns } else { start_ns });
             w.fixed64(field::POINT_TIME, now_ns);
         };
         let metric = |w: &mut Writer, name: &str, description: &str, unit: &str| {
@@ -107,7 +110,7 @@ impl MetricsEncoder {
                     for (labels, data) in series() {
                         w.message(field::DATA_POINTS, |w| {
                             let h = of(data).as_ref().unwrap_or(&no_requests);
-                            times(w);
+                            times(w, data);
                             w.fixed64(field::HISTOGRAM_COUNT, h.count);
                             w.double(field::HISTOGRAM_SUM, h.sum);
                             let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
@@ -126,7 +129,7 @@ impl MetricsEncoder {
                 w.message(field::METRIC_SUM, |w| {
                     for (labels, data) in series() {
                         w.message(field::DATA_POINTS, |w| {
-                            times(w);
+                            times(w, data);
                             w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
                             point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
                         });

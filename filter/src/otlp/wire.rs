@@ -96,6 +96,16 @@ impl Writer {
         }
     }
 
+    /// A packed `repeated uint32` or `uint64` field; skipped when empty.
+    pub fn packed_varint<T: Copy + Into<u64>>(&mut self, field: u32, values: &[T]) {
+        if !values.is_empty() {
+            encode_key(field, WireType::LengthDelimited, &mut self.buf);
+            let len: usize = values.iter().map(|v| prost::encoding::encoded_len_varint((*v).into())).sum();
+            encode_varint(len as u64, &mut self.buf);
+            values.iter().for_each(|v| encode_varint((*v).into(), &mut self.buf));
+        }
+    }
+
     /// A packed `repeated double` field; skipped when empty.
     pub fn packed_double(&mut self, field: u32, values: &[f64]) {
         if !values.is_empty() {
