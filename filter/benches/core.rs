@@ -332,20 +332,20 @@ fn exporter_tick(c: &mut Criterion) {
     });
     let batch = local.encode_batch();
     let mut totals = Aggregator::new(SERIES);
-    totals.merge_batch(&batch).unwrap();
+    totals.merge_batch(&batch, None).unwrap();
     g.bench_function("leader: take two workers' batches", |b| {
         b.iter(|| {
             store.enqueue(queue, &batch).unwrap();
             store.enqueue(queue, &batch).unwrap();
-            take_over(&store, queue, &mut totals, 256)
+            take_over(&store, queue, &mut totals, 256, None)
         })
     });
     let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
     let part = 0..meshtel_filter::metrics::MAX_SERIES_PER_EXPORT;
-    g.bench_function("leader: encode one export part (200 series)", |b| {
+    g.bench_function("leader: encode one export part (100 series)", |b| {
         b.iter(|| encoder.encode_part(&totals, config::Temporality::Cumulative, 0, 1, part.clone()))
     });
-    g.bench_function("leader: encode the whole export (10 parts)", |b| {
+    g.bench_function("leader: encode the whole export (20 parts)", |b| {
         b.iter(|| encoder.encode(&totals, config::Temporality::Cumulative, 0, 1))
     });
     g.finish();

@@ -148,6 +148,15 @@ pub struct SeriesData {
 }
 
 impl SeriesData {
+    fn clear(&mut self) {
+        self.requests = 0;
+        for h in [&mut self.duration, &mut self.request_bytes, &mut self.response_bytes].into_iter().flatten() {
+            h.buckets.fill(0);
+            h.sum = 0.0;
+            h.count = 0;
+        }
+    }
+
     fn record(&mut self, m: &Measurement) {
         self.requests += 1;
         self.duration.get_or_insert_with(Histogram::default).record(m.duration_ms);
@@ -197,6 +206,25 @@ struct DeltaBatch {
     values: Vec<String>,
     #[prost(message, repeated, tag = "2")]
     series: Vec<BatchSeries>,
+}
+
+/// The period a merge into cumulative totals covers: a series met for the first time starts
+/// at `start_ns`, and every series merged is marked updated at `now_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Start of the period.
+    pub start_ns: u64,
+    /// End of the period: now.
+    pub now_ns: u64,
+}
+
+impl Stamp {
+    fn apply(self, s: &mut SeriesData) {
+        if s.start_ns == 0 {
+            s.start_ns = self.start_ns;
+        }
+        s.updated_ns = self.now_ns;
+    }
 }
 
 /// Bytes that are not a batch written by [`Aggregator::encode_batch`].
@@ -367,30 +395,36 @@ impl Aggregator {
 
     /// Add a series' encoded deltas; `labels` (`None`: the overflow series) are this
     /// aggregator's own interned values.
-    fn merge_encoded_series(&mut self, labels: Option<&[Rc<str>]>, data: &[u8]) -> Result<(), BadBatch> {
+    fn merge_encoded_series(
+        &mut self,
+        labels: Option<&[Rc<str>]>,
+        data: &[u8],
+        stamp: Option<Stamp>,
+    ) -> Result<(), BadBatch> {
         let Some(labels) = labels else {
             return self.overflow.get_or_insert_with(SeriesData::default).merge_encoded(data);
         };
-        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
-            s.merge_encoded(data)
-        } else if self.series.len() < self.max_series {
-            self.series.entry(SeriesKey(labels.into())).or_default().merge_encoded(data)
-        } else {
-            let mut folded = SeriesData::default();
-            folded.merge_encoded(data)?;
-            self.folded += folded.requests;
-            self.merge_overflow(&folded);
-            Ok(())
+        let admit = self.series.len() < self.max_series;
+        let series = match self.series.get_mut(&Borrowed(labels)) {
+            Some(s) => s,
+            None if admit => self.series.entry(SeriesKey(labels.into())).or_default(),
+            None => {
+                let mut folded = SeriesData::default();
+                folded.merge_encoded(data)?;
+                self.folded += folded.requests;
+                self.merge_overflow(&folded);
+                return Ok(());
+            }
+        };
+        series.merge_encoded(data)?;
+        if let Some(stamp) = stamp {
+            stamp.apply(series);
         }
+        Ok(())
     }
 
     fn merge_overflow(&mut self, data: &SeriesData) {
         self.overflow.get_or_insert_with(SeriesData::default).merge(data);
-    }
-
-    /// The most label sets this aggregator admits.
-    pub fn max_series(&self) -> usize {
-        self.max_series
     }
 
     /// Whether nothing was recorded.
@@ -418,15 +452,15 @@ impl Aggregator {
         std::mem::take(&mut self.folded)
     }
 
-    /// The batch of everything in this aggregator (a `DeltaBatch`): each distinct label value
-    /// once, each series as positions in that table. Proportional to the series held, which for
-    /// a worker's deltas are the series it touched since its last merge.
+    /// The batch of the series with requests in this aggregator (a `DeltaBatch`): each
+    /// distinct label value once, each series as positions in that table. For a worker's
+    /// deltas, the series it touched since it last handed over ([`Aggregator::clear_deltas`]).
     pub fn encode_batch(&self) -> Vec<u8> {
         let mut index: HashMap<*const u8, u32, RandomState> = HashMap::default();
         let mut table = Writer::with_capacity(self.strings.len() * 24);
         let mut series = Writer::with_capacity(self.len() * 256);
         let mut positions = Vec::new();
-        for (labels, data) in self.series() {
+        for (labels, data) in self.series().filter(|(_, d)| d.requests > 0) {
             positions.clear();
             for value in labels.into_iter().flatten() {
                 // Interned: one value, one pointer. The table grows as values are first met.
@@ -451,7 +485,8 @@ impl Aggregator {
     /// Add a batch written by [`Aggregator::encode_batch`], under this aggregator's cap: each
     /// distinct value is interned once, each series found by the values it points at.
     /// `Err` for bytes that are not such a batch; the series read before the error are kept.
-    pub fn merge_batch(&mut self, bytes: &[u8]) -> Result<(), BadBatch> {
+    /// With a `stamp`, the series merged are stamped as cumulative totals are.
+    pub fn merge_batch(&mut self, bytes: &[u8], stamp: Option<Stamp>) -> Result<(), BadBatch> {
         let mut values = Vec::new();
         let mut buf = bytes;
         while !buf.is_empty() {
@@ -496,7 +531,7 @@ impl Aggregator {
                     }
                 }
             }
-            self.merge_encoded_series((!overflow).then_some(&labels[..]), data)?;
+            self.merge_encoded_series((!overflow).then_some(&labels[..]), data, stamp)?;
         }
         // What a batch folded was counted by the worker that wrote it; a shared cap folds anew.
         Ok(())
@@ -514,17 +549,12 @@ impl Aggregator {
         }
     }
 
-    /// Add `other` as cumulative totals do: a series met for the first time starts at
-    /// `start_ns` (the start of the period `other` covers), and every series `other` holds
-    /// is marked updated at `now_ns`.
-    pub fn merge_stamped(&mut self, other: &Aggregator, start_ns: u64, now_ns: u64) {
+    /// Add `other` as cumulative totals do, stamping the series it holds.
+    pub fn merge_stamped(&mut self, other: &Aggregator, stamp: Stamp) {
         for (labels, data) in &other.series {
             self.merge_series(&labels.0, data);
             if let Some(s) = self.series.get_mut(&Borrowed(&labels.0)) {
-                if s.start_ns == 0 {
-                    s.start_ns = start_ns;
-                }
-                s.updated_ns = now_ns;
+                stamp.apply(s);
             }
         }
         if let Some(o) = &other.overflow {
@@ -532,11 +562,31 @@ impl Aggregator {
         }
     }
 
-    /// Drop the series last updated before `cutoff_ns` (by [`Aggregator::merge_stamped`]) and
-    /// the label values no series uses any more. Returns how many series were dropped.
+    /// Drop the series last updated before `cutoff_ns` (by a [`Stamp`]) and the label values
+    /// no series uses any more. Returns how many series were dropped.
     pub fn expire(&mut self, cutoff_ns: u64) -> usize {
+        self.retain(|d| d.updated_ns >= cutoff_ns)
+    }
+
+    /// After the deltas were handed over: zero every series in place, keeping its key and its
+    /// buckets for the requests to come (a known series costs a lookup, not a new entry), and
+    /// drop the series that had no request since the last clear and the values only they used.
+    pub fn clear_deltas(&mut self) {
+        self.retain(|d| d.requests > 0);
+        for data in self.series.values_mut() {
+            data.clear();
+        }
+        self.overflow = None;
+    }
+
+    /// Whether any request was recorded since the last [`Aggregator::clear_deltas`].
+    pub fn has_deltas(&self) -> bool {
+        self.series().any(|(_, d)| d.requests > 0)
+    }
+
+    fn retain(&mut self, keep: impl Fn(&SeriesData) -> bool) -> usize {
         let before = self.series.len();
-        self.series.retain(|_, d| d.updated_ns >= cutoff_ns);
+        self.series.retain(|_, d| keep(d));
         let dropped = before - self.series.len();
         if dropped > 0 {
             self.strings.retain(|s| Rc::strong_count(s) > 1);
@@ -611,9 +661,9 @@ mod tests {
         let bytes = a.encode_batch();
         assert_eq!(DeltaBatch::decode(bytes.as_slice()).unwrap().values.len(), 6, "each value written once");
         let mut b = Aggregator::new(10);
-        b.merge_batch(&bytes).unwrap();
+        b.merge_batch(&bytes, None).unwrap();
         assert_eq!((b.len(), b.strings.len()), (5, 6), "read values are interned too");
-        b.merge_batch(&bytes).unwrap();
+        b.merge_batch(&bytes, None).unwrap();
         assert_eq!((b.len(), b.requests(), b.strings.len()), (5, 10, 6));
     }
 
@@ -648,8 +698,8 @@ mod tests {
             prost::encoding::string::encode(BATCH_VALUES, v, &mut reordered);
         }
         let (mut back, mut again) = (Aggregator::new(2), Aggregator::new(2));
-        back.merge_batch(&reordered).unwrap();
-        again.merge_batch(&bytes).unwrap();
+        back.merge_batch(&reordered, None).unwrap();
+        again.merge_batch(&bytes, None).unwrap();
         assert_eq!((back.len(), back.requests()), (3, 3));
         assert_eq!(schema_series(&back.encode_batch()), schema_series(&again.encode_batch()));
     }
@@ -679,23 +729,43 @@ mod tests {
     }
 
     #[test]
+    fn cleared_deltas_keep_live_series_and_drop_idle_ones() {
+        let mut a = Aggregator::new(10);
+        a.record(&labels(1), &m(1.0));
+        a.record(&labels(2), &m(1.0));
+        a.clear_deltas();
+        assert!(!a.has_deltas());
+        assert_eq!(a.len(), 2, "kept for the requests to come");
+        assert!(a.encode_batch().is_empty(), "nothing to hand over");
+        let d = a.series().next().unwrap().1;
+        assert_eq!((d.requests, d.duration.as_ref().map(|h| (h.count, h.sum))), (0, Some((0, 0.0))));
+        a.record(&labels(2), &m(5.0));
+        let mut b = Aggregator::new(10);
+        b.merge_batch(&a.encode_batch(), None).unwrap();
+        assert_eq!((b.len(), b.requests()), (1, 1), "only what was touched since");
+        a.clear_deltas();
+        assert_eq!(a.len(), 1, "series 1 was idle for a whole interval");
+        assert_eq!(a.strings.len(), 1, "and its values went with it");
+    }
+
+    #[test]
     fn bad_batches_are_refused() {
         let mut a = Aggregator::new(10);
         a.record(&labels(1), &m(1.0));
         let good = a.encode_batch();
         let mut agg = Aggregator::new(10);
-        assert_eq!(agg.merge_batch(&[0xff, 0xff, 0xff]), Err(BadBatch));
-        assert_eq!(agg.merge_batch(&good[..good.len() - 3]), Err(BadBatch), "truncated");
+        assert_eq!(agg.merge_batch(&[0xff, 0xff, 0xff], None), Err(BadBatch));
+        assert_eq!(agg.merge_batch(&good[..good.len() - 3], None), Err(BadBatch), "truncated");
         // A series pointing past the value table.
         let mut w = Writer::default();
         w.message(BATCH_SERIES, |w| w.packed_varint(SERIES_LABELS, &[7u32]));
-        assert_eq!(agg.merge_batch(&w.into_bytes()), Err(BadBatch));
+        assert_eq!(agg.merge_batch(&w.into_bytes(), None), Err(BadBatch));
         // A value that is not UTF-8.
         let mut w = Writer::default();
         w.bytes(BATCH_VALUES, &[0xc3, 0x28]);
-        assert_eq!(agg.merge_batch(&w.into_bytes()), Err(BadBatch));
-        assert_eq!(agg.merge_batch(&[]), Ok(()), "an empty batch is nothing");
-        assert_eq!(agg.merge_batch(&good), Ok(()));
+        assert_eq!(agg.merge_batch(&w.into_bytes(), None), Err(BadBatch));
+        assert_eq!(agg.merge_batch(&[], None), Ok(()), "an empty batch is nothing");
+        assert_eq!(agg.merge_batch(&good, None), Ok(()));
         assert_eq!(agg.requests(), 1);
     }
 
@@ -705,10 +775,10 @@ mod tests {
         let mut d = Aggregator::new(10);
         d.record(&labels(1), &m(1.0));
         d.record(&labels(2), &m(1.0));
-        total.merge_stamped(&d, 100, 200);
+        total.merge_stamped(&d, Stamp { start_ns: 100, now_ns: 200 });
         let mut d = Aggregator::new(10);
         d.record(&labels(2), &m(1.0));
-        total.merge_stamped(&d, 200, 300);
+        total.merge_stamped(&d, Stamp { start_ns: 200, now_ns: 300 });
         let stamps = |t: &Aggregator, i: usize| {
             let want = labels(i);
             t.series()
@@ -723,7 +793,7 @@ mod tests {
         // A series back after its expiry starts anew.
         let mut d = Aggregator::new(10);
         d.record(&labels(1), &m(1.0));
-        total.merge_stamped(&d, 400, 500);
+        total.merge_stamped(&d, Stamp { start_ns: 400, now_ns: 500 });
         assert_eq!(stamps(&total, 1), Some((400, 500)));
         assert_eq!(total.requests(), 3, "1 for series 1 since its return, 2 for series 2");
     }
@@ -802,7 +872,7 @@ mod tests {
             a.record(&labels(i), &m(i as f64));
         }
         let mut back = Aggregator::new(2);
-        back.merge_batch(&a.encode_batch()).unwrap();
+        back.merge_batch(&a.encode_batch(), None).unwrap();
         assert_eq!(back.requests(), 4);
         assert_eq!(back.len(), 3, "two series and the overflow");
         assert_eq!(back.take_folded(), 2);

@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use crate::config::{Config, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, METRICS_PATH};
-use aggregate::{Aggregator, Measurement};
+use aggregate::{Aggregator, Measurement, Stamp};
 use shared::SharedStore;
 
 /// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
@@ -25,9 +25,10 @@ pub fn shared_key(scope: &str, entry: &str) -> String {
 }
 
 /// Most series in one export body. Istio's 25 labels make a series ~6.4 KB of OTLP (four points):
-/// 200 keep a body near 1.3 MB, under the Collector's limits (4 MiB per OTLP/gRPC message by
-/// default, 20 MiB per OTLP/HTTP body) and the memory a body costs the VM and Envoy while in flight.
-pub const MAX_SERIES_PER_EXPORT: usize = 200;
+/// 100 keep a body near 640 KB, well under the Collector's limits (4 MiB per OTLP/gRPC message
+/// by default, 20 MiB per OTLP/HTTP body), and bound the memory a body costs the VM (which keeps
+/// it for a retry) and Envoy while it is in flight. One part goes out per tick.
+pub const MAX_SERIES_PER_EXPORT: usize = 100;
 
 /// Most batches the leader takes from the queue per merge: one per worker per merge interval
 /// arrive, so this bounds a tick's work without letting the queue grow.
@@ -75,9 +76,9 @@ pub struct MetricsPipeline {
     token: u64,
     /// This VM's deltas since its last merge.
     local: Aggregator,
-    /// As the leader: every worker's deltas taken since the last export, and since when.
+    /// As the leader: the workers' deltas taken since the last export (delta temporality),
+    /// or while a cumulative export is being sent.
     pending: Aggregator,
-    pending_since_ns: u64,
     /// As the leader under cumulative temporality: the totals of this term.
     cumulative: Aggregator,
     cumulative_start_ns: u64,
@@ -110,7 +111,6 @@ impl MetricsPipeline {
             token,
             local: Aggregator::new(m.max_series),
             pending: Aggregator::new(m.max_series),
-            pending_since_ns: now_ns,
             cumulative: Aggregator::new(m.max_series),
             cumulative_start_ns: now_ns,
             leading: false,
@@ -142,6 +142,7 @@ impl MetricsPipeline {
     pub(crate) fn local_series(&self) -> Vec<(Vec<String>, u64)> {
         self.local
             .series()
+            .filter(|(_, d)| d.requests > 0)
             .filter_map(|(l, d)| Some((l?.iter().map(|s| s.to_string()).collect(), d.requests)))
             .collect()
     }
@@ -185,25 +186,21 @@ impl MetricsPipeline {
             self.queue = store.queue(&self.queue_name);
         }
         let Some(queue) = self.queue else { return };
-        if !self.local.is_empty() {
-            self.stats.overflowed += self.local.take_folded();
-            // On failure the deltas stay local (bounded by max_series) and go on a later tick.
-            let _ = shared::hand_over(store, queue, &mut self.local);
-        }
+        self.stats.overflowed += self.local.take_folded();
+        // On failure the deltas stay local (bounded by max_series) and go on a later tick.
+        let _ = shared::hand_over(store, queue, &mut self.local);
         let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
         let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
         if leading && !self.leading {
             // A new term starts new totals: the collector sees a reset, never a double count.
             self.cumulative = Aggregator::new(self.max_series);
             self.cumulative_start_ns = now_ns;
-            self.pending_since_ns = now_ns;
             self.last_export_ns = now_ns;
         }
         if !leading && self.leading {
             // Stepped down: what was taken and not exported goes back for the next leader.
-            if !self.pending.is_empty() && shared::hand_over(store, queue, &mut self.pending).is_err() {
-                self.pending = Aggregator::new(self.max_series);
-            }
+            let _ = shared::hand_over(store, queue, &mut self.pending);
+            self.pending = Aggregator::new(self.max_series);
             self.cumulative = Aggregator::new(self.max_series);
         }
         if leading != self.leading && self.temporality == Temporality::Cumulative {
@@ -211,9 +208,15 @@ impl MetricsPipeline {
         }
         self.leading = leading;
         if leading {
-            let (_, unreadable) = shared::take_over(store, queue, &mut self.pending, MAX_BATCHES_PER_MERGE);
+            // Cumulative totals take the batches straight in, unless an export is iterating them.
+            let direct = self.temporality == Temporality::Cumulative && self.in_progress.is_none();
+            let (into, stamp) = match direct {
+                true => (&mut self.cumulative, Some(Stamp { start_ns: self.last_export_ns, now_ns })),
+                false => (&mut self.pending, None),
+            };
+            let (_, unreadable) = shared::take_over(store, queue, into, MAX_BATCHES_PER_MERGE, stamp);
             self.stats.unreadable += unreadable as u64;
-            self.stats.overflowed += self.pending.take_folded();
+            self.stats.overflowed += into.take_folded();
         }
     }
 
@@ -223,12 +226,13 @@ impl MetricsPipeline {
         if !self.leading || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns {
             return None;
         }
-        self.last_export_ns = now_ns;
-        let since = std::mem::replace(&mut self.pending_since_ns, now_ns);
+        let since = std::mem::replace(&mut self.last_export_ns, now_ns);
         let taken = std::mem::replace(&mut self.pending, Aggregator::new(self.max_series));
         match self.temporality {
             Temporality::Cumulative => {
-                self.cumulative.merge_stamped(&taken, since, now_ns);
+                if !taken.is_empty() {
+                    self.cumulative.merge_stamped(&taken, Stamp { start_ns: since, now_ns });
+                }
                 self.stats.overflowed += self.cumulative.take_folded();
                 if let Some(expiry) = self.series_expiry_ns {
                     self.stats.expired += self.cumulative.expire(now_ns.saturating_sub(expiry)) as u64;
@@ -361,18 +365,23 @@ mod tests {
                 t += 100 * MS;
             }
             assert_eq!(parts.len(), 2, "{temporality}: max_in_flight parts, then it waits");
-            for (token, _) in &parts {
-                w.sender().completed(*token, crate::export::Outcome::Success { rejected: 0 }, t);
+            // Answered: the rest goes out, one part per tick.
+            let mut answered = 0;
+            for _ in 0..3 {
+                for (token, _) in &parts[answered..] {
+                    w.sender().completed(*token, crate::export::Outcome::Success { rejected: 0 }, t);
+                }
+                answered = parts.len();
+                send_all(&mut w, &mut parts, t);
+                t += 100 * MS;
             }
-            send_all(&mut w, &mut parts, t);
-            assert_eq!(parts.len(), 3, "{temporality}: the rest once answered");
             let parts: Vec<Payload> = parts.into_iter().map(|(_, p)| p).collect();
             let sizes: Vec<usize> = parts.iter().map(|p| series_of(p).len()).collect();
-            assert_eq!(sizes, [200, 200, 50]);
+            assert_eq!(sizes, [100, 100, 100, 100, 50], "{temporality}");
             let all: std::collections::HashSet<String> = parts.iter().flat_map(series_of).collect();
             assert_eq!(all.len(), 450, "{temporality}: every series once");
             assert_eq!(parts.iter().map(requests).sum::<u64>(), 450);
-            assert!(w.tick(&store, t + 100 * MS).is_none(), "{temporality}: done until the next interval");
+            assert!(w.tick(&store, t).is_none(), "{temporality}: done until the next interval");
         }
     }
 
@@ -446,7 +455,7 @@ mod tests {
         std::iter::from_fn(|| store.dequeue(q))
             .map(|b| {
                 let mut a = Aggregator::new(10_000);
-                a.merge_batch(&b).unwrap();
+                a.merge_batch(&b, None).unwrap();
                 a.len()
             })
             .collect()
@@ -504,10 +513,11 @@ mod tests {
             exports.extend(run(&mut w, &store, s * 1_000 * MS + 100 * MS, (s + 1) * 1_000 * MS));
         }
         let series: Vec<Vec<String>> = exports.iter().map(series_of).collect();
-        // Leadership from 100 ms, exports at 1.1, 2.1, 3.1 and 4.1 s.
+        // Leadership from 100 ms, when the quiet series was last taken; exports at 1.1, 2.1, 3.1
+        // and 4.1 s.
         assert_eq!(series.len(), 4, "one export a second");
-        assert!(series[..3].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
-        assert_eq!(series[3].len(), 1, "then it is dropped");
+        assert!(series[..2].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
+        assert!(series[2..].iter().all(|s| s.len() == 1), "then it is dropped");
         assert_eq!(w[0].stats().expired, 1);
         record(&mut w[0], 2, "quiet");
         let back = run(&mut w, &store, 5_100 * MS, 6_000 * MS);

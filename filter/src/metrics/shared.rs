@@ -6,7 +6,7 @@
 //! dequeues the batches and exports. No VM reads or rewrites what the others hold, so a merge
 //! costs what changed, whatever the number of live series. Nothing shared is touched per request.
 
-use super::aggregate::Aggregator;
+use super::aggregate::{Aggregator, Stamp};
 
 /// What the proxy shares between its VMs.
 pub trait SharedStore {
@@ -44,22 +44,32 @@ pub fn init(store: &dyn SharedStore, key: &str, value: &[u8]) {
     }
 }
 
-/// Hand `local`'s deltas to `queue` as one batch. On success `local` is emptied; on failure it
-/// is kept (bounded by its cap) for the next attempt.
+/// Hand `local`'s deltas to `queue` as one batch, if it has any. On success they are cleared
+/// ([`Aggregator::clear_deltas`]); on failure they are kept (bounded by the cap) for the next
+/// attempt.
 pub fn hand_over(store: &dyn SharedStore, queue: u32, local: &mut Aggregator) -> Result<(), StoreError> {
-    store.enqueue(queue, &local.encode_batch())?;
-    *local = Aggregator::new(local.max_series());
+    if local.has_deltas() {
+        store.enqueue(queue, &local.encode_batch())?;
+    }
+    local.clear_deltas();
     Ok(())
 }
 
-/// Add up to `max_batches` batches from `queue` into `into`. Returns the batches taken and
-/// how many of them were unreadable (dropped: nothing meshtel writes is).
-pub fn take_over(store: &dyn SharedStore, queue: u32, into: &mut Aggregator, max_batches: usize) -> (usize, usize) {
+/// Add up to `max_batches` batches from `queue` into `into`, stamped with `stamp` if given.
+/// Returns the batches taken and how many of them were unreadable (dropped: nothing meshtel
+/// writes is).
+pub fn take_over(
+    store: &dyn SharedStore,
+    queue: u32,
+    into: &mut Aggregator,
+    max_batches: usize,
+    stamp: Option<Stamp>,
+) -> (usize, usize) {
     let (mut taken, mut bad) = (0, 0);
     while taken < max_batches {
         let Some(batch) = store.dequeue(queue) else { break };
         taken += 1;
-        if into.merge_batch(&batch).is_err() {
+        if into.merge_batch(&batch, stamp).is_err() {
             bad += 1;
         }
     }
@@ -172,12 +182,12 @@ mod tests {
         hand_over(&store, q, &mut w1).unwrap();
         hand_over(&store, q, &mut w2).unwrap();
         hand_over(&store, q, &mut local(2, "a")).unwrap();
-        assert!(w1.is_empty() && w2.is_empty());
+        assert!(!w1.has_deltas() && !w2.has_deltas());
         let mut total = Aggregator::new(100);
-        assert_eq!(take_over(&store, q, &mut total, 2), (2, 0), "at most what was asked");
-        assert_eq!(take_over(&store, q, &mut total, 8), (1, 0));
+        assert_eq!(take_over(&store, q, &mut total, 2, None), (2, 0), "at most what was asked");
+        assert_eq!(take_over(&store, q, &mut total, 8, None), (1, 0));
         assert_eq!((total.len(), total.requests()), (2, 9));
-        assert_eq!(take_over(&store, q, &mut total, 8), (0, 0), "taken once");
+        assert_eq!(take_over(&store, q, &mut total, 8, None), (0, 0), "taken once");
     }
 
     #[test]
@@ -195,7 +205,7 @@ mod tests {
         hand_over(&store, q, &mut local(2, "a")).unwrap();
         hand_over(&store, q, &mut local(3, "b")).unwrap();
         let mut total = Aggregator::new(1);
-        take_over(&store, q, &mut total, 8);
+        take_over(&store, q, &mut total, 8, None);
         assert_eq!((total.len(), total.requests(), total.take_folded()), (2, 5, 3));
     }
 
@@ -218,7 +228,7 @@ mod tests {
         store.enqueue(q, b"\xff\xff\xff").unwrap();
         hand_over(&store, q, &mut local(1, "a")).unwrap();
         let mut total = Aggregator::new(100);
-        assert_eq!(take_over(&store, q, &mut total, 8), (2, 1));
+        assert_eq!(take_over(&store, q, &mut total, 8, None), (2, 1));
         assert_eq!(total.requests(), 1);
         store.set("l", b"garbage", 0).unwrap();
         assert!(lead(&store, "l", 9, 1, 50));

@@ -342,7 +342,18 @@ fn main() {
             Filter::Other(path.into(), config),
         ));
     }
-    scenarios.extend(sweep_scenarios(&with(json!({"traces": {"enabled": false}}))));
+    let metrics_only = with(json!({"traces": {"enabled": false}}));
+    scenarios.extend(sweep_scenarios(&metrics_only));
+    if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
+        // The ends of the sweep for the other build too: the A/B of a change to the series path.
+        for (peers, name) in [
+            (1, "series sweep: BENCH_COMPARE_WASM, 1 live series"),
+            (2000, "series sweep: BENCH_COMPARE_WASM, 2000 live series"),
+        ] {
+            let filter = Filter::Other(path.clone().into(), metrics_only.clone());
+            scenarios.push(Scenario { peers, ..Scenario::config(name, filter) });
+        }
+    }
     scenarios.extend(probe_scenarios());
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let scenarios: Vec<&Scenario> = scenarios
