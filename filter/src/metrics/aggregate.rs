@@ -139,7 +139,7 @@ pub struct SeriesData {
     #[prost(message, optional, tag = "4")]
     pub response_bytes: Option<Histogram>,
     /// When the cumulative totals began counting this series (set by
-    /// [`Aggregator::merge_stamped`]; zero, and so not on the wire, in deltas).
+    /// a [`Stamp`] of [`Aggregator::merge_batch`]; zero, and so not on the wire, in deltas).
     #[prost(uint64, tag = "5")]
     pub start_ns: u64,
     /// When the cumulative totals last saw this series change (as `start_ns`).
@@ -331,30 +331,77 @@ impl SeriesData {
     }
 }
 
+thread_local! {
+    /// The label values of every aggregator of this VM, one allocation each: a worker's deltas
+    /// and the exporting VM's totals point at the same copy. (A VM is one thread; natively,
+    /// each test thread has its own.)
+    static VALUES: std::cell::RefCell<HashSet<Rc<str>, RandomState>> = Default::default();
+}
+
+/// This VM's one copy of `value`.
+fn intern(value: &str) -> Rc<str> {
+    let shared = VALUES.try_with(|values| {
+        let mut values = values.try_borrow_mut().ok()?;
+        Some(match values.get(value) {
+            Some(s) => s.clone(),
+            None => {
+                let s: Rc<str> = Rc::from(value);
+                values.insert(s.clone());
+                s
+            }
+        })
+    });
+    // Unreachable in a VM (one thread, no reentrancy); a private copy rather than a panic.
+    shared.ok().flatten().unwrap_or_else(|| Rc::from(value))
+}
+
+/// Free the values no series of this VM uses any more.
+fn release_unused_values() {
+    // `try_with`: never a panic, not even while the thread (natively) is being torn down.
+    let _ = VALUES.try_with(|values| {
+        if let Ok(mut values) = values.try_borrow_mut() {
+            values.retain(|s| Rc::strong_count(s) > 1);
+        }
+    });
+}
+
+/// Distinct label values this VM holds.
+#[cfg(test)]
+fn values_held() -> usize {
+    VALUES.with_borrow(|values| values.len())
+}
+
 /// Series per label set, at most `max_series` of them; past that, new label sets are folded
 /// into one overflow series (OpenTelemetry's cardinality limit), and a label set once admitted
 /// keeps its own series.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Aggregator {
     // foldhash: several times faster than SipHash over the 25 label strings hashed per request,
     // and seeded per process, so peers cannot choose colliding label values ahead of time.
     series: HashMap<SeriesKey, SeriesData, RandomState>,
-    /// The distinct label values of `series`, one allocation each.
-    strings: HashSet<Rc<str>, RandomState>,
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
 }
 
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        if !self.series.is_empty() {
+            self.series.clear();
+            release_unused_values();
+        }
+    }
+}
+
 impl Aggregator {
     /// An empty aggregator admitting at most `max_series` label sets.
     pub fn new(max_series: usize) -> Self {
-        Self { max_series, ..Default::default() }
+        Self { series: HashMap::default(), overflow: None, max_series, folded: 0 }
     }
 
     /// The key of a new series, its values interned.
     fn key<S: AsRef<str>>(&mut self, labels: &[S]) -> SeriesKey {
-        SeriesKey(labels.iter().map(|l| self.intern(l.as_ref())).collect())
+        SeriesKey(labels.iter().map(|l| intern(l.as_ref())).collect())
     }
 
     /// Record one request; the label values are copied only for a new series.
@@ -457,29 +504,31 @@ impl Aggregator {
     /// deltas, the series it touched since it last handed over ([`Aggregator::clear_deltas`]).
     pub fn encode_batch(&self) -> Vec<u8> {
         let mut index: HashMap<*const u8, u32, RandomState> = HashMap::default();
-        let mut table = Writer::with_capacity(self.strings.len() * 24);
-        let mut series = Writer::with_capacity(self.len() * 256);
+        let mut table: Vec<&str> = Vec::new();
+        // One buffer, the series first and the table after them (a reader takes the fields in
+        // any order), sized for Istio's labels: ~40 bytes of positions and ~120 of data a series.
+        let mut w = Writer::with_capacity(self.len() * 216);
         let mut positions = Vec::new();
         for (labels, data) in self.series().filter(|(_, d)| d.requests > 0) {
             positions.clear();
             for value in labels.into_iter().flatten() {
                 // Interned: one value, one pointer. The table grows as values are first met.
-                let next = index.len() as u32;
                 let at = *index.entry(value.as_ptr()).or_insert_with(|| {
-                    table.repeated_string(BATCH_VALUES, value);
-                    next
+                    table.push(value);
+                    table.len() as u32 - 1
                 });
                 positions.push(at);
             }
-            series.message(BATCH_SERIES, |w| {
+            w.message(BATCH_SERIES, |w| {
                 w.packed_varint(SERIES_LABELS, &positions);
                 w.bool(SERIES_OVERFLOW, labels.is_none());
                 w.message(SERIES_DATA, |w| data.write(w));
             });
         }
-        let mut bytes = table.into_bytes();
-        bytes.extend_from_slice(&series.into_bytes());
-        bytes
+        for value in table {
+            w.repeated_string(BATCH_VALUES, value);
+        }
+        w.into_bytes()
     }
 
     /// Add a batch written by [`Aggregator::encode_batch`], under this aggregator's cap: each
@@ -493,7 +542,7 @@ impl Aggregator {
             let (tag, wire_type) = read_key(&mut buf)?;
             if (tag, wire_type) == (BATCH_VALUES, WireType::LengthDelimited) {
                 let value = std::str::from_utf8(length_delimited(&mut buf)?).map_err(|_| BadBatch)?;
-                values.push(self.intern(value));
+                values.push(intern(value));
             } else {
                 skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?;
             }
@@ -537,31 +586,6 @@ impl Aggregator {
         Ok(())
     }
 
-    /// The aggregator's one copy of `value`.
-    fn intern(&mut self, value: &str) -> Rc<str> {
-        match self.strings.get(value) {
-            Some(s) => s.clone(),
-            None => {
-                let s: Rc<str> = Rc::from(value);
-                self.strings.insert(s.clone());
-                s
-            }
-        }
-    }
-
-    /// Add `other` as cumulative totals do, stamping the series it holds.
-    pub fn merge_stamped(&mut self, other: &Aggregator, stamp: Stamp) {
-        for (labels, data) in &other.series {
-            self.merge_series(&labels.0, data);
-            if let Some(s) = self.series.get_mut(&Borrowed(&labels.0)) {
-                stamp.apply(s);
-            }
-        }
-        if let Some(o) = &other.overflow {
-            self.merge_overflow(o);
-        }
-    }
-
     /// Drop the series last updated before `cutoff_ns` (by a [`Stamp`]) and the label values
     /// no series uses any more. Returns how many series were dropped.
     pub fn expire(&mut self, cutoff_ns: u64) -> usize {
@@ -589,7 +613,7 @@ impl Aggregator {
         self.series.retain(|_, d| keep(d));
         let dropped = before - self.series.len();
         if dropped > 0 {
-            self.strings.retain(|s| Rc::strong_count(s) > 1);
+            release_unused_values();
         }
         dropped
     }
@@ -657,14 +681,19 @@ mod tests {
             a.record(&l, &m(1.0));
         }
         assert_eq!(a.len(), 5);
-        assert_eq!(a.strings.len(), 6, "the five callers and the one value they share");
+        assert_eq!(values_held(), 6, "the five callers and the one value they share");
+        let before = a.encode_batch();
         let bytes = a.encode_batch();
         assert_eq!(DeltaBatch::decode(bytes.as_slice()).unwrap().values.len(), 6, "each value written once");
         let mut b = Aggregator::new(10);
         b.merge_batch(&bytes, None).unwrap();
-        assert_eq!((b.len(), b.strings.len()), (5, 6), "read values are interned too");
+        assert_eq!((b.len(), values_held()), (5, 6), "read values are the same copies");
+        drop(a);
+        release_unused_values();
+        assert_eq!(values_held(), 6, "b still uses them");
+        assert_eq!(b.encode_batch().len(), before.len());
         b.merge_batch(&bytes, None).unwrap();
-        assert_eq!((b.len(), b.requests(), b.strings.len()), (5, 10, 6));
+        assert_eq!((b.len(), b.requests(), values_held()), (5, 10, 6));
     }
 
     #[test]
@@ -745,7 +774,7 @@ mod tests {
         assert_eq!((b.len(), b.requests()), (1, 1), "only what was touched since");
         a.clear_deltas();
         assert_eq!(a.len(), 1, "series 1 was idle for a whole interval");
-        assert_eq!(a.strings.len(), 1, "and its values went with it");
+        assert_eq!(values_held(), 1, "and its values went with it");
     }
 
     #[test]
@@ -772,13 +801,15 @@ mod tests {
     #[test]
     fn cumulative_totals_stamp_and_expire_series() {
         let mut total = Aggregator::new(10);
-        let mut d = Aggregator::new(10);
-        d.record(&labels(1), &m(1.0));
-        d.record(&labels(2), &m(1.0));
-        total.merge_stamped(&d, Stamp { start_ns: 100, now_ns: 200 });
-        let mut d = Aggregator::new(10);
-        d.record(&labels(2), &m(1.0));
-        total.merge_stamped(&d, Stamp { start_ns: 200, now_ns: 300 });
+        let batch = |of: &[usize]| {
+            let mut d = Aggregator::new(10);
+            for i in of {
+                d.record(&labels(*i), &m(1.0));
+            }
+            d.encode_batch()
+        };
+        total.merge_batch(&batch(&[1, 2]), Some(Stamp { start_ns: 100, now_ns: 200 })).unwrap();
+        total.merge_batch(&batch(&[2]), Some(Stamp { start_ns: 200, now_ns: 300 })).unwrap();
         let stamps = |t: &Aggregator, i: usize| {
             let want = labels(i);
             t.series()
@@ -789,11 +820,9 @@ mod tests {
         assert_eq!(stamps(&total, 2), Some((100, 300)), "the start is kept, the update moves");
         assert_eq!(total.expire(250), 1);
         assert_eq!((stamps(&total, 1), total.len()), (None, 1));
-        assert_eq!(total.strings.len(), 1, "the dropped series' values went with it");
+        assert_eq!(values_held(), 1, "the dropped series' values went with it");
         // A series back after its expiry starts anew.
-        let mut d = Aggregator::new(10);
-        d.record(&labels(1), &m(1.0));
-        total.merge_stamped(&d, Stamp { start_ns: 400, now_ns: 500 });
+        total.merge_batch(&batch(&[1]), Some(Stamp { start_ns: 400, now_ns: 500 })).unwrap();
         assert_eq!(stamps(&total, 1), Some((400, 500)));
         assert_eq!(total.requests(), 3, "1 for series 1 since its return, 2 for series 2");
     }

@@ -76,8 +76,7 @@ pub struct MetricsPipeline {
     token: u64,
     /// This VM's deltas since its last merge.
     local: Aggregator,
-    /// As the leader: the workers' deltas taken since the last export (delta temporality),
-    /// or while a cumulative export is being sent.
+    /// As the leader under delta temporality: the workers' deltas taken since the last export.
     pending: Aggregator,
     /// As the leader under cumulative temporality: the totals of this term.
     cumulative: Aggregator,
@@ -207,13 +206,14 @@ impl MetricsPipeline {
             self.in_progress = None;
         }
         self.leading = leading;
-        if leading {
-            // Cumulative totals take the batches straight in, unless an export is iterating them.
-            let direct = self.temporality == Temporality::Cumulative && self.in_progress.is_none();
-            let (into, stamp) = match direct {
-                true => (&mut self.cumulative, Some(Stamp { start_ns: self.last_export_ns, now_ns })),
-                false => (&mut self.pending, None),
-            };
+        // Cumulative totals take the batches straight in; while an export is iterating them,
+        // the batches wait in the queue (in Envoy, a third of a decoded copy's size) until it
+        // is sent. Delta exports own what they send, and the next deltas gather beside them.
+        let (into, stamp) = match self.temporality {
+            Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: self.last_export_ns, now_ns })),
+            Temporality::Delta => (&mut self.pending, None),
+        };
+        if leading && (stamp.is_none() || self.in_progress.is_none()) {
             let (_, unreadable) = shared::take_over(store, queue, into, MAX_BATCHES_PER_MERGE, stamp);
             self.stats.unreadable += unreadable as u64;
             self.stats.overflowed += into.take_folded();
@@ -227,12 +227,8 @@ impl MetricsPipeline {
             return None;
         }
         let since = std::mem::replace(&mut self.last_export_ns, now_ns);
-        let taken = std::mem::replace(&mut self.pending, Aggregator::new(self.max_series));
         match self.temporality {
             Temporality::Cumulative => {
-                if !taken.is_empty() {
-                    self.cumulative.merge_stamped(&taken, Stamp { start_ns: since, now_ns });
-                }
                 self.stats.overflowed += self.cumulative.take_folded();
                 if let Some(expiry) = self.series_expiry_ns {
                     self.stats.expired += self.cumulative.expire(now_ns.saturating_sub(expiry)) as u64;
@@ -241,6 +237,7 @@ impl MetricsPipeline {
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
             }
             Temporality::Delta => {
+                let taken = std::mem::replace(&mut self.pending, Aggregator::new(self.max_series));
                 (!taken.is_empty()).then_some(ExportInProgress { delta: Some(taken), next: 0, start_ns: since, now_ns })
             }
         }
