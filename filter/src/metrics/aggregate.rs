@@ -40,6 +40,13 @@ pub const BUCKET_BOUNDS: [f64; 19] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SeriesKey(Box<[Rc<str>]>);
 
+impl SeriesKey {
+    /// The key of a new series, its values interned.
+    fn of<S: AsRef<str>>(labels: &[S]) -> Self {
+        SeriesKey(labels.iter().map(|l| intern(l.as_ref())).collect())
+    }
+}
+
 impl std::hash::Hash for SeriesKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         hash_labels(&self.0, state);
@@ -399,28 +406,24 @@ impl Aggregator {
         Self { series: HashMap::default(), overflow: None, max_series, folded: 0 }
     }
 
-    /// The key of a new series, its values interned.
-    fn key<S: AsRef<str>>(&mut self, labels: &[S]) -> SeriesKey {
-        SeriesKey(labels.iter().map(|l| intern(l.as_ref())).collect())
-    }
-
     /// Record one request; the label values are copied only for a new series.
     pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
         if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
             s.record(m);
         } else if self.series.len() < self.max_series {
-            let key = self.key(labels);
-            self.series.entry(key).or_default().record(m);
+            self.series.entry(SeriesKey::of(labels)).or_default().record(m);
         } else {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m);
         }
     }
 
-    /// Add everything in `other`, under this aggregator's cap.
-    pub fn merge(&mut self, other: &Aggregator) {
-        for (labels, data) in &other.series {
-            self.merge_series(&labels.0, data);
+    /// Add the deltas in `other` (its series with requests), under this aggregator's cap; with
+    /// a `stamp`, as cumulative totals do. The exporting VM adds its own deltas this way, without
+    /// a batch.
+    pub fn merge_deltas(&mut self, other: &Aggregator, stamp: Option<Stamp>) {
+        for (labels, data) in other.series.iter().filter(|(_, d)| d.requests > 0) {
+            self.merge_series(&labels.0, data, stamp);
         }
         if let Some(o) = &other.overflow {
             self.merge_overflow(o);
@@ -428,15 +431,20 @@ impl Aggregator {
     }
 
     /// Add one series' data, under the cap.
-    fn merge_series<S: AsRef<str>>(&mut self, labels: &[S], data: &SeriesData) {
-        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
-            s.merge(data);
-        } else if self.series.len() < self.max_series {
-            let key = self.key(labels);
-            self.series.entry(key).or_default().merge(data);
-        } else {
-            self.folded += data.requests;
-            self.merge_overflow(data);
+    fn merge_series<S: AsRef<str>>(&mut self, labels: &[S], data: &SeriesData, stamp: Option<Stamp>) {
+        let admit = self.series.len() < self.max_series;
+        let series = match self.series.get_mut(&Borrowed(labels)) {
+            Some(s) => s,
+            None if admit => self.series.entry(SeriesKey::of(labels)).or_default(),
+            None => {
+                self.folded += data.requests;
+                self.merge_overflow(data);
+                return;
+            }
+        };
+        series.merge(data);
+        if let Some(stamp) = stamp {
+            stamp.apply(series);
         }
     }
 
@@ -884,11 +892,11 @@ mod tests {
         let mut a = Aggregator::new(5);
         a.record(&labels(1), &m(1.0));
         a.record(&labels(2), &m(1.0));
-        total.merge(&a);
+        total.merge_deltas(&a, None);
         let mut b = Aggregator::new(5);
         b.record(&labels(3), &m(1.0));
         b.record(&labels(1), &m(1.0));
-        total.merge(&b);
+        total.merge_deltas(&b, None);
         assert_eq!(total.requests(), 4);
         assert_eq!(total.len(), 3);
         assert_eq!(total.take_folded(), 1, "label set 3 came after the cap");

@@ -186,8 +186,6 @@ impl MetricsPipeline {
         }
         let Some(queue) = self.queue else { return };
         self.stats.overflowed += self.local.take_folded();
-        // On failure the deltas stay local (bounded by max_series) and go on a later tick.
-        let _ = shared::hand_over(store, queue, &mut self.local);
         let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
         let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
         if leading && !self.leading {
@@ -206,7 +204,7 @@ impl MetricsPipeline {
             self.in_progress = None;
         }
         self.leading = leading;
-        // Cumulative totals take the batches straight in; while an export is iterating them,
+        // Cumulative totals take the deltas straight in; while an export is iterating them,
         // the batches wait in the queue (in Envoy, a third of a decoded copy's size) until it
         // is sent. Delta exports own what they send, and the next deltas gather beside them.
         let (into, stamp) = match self.temporality {
@@ -214,9 +212,14 @@ impl MetricsPipeline {
             Temporality::Delta => (&mut self.pending, None),
         };
         if leading && (stamp.is_none() || self.in_progress.is_none()) {
+            into.merge_deltas(&self.local, stamp);
+            self.local.clear_deltas();
             let (_, unreadable) = shared::take_over(store, queue, into, MAX_BATCHES_PER_MERGE, stamp);
             self.stats.unreadable += unreadable as u64;
             self.stats.overflowed += into.take_folded();
+        } else {
+            // On failure the deltas stay local (bounded by max_series) and go on a later tick.
+            let _ = shared::hand_over(store, queue, &mut self.local);
         }
     }
 
