@@ -3,6 +3,7 @@
 //! The same types serve three places: a worker's local deltas, the deltas merged from all
 //! workers in the proxy's shared data, and the exporting worker's cumulative totals.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use foldhash::fast::RandomState;
@@ -42,8 +43,8 @@ struct SeriesKey(Box<[Rc<str>]>);
 
 impl SeriesKey {
     /// The key of a new series, its values interned.
-    fn of<S: AsRef<str>>(labels: &[S]) -> Self {
-        SeriesKey(labels.iter().map(|l| intern(l.as_ref())).collect())
+    fn of<S: AsRef<str>>(labels: &[S], values: &Values) -> Self {
+        SeriesKey(labels.iter().map(|l| values.intern(l.as_ref())).collect())
     }
 }
 
@@ -338,54 +339,50 @@ impl SeriesData {
     }
 }
 
-thread_local! {
-    /// The label values of every aggregator of this VM, one allocation each: a worker's deltas
-    /// and the exporting VM's totals point at the same copy. (A VM is one thread; natively,
-    /// each test thread has its own.)
-    static VALUES: std::cell::RefCell<HashSet<Rc<str>, RandomState>> = Default::default();
-}
+/// Label values shared by the aggregators of one VM, one allocation each: a worker's deltas
+/// and the exporting VM's totals point at the same copy.
+#[derive(Debug, Clone, Default)]
+pub struct Values(Rc<RefCell<HashSet<Rc<str>, RandomState>>>);
 
-/// This VM's one copy of `value`.
-fn intern(value: &str) -> Rc<str> {
-    let shared = VALUES.try_with(|values| {
-        let mut values = values.try_borrow_mut().ok()?;
-        Some(match values.get(value) {
+impl Values {
+    /// The one copy of `value`.
+    fn intern(&self, value: &str) -> Rc<str> {
+        // A VM is one thread and nothing here reenters, so the table is never borrowed twice;
+        // if it were, a private copy rather than a panic.
+        let Ok(mut values) = self.0.try_borrow_mut() else { return Rc::from(value) };
+        match values.get(value) {
             Some(s) => s.clone(),
             None => {
                 let s: Rc<str> = Rc::from(value);
                 values.insert(s.clone());
                 s
             }
-        })
-    });
-    // Unreachable in a VM (one thread, no reentrancy); a private copy rather than a panic.
-    shared.ok().flatten().unwrap_or_else(|| Rc::from(value))
-}
+        }
+    }
 
-/// Free the values no series of this VM uses any more.
-fn release_unused_values() {
-    // `try_with`: never a panic, not even while the thread (natively) is being torn down.
-    let _ = VALUES.try_with(|values| {
-        if let Ok(mut values) = values.try_borrow_mut() {
+    /// Free the values no series uses any more.
+    fn release_unused(&self) {
+        if let Ok(mut values) = self.0.try_borrow_mut() {
             values.retain(|s| Rc::strong_count(s) > 1);
         }
-    });
-}
+    }
 
-/// Distinct label values this VM holds.
-#[cfg(test)]
-fn values_held() -> usize {
-    VALUES.with_borrow(|values| values.len())
+    /// Distinct values held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
 }
 
 /// Series per label set, at most `max_series` of them; past that, new label sets are folded
 /// into one overflow series (OpenTelemetry's cardinality limit), and a label set once admitted
 /// keeps its own series.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Aggregator {
     // foldhash: several times faster than SipHash over the 25 label strings hashed per request,
     // and seeded per process, so peers cannot choose colliding label values ahead of time.
     series: HashMap<SeriesKey, SeriesData, RandomState>,
+    values: Values,
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
@@ -395,15 +392,20 @@ impl Drop for Aggregator {
     fn drop(&mut self) {
         if !self.series.is_empty() {
             self.series.clear();
-            release_unused_values();
+            self.values.release_unused();
         }
     }
 }
 
 impl Aggregator {
-    /// An empty aggregator admitting at most `max_series` label sets.
+    /// An empty aggregator admitting at most `max_series` label sets, with its own values.
     pub fn new(max_series: usize) -> Self {
-        Self { series: HashMap::default(), overflow: None, max_series, folded: 0 }
+        Self::with_values(max_series, &Values::default())
+    }
+
+    /// An empty aggregator whose label values are kept in `values`.
+    pub fn with_values(max_series: usize, values: &Values) -> Self {
+        Self { series: HashMap::default(), values: values.clone(), overflow: None, max_series, folded: 0 }
     }
 
     /// Record one request; the label values are copied only for a new series.
@@ -411,7 +413,7 @@ impl Aggregator {
         if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
             s.record(m);
         } else if self.series.len() < self.max_series {
-            self.series.entry(SeriesKey::of(labels)).or_default().record(m);
+            self.series.entry(SeriesKey::of(labels, &self.values)).or_default().record(m);
         } else {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m);
@@ -435,7 +437,7 @@ impl Aggregator {
         let admit = self.series.len() < self.max_series;
         let series = match self.series.get_mut(&Borrowed(labels)) {
             Some(s) => s,
-            None if admit => self.series.entry(SeriesKey::of(labels)).or_default(),
+            None if admit => self.series.entry(SeriesKey::of(labels, &self.values)).or_default(),
             None => {
                 self.folded += data.requests;
                 self.merge_overflow(data);
@@ -550,7 +552,7 @@ impl Aggregator {
             let (tag, wire_type) = read_key(&mut buf)?;
             if (tag, wire_type) == (BATCH_VALUES, WireType::LengthDelimited) {
                 let value = std::str::from_utf8(length_delimited(&mut buf)?).map_err(|_| BadBatch)?;
-                values.push(intern(value));
+                values.push(self.values.intern(value));
             } else {
                 skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?;
             }
@@ -621,7 +623,7 @@ impl Aggregator {
         self.series.retain(|_, d| keep(d));
         let dropped = before - self.series.len();
         if dropped > 0 {
-            release_unused_values();
+            self.values.release_unused();
         }
         dropped
     }
@@ -682,26 +684,26 @@ mod tests {
 
     #[test]
     fn label_values_are_stored_once_per_aggregator_and_once_per_batch() {
-        let mut a = Aggregator::new(10);
+        let values = Values::default();
+        let mut a = Aggregator::with_values(10, &values);
         for i in 0..5 {
             let mut l = vec!["same".to_string(); 25];
             l[0] = format!("peer-{i}");
             a.record(&l, &m(1.0));
         }
         assert_eq!(a.len(), 5);
-        assert_eq!(values_held(), 6, "the five callers and the one value they share");
+        assert_eq!(values.len(), 6, "the five callers and the one value they share");
         let before = a.encode_batch();
         let bytes = a.encode_batch();
         assert_eq!(DeltaBatch::decode(bytes.as_slice()).unwrap().values.len(), 6, "each value written once");
-        let mut b = Aggregator::new(10);
+        let mut b = Aggregator::with_values(10, &values);
         b.merge_batch(&bytes, None).unwrap();
-        assert_eq!((b.len(), values_held()), (5, 6), "read values are the same copies");
+        assert_eq!((b.len(), values.len()), (5, 6), "read values are the same copies");
         drop(a);
-        release_unused_values();
-        assert_eq!(values_held(), 6, "b still uses them");
+        assert_eq!(values.len(), 6, "b still uses them");
         assert_eq!(b.encode_batch().len(), before.len());
         b.merge_batch(&bytes, None).unwrap();
-        assert_eq!((b.len(), b.requests(), values_held()), (5, 10, 6));
+        assert_eq!((b.len(), b.requests(), values.len()), (5, 10, 6));
     }
 
     #[test]
@@ -782,7 +784,7 @@ mod tests {
         assert_eq!((b.len(), b.requests()), (1, 1), "only what was touched since");
         a.clear_deltas();
         assert_eq!(a.len(), 1, "series 1 was idle for a whole interval");
-        assert_eq!(values_held(), 1, "and its values went with it");
+        assert_eq!(a.values.len(), 1, "and its values went with it");
     }
 
     #[test]
@@ -828,7 +830,7 @@ mod tests {
         assert_eq!(stamps(&total, 2), Some((100, 300)), "the start is kept, the update moves");
         assert_eq!(total.expire(250), 1);
         assert_eq!((stamps(&total, 1), total.len()), (None, 1));
-        assert_eq!(values_held(), 1, "the dropped series' values went with it");
+        assert_eq!(total.values.len(), 1, "the dropped series' values went with it");
         // A series back after its expiry starts anew.
         total.merge_batch(&batch(&[1]), Some(Stamp { start_ns: 400, now_ns: 500 })).unwrap();
         assert_eq!(stamps(&total, 1), Some((400, 500)));

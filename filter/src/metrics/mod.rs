@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use crate::config::{Config, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, METRICS_PATH};
-use aggregate::{Aggregator, Measurement, Stamp};
+use aggregate::{Aggregator, Measurement, Stamp, Values};
 use shared::SharedStore;
 
 /// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
@@ -74,6 +74,8 @@ pub struct MetricsPipeline {
     queue: Option<u32>,
     leader_key: String,
     token: u64,
+    /// The label values of all of this VM's aggregators, one copy each.
+    values: Values,
     /// This VM's deltas since its last merge.
     local: Aggregator,
     /// As the leader under delta temporality: the workers' deltas taken since the last export.
@@ -98,6 +100,7 @@ impl MetricsPipeline {
     pub fn new(config: &Config, resource: Resource, scope: &str, token: u64, now_ns: u64) -> Self {
         let m = &config.metrics;
         let export_interval_ns = duration_ns(m.export_interval);
+        let values = Values::default();
         Self {
             temporality: m.temporality,
             max_series: m.max_series,
@@ -108,9 +111,10 @@ impl MetricsPipeline {
             queue: None,
             leader_key: shared_key(scope, "metrics/leader"),
             token,
-            local: Aggregator::new(m.max_series),
-            pending: Aggregator::new(m.max_series),
-            cumulative: Aggregator::new(m.max_series),
+            local: Aggregator::with_values(m.max_series, &values),
+            pending: Aggregator::with_values(m.max_series, &values),
+            cumulative: Aggregator::with_values(m.max_series, &values),
+            values,
             cumulative_start_ns: now_ns,
             leading: false,
             in_progress: None,
@@ -128,6 +132,10 @@ impl MetricsPipeline {
     pub fn init_shared(&mut self, store: &dyn SharedStore) {
         shared::init(store, &self.leader_key, b"");
         self.queue = store.queue(&self.queue_name);
+    }
+
+    fn empty(&self) -> Aggregator {
+        Aggregator::with_values(self.max_series, &self.values)
     }
 
     /// Record one request: a map update, nothing shared, nothing encoded.
@@ -190,15 +198,15 @@ impl MetricsPipeline {
         let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
         if leading && !self.leading {
             // A new term starts new totals: the collector sees a reset, never a double count.
-            self.cumulative = Aggregator::new(self.max_series);
+            self.cumulative = self.empty();
             self.cumulative_start_ns = now_ns;
             self.last_export_ns = now_ns;
         }
         if !leading && self.leading {
             // Stepped down: what was taken and not exported goes back for the next leader.
             let _ = shared::hand_over(store, queue, &mut self.pending);
-            self.pending = Aggregator::new(self.max_series);
-            self.cumulative = Aggregator::new(self.max_series);
+            self.pending = self.empty();
+            self.cumulative = self.empty();
         }
         if leading != self.leading && self.temporality == Temporality::Cumulative {
             self.in_progress = None;
@@ -240,7 +248,8 @@ impl MetricsPipeline {
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
             }
             Temporality::Delta => {
-                let taken = std::mem::replace(&mut self.pending, Aggregator::new(self.max_series));
+                let empty = self.empty();
+                let taken = std::mem::replace(&mut self.pending, empty);
                 (!taken.is_empty()).then_some(ExportInProgress { delta: Some(taken), next: 0, start_ns: since, now_ns })
             }
         }
