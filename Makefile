@@ -8,7 +8,7 @@ WASM            := target/wasm32-wasip1/release/meshtel_filter.wasm
 WASMTIME         = $(shell ls -1 $(CURDIR)/$(VENV)/lib/python3*/site-packages/wasmtime_cli/wasmtime 2>/dev/null | head -1)
 
 FUZZ_SECONDS    ?= 30
-FUZZ_TARGETS    := config trace_context peer_metadata
+FUZZ_TARGETS    := config trace_context peer_metadata delta_batch
 
 .PHONY: demo test wasm-unit-test wasm wasm-opt tools lint manifests fuzz bench clean
 

@@ -273,7 +273,7 @@ impl Histogram {
             if h.buckets.len() <= next {
                 h.buckets.resize(BUCKET_BOUNDS.len() + 1, 0);
             }
-            h.buckets[next] += v;
+            h.buckets[next] = h.buckets[next].saturating_add(v);
             next += 1;
             Ok(())
         };
@@ -291,7 +291,7 @@ impl Histogram {
                     self.sum += f64::from_le_bytes(*bytes);
                     buf = rest;
                 }
-                (HISTOGRAM_COUNT, WireType::Varint) => self.count += read_varint(&mut buf)?,
+                (HISTOGRAM_COUNT, WireType::Varint) => self.count = self.count.saturating_add(read_varint(&mut buf)?),
                 (tag, wire_type) => {
                     skip_field(wire_type, tag, &mut buf, DecodeContext::default()).map_err(|_| BadBatch)?
                 }
@@ -322,7 +322,7 @@ impl SeriesData {
             let (tag, wire_type) = read_key(&mut buf)?;
             let histogram = match (tag, wire_type) {
                 (DATA_REQUESTS, WireType::Varint) => {
-                    self.requests += read_varint(&mut buf)?;
+                    self.requests = self.requests.saturating_add(read_varint(&mut buf)?);
                     continue;
                 }
                 (DATA_DURATION, WireType::LengthDelimited) => &mut self.duration,
@@ -468,7 +468,7 @@ impl Aggregator {
             None => {
                 let mut folded = SeriesData::default();
                 folded.merge_encoded(data)?;
-                self.folded += folded.requests;
+                self.folded = self.folded.saturating_add(folded.requests);
                 self.merge_overflow(&folded);
                 return Ok(());
             }
