@@ -155,8 +155,13 @@ fn join(path: &str, name: &str) -> String {
 }
 
 fn one_of(names: &[&str]) -> String {
-    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
-    format!("one of {}", quoted.join(", "))
+    let mut text = String::from("one of ");
+    for (i, n) in names.iter().enumerate() {
+        text += if i == 0 { "`" } else { ", `" };
+        text += n;
+        text += "`";
+    }
+    text
 }
 
 fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {

@@ -5,6 +5,7 @@
 //! for the proxy, imports `proxy_wasm`.
 
 pub mod access_log;
+pub mod base64;
 pub mod config;
 pub mod export;
 pub mod headers;

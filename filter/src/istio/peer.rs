@@ -3,7 +3,6 @@
 //! Every decoder here takes untrusted bytes and degrades to "nothing known" on any malformed
 //! input; it never fails a request.
 
-use base64::Engine;
 use prost::Message;
 use prost_types::{value::Kind, Struct};
 
@@ -70,7 +69,7 @@ pub fn from_peer_metadata_header(value: &[u8]) -> Option<PeerInfo> {
     if value.len() > MAX_PEER_METADATA_LEN {
         return None;
     }
-    let bytes = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
+    let bytes = crate::base64::decode(value)?;
     let st = Struct::decode(bytes.as_slice()).ok()?;
     let labels = match st.fields.get("LABELS").and_then(|v| v.kind.as_ref()) {
         Some(Kind::StructValue(l)) => l.clone(),
@@ -158,13 +157,18 @@ pub fn from_host_workload(value: &str) -> Option<PeerInfo> {
 /// The namespace in a SPIFFE identity `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
 pub fn spiffe_namespace(principal: &str) -> Option<&str> {
     let path = principal.strip_prefix("spiffe://")?;
-    let (_, rest) = path.split_once("/ns/")?;
-    let ns = rest.split('/').next()?;
+    // The segment after the first `ns` segment past the trust domain (`split_once("/ns/")`,
+    // without the substring searcher it would link into the module).
+    let mut segments = path.split('/').skip(1);
+    segments.position(|s| s == "ns")?;
+    let ns = segments.next()?;
     (!ns.is_empty()).then_some(ns)
 }
 
+/// The `x-envoy-peer-metadata` value of a peer with these node metadata `fields` and `LABELS`.
 #[cfg(any(test, feature = "mock-host"))]
 pub fn encode_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) -> String {
+    use base64::Engine;
     use prost_types::Value;
     let sv = |s: &str| Value { kind: Some(Kind::StringValue(s.into())) };
     let mut st = Struct::default();
@@ -182,6 +186,7 @@ pub fn encode_peer_metadata(fields: &[(&str, &str)], labels: &[(&str, &str)]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
 
     #[test]
     fn decodes_the_peer_metadata_header() {
@@ -291,5 +296,24 @@ mod tests {
         assert_eq!(spiffe_namespace("spiffe://cluster.local/ns//sa/x"), None);
         assert_eq!(spiffe_namespace("https://cluster.local/ns/shop/sa/x"), None);
         assert_eq!(spiffe_namespace("spiffe://td/sa/x"), None);
+        // As `split_once("/ns/")` reads it.
+        fn reference(p: &str) -> Option<&str> {
+            let (_, rest) = p.strip_prefix("spiffe://")?.split_once("/ns/")?;
+            Some(rest.split('/').next()?).filter(|ns| !ns.is_empty())
+        }
+        for p in [
+            "spiffe://ns/ns/a",
+            "spiffe://td/ns/",
+            "spiffe://td/x/ns",
+            "spiffe://td//ns/a",
+            "spiffe://td/ns/a/ns/b",
+            "spiffe://td/nss/a/ns/b",
+            "spiffe://td/ns",
+            "spiffe://",
+            "spiffe:///ns/a",
+            "spiffe://td/x/ns/y",
+        ] {
+            assert_eq!(spiffe_namespace(p), reference(p), "{p}");
+        }
     }
 }
