@@ -30,9 +30,9 @@ pub fn shared_key(scope: &str, entry: &str) -> String {
 /// it for a retry) and Envoy while it is in flight. One part goes out per tick.
 pub const MAX_SERIES_PER_EXPORT: usize = 100;
 
-/// Most batches the leader takes from the queue per merge: one per worker per merge interval
-/// arrive, so this bounds a tick's work without letting the queue grow.
-const MAX_BATCHES_PER_MERGE: usize = 256;
+/// Most batches the leader takes from the queue per export: each worker hands over one per
+/// export interval, so this bounds an export's work without letting the queue grow.
+const MAX_BATCHES_PER_EXPORT: usize = 256;
 
 /// An export being sent in parts.
 #[derive(Debug)]
@@ -78,14 +78,13 @@ pub struct MetricsPipeline {
     values: Values,
     /// This VM's deltas since its last merge.
     local: Aggregator,
-    /// As the leader under delta temporality: the workers' deltas taken since the last export.
-    pending: Aggregator,
     /// As the leader under cumulative temporality: the totals of this term.
     cumulative: Aggregator,
     cumulative_start_ns: u64,
     leading: bool,
     in_progress: Option<ExportInProgress>,
     last_merge_ns: u64,
+    last_handover_ns: u64,
     last_export_ns: u64,
     /// The tick that produced the last export part: one part per tick.
     last_part_ns: Option<u64>,
@@ -112,13 +111,13 @@ impl MetricsPipeline {
             leader_key: shared_key(scope, "metrics/leader"),
             token,
             local: Aggregator::with_values(m.max_series, &values),
-            pending: Aggregator::with_values(m.max_series, &values),
             cumulative: Aggregator::with_values(m.max_series, &values),
             values,
             cumulative_start_ns: now_ns,
             leading: false,
             in_progress: None,
             last_merge_ns: now_ns,
+            last_handover_ns: now_ns,
             last_export_ns: now_ns,
             last_part_ns: None,
             encoder: MetricsEncoder::new(resource),
@@ -154,12 +153,24 @@ impl MetricsPipeline {
             .collect()
     }
 
-    /// Periodic work: hand local deltas to the queue, keep or claim leadership, and as the
-    /// leader take the queued deltas and produce the next part of the export that is due.
+    /// Periodic work: keep or claim leadership, hand this VM's deltas to the queue once per
+    /// export interval, and as the leader take the queued deltas when an export is due and
+    /// produce its next part.
     pub fn tick(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
         if now_ns.saturating_sub(self.last_merge_ns) >= self.merge_interval_ns {
             self.last_merge_ns = now_ns;
-            self.merge(store, now_ns);
+            self.heartbeat(store, now_ns);
+        }
+        // The leader adds its own deltas when it exports; the others hand theirs over once
+        // per export interval, so the queue holds about one batch per worker. Until the
+        // leader takes them, the deltas are in the queue and survive a change of leader.
+        if !self.leading && now_ns.saturating_sub(self.last_handover_ns) >= self.export_interval_ns {
+            self.last_handover_ns = now_ns;
+            self.stats.overflowed += self.local.take_folded();
+            if let Some(queue) = self.queue {
+                // On failure the deltas stay local (bounded by max_series) for the next time.
+                let _ = shared::hand_over(store, queue, &mut self.local);
+            }
         }
         if let Some(retry) = self.sender.due_retry(now_ns) {
             return Some(retry);
@@ -171,7 +182,7 @@ impl MetricsPipeline {
         }
         // An export in progress is finished before the next one starts.
         if self.in_progress.is_none() {
-            self.in_progress = self.start_export(now_ns);
+            self.in_progress = self.start_export(store, now_ns);
         }
         let export = self.in_progress.as_mut()?;
         let agg = export.delta.as_ref().unwrap_or(&self.cumulative);
@@ -186,61 +197,48 @@ impl MetricsPipeline {
         (points > 0).then(|| Payload::new(METRICS_PATH, body, points))
     }
 
-    /// Hand this VM's deltas over, renew or claim leadership, and as the leader take what the
-    /// workers handed over.
-    fn merge(&mut self, store: &dyn SharedStore, now_ns: u64) {
+    /// Find the queue if not found yet, and renew or claim leadership.
+    fn heartbeat(&mut self, store: &dyn SharedStore, now_ns: u64) {
         if self.queue.is_none() {
             self.queue = store.queue(&self.queue_name);
         }
-        let Some(queue) = self.queue else { return };
-        self.stats.overflowed += self.local.take_folded();
         let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
         let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
-        if leading && !self.leading {
+        if leading != self.leading {
             // A new term starts new totals: the collector sees a reset, never a double count.
+            // A VM that lost the lead holds nothing another VM needs: what it took, it exported.
             self.cumulative = self.empty();
             self.cumulative_start_ns = now_ns;
             self.last_export_ns = now_ns;
-        }
-        if !leading && self.leading {
-            // Stepped down: what was taken and not exported goes back for the next leader.
-            let _ = shared::hand_over(store, queue, &mut self.pending);
-            self.pending = self.empty();
-            self.cumulative = self.empty();
-        }
-        if leading != self.leading && self.temporality == Temporality::Cumulative {
-            self.in_progress = None;
+            if self.temporality == Temporality::Cumulative {
+                self.in_progress = None;
+            }
         }
         self.leading = leading;
-        // Cumulative totals take the deltas straight in; while an export is iterating them,
-        // the batches wait in the queue (in Envoy, a third of a decoded copy's size) until it
-        // is sent. Delta exports own what they send, and the next deltas gather beside them.
-        let (into, stamp) = match self.temporality {
-            Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: self.last_export_ns, now_ns })),
-            Temporality::Delta => (&mut self.pending, None),
-        };
-        if leading && (stamp.is_none() || self.in_progress.is_none()) {
-            into.merge_deltas(&self.local, stamp);
-            self.local.clear_deltas();
-            let (_, unreadable) = shared::take_over(store, queue, into, MAX_BATCHES_PER_MERGE, stamp);
-            self.stats.unreadable += unreadable as u64;
-            self.stats.overflowed += into.take_folded();
-        } else {
-            // On failure the deltas stay local (bounded by max_series) and go on a later tick.
-            let _ = shared::hand_over(store, queue, &mut self.local);
-        }
     }
 
-    /// As the leader, when an export is due: the deltas taken since the last one, or the
-    /// cumulative totals they are added to.
-    fn start_export(&mut self, now_ns: u64) -> Option<ExportInProgress> {
+    /// As the leader, when an export is due: this VM's deltas and the batches the others
+    /// handed over, added to the cumulative totals or exported as they are.
+    fn start_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<ExportInProgress> {
         if !self.leading || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns {
             return None;
         }
         let since = std::mem::replace(&mut self.last_export_ns, now_ns);
+        self.stats.overflowed += self.local.take_folded();
+        let mut taken = self.empty();
+        let (into, stamp) = match self.temporality {
+            Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: since, now_ns })),
+            Temporality::Delta => (&mut taken, None),
+        };
+        into.merge_deltas(&self.local, stamp);
+        self.local.clear_deltas();
+        if let Some(queue) = self.queue {
+            let (_, unreadable) = shared::take_over(store, queue, into, MAX_BATCHES_PER_EXPORT, stamp);
+            self.stats.unreadable += unreadable as u64;
+        }
+        self.stats.overflowed += into.take_folded();
         match self.temporality {
             Temporality::Cumulative => {
-                self.stats.overflowed += self.cumulative.take_folded();
                 if let Some(expiry) = self.series_expiry_ns {
                     self.stats.expired += self.cumulative.expire(now_ns.saturating_sub(expiry)) as u64;
                 }
@@ -248,8 +246,6 @@ impl MetricsPipeline {
                 (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
             }
             Temporality::Delta => {
-                let empty = self.empty();
-                let taken = std::mem::replace(&mut self.pending, empty);
                 (!taken.is_empty()).then_some(ExportInProgress { delta: Some(taken), next: 0, start_ns: since, now_ns })
             }
         }
@@ -480,33 +476,43 @@ mod tests {
         for i in 0..300 {
             record(&mut w, 1, &format!("peer{i}"));
         }
-        assert!(w.tick(&store, 100 * MS).is_none());
+        // Hand-overs once per export interval (1 s).
+        assert!(w.tick(&store, 500 * MS).is_none());
+        assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 0, "not yet");
+        assert!(w.tick(&store, 1_000 * MS).is_none());
         record(&mut w, 3, "peer7");
-        assert!(w.tick(&store, 200 * MS).is_none());
-        assert!(w.tick(&store, 300 * MS).is_none(), "nothing touched, nothing handed over");
+        assert!(w.tick(&store, 2_000 * MS).is_none());
+        assert!(w.tick(&store, 3_000 * MS).is_none(), "nothing touched, nothing handed over");
         assert_eq!(queued_batches(&store), [300, 1]);
         assert!(!w.is_leader());
     }
 
     #[test]
-    fn a_leader_that_steps_down_hands_back_what_it_took() {
+    fn batches_in_the_queue_outlive_the_leader_they_were_handed_to() {
         let store = MemoryStore::default();
         let (mut one, mut two) = (pipeline("delta", 1), pipeline("delta", 2));
         one.init_shared(&store);
         record(&mut one, 4, "a");
         record(&mut two, 3, "a");
-        assert!(one.tick(&store, 100 * MS).is_none());
-        assert!(two.tick(&store, 100 * MS).is_none());
-        assert!(one.tick(&store, 200 * MS).is_none(), "1 leads and took both batches, not due yet");
+        let mut t = 100 * MS;
+        while t <= 1_000 * MS {
+            assert!(one.tick(&store, t).is_none());
+            assert!(two.tick(&store, t).is_none());
+            t += 100 * MS;
+        }
         assert!(one.is_leader() && !two.is_leader());
-        // 1 misses its heartbeats; 2 takes over; 1 comes back, steps down and hands back.
+        assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 1, "2 handed over at 1 s");
+        // 1 stops before its first export (due at 1.1 s); 2 takes over once 1's heartbeat is
+        // stale and exports the batch 1 never took. Back, 1 steps down and hands over its own
+        // deltas like any worker.
         let mut two = vec![two];
-        assert!(run(&mut two, &store, 300 * MS, 800 * MS).is_empty());
+        let exports = run(&mut two, &store, 1_100 * MS, 2_000 * MS);
         assert!(two[0].is_leader());
-        assert!(one.tick(&store, 900 * MS).is_none());
+        assert!(one.tick(&store, 2_100 * MS).is_none());
         assert!(!one.is_leader());
-        let exports = run(&mut two, &store, 900 * MS, 2_000 * MS);
-        assert_eq!(exports.iter().map(requests).sum::<u64>(), 7, "nothing lost, nothing twice");
+        let later = run(&mut two, &store, 2_100 * MS, 4_000 * MS);
+        let total: u64 = exports.iter().chain(&later).map(requests).sum();
+        assert_eq!(total, 7, "nothing lost, nothing twice");
     }
 
     #[test]
@@ -522,11 +528,11 @@ mod tests {
             exports.extend(run(&mut w, &store, s * 1_000 * MS + 100 * MS, (s + 1) * 1_000 * MS));
         }
         let series: Vec<Vec<String>> = exports.iter().map(series_of).collect();
-        // Leadership from 100 ms, when the quiet series was last taken; exports at 1.1, 2.1, 3.1
+        // Leadership from 100 ms; exports at 1.1 s (the quiet series' last requests), 2.1, 3.1
         // and 4.1 s.
         assert_eq!(series.len(), 4, "one export a second");
-        assert!(series[..2].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
-        assert!(series[2..].iter().all(|s| s.len() == 1), "then it is dropped");
+        assert!(series[..3].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
+        assert_eq!(series[3].len(), 1, "then it is dropped");
         assert_eq!(w[0].stats().expired, 1);
         record(&mut w[0], 2, "quiet");
         let back = run(&mut w, &store, 5_100 * MS, 6_000 * MS);
