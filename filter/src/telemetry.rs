@@ -214,6 +214,14 @@ impl Telemetry {
         }
     }
 
+    /// The root context is done: hand what metrics hold over to the next exporter (see
+    /// [`MetricsPipeline::shutdown`]).
+    pub fn shutdown(&mut self, store: &dyn SharedStore) {
+        if let Some(m) = &mut self.metrics {
+            m.shutdown(store);
+        }
+    }
+
     /// Start a request: decide its trace and the header changes that propagate it.
     /// `None` when tracing, metrics and logs are all off: the request is left alone.
     pub fn start_request(&mut self, headers: Headers<'_>, now_ns: u64) -> Option<(ActiveRequest, Vec<HeaderOp>)> {

@@ -209,6 +209,15 @@ impl Root {
 }
 
 impl Context for Root {
+    // Envoy calls this when a new pluginConfig replaced this root context and its filter chains
+    // drained, and at shutdown (REFERENCE section 4; proxy-wasm-cpp-host `ContextBase::onDone`).
+    fn on_done(&mut self) -> bool {
+        if let Some(Ok(mut telemetry)) = self.telemetry.as_ref().map(|t| t.try_borrow_mut()) {
+            telemetry.shutdown(&HostStore);
+        }
+        true
+    }
+
     fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
         let Some(telemetry) = self.telemetry.clone() else {
             return;

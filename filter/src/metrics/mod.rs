@@ -261,6 +261,22 @@ impl MetricsPipeline {
         self.sender.owns(token)
     }
 
+    /// This pipeline is ending (its root context is done: a config change replaced it, or the
+    /// proxy stops): hand this VM's deltas over for the next leader to export, and give up the
+    /// lead so that another pipeline takes over at its next heartbeat. What a leader exported
+    /// already restarts there as new totals (a reset, never a double count).
+    pub fn shutdown(&mut self, store: &dyn SharedStore) {
+        self.stats.overflowed += self.local.take_folded();
+        if let Some(queue) = self.queue.or_else(|| store.queue(&self.queue_name)) {
+            let _ = shared::hand_over(store, queue, &mut self.local);
+        }
+        if self.leading {
+            shared::resign(store, &self.leader_key, self.token);
+            self.leading = false;
+        }
+        self.in_progress = None;
+    }
+
     /// Whether this VM exports the proxy's metrics.
     pub fn is_leader(&self) -> bool {
         self.leading
@@ -562,6 +578,25 @@ mod tests {
         assert!(w.tick(&store, t).is_some());
         assert!(w.tick(&store, t).is_none(), "the next part waits for the next tick");
         assert!(w.tick(&store, t + 1).is_some());
+    }
+
+    #[test]
+    fn a_pipeline_that_ends_hands_its_deltas_over_and_its_lead_on_at_once() {
+        let store = MemoryStore::default();
+        let (mut old, mut new) = (pipeline("delta", 1), pipeline("delta", 2));
+        old.init_shared(&store);
+        record(&mut old, 4, "a");
+        assert!(old.tick(&store, 100 * MS).is_none());
+        assert!(new.tick(&store, 100 * MS).is_none());
+        assert!(old.is_leader());
+        // The old root context is done (a new pluginConfig replaced it) before its first export.
+        old.shutdown(&store);
+        assert!(!old.is_leader());
+        record(&mut new, 3, "a");
+        let mut new = vec![new];
+        let exports = run(&mut new, &store, 200 * MS, 1_200 * MS);
+        assert!(new[0].is_leader(), "at its next heartbeat, not 5 heartbeats later");
+        assert_eq!(exports.iter().map(requests).sum::<u64>(), 7, "the old deltas are exported by the new leader");
     }
 
     #[test]

@@ -76,6 +76,17 @@ pub fn take_over(
     (taken, bad)
 }
 
+/// Give up leadership if `token` holds it, so that another VM claims it at its next heartbeat
+/// instead of waiting for this one's to go stale.
+pub fn resign(store: &dyn SharedStore, key: &str, token: u64) {
+    if let Some((bytes, cas)) = store.get(key) {
+        if parse_leader(&bytes).0 == Some(token) {
+            // A lost race means someone else leads already: nothing to give up.
+            let _ = store.set(key, b"", cas);
+        }
+    }
+}
+
 /// Claim or keep leadership: the leader entry holds `token:heartbeat_ns`. A VM takes over
 /// when the entry is empty or its heartbeat is older than `stale_after_ns`. Returns whether
 /// `token` leads after the call.
@@ -207,6 +218,17 @@ mod tests {
         let mut total = Aggregator::new(1);
         take_over(&store, q, &mut total, 8, None);
         assert_eq!((total.len(), total.requests(), total.take_folded()), (2, 5, 3));
+    }
+
+    #[test]
+    fn a_resigned_leader_is_replaced_at_once() {
+        let store = MemoryStore::default();
+        init(&store, "l", b"");
+        assert!(lead(&store, "l", 1, 100, 50));
+        resign(&store, "l", 2);
+        assert!(!lead(&store, "l", 2, 110, 50), "only the holder can resign");
+        resign(&store, "l", 1);
+        assert!(lead(&store, "l", 2, 120, 50), "the next heartbeat takes over");
     }
 
     #[test]
