@@ -205,7 +205,7 @@ struct BatchSeries {
 }
 
 /// The schema of what a worker hands the exporting VM: the series it touched since its last
-/// merge, each distinct label value written once. [`Aggregator::encode_batch`] writes it and
+/// hand-over, each distinct label value written once. [`Aggregator::encode_batch`] writes it and
 /// [`Aggregator::merge_batch`] reads it without building this message (the tests hold both to it).
 #[cfg(test)]
 #[derive(Clone, PartialEq, Message)]
@@ -410,13 +410,20 @@ impl Aggregator {
 
     /// Record one request; the label values are copied only for a new series.
     pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
-        if let Some(s) = self.series.get_mut(&Borrowed(labels)) {
-            s.record(m);
-        } else if self.series.len() < self.max_series {
-            self.series.entry(SeriesKey::of(labels, &self.values)).or_default().record(m);
-        } else {
+        if self.update(labels, |s| s.record(m)).is_none() {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m);
+        }
+    }
+
+    /// Apply `f` to the series of `labels`, found with one lookup or admitted while the cap
+    /// allows; `None` past the cap, where the caller folds into the overflow series.
+    fn update<S: AsRef<str>, R>(&mut self, labels: &[S], f: impl FnOnce(&mut SeriesData) -> R) -> Option<R> {
+        let admit = self.series.len() < self.max_series;
+        match self.series.get_mut(&Borrowed(labels)) {
+            Some(s) => Some(f(s)),
+            None if admit => Some(f(self.series.entry(SeriesKey::of(labels, &self.values)).or_default())),
+            None => None,
         }
     }
 
@@ -434,19 +441,15 @@ impl Aggregator {
 
     /// Add one series' data, under the cap.
     fn merge_series<S: AsRef<str>>(&mut self, labels: &[S], data: &SeriesData, stamp: Option<Stamp>) {
-        let admit = self.series.len() < self.max_series;
-        let series = match self.series.get_mut(&Borrowed(labels)) {
-            Some(s) => s,
-            None if admit => self.series.entry(SeriesKey::of(labels, &self.values)).or_default(),
-            None => {
-                self.folded += data.requests;
-                self.merge_overflow(data);
-                return;
+        let merged = self.update(labels, |s| {
+            s.merge(data);
+            if let Some(stamp) = stamp {
+                stamp.apply(s);
             }
-        };
-        series.merge(data);
-        if let Some(stamp) = stamp {
-            stamp.apply(series);
+        });
+        if merged.is_none() {
+            self.folded += data.requests;
+            self.merge_overflow(data);
         }
     }
 
@@ -461,22 +464,20 @@ impl Aggregator {
         let Some(labels) = labels else {
             return self.overflow.get_or_insert_with(SeriesData::default).merge_encoded(data);
         };
-        let admit = self.series.len() < self.max_series;
-        let series = match self.series.get_mut(&Borrowed(labels)) {
-            Some(s) => s,
-            None if admit => self.series.entry(SeriesKey(labels.into())).or_default(),
-            None => {
-                let mut folded = SeriesData::default();
-                folded.merge_encoded(data)?;
-                self.folded = self.folded.saturating_add(folded.requests);
-                self.merge_overflow(&folded);
-                return Ok(());
+        let merged = self.update(labels, |s| {
+            s.merge_encoded(data)?;
+            if let Some(stamp) = stamp {
+                stamp.apply(s);
             }
-        };
-        series.merge_encoded(data)?;
-        if let Some(stamp) = stamp {
-            stamp.apply(series);
+            Ok(())
+        });
+        if let Some(result) = merged {
+            return result;
         }
+        let mut folded = SeriesData::default();
+        folded.merge_encoded(data)?;
+        self.folded = self.folded.saturating_add(folded.requests);
+        self.merge_overflow(&folded);
         Ok(())
     }
 

@@ -67,7 +67,8 @@ pub struct MetricsPipeline {
     temporality: Temporality,
     max_series: usize,
     export_interval_ns: u64,
-    merge_interval_ns: u64,
+    /// Between two heartbeats of the leader election (and queue lookups).
+    heartbeat_interval_ns: u64,
     series_expiry_ns: Option<u64>,
     queue_name: String,
     /// The deltas queue, once the proxy has given it.
@@ -76,14 +77,14 @@ pub struct MetricsPipeline {
     token: u64,
     /// The label values of all of this VM's aggregators, one copy each.
     values: Values,
-    /// This VM's deltas since its last merge.
+    /// This VM's deltas since its last hand-over (or, as the leader, its last export).
     local: Aggregator,
     /// As the leader under cumulative temporality: the totals of this term.
     cumulative: Aggregator,
     cumulative_start_ns: u64,
     leading: bool,
     in_progress: Option<ExportInProgress>,
-    last_merge_ns: u64,
+    last_heartbeat_ns: u64,
     last_handover_ns: u64,
     last_export_ns: u64,
     /// The tick that produced the last export part: one part per tick.
@@ -104,7 +105,7 @@ impl MetricsPipeline {
             temporality: m.temporality,
             max_series: m.max_series,
             export_interval_ns,
-            merge_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
+            heartbeat_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
             series_expiry_ns: m.series_expiry.map(duration_ns),
             queue_name: shared_key(scope, "metrics/deltas"),
             queue: None,
@@ -116,7 +117,7 @@ impl MetricsPipeline {
             cumulative_start_ns: now_ns,
             leading: false,
             in_progress: None,
-            last_merge_ns: now_ns,
+            last_heartbeat_ns: now_ns,
             last_handover_ns: now_ns,
             last_export_ns: now_ns,
             last_part_ns: None,
@@ -130,7 +131,15 @@ impl MetricsPipeline {
     /// configure time, before traffic).
     pub fn init_shared(&mut self, store: &dyn SharedStore) {
         shared::init(store, &self.leader_key, b"");
-        self.queue = store.queue(&self.queue_name);
+        self.find_queue(store);
+    }
+
+    /// The deltas queue, asked of the proxy until it gives it.
+    fn find_queue(&mut self, store: &dyn SharedStore) -> Option<u32> {
+        if self.queue.is_none() {
+            self.queue = store.queue(&self.queue_name);
+        }
+        self.queue
     }
 
     fn empty(&self) -> Aggregator {
@@ -157,8 +166,8 @@ impl MetricsPipeline {
     /// export interval, and as the leader take the queued deltas when an export is due and
     /// produce its next part.
     pub fn tick(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
-        if now_ns.saturating_sub(self.last_merge_ns) >= self.merge_interval_ns {
-            self.last_merge_ns = now_ns;
+        if now_ns.saturating_sub(self.last_heartbeat_ns) >= self.heartbeat_interval_ns {
+            self.last_heartbeat_ns = now_ns;
             self.heartbeat(store, now_ns);
         }
         // The leader adds its own deltas when it exports; the others hand theirs over once
@@ -199,10 +208,8 @@ impl MetricsPipeline {
 
     /// Find the queue if not found yet, and renew or claim leadership.
     fn heartbeat(&mut self, store: &dyn SharedStore, now_ns: u64) {
-        if self.queue.is_none() {
-            self.queue = store.queue(&self.queue_name);
-        }
-        let stale_after = self.merge_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
+        self.find_queue(store);
+        let stale_after = self.heartbeat_interval_ns.saturating_mul(LEADER_MISSED_HEARTBEATS).max(1);
         let leading = shared::lead(store, &self.leader_key, self.token, now_ns, stale_after);
         if leading != self.leading {
             // A new term starts new totals: the collector sees a reset, never a double count.
@@ -267,7 +274,7 @@ impl MetricsPipeline {
     /// already restarts there as new totals (a reset, never a double count).
     pub fn shutdown(&mut self, store: &dyn SharedStore) {
         self.stats.overflowed += self.local.take_folded();
-        if let Some(queue) = self.queue.or_else(|| store.queue(&self.queue_name)) {
+        if let Some(queue) = self.find_queue(store) {
             let _ = shared::hand_over(store, queue, &mut self.local);
         }
         if self.leading {

@@ -1,10 +1,11 @@
 //! The proxy-wide side of metrics, over what Envoy shares between the VMs of a proxy: shared
 //! data (values with compare-and-swap) and shared queues.
 //!
-//! Each worker hands the deltas it recorded since its last merge to one queue, as a batch of
-//! just the series it touched; one VM, elected through a `leader` entry with a heartbeat,
-//! dequeues the batches and exports. No VM reads or rewrites what the others hold, so a merge
-//! costs what changed, whatever the number of live series. Nothing shared is touched per request.
+//! Once per export interval each worker hands the deltas it recorded since its last hand-over
+//! to one queue, as a batch of just the series it touched; one VM, elected through a `leader`
+//! entry with a heartbeat, dequeues the batches when it exports. No VM reads or rewrites what
+//! the others hold, so a hand-over costs what changed, whatever the number of live series.
+//! Nothing shared is touched per request.
 
 use super::aggregate::{Aggregator, Stamp};
 
