@@ -334,6 +334,37 @@ impl Sender {
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }
+
+    /// Calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Take every payload waiting for a retry (their root context ends and hands them on).
+    pub fn take_waiting(&mut self) -> Vec<Payload> {
+        self.waiting.drain(..).map(|(_, p)| p).collect()
+    }
+
+    /// Count `items` as failed: their payload could be neither sent nor handed over.
+    pub fn lost(&mut self, items: u64) {
+        self.stats.failed += items;
+    }
+
+    /// Whether [`Sender::adopt`] has room.
+    pub fn can_adopt(&self) -> bool {
+        self.waiting.len() < self.max_in_flight
+    }
+
+    /// Send `payload`, another root context's, as soon as a call may start: it waits with the
+    /// retries, due now, within their cap.
+    pub fn adopt(&mut self, payload: Payload, now_ns: u64) {
+        if !self.can_adopt() {
+            if let Some((_, old)) = self.waiting.pop_front() {
+                self.stats.failed += old.items;
+            }
+        }
+        self.waiting.push_back((now_ns, payload));
+    }
 }
 
 /// Nanoseconds in a duration, saturating.

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod base64;
 pub mod config;
 pub mod export;
+pub mod handoff;
 pub mod headers;
 pub mod host;
 pub mod istio;

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
+use crate::handoff;
 use crate::headers::Headers;
 use crate::istio::facts::DownstreamFacts;
 use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, with_label_values, RequestFacts};
@@ -90,6 +91,10 @@ pub struct TelemetryStats {
     pub logs_dropped: u64,
     /// Export counters of access-log records.
     pub log_exports: ExportStats,
+    /// Export payloads handed to other root contexts when this one ended.
+    pub handed_over: u64,
+    /// Export payloads taken from root contexts that ended, and sent by this one.
+    pub taken_over: u64,
 }
 
 /// One signal's queue, flush timer and export calls (spans, access logs).
@@ -119,6 +124,17 @@ impl<T> Signal<T> {
     fn push(&mut self, item: T) {
         self.recorded += 1;
         self.queue.push(item);
+    }
+
+    /// Everything not sent yet: the queue in batches encoded by `encode`, then the retries.
+    fn unsent(&mut self, max_batch: usize, encode: impl Fn(&[T]) -> Vec<u8>) -> Vec<Payload> {
+        let mut out = Vec::new();
+        while !self.queue.is_empty() {
+            let batch = self.queue.take(max_batch);
+            out.push(Payload::new(self.path, encode(&batch), batch.len() as u64));
+        }
+        out.extend(self.sender.take_waiting());
+        out
     }
 
     /// A retry or a batch due now, encoded by `encode`.
@@ -157,6 +173,13 @@ pub struct Telemetry {
     metrics: Option<MetricsPipeline>,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
     connections: HashMap<u64, DownstreamFacts>,
+    handoff_name: String,
+    /// The queue of payloads handed over by root contexts that ended, once the proxy gave it.
+    handoff: Option<u32>,
+    /// Whether this root context is done: it sends nothing new, and hands retries over.
+    ending: bool,
+    handed_over: u64,
+    taken_over: u64,
 }
 
 impl Telemetry {
@@ -179,6 +202,11 @@ impl Telemetry {
             metrics,
             cluster_services: HashMap::new(),
             connections: HashMap::new(),
+            handoff_name: handoff::queue_name(scope),
+            handoff: None,
+            ending: false,
+            handed_over: 0,
+            taken_over: 0,
             config,
             node,
         }
@@ -207,18 +235,80 @@ impl Telemetry {
         series.into_iter().map(|(values, n)| (names.iter().copied().zip(values).collect(), n)).collect()
     }
 
-    /// Create the proxy-wide shared entries if this is the first VM, and find the queue.
+    /// Create the proxy-wide shared entries if this is the first VM, and find the queues.
     pub fn init_shared(&mut self, store: &dyn SharedStore) {
+        self.handoff_queue(store);
         if let Some(m) = &mut self.metrics {
             m.init_shared(store);
         }
     }
 
-    /// The root context is done: hand what metrics hold over to the next exporter (see
-    /// [`MetricsPipeline::shutdown`]).
-    pub fn shutdown(&mut self, store: &dyn SharedStore) {
-        if let Some(m) = &mut self.metrics {
-            m.shutdown(store);
+    /// The hand-over queue, asked of the proxy until it gives it.
+    fn handoff_queue(&mut self, store: &dyn SharedStore) -> Option<u32> {
+        if self.handoff.is_none() {
+            self.handoff = store.queue(&self.handoff_name);
+        }
+        self.handoff
+    }
+
+    /// The root context is done (a new `pluginConfig` or module replaced it, or the proxy
+    /// stops): everything not sent yet (queued spans and access logs, retries, the metrics'
+    /// last export or deltas: [`MetricsPipeline::shutdown`]) goes to the hand-over queue for
+    /// the root contexts that go on; from then on this one sends nothing new, and a call that
+    /// fails is handed over too instead of retried. Call it again after each answer. Returns
+    /// whether no call is in flight any more, i.e. the root context may be deleted.
+    pub fn shutdown(&mut self, store: &dyn SharedStore, now_ns: u64) -> bool {
+        let mut unsent = Vec::new();
+        if !self.ending {
+            self.ending = true;
+            let max_batch = self.config.export.max_batch;
+            let encoder = &self.encoder;
+            unsent.extend(self.spans.unsent(max_batch, |batch| encoder.encode(batch)));
+            let encoder = &self.log_encoder;
+            unsent.extend(self.logs.unsent(max_batch, |batch| encoder.encode(batch)));
+            if let Some(m) = &mut self.metrics {
+                unsent.extend(m.shutdown(store, now_ns));
+            }
+        } else {
+            unsent.extend(self.spans.sender.take_waiting());
+            unsent.extend(self.logs.sender.take_waiting());
+            if let Some(m) = &mut self.metrics {
+                unsent.extend(m.sender().take_waiting());
+            }
+        }
+        let queue = self.handoff_queue(store);
+        for payload in unsent {
+            let handed =
+                queue.zip(handoff::encode(&payload)).is_some_and(|(q, bytes)| store.enqueue(q, &bytes).is_ok());
+            if handed {
+                self.handed_over += 1;
+            } else {
+                self.sender_for(payload.path).lost(payload.items);
+            }
+        }
+        self.in_flight() == 0
+    }
+
+    fn in_flight(&mut self) -> usize {
+        let metrics = self.metrics.as_mut().map_or(0, |m| m.sender().in_flight());
+        self.spans.sender.in_flight() + self.logs.sender.in_flight() + metrics
+    }
+
+    /// Take what root contexts that ended handed over, while every sender has room for it:
+    /// it is sent like a retry due now.
+    fn take_handed_over(&mut self, store: &dyn SharedStore, now_ns: u64) {
+        let Some(queue) = self.handoff_queue(store) else { return };
+        loop {
+            let metrics_room = self.metrics.as_mut().is_none_or(|m| m.sender().can_adopt());
+            if !(self.spans.sender.can_adopt() && self.logs.sender.can_adopt() && metrics_room) {
+                return;
+            }
+            let Some(bytes) = store.dequeue(queue) else { return };
+            // Nothing meshtel writes is unreadable; anything else is dropped.
+            if let Some(payload) = handoff::decode(&bytes) {
+                self.taken_over += 1;
+                self.sender_for(payload.path).adopt(payload, now_ns);
+            }
         }
     }
 
@@ -330,6 +420,10 @@ impl Telemetry {
     /// The next export call to make now, if any: spans, then access logs (retries before new
     /// batches), then metrics. Encoding happens here, off the request path.
     pub fn next_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
+        if self.ending {
+            return None;
+        }
+        self.take_handed_over(store, now_ns);
         let max_batch = self.config.export.max_batch;
         let encoder = &self.encoder;
         if let Some(p) = self.spans.next(max_batch, now_ns, |batch| encoder.encode(batch)) {
@@ -430,6 +524,8 @@ impl Telemetry {
             logs_recorded: self.logs.recorded,
             logs_dropped: self.logs.queue.dropped(),
             log_exports: self.logs.sender.stats().clone(),
+            handed_over: self.handed_over,
+            taken_over: self.taken_over,
         }
     }
 }
@@ -491,6 +587,36 @@ mod tests {
         assert_eq!(t.completed(2, Some(200), None, &[], S), None);
         assert_eq!(t.stats().traces.exported, 4);
         assert_eq!(t.stats().spans_recorded, 4);
+    }
+
+    #[test]
+    fn a_root_context_that_ends_hands_what_it_has_not_sent_to_one_that_goes_on() {
+        let config = r#","export":{"max_batch":2,"max_in_flight":1},"metrics":{"enabled":false}"#;
+        let store = MemoryStore::default();
+        let (mut old, mut new) = (telemetry(config), telemetry(config));
+        old.init_shared(&store);
+        new.init_shared(&store);
+        record(&mut old, 5);
+        let p = old.next_export(&store, 1).unwrap();
+        old.sent(1, p);
+        // A new pluginConfig replaced `old`: 3 spans in 2 batches are handed over, 2 are in flight.
+        assert!(!old.shutdown(&store, 2), "a call is in flight");
+        record(&mut old, 1);
+        assert_eq!(old.next_export(&store, 3 * S), None, "an ended root context sends nothing new");
+        // The call fails: its payload is handed over instead of retried.
+        assert!(old.completed(1, Some(503), None, &[], 4).is_some());
+        assert!(old.shutdown(&store, 4), "nothing in flight any more");
+        let mut spans = 0;
+        for token in 10..20 {
+            if let Some(p) = new.next_export(&store, 5) {
+                spans += spans_in(&p);
+                new.sent(token, p);
+                new.completed(token, Some(200), None, &[], 5);
+            }
+        }
+        assert_eq!(spans, 5, "every span recorded before the end, once");
+        assert_eq!((old.stats().handed_over, new.stats().taken_over), (3, 3));
+        assert_eq!(new.stats().traces.exported, 5);
     }
 
     #[test]

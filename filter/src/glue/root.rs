@@ -28,6 +28,8 @@ pub struct Root {
     stats: Option<Stats>,
     /// What `dispatch_grpc_call` is given to reach the collector (gRPC only).
     grpc_target: String,
+    /// Done, but waiting for calls in flight before telling the proxy.
+    ending: bool,
 }
 
 /// meshtel's counters in the proxy's stats, shared by all VMs of the proxy.
@@ -50,6 +52,8 @@ struct Stats {
     logs_dropped: Counter,
     logs_failed: Counter,
     log_export_failures: Counter,
+    exports_handed_over: Counter,
+    exports_taken_over: Counter,
     reported: TelemetryStats,
 }
 
@@ -74,6 +78,8 @@ impl Stats {
             logs_dropped: Counter::define("meshtel.logs_dropped"),
             logs_failed: Counter::define("meshtel.logs_failed"),
             log_export_failures: Counter::define("meshtel.log_export_failures"),
+            exports_handed_over: Counter::define("meshtel.exports_handed_over"),
+            exports_taken_over: Counter::define("meshtel.exports_taken_over"),
             reported: TelemetryStats::default(),
         }
     }
@@ -100,6 +106,8 @@ impl Stats {
             (&self.logs_exported, now.log_exports.exported, was.log_exports.exported),
             (&self.logs_failed, now.log_exports.failed, was.log_exports.failed),
             (&self.log_export_failures, now.log_exports.failed_requests, was.log_exports.failed_requests),
+            (&self.exports_handed_over, now.handed_over, was.handed_over),
+            (&self.exports_taken_over, now.taken_over, was.taken_over),
         ];
         for (counter, now, was) in pairs {
             counter.add(now.saturating_sub(was));
@@ -208,14 +216,40 @@ impl Root {
     }
 }
 
-impl Context for Root {
-    // Envoy calls this when a new pluginConfig replaced this root context and its filter chains
-    // drained, and at shutdown (REFERENCE section 4; proxy-wasm-cpp-host `ContextBase::onDone`).
-    fn on_done(&mut self) -> bool {
-        if let Some(Ok(mut telemetry)) = self.telemetry.as_ref().map(|t| t.try_borrow_mut()) {
-            telemetry.shutdown(&HostStore);
+impl Root {
+    /// Hand what is not sent over (see [`Telemetry::shutdown`]) and report the counters.
+    /// Returns whether the root context may be deleted: no call of its is in flight.
+    fn end(&mut self) -> bool {
+        let Some(Ok(mut telemetry)) = self.telemetry.as_ref().map(|t| t.try_borrow_mut()) else {
+            return true;
+        };
+        let done = telemetry.shutdown(&HostStore, host::now_ns());
+        if let Some(stats) = self.stats.as_mut() {
+            stats.report(telemetry.stats());
         }
-        true
+        done
+    }
+
+    /// After an answer: if this root context is ending and nothing is in flight any more,
+    /// tell the proxy that it may delete it.
+    fn answered(&mut self) {
+        if self.ending && self.end() {
+            self.ending = false;
+            let _ = hostcalls::done();
+        }
+    }
+}
+
+impl Context for Root {
+    // Envoy calls this when a new pluginConfig (same module: the VM goes on) or a new module
+    // (Envoy deletes the VM right after) replaced this root context and its filter chains
+    // drained, and at shutdown. Returning false keeps it until `proxy_done`, so that calls in
+    // flight are answered (proxy-wasm-cpp-host `WasmBase::startShutdown`; observed in Envoy
+    // 1.40 for a new pluginConfig).
+    fn on_done(&mut self) -> bool {
+        let done = self.end();
+        self.ending = !done;
+        done
     }
 
     fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
@@ -236,6 +270,8 @@ impl Context for Root {
         if let Some(line) = telemetry.completed_grpc(token, status_code, &body, host::now_ns()) {
             log(LogLevel::Warn, &format!("meshtel: {line}"));
         }
+        drop(telemetry);
+        self.answered();
     }
 
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
@@ -260,6 +296,8 @@ impl Context for Root {
         if let Some(line) = telemetry.completed(token, status, retry_after.as_deref(), &body, now) {
             log(LogLevel::Warn, &format!("meshtel: {line}"));
         }
+        drop(telemetry);
+        self.answered();
     }
 }
 

@@ -485,6 +485,16 @@ impl Aggregator {
         self.overflow.get_or_insert_with(SeriesData::default).merge(data);
     }
 
+    /// A copy of the series a merge stamped at `now_ns` (and the overflow series): what an
+    /// export brought forward sends of the cumulative totals.
+    pub fn updated_at(&self, now_ns: u64) -> Aggregator {
+        let mut out = Aggregator::with_values(self.max_series, &self.values);
+        let updated = self.series.iter().filter(|(_, d)| d.updated_ns == now_ns);
+        out.series.extend(updated.map(|(k, d)| (k.clone(), d.clone())));
+        out.overflow = self.overflow.clone();
+        out
+    }
+
     /// Whether nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.series.is_empty() && self.overflow.is_none()

@@ -37,7 +37,8 @@ const MAX_BATCHES_PER_EXPORT: usize = 256;
 /// An export being sent in parts.
 #[derive(Debug)]
 struct ExportInProgress {
-    /// The taken deltas (delta temporality); `None`: the cumulative totals.
+    /// The taken deltas (delta temporality), or the cumulative totals' series an export
+    /// brought forward changed; `None`: all the cumulative totals.
     delta: Option<Aggregator>,
     /// The first series not sent yet.
     next: usize,
@@ -47,6 +48,11 @@ struct ExportInProgress {
 
 /// Heartbeats a leader may miss before another VM takes over.
 const LEADER_MISSED_HEARTBEATS: u64 = 5;
+
+/// An export brought forward (see [`MetricsPipeline::tick`]) comes at least this share of the
+/// export interval after the previous one: a proxy whose traffic comes in bursts exports at most
+/// four times per interval.
+const EARLY_EXPORT_SPACING_DIVISOR: u64 = 4;
 
 /// Counters of the metric pipeline of one VM, cumulative.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +80,16 @@ pub struct MetricsPipeline {
     /// The deltas queue, once the proxy has given it.
     queue: Option<u32>,
     leader_key: String,
+    /// Written by a VM that handed deltas over because its traffic went quiet (or because it
+    /// ends): the leader then exports without waiting for the rest of the interval.
+    flush_key: String,
+    /// The flush entry as the leader last saw it; `None`: not read in this term yet.
+    seen_flush: Option<Vec<u8>>,
+    /// Requests recorded as of the last tick, and the tick that last saw the count change.
+    seen_recorded: u64,
+    last_activity_ns: u64,
+    /// Requests recorded as of the last hand-over (or, as the leader, the last export).
+    handed_recorded: u64,
     token: u64,
     /// The label values of all of this VM's aggregators, one copy each.
     values: Values,
@@ -86,7 +102,9 @@ pub struct MetricsPipeline {
     in_progress: Option<ExportInProgress>,
     last_heartbeat_ns: u64,
     last_handover_ns: u64,
+    /// The last export, and the last one of every series (not brought forward).
     last_export_ns: u64,
+    last_full_export_ns: u64,
     /// The tick that produced the last export part: one part per tick.
     last_part_ns: Option<u64>,
     encoder: MetricsEncoder,
@@ -110,6 +128,11 @@ impl MetricsPipeline {
             queue_name: shared_key(scope, "metrics/deltas"),
             queue: None,
             leader_key: shared_key(scope, "metrics/leader"),
+            flush_key: shared_key(scope, "metrics/flush"),
+            seen_flush: None,
+            seen_recorded: 0,
+            last_activity_ns: now_ns,
+            handed_recorded: 0,
             token,
             local: Aggregator::with_values(m.max_series, &values),
             cumulative: Aggregator::with_values(m.max_series, &values),
@@ -120,6 +143,7 @@ impl MetricsPipeline {
             last_heartbeat_ns: now_ns,
             last_handover_ns: now_ns,
             last_export_ns: now_ns,
+            last_full_export_ns: now_ns,
             last_part_ns: None,
             encoder: MetricsEncoder::new(resource),
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries),
@@ -163,22 +187,33 @@ impl MetricsPipeline {
     }
 
     /// Periodic work: keep or claim leadership, hand this VM's deltas to the queue once per
-    /// export interval, and as the leader take the queued deltas when an export is due and
-    /// produce its next part.
+    /// export interval (at once when its traffic went quiet), and as the leader take the queued
+    /// deltas when an export is due and produce its next part.
     pub fn tick(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
         if now_ns.saturating_sub(self.last_heartbeat_ns) >= self.heartbeat_interval_ns {
             self.last_heartbeat_ns = now_ns;
             self.heartbeat(store, now_ns);
         }
+        if self.stats.recorded != self.seen_recorded {
+            self.seen_recorded = self.stats.recorded;
+            self.last_activity_ns = now_ns;
+        }
+        // Deltas followed by a quiet spell (the end of a burst, or the drain before the proxy
+        // stops) leave within about two heartbeats instead of two export intervals: Istio gives
+        // a proxy 5 s between draining its listeners and SIGTERM (`terminationDrainDuration`),
+        // and no call made after SIGTERM reaches the collector (REFERENCE section 4).
+        let quiet = self.stats.recorded != self.handed_recorded
+            && now_ns.saturating_sub(self.last_activity_ns) >= self.heartbeat_interval_ns;
         // The leader adds its own deltas when it exports; the others hand theirs over once
         // per export interval, so the queue holds about one batch per worker. Until the
         // leader takes them, the deltas are in the queue and survive a change of leader.
-        if !self.leading && now_ns.saturating_sub(self.last_handover_ns) >= self.export_interval_ns {
+        let since_handover = now_ns.saturating_sub(self.last_handover_ns);
+        if !self.leading
+            && (since_handover >= self.export_interval_ns || (quiet && since_handover >= self.heartbeat_interval_ns))
+        {
             self.last_handover_ns = now_ns;
-            self.stats.overflowed += self.local.take_folded();
-            if let Some(queue) = self.queue {
-                // On failure the deltas stay local (bounded by max_series) for the next time.
-                let _ = shared::hand_over(store, queue, &mut self.local);
+            if self.hand_over(store) && quiet {
+                self.request_flush(store, now_ns);
             }
         }
         if let Some(retry) = self.sender.due_retry(now_ns) {
@@ -191,8 +226,15 @@ impl MetricsPipeline {
         }
         // An export in progress is finished before the next one starts.
         if self.in_progress.is_none() {
-            self.in_progress = self.start_export(store, now_ns);
+            self.in_progress = self.start_export(store, now_ns, quiet, false);
         }
+        self.last_part_ns = Some(now_ns);
+        self.next_part()
+    }
+
+    /// The next part of the export in progress; `None` when it has no points (or none is in
+    /// progress).
+    fn next_part(&mut self) -> Option<Payload> {
         let export = self.in_progress.as_mut()?;
         let agg = export.delta.as_ref().unwrap_or(&self.cumulative);
         let part = export.next..(export.next + MAX_SERIES_PER_EXPORT).min(agg.len());
@@ -202,8 +244,37 @@ impl MetricsPipeline {
         if export.next >= agg.len() {
             self.in_progress = None;
         }
-        self.last_part_ns = Some(now_ns);
         (points > 0).then(|| Payload::new(METRICS_PATH, body, points))
+    }
+
+    /// Hand this VM's deltas to the queue. On failure they stay local (bounded by
+    /// `max_series`) for the next time.
+    fn hand_over(&mut self, store: &dyn SharedStore) -> bool {
+        self.stats.overflowed += self.local.take_folded();
+        let Some(queue) = self.find_queue(store) else { return false };
+        let handed = shared::hand_over(store, queue, &mut self.local).is_ok();
+        if handed {
+            self.handed_recorded = self.stats.recorded;
+        }
+        handed
+    }
+
+    /// Ask the leader to export now rather than at the end of its interval.
+    fn request_flush(&self, store: &dyn SharedStore, now_ns: u64) {
+        // Any new value will do: the leader compares, it does not count.
+        let _ = store.set(&self.flush_key, format!("{}:{now_ns}", self.token).as_bytes(), 0);
+    }
+
+    /// Whether a VM asked for an export since the leader last looked (at a new term: whether
+    /// one ever did, as the VM that resigned does).
+    fn flush_requested(&mut self, store: &dyn SharedStore) -> bool {
+        let now = store.get(&self.flush_key).map(|(value, _)| value).unwrap_or_default();
+        let changed = match &self.seen_flush {
+            Some(seen) => *seen != now,
+            None => !now.is_empty(),
+        };
+        self.seen_flush = Some(now);
+        changed
     }
 
     /// Find the queue if not found yet, and renew or claim leadership.
@@ -217,6 +288,8 @@ impl MetricsPipeline {
             self.cumulative = self.empty();
             self.cumulative_start_ns = now_ns;
             self.last_export_ns = now_ns;
+            self.last_full_export_ns = now_ns;
+            self.seen_flush = None;
             if self.temporality == Temporality::Cumulative {
                 self.in_progress = None;
             }
@@ -224,14 +297,38 @@ impl MetricsPipeline {
         self.leading = leading;
     }
 
-    /// As the leader, when an export is due: this VM's deltas and the batches the others
-    /// handed over, added to the cumulative totals or exported as they are.
-    fn start_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<ExportInProgress> {
-        if !self.leading || now_ns.saturating_sub(self.last_export_ns) < self.export_interval_ns {
+    /// As the leader, when an export is due (or brought forward because this VM's traffic
+    /// went `quiet` or another VM asked, or `forced`): this VM's deltas and the batches the
+    /// others handed over, added to the cumulative totals or exported as they are. An export
+    /// brought forward sends, of the cumulative totals, only the series it changed; every
+    /// series goes out once per export interval.
+    fn start_export(
+        &mut self,
+        store: &dyn SharedStore,
+        now_ns: u64,
+        quiet: bool,
+        forced: bool,
+    ) -> Option<ExportInProgress> {
+        if !self.leading {
+            return None;
+        }
+        let regular = forced || now_ns.saturating_sub(self.last_full_export_ns) >= self.export_interval_ns;
+        let spacing = self.export_interval_ns / EARLY_EXPORT_SPACING_DIVISOR;
+        if !regular && now_ns.saturating_sub(self.last_export_ns) < spacing {
+            return None;
+        }
+        // Read also before a regular export, so that a request it answers brings no other one
+        // forward.
+        let asked = self.flush_requested(store);
+        if !(regular || quiet || asked) {
             return None;
         }
         let since = std::mem::replace(&mut self.last_export_ns, now_ns);
+        if regular {
+            self.last_full_export_ns = now_ns;
+        }
         self.stats.overflowed += self.local.take_folded();
+        self.handed_recorded = self.stats.recorded;
         let mut taken = self.empty();
         let (into, stamp) = match self.temporality {
             Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: since, now_ns })),
@@ -250,7 +347,14 @@ impl MetricsPipeline {
                     self.stats.expired += self.cumulative.expire(now_ns.saturating_sub(expiry)) as u64;
                 }
                 let start_ns = self.cumulative_start_ns;
-                (!self.cumulative.is_empty()).then_some(ExportInProgress { delta: None, next: 0, start_ns, now_ns })
+                let mut changed = (!regular).then(|| self.cumulative.updated_at(now_ns));
+                if changed.as_ref().is_some_and(|c| c.len() == self.cumulative.len()) {
+                    // It changed every series: it is this interval's full export.
+                    changed = None;
+                    self.last_full_export_ns = now_ns;
+                }
+                let empty = changed.as_ref().unwrap_or(&self.cumulative).is_empty();
+                (!empty).then_some(ExportInProgress { delta: changed, next: 0, start_ns, now_ns })
             }
             Temporality::Delta => {
                 (!taken.is_empty()).then_some(ExportInProgress { delta: Some(taken), next: 0, start_ns: since, now_ns })
@@ -268,20 +372,40 @@ impl MetricsPipeline {
         self.sender.owns(token)
     }
 
-    /// This pipeline is ending (its root context is done: a config change replaced it, or the
-    /// proxy stops): hand this VM's deltas over for the next leader to export, and give up the
-    /// lead so that another pipeline takes over at its next heartbeat. What a leader exported
-    /// already restarts there as new totals (a reset, never a double count).
-    pub fn shutdown(&mut self, store: &dyn SharedStore) {
-        self.stats.overflowed += self.local.take_folded();
-        if let Some(queue) = self.find_queue(store) {
-            let _ = shared::hand_over(store, queue, &mut self.local);
+    /// This pipeline is ending: its root context is done because a new `pluginConfig` or a
+    /// new module replaced it, or the proxy stops. Returns what is left to send, for the root
+    /// contexts that go on (see [`crate::handoff`]):
+    /// - the leader makes its last export at once, of everything this VM and the queue hold
+    ///   (under delta temporality after the rest of an export in progress), and gives up the
+    ///   lead, so that another pipeline takes over at its next heartbeat and starts new totals:
+    ///   the collector sees a reset, never a double count, and nothing is left behind;
+    /// - any other pipeline hands its deltas over, and returns the retries it still holds.
+    ///
+    /// Either way the leader is asked to export soon.
+    pub fn shutdown(&mut self, store: &dyn SharedStore, now_ns: u64) -> Vec<Payload> {
+        let mut out = Vec::new();
+        let leading = self.leading;
+        if leading && self.temporality == Temporality::Cumulative {
+            // The last export carries newer totals of every series.
+            self.in_progress = None;
+            let _ = self.sender.take_waiting();
         }
-        if self.leading {
+        while self.in_progress.is_some() {
+            out.extend(self.next_part());
+        }
+        if leading {
+            self.in_progress = self.start_export(store, now_ns, false, true);
+            while self.in_progress.is_some() {
+                out.extend(self.next_part());
+            }
             shared::resign(store, &self.leader_key, self.token);
             self.leading = false;
+        } else {
+            self.hand_over(store);
         }
-        self.in_progress = None;
+        out.extend(self.sender.take_waiting());
+        self.request_flush(store, now_ns);
+        out
     }
 
     /// Whether this VM exports the proxy's metrics.
@@ -409,7 +533,9 @@ mod tests {
             let all: std::collections::HashSet<String> = parts.iter().flat_map(series_of).collect();
             assert_eq!(all.len(), 450, "{temporality}: every series once");
             assert_eq!(parts.iter().map(requests).sum::<u64>(), 450);
-            assert!(w.tick(&store, t).is_none(), "{temporality}: done until the next interval");
+            if temporality == "delta" {
+                assert!(w.tick(&store, t).is_none(), "delta: nothing new");
+            }
         }
     }
 
@@ -448,8 +574,7 @@ mod tests {
         record(&mut workers[2], 1, "b");
         let exports = run(&mut workers, &store, 100 * MS, 1_500 * MS);
         assert_eq!(workers.iter().filter(|w| w.is_leader()).count(), 1, "one exporter");
-        assert_eq!(exports.len(), 1);
-        assert_eq!(requests(&exports[0]), 13);
+        assert_eq!(requests(exports.last().unwrap()), 13);
         record(&mut workers[1], 4, "a");
         let exports = run(&mut workers, &store, 1_600 * MS, 2_600 * MS);
         assert_eq!(requests(exports.last().unwrap()), 17, "cumulative totals keep growing");
@@ -517,19 +642,17 @@ mod tests {
         one.init_shared(&store);
         record(&mut one, 4, "a");
         record(&mut two, 3, "a");
-        let mut t = 100 * MS;
-        while t <= 1_000 * MS {
-            assert!(one.tick(&store, t).is_none());
-            assert!(two.tick(&store, t).is_none());
-            t += 100 * MS;
+        assert!(one.tick(&store, 100 * MS).is_none());
+        for t in [100, 200, 300] {
+            assert!(two.tick(&store, t * MS).is_none());
         }
         assert!(one.is_leader() && !two.is_leader());
-        assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 1, "2 handed over at 1 s");
-        // 1 stops before its first export (due at 1.1 s); 2 takes over once 1's heartbeat is
-        // stale and exports the batch 1 never took. Back, 1 steps down and hands over its own
-        // deltas like any worker.
+        assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 1, "2 handed over after a quiet heartbeat");
+        // 1 stops before its first export; 2 takes over once 1's heartbeat is stale and
+        // exports the batch 1 never took. Back, 1 steps down and hands over its own deltas
+        // like any worker.
         let mut two = vec![two];
-        let exports = run(&mut two, &store, 1_100 * MS, 2_000 * MS);
+        let exports = run(&mut two, &store, 400 * MS, 2_000 * MS);
         assert!(two[0].is_leader());
         assert!(one.tick(&store, 2_100 * MS).is_none());
         assert!(!one.is_leader());
@@ -550,12 +673,14 @@ mod tests {
             record(&mut w[0], 1, "busy");
             exports.extend(run(&mut w, &store, s * 1_000 * MS + 100 * MS, (s + 1) * 1_000 * MS));
         }
-        let series: Vec<Vec<String>> = exports.iter().map(series_of).collect();
-        // Leadership from 100 ms; exports at 1.1 s (the quiet series' last requests), 2.1, 3.1
-        // and 4.1 s.
-        assert_eq!(series.len(), 4, "one export a second");
-        assert!(series[..3].iter().all(|s| s.len() == 2), "the quiet series is exported for 2 s more");
-        assert_eq!(series[3].len(), 1, "then it is dropped");
+        // When each export was made, and whether it carried the quiet series. Leadership from
+        // 100 ms; each second's requests are followed by a quiet spell, which brings an export
+        // forward; every series goes out at least once a second.
+        let seen: Vec<(u64, bool)> =
+            exports.iter().map(|p| (request_points_at(p), series_of(p).iter().any(|s| s.contains("quiet")))).collect();
+        assert!(seen.contains(&(2_400 * MS, true)), "the quiet series is exported for 2 s more: {seen:?}");
+        assert!(seen.iter().all(|&(t, quiet)| !quiet || t <= 2_400 * MS), "then it is dropped: {seen:?}");
+        assert!(seen.last().is_some_and(|&(t, quiet)| t > 4_000 * MS && !quiet), "{seen:?}");
         assert_eq!(w[0].stats().expired, 1);
         record(&mut w[0], 2, "quiet");
         let back = run(&mut w, &store, 5_100 * MS, 6_000 * MS);
@@ -564,7 +689,7 @@ mod tests {
         let quiet = sum.data_points.iter().find(|d| format!("{:?}", d.attributes[0].value).contains("quiet")).unwrap();
         let busy = sum.data_points.iter().find(|d| format!("{:?}", d.attributes[0].value).contains("busy")).unwrap();
         assert_eq!(quiet.value, Some(number_data_point::Value::AsInt(2)), "counted anew");
-        assert_eq!(quiet.start_time_unix_nano, 4_100 * MS, "from the export before its return");
+        assert_eq!(quiet.start_time_unix_nano, 4_200 * MS, "from the export before its return");
         assert_eq!((busy.value, busy.start_time_unix_nano), (Some(number_data_point::Value::AsInt(5)), 100 * MS));
     }
 
@@ -576,19 +701,36 @@ mod tests {
         for i in 0..450 {
             w.record(&vec![format!("s{i}"); 25], &Measurement::default());
         }
-        // Leadership from 100 ms: the first export is due at 1.1 s.
+        // Leadership from 100 ms, and a quiet spell: the first export is brought forward.
         let mut t = 100 * MS;
-        while t < 1_100 * MS {
-            assert!(w.tick(&store, t).is_none());
+        while w.tick(&store, t).is_none() {
             t += 100 * MS;
+            assert!(t < 1_200 * MS);
         }
-        assert!(w.tick(&store, t).is_some());
         assert!(w.tick(&store, t).is_none(), "the next part waits for the next tick");
         assert!(w.tick(&store, t + 1).is_some());
     }
 
+    /// When the points of an export were taken.
+    fn request_points_at(p: &Payload) -> u64 {
+        let req = ExportMetricsServiceRequest::decode(p.body.as_slice()).unwrap();
+        let Some(metric::Data::Sum(sum)) = &req.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
+        sum.data_points[0].time_unix_nano
+    }
+
+    /// `(start, value)` of each `istio_requests_total` point.
+    fn request_points(p: &Payload) -> Vec<(u64, u64)> {
+        let req = ExportMetricsServiceRequest::decode(p.body.as_slice()).unwrap();
+        let Some(metric::Data::Sum(sum)) = &req.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
+        let value = |d: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match d.value {
+            Some(number_data_point::Value::AsInt(v)) => v as u64,
+            _ => 0,
+        };
+        sum.data_points.iter().map(|d| (d.start_time_unix_nano, value(d))).collect()
+    }
+
     #[test]
-    fn a_pipeline_that_ends_hands_its_deltas_over_and_its_lead_on_at_once() {
+    fn a_worker_that_ends_hands_its_deltas_over_and_a_leader_its_lead_and_last_export() {
         let store = MemoryStore::default();
         let (mut old, mut new) = (pipeline("delta", 1), pipeline("delta", 2));
         old.init_shared(&store);
@@ -596,14 +738,77 @@ mod tests {
         assert!(old.tick(&store, 100 * MS).is_none());
         assert!(new.tick(&store, 100 * MS).is_none());
         assert!(old.is_leader());
-        // The old root context is done (a new pluginConfig replaced it) before its first export.
-        old.shutdown(&store);
+        record(&mut new, 2, "a");
+        assert_eq!(new.shutdown(&store, 150 * MS), vec![], "a worker hands its deltas to the queue");
+        // The old root context is done (a new pluginConfig replaced it) before its first export:
+        // its last export carries its own deltas and the worker's, at once.
+        let last = old.shutdown(&store, 200 * MS);
         assert!(!old.is_leader());
-        record(&mut new, 3, "a");
-        let mut new = vec![new];
-        let exports = run(&mut new, &store, 200 * MS, 1_200 * MS);
-        assert!(new[0].is_leader(), "at its next heartbeat, not 5 heartbeats later");
-        assert_eq!(exports.iter().map(requests).sum::<u64>(), 7, "the old deltas are exported by the new leader");
+        assert_eq!(last.iter().map(requests).sum::<u64>(), 6);
+        let mut next = vec![pipeline("delta", 3)];
+        record(&mut next[0], 3, "a");
+        let exports = run(&mut next, &store, 200 * MS, 1_200 * MS);
+        assert!(next[0].is_leader(), "at its next heartbeat, not 5 heartbeats later");
+        assert_eq!(exports.iter().map(requests).sum::<u64>(), 3, "nothing twice");
+    }
+
+    #[test]
+    fn a_leader_that_ends_exports_its_totals_and_the_next_one_starts_new_ones() {
+        let store = MemoryStore::default();
+        let mut old = vec![pipeline("cumulative", 1)];
+        old[0].init_shared(&store);
+        record(&mut old[0], 3, "a");
+        let first = run(&mut old, &store, 100 * MS, 1_200 * MS);
+        assert_eq!(first.iter().flat_map(request_points).collect::<Vec<_>>(), vec![(100 * MS, 3)]);
+        record(&mut old[0], 2, "a");
+        let mut worker = pipeline("cumulative", 2);
+        assert!(worker.tick(&store, 1_250 * MS).is_none());
+        record(&mut worker, 1, "a");
+        assert_eq!(worker.shutdown(&store, 1_300 * MS), vec![]);
+        let last = old[0].shutdown(&store, 1_400 * MS);
+        assert_eq!(
+            last.iter().flat_map(request_points).collect::<Vec<_>>(),
+            vec![(100 * MS, 6)],
+            "one series, all of it"
+        );
+        let mut next = vec![pipeline("cumulative", 3)];
+        record(&mut next[0], 4, "a");
+        let later = run(&mut next, &store, 1_500 * MS, 3_000 * MS);
+        let points: Vec<_> = later.iter().flat_map(request_points).collect();
+        assert!(!points.is_empty() && points.iter().all(|&(start, v)| start > 1_400 * MS && v == 4), "{points:?}");
+    }
+
+    #[test]
+    fn deltas_followed_by_a_quiet_spell_reach_the_collector_well_before_the_interval_ends() {
+        let json = r#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local"},
+            "metrics":{"export_interval_ms":10000},"export":{"flush_interval_ms":1000}}"#;
+        let config = config::parse(json.as_bytes()).unwrap();
+        let mut vms: Vec<_> = (1..=3).map(|t| MetricsPipeline::new(&config, Resource::default(), "p", t, 0)).collect();
+        let store = MemoryStore::default();
+        vms[0].init_shared(&store);
+        let mut exported = run(&mut vms, &store, 100 * MS, 20_000 * MS);
+        assert_eq!(exported.len(), 0, "no traffic, nothing to export");
+        // A burst on every VM at 20 s, then nothing (the proxy is drained, then stopped).
+        for vm in vms.iter_mut() {
+            record(vm, 5, "a");
+        }
+        exported = run(&mut vms, &store, 20_100 * MS, 24_000 * MS);
+        let points: Vec<_> = exported.iter().flat_map(request_points).collect();
+        assert_eq!(points.last().map(|p| p.1), Some(15), "within 4 s, not 10 to 20: {points:?}");
+    }
+
+    #[test]
+    fn bursts_bring_exports_forward_at_most_four_times_per_interval() {
+        let store = MemoryStore::default();
+        let mut vms = vec![pipeline("cumulative", 1), pipeline("cumulative", 2)];
+        vms[0].init_shared(&store);
+        let mut exports = 0;
+        // One request every 300 ms on one VM: each is followed by a quiet spell of 3 heartbeats.
+        for i in 0..100 {
+            record(&mut vms[1], 1, "a");
+            exports += run(&mut vms, &store, (1 + 3 * i) * 100 * MS, (3 + 3 * i) * 100 * MS).len();
+        }
+        assert!((30..=4 * 30).contains(&exports), "{exports} exports in 30 intervals of 1 s");
     }
 
     #[test]
