@@ -306,6 +306,10 @@ pub struct Proxy {
     pub raw_listeners: Vec<Value>,
     /// Clusters as Envoy takes them.
     pub raw_clusters: Vec<Value>,
+    /// Deliver meshtel by extension config discovery (ECDS) from a watched file, as Istio
+    /// delivers a WasmPlugin (minus istiod, and with no `vm_id`, as Istio sets none), instead
+    /// of inline in the listeners: [`Envoy::push_plugin`] then replaces it while Envoy runs.
+    pub ecds: bool,
 }
 
 impl Proxy {
@@ -323,8 +327,55 @@ impl Proxy {
             native_tracer: None,
             raw_listeners: Vec::new(),
             raw_clusters: Vec::new(),
+            ecds: false,
         }
     }
+}
+
+/// The name of meshtel's HTTP filter, and of its ECDS resource.
+pub const PLUGIN_FILTER_NAME: &str = "istio.meshtel";
+
+/// The `envoy.extensions.filters.http.wasm.v3.Wasm` that runs `wasm` with `plugin_config`.
+fn wasm_filter(proxy: &Proxy, wasm: &Path, plugin_config: &Value, vm_id: &str) -> Value {
+    let host_env_keys: Vec<&str> = proxy.vm_env.iter().map(|(k, _)| k.as_str()).collect();
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": "istio-system.meshtel",
+            "root_id": "",
+            "vm_config": {
+                "vm_id": vm_id,
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": wasm.display().to_string()}},
+                "environment_variables": {"host_env_keys": host_env_keys},
+            },
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": plugin_config.to_string(),
+            },
+            "failure_policy": proxy.failure_policy,
+        },
+    })
+}
+
+/// The ECDS file of meshtel's filter in an Envoy's directory.
+fn ecds_file(dir: &Path) -> PathBuf {
+    dir.join("ecds").join("meshtel.json")
+}
+
+/// Write the ECDS resource as Istio's would be: moved into place whole, so that Envoy's
+/// directory watch never reads half a file.
+fn write_ecds(dir: &Path, proxy: &Proxy, wasm: &Path, plugin_config: &Value) -> std::io::Result<()> {
+    let resource = json!({"resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": PLUGIN_FILTER_NAME,
+        "typed_config": wasm_filter(proxy, wasm, plugin_config, ""),
+    }]});
+    let file = ecds_file(dir);
+    let tmp = file.with_extension("tmp");
+    fs::create_dir_all(dir.join("ecds"))?;
+    fs::write(&tmp, resource.to_string())?;
+    fs::rename(&tmp, &file)
 }
 
 /// The cluster Envoy's native tracer exports through.
@@ -339,8 +390,9 @@ pub fn trap_wasm_path() -> PathBuf {
 
 impl Proxy {
     /// The Envoy bootstrap, shaped like what istiod sends a sidecar or gateway.
-    pub fn bootstrap(&self, admin_port: u16, wasm: &Path) -> Value {
-        let mut listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm)).collect();
+    /// `dir` is the Envoy's own directory (where its ECDS file lives).
+    pub fn bootstrap(&self, admin_port: u16, wasm: &Path, dir: &Path) -> Value {
+        let mut listeners: Vec<Value> = self.listeners.iter().map(|l| listener(l, self, wasm, dir)).collect();
         listeners.extend(self.raw_listeners.iter().cloned());
         let mut clusters: Vec<Value> = self.clusters.iter().map(cluster).collect();
         clusters.extend(self.raw_clusters.iter().cloned());
@@ -377,32 +429,27 @@ fn socket(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
 
-fn listener(l: &Listener, proxy: &Proxy, wasm: &Path) -> Value {
-    let host_env_keys: Vec<&str> = proxy.vm_env.iter().map(|(k, _)| k.as_str()).collect();
-    let plugin_config = proxy.plugin_config.as_ref();
+fn listener(l: &Listener, proxy: &Proxy, wasm: &Path, dir: &Path) -> Value {
     let mut http_filters = l.filters_before.clone();
-    if let Some(config) = plugin_config {
-        http_filters.push(json!({
-            "name": "istio.meshtel",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                "config": {
-                    "name": "istio-system.meshtel",
-                    "root_id": "",
-                    "vm_config": {
-                        "vm_id": "meshtel",
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": wasm.display().to_string()}},
-                        "environment_variables": {"host_env_keys": host_env_keys},
+    match &proxy.plugin_config {
+        Some(_) if proxy.ecds => http_filters.push(json!({
+            "name": PLUGIN_FILTER_NAME,
+            "config_discovery": {
+                "config_source": {
+                    "path_config_source": {
+                        "path": ecds_file(dir).display().to_string(),
+                        "watched_directory": {"path": dir.join("ecds").display().to_string()},
                     },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": config.to_string(),
-                    },
-                    "failure_policy": proxy.failure_policy,
+                    "resource_api_version": "V3",
                 },
+                "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
             },
-        }));
+        })),
+        Some(config) => http_filters.push(json!({
+            "name": PLUGIN_FILTER_NAME,
+            "typed_config": wasm_filter(proxy, wasm, config, "meshtel"),
+        })),
+        None => {}
     }
     http_filters.extend(l.filters_after.iter().cloned());
     http_filters.push(json!({
@@ -529,6 +576,7 @@ pub struct Envoy {
     /// Admin port.
     pub admin_port: u16,
     dir: PathBuf,
+    proxy: Proxy,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -550,7 +598,10 @@ impl Envoy {
         let admin_port = free_port();
         let bootstrap = dir.join("bootstrap.json");
         let wasm = proxy.wasm.clone().unwrap_or_else(wasm_path);
-        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm).to_string()).map_err(|e| e.to_string())?;
+        fs::write(&bootstrap, proxy.bootstrap(admin_port, &wasm, &dir).to_string()).map_err(|e| e.to_string())?;
+        if let (true, Some(config)) = (proxy.ecds, &proxy.plugin_config) {
+            write_ecds(&dir, proxy, &wasm, config).map_err(|e| e.to_string())?;
+        }
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
         let mut command = Command::new(envoy_bin());
         // Envoy dies with the thread that started it, also when the test or demo is killed.
@@ -572,7 +623,7 @@ impl Envoy {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", envoy_bin().display()))?;
-        let mut envoy = Envoy { child, admin_port, dir };
+        let mut envoy = Envoy { child, admin_port, dir, proxy: proxy.clone() };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
@@ -593,6 +644,59 @@ impl Envoy {
     /// The Envoy process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Deliver a new module or `pluginConfig` by ECDS (the proxy must have been started with
+    /// [`Proxy::ecds`]) and wait until Envoy took or refused it; returns whether it took it.
+    pub fn push_plugin(&self, wasm: &Path, plugin_config: &Value) -> bool {
+        assert!(self.proxy.ecds, "the proxy takes meshtel inline, not by ECDS");
+        // Envoy counts a refused update in `config_reload` too; `update_success` only counts taken ones.
+        let (taken, refused) = (self.ecds_stat("update_success"), self.ecds_stat("update_rejected"));
+        write_ecds(&self.dir, &self.proxy, wasm, plugin_config).expect("the ECDS file is written");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ecds_stat("update_success") > taken {
+                return true;
+            }
+            if self.ecds_stat("update_rejected") > refused {
+                return false;
+            }
+            assert!(Instant::now() < deadline, "Envoy neither took nor refused the push\n{}", self.log());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A counter of meshtel's ECDS subscription (`update_success`, `update_rejected`, ...).
+    pub fn ecds_stat(&self, name: &str) -> u64 {
+        self.stat(&format!("extension_config_discovery.http_filter.{PLUGIN_FILTER_NAME}.{name}"))
+    }
+
+    /// Drain the listeners as Istio's agent does when the pod stops (`POST
+    /// /drain_listeners?graceful`): they keep serving while Envoy asks clients to go away.
+    pub fn drain_gracefully(&self) {
+        let url = format!("http://127.0.0.1:{}/drain_listeners?graceful", self.admin_port);
+        let (status, _) = crate::http_post(&url).expect("the admin port answers");
+        assert_eq!(status, 200, "drain_listeners");
+    }
+
+    /// Send SIGTERM, as the kubelet (through Istio's agent) does at the end of the drain, and
+    /// wait until Envoy exits.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Envoy's resident memory, in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Everything Envoy logged so far.

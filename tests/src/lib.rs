@@ -61,6 +61,14 @@ pub fn request(url: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// POST `url` with an empty body.
+pub fn http_post(url: &str) -> Option<(u16, String)> {
+    let mut resp = agent().post(url).send_empty().ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    Some((status, body))
+}
+
 /// GET `url`.
 pub fn http_get(url: &str) -> Option<(u16, String)> {
     request(url, &[])

@@ -171,6 +171,24 @@ pub fn total(points: &[Point], metric: &str, filter: impl Fn(&Point) -> bool) ->
     series(points, metric).iter().filter(|p| filter(p)).map(|p| p.value).sum()
 }
 
+/// The total of cumulative `metric` over every series and every run of it: a series the
+/// exporter restarted (a new leader, a new module) is a new run, with a new start time, and
+/// what the old run counted still counts. The latest point of each run is its total.
+pub fn total_across_resets(points: &[Point], metric: &str) -> u64 {
+    let mut runs: HashMap<(&str, &BTreeMap<String, String>, u64), u64> = HashMap::new();
+    for p in points.iter().filter(|p| p.metric == metric) {
+        assert!(p.cumulative, "{metric} is cumulative");
+        let run = runs.entry((p.instance.as_str(), &p.labels, p.start)).or_default();
+        *run = (*run).max(p.value);
+    }
+    runs.values().sum()
+}
+
+/// The start times of the runs of cumulative `metric` (see [`total_across_resets`]).
+pub fn starts(points: &[Point], metric: &str) -> std::collections::BTreeSet<u64> {
+    points.iter().filter(|p| p.metric == metric).map(|p| p.start).collect()
+}
+
 /// A readable dump of the current `istio_requests_total` series.
 pub fn describe(points: &[Point]) -> String {
     let mut lines: Vec<String> = series(points, "istio_requests_total")
