@@ -340,6 +340,12 @@ impl Sender {
         self.in_flight.len()
     }
 
+    /// Copies of the payloads in flight (their VM is about to be deleted, and Envoy cancels
+    /// its calls: whether they arrived is unknown).
+    pub fn in_flight_payloads(&self) -> Vec<Payload> {
+        self.in_flight.iter().map(|(_, p)| p.clone()).collect()
+    }
+
     /// Take every payload waiting for a retry (their root context ends and hands them on).
     pub fn take_waiting(&mut self) -> Vec<Payload> {
         self.waiting.drain(..).map(|(_, p)| p).collect()

@@ -257,8 +257,20 @@ impl Telemetry {
     /// the root contexts that go on; from then on this one sends nothing new, and a call that
     /// fails is handed over too instead of retried. Call it again after each answer. Returns
     /// whether no call is in flight any more, i.e. the root context may be deleted.
-    pub fn shutdown(&mut self, store: &dyn SharedStore, now_ns: u64) -> bool {
+    ///
+    /// When the whole VM ends (`vm_ends`: no other root context lives in it, as when a new
+    /// module replaced it), Envoy cancels its calls in flight whether or not the collector got
+    /// them: copies of them are handed over too, so that they are sent at least once, as
+    /// OTLP's retries are (a batch may then arrive twice).
+    pub fn shutdown(&mut self, store: &dyn SharedStore, now_ns: u64, vm_ends: bool) -> bool {
         let mut unsent = Vec::new();
+        if vm_ends {
+            unsent.extend(self.spans.sender.in_flight_payloads());
+            unsent.extend(self.logs.sender.in_flight_payloads());
+            if let Some(m) = &mut self.metrics {
+                unsent.extend(m.sender().in_flight_payloads());
+            }
+        }
         if !self.ending {
             self.ending = true;
             let max_batch = self.config.export.max_batch;
@@ -286,7 +298,7 @@ impl Telemetry {
                 self.sender_for(payload.path).lost(payload.items);
             }
         }
-        self.in_flight() == 0
+        vm_ends || self.in_flight() == 0
     }
 
     fn in_flight(&mut self) -> usize {
@@ -600,12 +612,12 @@ mod tests {
         let p = old.next_export(&store, 1).unwrap();
         old.sent(1, p);
         // A new pluginConfig replaced `old`: 3 spans in 2 batches are handed over, 2 are in flight.
-        assert!(!old.shutdown(&store, 2), "a call is in flight");
+        assert!(!old.shutdown(&store, 2, false), "a call is in flight");
         record(&mut old, 1);
         assert_eq!(old.next_export(&store, 3 * S), None, "an ended root context sends nothing new");
         // The call fails: its payload is handed over instead of retried.
         assert!(old.completed(1, Some(503), None, &[], 4).is_some());
-        assert!(old.shutdown(&store, 4), "nothing in flight any more");
+        assert!(old.shutdown(&store, 4, false), "nothing in flight any more");
         let mut spans = 0;
         for token in 10..20 {
             if let Some(p) = new.next_export(&store, 5) {
@@ -617,6 +629,28 @@ mod tests {
         assert_eq!(spans, 5, "every span recorded before the end, once");
         assert_eq!((old.stats().handed_over, new.stats().taken_over), (3, 3));
         assert_eq!(new.stats().traces.exported, 5);
+    }
+
+    #[test]
+    fn a_vm_that_ends_hands_copies_of_its_calls_in_flight_over_as_well() {
+        let config = r#","export":{"max_batch":2,"max_in_flight":1},"metrics":{"enabled":false}"#;
+        let store = MemoryStore::default();
+        let (mut old, mut new) = (telemetry(config), telemetry(config));
+        record(&mut old, 3);
+        let p = old.next_export(&store, 1).unwrap();
+        old.sent(1, p);
+        // A new module replaced the VM: Envoy deletes it and cancels the call.
+        assert!(old.shutdown(&store, 2, true), "nothing to wait for");
+        assert_eq!(old.stats().handed_over, 2, "the call in flight and the queued span");
+        let mut spans = 0;
+        for token in 10..20 {
+            if let Some(p) = new.next_export(&store, 5) {
+                spans += spans_in(&p);
+                new.sent(token, p);
+                new.completed(token, Some(200), None, &[], 5);
+            }
+        }
+        assert_eq!(spans, 3, "at least once");
     }
 
     #[test]

@@ -95,8 +95,15 @@ fn wait_for_total(collector: &Collector, requests: u64, timeout: Duration) -> Ve
     collector.wait_for_points(timeout, |points| total_across_resets(points, "istio_requests_total") >= requests)
 }
 
-/// Every span arrived once: as many distinct span ids as spans, and as many as expected.
-fn assert_spans_once(collector: &Collector, expected: u64, timeout: Duration) {
+/// meshtel's counters, for a failure message (empty once Envoy has stopped).
+fn counters(envoy: &Envoy) -> String {
+    let url = format!("http://127.0.0.1:{}/stats?filter=wasmcustom", envoy.admin_port);
+    meshtel_tests::http_get(&url).map(|(_, body)| body).unwrap_or_default()
+}
+
+/// Every span recorded arrived: as many distinct span ids as `expected`. Returns how many
+/// arrived twice.
+fn assert_every_span(collector: &Collector, expected: u64, timeout: Duration, envoy: &Envoy) -> usize {
     let deadline = Instant::now() + timeout;
     while (collector.spans().len() as u64) < expected && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
@@ -104,8 +111,13 @@ fn assert_spans_once(collector: &Collector, expected: u64, timeout: Duration) {
     thread::sleep(Duration::from_millis(500));
     let spans = collector.spans();
     let ids: std::collections::HashSet<String> = spans.iter().map(|s| s.span_id()).collect();
-    assert_eq!(ids.len(), spans.len(), "no span twice");
-    assert_eq!(spans.len() as u64, expected, "every span recorded, once");
+    assert_eq!(ids.len() as u64, expected, "every span recorded\n{}", counters(envoy));
+    spans.len() - ids.len()
+}
+
+/// Every span recorded arrived, once.
+fn assert_spans_once(collector: &Collector, expected: u64, timeout: Duration, envoy: &Envoy) {
+    assert_eq!(assert_every_span(collector, expected, timeout, envoy), 0, "no span twice\n{}", counters(envoy));
 }
 
 /// The module under another build: the same code with a custom section appended, so that its
@@ -163,7 +175,7 @@ fn pushed_plugin_configs_take_effect_within_a_flush_and_lose_or_double_nothing()
     assert!(recorded < sent, "sampling 0.5 for a while: {recorded} of {sent}");
     assert_eq!(envoy.stat("wasmcustom.meshtel.spans_dropped"), 0);
     assert_eq!(envoy.stat("wasmcustom.meshtel.spans_failed"), 0);
-    assert_spans_once(&collector, recorded, Duration::from_secs(10));
+    assert_spans_once(&collector, recorded, Duration::from_secs(10), &envoy);
 }
 
 #[test]
@@ -181,7 +193,7 @@ fn a_refused_plugin_config_leaves_the_last_good_one_serving() {
     wait_for_total(&collector, sent, Duration::from_secs(20));
     thread::sleep(Duration::from_secs(2));
     assert_eq!(total_across_resets(&collector.points(), "istio_requests_total"), sent, "counts stay exact");
-    assert_spans_once(&collector, sent, Duration::from_secs(10));
+    assert_spans_once(&collector, sent, Duration::from_secs(10), &envoy);
 }
 
 #[test]
@@ -201,7 +213,10 @@ fn a_new_module_takes_over_with_totals_exact_and_the_old_vms_spans_delivered() {
     let points = if collector.points().len() > points.len() { collector.points() } else { points };
     assert_eq!(total_across_resets(&points, "istio_requests_total"), sent, "totals exact across the switch");
     assert!(starts(&points, "istio_requests_total").len() >= 2, "the new exporter's totals start anew");
-    assert_spans_once(&collector, sent, Duration::from_secs(10));
+    // Envoy cancels the old VM's calls in flight when it deletes the VM; meshtel hands copies
+    // of them over, so such a batch may arrive twice (at least once, as OTLP retries are).
+    let twice = assert_every_span(&collector, sent, Duration::from_secs(10), &envoy);
+    assert!(twice <= 2 * 4 * 512, "at most the calls in flight of the old VMs: {twice}");
     assert!(envoy.stat("wasmcustom.meshtel.exports_handed_over") >= 1, "the old leader's last export");
     let _ = std::fs::remove_file(rebuilt);
 }
@@ -222,7 +237,7 @@ fn what_was_recorded_before_the_drain_reaches_the_collector_before_sigterm() {
     envoy.terminate();
     let points = collector.points();
     assert_eq!(total_across_resets(&points, "istio_requests_total"), sent, "every request counted");
-    assert_spans_once(&collector, sent, Duration::ZERO);
+    assert_spans_once(&collector, sent, Duration::ZERO, &envoy);
 }
 
 #[test]

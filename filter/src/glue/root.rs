@@ -2,6 +2,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
@@ -21,6 +22,11 @@ const MAX_TICK: Duration = Duration::from_millis(100);
 /// Most bytes of a collector answer read (an OTLP partial-success message is small).
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
+/// Configured root contexts in this VM that are not done. A new `pluginConfig` gets its root
+/// context before the old one is done (observed in Envoy 1.40); when the last one is done, the
+/// VM itself ends (a new module replaced it, the plugin was removed, or the proxy stops).
+static LIVE_ROOTS: AtomicUsize = AtomicUsize::new(0);
+
 /// Per-VM root: owns the telemetry state shared with this VM's HTTP contexts.
 #[derive(Default)]
 pub struct Root {
@@ -30,6 +36,8 @@ pub struct Root {
     grpc_target: String,
     /// Done, but waiting for calls in flight before telling the proxy.
     ending: bool,
+    /// Counted in [`LIVE_ROOTS`].
+    live: bool,
 }
 
 /// meshtel's counters in the proxy's stats, shared by all VMs of the proxy.
@@ -177,6 +185,9 @@ impl Root {
         let mut telemetry = Telemetry::new(config, node, seed(), &scope, now);
         telemetry.init_shared(&HostStore);
         self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
+        if !std::mem::replace(&mut self.live, true) {
+            LIVE_ROOTS.fetch_add(1, Ordering::Relaxed);
+        }
         self.stats.get_or_insert_with(Stats::define);
         if hostcalls::set_tick_period(tick).is_err() {
             log(LogLevel::Error, "meshtel: the proxy refused a tick period; nothing will be exported");
@@ -220,10 +231,14 @@ impl Root {
     /// Hand what is not sent over (see [`Telemetry::shutdown`]) and report the counters.
     /// Returns whether the root context may be deleted: no call of its is in flight.
     fn end(&mut self) -> bool {
+        if std::mem::take(&mut self.live) {
+            LIVE_ROOTS.fetch_sub(1, Ordering::Relaxed);
+        }
+        let vm_ends = LIVE_ROOTS.load(Ordering::Relaxed) == 0;
         let Some(Ok(mut telemetry)) = self.telemetry.as_ref().map(|t| t.try_borrow_mut()) else {
             return true;
         };
-        let done = telemetry.shutdown(&HostStore, host::now_ns());
+        let done = telemetry.shutdown(&HostStore, host::now_ns(), vm_ends);
         if let Some(stats) = self.stats.as_mut() {
             stats.report(telemetry.stats());
         }
