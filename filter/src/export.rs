@@ -389,6 +389,23 @@ mod tests {
     }
 
     #[test]
+    fn adopted_payloads_go_out_like_retries_due_now_within_their_cap() {
+        let mut s = Sender::new(2, 3);
+        assert!(s.can_adopt());
+        s.adopt(payload(1), 10);
+        s.adopt(payload(2), 10);
+        assert!(!s.can_adopt());
+        s.adopt(payload(4), 10);
+        assert_eq!(s.stats().failed, 1, "past the cap the oldest gives way, counted");
+        let first = s.due_retry(10).unwrap();
+        assert_eq!((first.items, first.attempts), (2, 0));
+        s.sent(1, first);
+        assert_eq!(s.in_flight_payloads().len(), 1);
+        assert_eq!(s.take_waiting().iter().map(|p| p.items).collect::<Vec<_>>(), [4]);
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
     fn queue_drops_oldest_past_its_cap() {
         let mut q = BoundedQueue::new(3);
         for i in 0..5 {
