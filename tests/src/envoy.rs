@@ -617,6 +617,9 @@ impl Envoy {
             .arg(&bootstrap)
             .args(["--concurrency", &proxy.concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"])
+            // Istio's drain settings (istio/istio pkg/envoy/proxy.go): clients are told to go
+            // away as soon as a drain starts.
+            .args(["--drain-time-s", "45", "--drain-strategy", "immediate"])
             .envs(proxy.vm_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
