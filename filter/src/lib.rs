@@ -7,6 +7,7 @@
 pub mod access_log;
 pub mod base64;
 pub mod config;
+pub mod connection;
 pub mod export;
 pub mod handoff;
 pub mod headers;

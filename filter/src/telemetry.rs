@@ -4,19 +4,23 @@
 //! request path (`start_request`, `finish_request`: no protobuf, no I/O, no shared data) and
 //! from the root context's tick (`next_export`, `sent`, `completed`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
+use crate::connection::TcpConnection;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::handoff;
 use crate::headers::Headers;
+use crate::host::Host;
 use crate::istio::facts::DownstreamFacts;
 use crate::istio::labels::{is_grpc_content_type, is_grpc_web_content_type, with_label_values, RequestFacts};
 use crate::istio::node::NodeInfo;
 use crate::istio::peer;
 use crate::istio::xds_metadata::{self, ServiceInfo};
-use crate::metrics::aggregate::Measurement;
+use crate::metrics::aggregate::{Measurement, TcpDelta};
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
@@ -28,6 +32,9 @@ use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_L
 const MAX_CACHED_CLUSTERS: usize = 1024;
 /// Most downstream connections whose identity facts are cached per VM.
 const MAX_CACHED_CONNECTIONS: usize = 1024;
+/// Most open TCP connections per VM whose bytes are counted while they are open; past it a
+/// connection is counted at its close only.
+const MAX_REPORTED_CONNECTIONS: usize = 16_384;
 
 /// A request in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +180,10 @@ pub struct Telemetry {
     metrics: Option<MetricsPipeline>,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
     connections: HashMap<u64, DownstreamFacts>,
+    /// The open TCP connections of the network filter, by context id, counted on an interval.
+    open_connections: HashMap<u32, Rc<RefCell<TcpConnection>>>,
+    last_connection_report_ns: u64,
+    connection_report_interval_ns: u64,
     handoff_name: String,
     /// The queue of payloads handed over by root contexts that ended, once the proxy gave it.
     handoff: Option<u32>,
@@ -202,6 +213,11 @@ impl Telemetry {
             metrics,
             cluster_services: HashMap::new(),
             connections: HashMap::new(),
+            open_connections: HashMap::new(),
+            last_connection_report_ns: now_ns,
+            // The metrics' heartbeat: bytes reach the deltas well before each hand-over.
+            connection_report_interval_ns: crate::export::duration_ns(config.export.flush_interval)
+                .min(crate::export::duration_ns(config.metrics.export_interval) / 2),
             handoff_name: handoff::queue_name(scope),
             handoff: None,
             ending: false,
@@ -233,6 +249,50 @@ impl Telemetry {
         let names = crate::istio::labels::LABEL_NAMES;
         let series = self.metrics.as_ref().map(|m| m.local_series()).unwrap_or_default();
         series.into_iter().map(|(values, n)| (names.iter().copied().zip(values).collect(), n)).collect()
+    }
+
+    /// A TCP connection opened (the network filter's `on_new_connection`): counted on an
+    /// interval while it is open ([`Telemetry::connections_to_report`]) unless too many are.
+    pub fn open_connection(&mut self, id: u32, now_ns: u64) -> Rc<RefCell<TcpConnection>> {
+        let c = Rc::new(RefCell::new(TcpConnection::new(now_ns)));
+        if self.metrics.is_some() && self.open_connections.len() < MAX_REPORTED_CONNECTIONS {
+            self.open_connections.insert(id, c.clone());
+        }
+        c
+    }
+
+    /// A TCP connection closed: count it (see [`Telemetry::report_connection`]) and forget it.
+    pub fn close_connection(&mut self, host: &dyn Host, id: u32, c: &mut TcpConnection) {
+        self.report_connection(host, c, true);
+        self.open_connections.remove(&id);
+    }
+
+    /// The open connections to report now, once per interval: the glue reports each as its
+    /// own effective context.
+    pub fn connections_to_report(&mut self, now_ns: u64) -> Vec<(u32, Rc<RefCell<TcpConnection>>)> {
+        if self.open_connections.is_empty()
+            || now_ns.saturating_sub(self.last_connection_report_ns) < self.connection_report_interval_ns
+        {
+            return Vec::new();
+        }
+        self.last_connection_report_ns = now_ns;
+        // HTTP connections are found out at their first report and need no more.
+        self.open_connections.retain(|_, c| c.try_borrow().map_or(true, |c| c.is_reported()));
+        self.open_connections.iter().map(|(id, c)| (*id, c.clone())).collect()
+    }
+
+    /// Record a connection's report into the metrics.
+    pub(crate) fn record_connection(&mut self, labels: &[String], delta: &TcpDelta) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.record_tcp(labels, delta);
+        }
+    }
+
+    /// The TCP series recorded since the last hand-over: label values and (opened, closed,
+    /// sent, received).
+    #[cfg(test)]
+    pub(crate) fn recorded_tcp_series(&self) -> Vec<(Vec<String>, [u64; 4])> {
+        self.metrics.as_ref().map(|m| m.local_tcp_series()).unwrap_or_default()
     }
 
     /// Create the proxy-wide shared entries if this is the first VM, and find the queues.

@@ -9,6 +9,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod report;
 pub mod server;
+pub mod tcp;
 pub mod tls;
 
 use std::collections::BTreeSet;

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
-use super::host::{self, log, property, property_string, Counter, HostStore};
+use super::host::{self, log, property, property_string, Counter, HostStore, ProxyHost};
 use super::http::Http;
+use super::tcp::Tcp;
 use crate::config::{self, Config, Protocol};
 use crate::export::Payload;
 use crate::istio::node::{decode_pairs, NodeInfo};
@@ -27,9 +28,16 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// VM itself ends (a new module replaced it, the plugin was removed, or the proxy stops).
 static LIVE_ROOTS: AtomicUsize = AtomicUsize::new(0);
 
-/// Per-VM root: owns the telemetry state shared with this VM's HTTP contexts.
+/// The root id that makes the module the network filter (a WasmPlugin's `pluginName`).
+pub const TCP_ROOT_ID: &str = "meshtel-tcp";
+
+/// Per-VM root: owns the telemetry state shared with this VM's HTTP (or TCP) contexts.
 #[derive(Default)]
 pub struct Root {
+    /// This root context's id (the effective context to return to).
+    id: u32,
+    /// Whether this plugin is the network filter (root id [`TCP_ROOT_ID`]).
+    tcp: bool,
     telemetry: Option<Rc<RefCell<Telemetry>>>,
     stats: Option<Stats>,
     /// What `dispatch_grpc_call` is given to reach the collector (gRPC only).
@@ -49,6 +57,7 @@ struct Stats {
     export_failures: Counter,
     export_retries: Counter,
     metric_requests_recorded: Counter,
+    metric_connections_recorded: Counter,
     metric_overflow: Counter,
     metric_series_expired: Counter,
     metric_batches_unreadable: Counter,
@@ -75,6 +84,7 @@ impl Stats {
             export_failures: Counter::define("meshtel.export_failures"),
             export_retries: Counter::define("meshtel.export_retries"),
             metric_requests_recorded: Counter::define("meshtel.metric_requests_recorded"),
+            metric_connections_recorded: Counter::define("meshtel.metric_connections_recorded"),
             metric_overflow: Counter::define("meshtel.metric_overflow"),
             metric_series_expired: Counter::define("meshtel.metric_series_expired"),
             metric_batches_unreadable: Counter::define("meshtel.metric_batches_unreadable"),
@@ -103,6 +113,7 @@ impl Stats {
             (&self.export_failures, now.traces.failed_requests, was.traces.failed_requests),
             (&self.export_retries, now.traces.retries, was.traces.retries),
             (&self.metric_requests_recorded, now.metrics.recorded, was.metrics.recorded),
+            (&self.metric_connections_recorded, now.metrics.connections, was.metrics.connections),
             (&self.metric_overflow, now.metrics.overflowed, was.metrics.overflowed),
             (&self.metric_series_expired, now.metrics.expired, was.metrics.expired),
             (&self.metric_batches_unreadable, now.metrics.unreadable, was.metrics.unreadable),
@@ -146,7 +157,12 @@ fn seed() -> u64 {
 }
 
 impl Root {
+    pub fn new(id: u32) -> Self {
+        Self { id, ..Default::default() }
+    }
+
     fn configure(&mut self, mut config: Config) {
+        self.tcp = property_string(&["plugin_root_id"]).as_deref() == Some(TCP_ROOT_ID);
         // Credentials come from the proxy's environment (vmConfig.env, valueFrom HOST); their
         // values are never logged.
         for var in config.collector.resolve_env_headers(|var| std::env::var(var).ok()) {
@@ -168,8 +184,9 @@ impl Root {
         log(
             LogLevel::Info,
             &format!(
-                "meshtel {} configured: service {:?} ({}), collector {} ({:?}), traces {}, sampling {}, metrics {}, logs {}",
+                "meshtel {}{} configured: service {:?} ({}), collector {} ({:?}), traces {}, sampling {}, metrics {}, logs {}",
                 otlp::VERSION,
+                if self.tcp { " (TCP network filter)" } else { "" },
                 node.canonical_service().unwrap_or("unknown"),
                 if node.is_gateway() { "gateway" } else { "sidecar" },
                 config.collector.cluster,
@@ -243,6 +260,21 @@ impl Root {
             stats.report(telemetry.stats());
         }
         done
+    }
+
+    /// Count what the open TCP connections moved, once per interval. Each is read as the
+    /// effective context, so that property reads speak for it (observed in Envoy 1.40).
+    fn report_connections(&self, telemetry: &mut Telemetry, now: u64) {
+        let due = telemetry.connections_to_report(now);
+        if due.is_empty() {
+            return;
+        }
+        for (id, connection) in due {
+            if let (Ok(()), Ok(mut c)) = (hostcalls::set_effective_context(id), connection.try_borrow_mut()) {
+                telemetry.report_connection(&ProxyHost, &mut c, false);
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.id);
     }
 
     /// After an answer: if this root context is ending and nothing is in flight any more,
@@ -340,6 +372,7 @@ impl RootContext for Root {
             return;
         };
         let now = host::now_ns();
+        self.report_connections(&mut telemetry, now);
         while let Some(payload) = telemetry.next_export(&HostStore, now) {
             if let Some(line) = self.dispatch(&mut telemetry, payload, now) {
                 log(LogLevel::Warn, &format!("meshtel: {line}"));
@@ -357,7 +390,11 @@ impl RootContext for Root {
         Some(Box::new(Http::new(self.telemetry.clone())))
     }
 
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Tcp::new(context_id, self.telemetry.clone())))
+    }
+
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(if self.tcp { ContextType::StreamContext } else { ContextType::HttpContext })
     }
 }

@@ -22,6 +22,8 @@ pub const LISTENER_OUTBOUND: u64 = 2;
 pub const DOWNSTREAM_PEER: &str = "downstream_peer";
 /// Filter-state key of Istio's upstream peer.
 pub const UPSTREAM_PEER: &str = "upstream_peer";
+/// Filter-state key Istio's metadata exchange sets when it found no peer (`peer_not_found`).
+pub const PEER_NOT_FOUND: &str = "peer_not_found";
 /// Filter-state key of the caller's identity on HBONE / ambient connections (a string).
 pub const PEER_PRINCIPAL: &str = "io.istio.peer_principal";
 /// Filter-state key of this proxy's identity on HBONE / ambient connections (a string).
@@ -131,7 +133,40 @@ pub fn read_upstream_peer(host: &dyn Host, headers: bool) -> (Option<PeerInfo>, 
 
 /// Read what the client side needs (see [`UpstreamFacts`]).
 pub fn read_upstream(host: &dyn Host, headers: bool) -> UpstreamFacts {
-    let (mut peer, exchanged) = read_upstream_peer(host, headers);
+    let (peer, exchanged) = read_upstream_peer(host, headers);
+    upstream_facts(host, peer, exchanged)
+}
+
+/// Read what the client side of a TCP connection needs: as [`read_upstream`], but the peer is
+/// where Istio's TCP metadata exchange writes it, the *upstream* connection's filter state
+/// (the stats filter reads `upstreamInfo()->upstreamFilterState()` first: istio_stats.cc,
+/// `reportHelper`), read as `upstream_filter_state` (observed in Envoy 1.40).
+pub fn read_upstream_connection(host: &dyn Host) -> UpstreamFacts {
+    let peer = host
+        .property(&["upstream_filter_state", UPSTREAM_PEER])
+        .and_then(|bytes| peer::from_filter_state(&bytes))
+        .or_else(|| filter_state_peer(host, UPSTREAM_PEER));
+    let exchanged = peer.is_some();
+    upstream_facts(host, peer, exchanged)
+}
+
+/// Whether Istio's metadata exchange is done with a connection (it found the peer or found
+/// there is none): Istio's network stats filter labels a connection only then, or at its close
+/// (istio_stats.cc, `peerInfoRead`). The server side waits for `downstream_peer`, the client
+/// side for `upstream_peer`.
+pub fn connection_peer_read(host: &dyn Host, reporter: Reporter) -> bool {
+    let present = |path: &[&str]| host.property(path).is_some();
+    if reporter.is_server() {
+        present(&["filter_state", DOWNSTREAM_PEER]) || present(&["filter_state", PEER_NOT_FOUND])
+    } else {
+        present(&["upstream_filter_state", UPSTREAM_PEER])
+            || present(&["upstream_filter_state", PEER_NOT_FOUND])
+            || present(&["filter_state", UPSTREAM_PEER])
+    }
+}
+
+/// The principals and the endpoint-metadata fallback of the client side, around `peer`.
+fn upstream_facts(host: &dyn Host, mut peer: Option<PeerInfo>, exchanged: bool) -> UpstreamFacts {
     let peer_san = host.property_non_empty(&["upstream", "uri_san_peer_certificate"]);
     let local_principal =
         peer_san.as_ref().and_then(|_| host.property_non_empty(&["upstream", "uri_san_local_certificate"]));

@@ -37,6 +37,20 @@ pub const LABEL_NAMES: [&str; 25] = [
     "connection_security_policy",
 ];
 
+/// Where `request_protocol` is in [`LABEL_NAMES`].
+pub const REQUEST_PROTOCOL: usize = 20;
+/// Where the labels TCP metrics do not have are in [`LABEL_NAMES`]: Istio's network stats
+/// filter labels a connection with the others only (`response_code` and
+/// `grpc_response_status` are pushed by its HTTP `log` alone).
+pub const NOT_TCP_LABELS: [usize; 2] = [21, 22];
+/// `request_protocol` of a TCP connection.
+pub const TCP_PROTOCOL: &str = "tcp";
+
+/// Whether the label values of a series are a TCP connection's.
+pub fn is_tcp<S: AsRef<str>>(values: &[S]) -> bool {
+    values.get(REQUEST_PROTOCOL).is_some_and(|v| v.as_ref() == TCP_PROTOCOL)
+}
+
 /// Which of Istio's reporters a request is counted by (`Reporter` in `istio_stats.cc`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Reporter {
@@ -96,6 +110,8 @@ pub struct RequestFacts {
     pub service: Destination,
     /// Whether the request is gRPC by Istio's test (`Grpc::Common::isGrpcRequestHeaders`).
     pub grpc: bool,
+    /// Whether these are a TCP connection's facts (`request_protocol` `tcp`, no response code).
+    pub tcp: bool,
     /// HTTP status; 0 when none was sent.
     pub response_code: u32,
     /// gRPC status, for gRPC requests that got one.
@@ -231,9 +247,13 @@ pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnc
         dcr,
         dc,
         // Istio decides gRPC in its decodeHeaders: a request answered before it is `http`.
-        if f.grpc { "grpc" } else { "http" },
-        code.as_str(),
-        grpc_status.as_ref().map(Decimal::as_str).unwrap_or_default(),
+        match (f.tcp, f.grpc) {
+            (true, _) => TCP_PROTOCOL,
+            (false, true) => "grpc",
+            (false, false) => "http",
+        },
+        if f.tcp { "" } else { code.as_str() },
+        grpc_status.as_ref().filter(|_| !f.tcp).map(Decimal::as_str).unwrap_or_default(),
         known_or(&f.response_flags, "-"),
         policy,
     ])

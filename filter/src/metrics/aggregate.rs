@@ -131,6 +131,27 @@ pub struct Measurement {
     pub response_bytes: u64,
 }
 
+/// What one TCP connection moved since it last reported (Istio's network stats filter reports
+/// a connection's bytes on an interval while it is open, then at its close).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpDelta {
+    /// 1 when the connection is first reported.
+    pub opened: u64,
+    /// 1 when it closed.
+    pub closed: u64,
+    /// Bytes written to the downstream peer.
+    pub sent_bytes: u64,
+    /// Bytes read from the downstream peer.
+    pub received_bytes: u64,
+}
+
+impl TcpDelta {
+    /// Whether it changes anything.
+    pub fn is_empty(&self) -> bool {
+        *self == TcpDelta::default()
+    }
+}
+
 /// The metrics of one label set.
 #[derive(Clone, PartialEq, Message)]
 pub struct SeriesData {
@@ -153,11 +174,37 @@ pub struct SeriesData {
     /// When the cumulative totals last saw this series change (as `start_ns`).
     #[prost(uint64, tag = "6")]
     pub updated_ns: u64,
+    /// `istio_tcp_connections_opened_total`.
+    #[prost(uint64, tag = "7")]
+    pub tcp_opened: u64,
+    /// `istio_tcp_connections_closed_total`.
+    #[prost(uint64, tag = "8")]
+    pub tcp_closed: u64,
+    /// `istio_tcp_sent_bytes_total`.
+    #[prost(uint64, tag = "9")]
+    pub tcp_sent_bytes: u64,
+    /// `istio_tcp_received_bytes_total`.
+    #[prost(uint64, tag = "10")]
+    pub tcp_received_bytes: u64,
 }
 
 impl SeriesData {
+    /// Whether anything was recorded into it (since its last clear).
+    pub fn touched(&self) -> bool {
+        self.requests > 0 || self.has_tcp()
+    }
+
+    /// Whether it holds TCP connection counts.
+    pub fn has_tcp(&self) -> bool {
+        (self.tcp_opened | self.tcp_closed | self.tcp_sent_bytes | self.tcp_received_bytes) != 0
+    }
+
     fn clear(&mut self) {
         self.requests = 0;
+        self.tcp_opened = 0;
+        self.tcp_closed = 0;
+        self.tcp_sent_bytes = 0;
+        self.tcp_received_bytes = 0;
         for h in [&mut self.duration, &mut self.request_bytes, &mut self.response_bytes].into_iter().flatten() {
             h.buckets.fill(0);
             h.sum = 0.0;
@@ -172,8 +219,21 @@ impl SeriesData {
         self.response_bytes.get_or_insert_with(Histogram::default).record(m.response_bytes as f64);
     }
 
+    fn record_tcp(&mut self, d: &TcpDelta) {
+        self.tcp_opened = self.tcp_opened.saturating_add(d.opened);
+        self.tcp_closed = self.tcp_closed.saturating_add(d.closed);
+        self.tcp_sent_bytes = self.tcp_sent_bytes.saturating_add(d.sent_bytes);
+        self.tcp_received_bytes = self.tcp_received_bytes.saturating_add(d.received_bytes);
+    }
+
     fn merge(&mut self, other: &SeriesData) {
         self.requests += other.requests;
+        self.record_tcp(&TcpDelta {
+            opened: other.tcp_opened,
+            closed: other.tcp_closed,
+            sent_bytes: other.tcp_sent_bytes,
+            received_bytes: other.tcp_received_bytes,
+        });
         let merge = |a: &mut Option<Histogram>, b: &Option<Histogram>| {
             if let Some(b) = b {
                 a.get_or_insert_with(Histogram::default).merge(b);
@@ -247,6 +307,10 @@ const DATA_REQUESTS: u32 = 1;
 const DATA_DURATION: u32 = 2;
 const DATA_REQUEST_BYTES: u32 = 3;
 const DATA_RESPONSE_BYTES: u32 = 4;
+const DATA_TCP_OPENED: u32 = 7;
+const DATA_TCP_CLOSED: u32 = 8;
+const DATA_TCP_SENT_BYTES: u32 = 9;
+const DATA_TCP_RECEIVED_BYTES: u32 = 10;
 const HISTOGRAM_BUCKETS: u32 = 1;
 const HISTOGRAM_SUM: u32 = 2;
 const HISTOGRAM_COUNT: u32 = 3;
@@ -314,6 +378,16 @@ impl SeriesData {
                 w.message(field, |w| h.write(w));
             }
         }
+        for (field, n) in [
+            (DATA_TCP_OPENED, self.tcp_opened),
+            (DATA_TCP_CLOSED, self.tcp_closed),
+            (DATA_TCP_SENT_BYTES, self.tcp_sent_bytes),
+            (DATA_TCP_RECEIVED_BYTES, self.tcp_received_bytes),
+        ] {
+            if n != 0 {
+                w.varint(field, n);
+            }
+        }
     }
 
     /// Add encoded deltas.
@@ -323,6 +397,16 @@ impl SeriesData {
             let histogram = match (tag, wire_type) {
                 (DATA_REQUESTS, WireType::Varint) => {
                     self.requests = self.requests.saturating_add(read_varint(&mut buf)?);
+                    continue;
+                }
+                (DATA_TCP_OPENED..=DATA_TCP_RECEIVED_BYTES, WireType::Varint) => {
+                    let counter = match tag {
+                        DATA_TCP_OPENED => &mut self.tcp_opened,
+                        DATA_TCP_CLOSED => &mut self.tcp_closed,
+                        DATA_TCP_SENT_BYTES => &mut self.tcp_sent_bytes,
+                        _ => &mut self.tcp_received_bytes,
+                    };
+                    *counter = counter.saturating_add(read_varint(&mut buf)?);
                     continue;
                 }
                 (DATA_DURATION, WireType::LengthDelimited) => &mut self.duration,
@@ -416,6 +500,14 @@ impl Aggregator {
         }
     }
 
+    /// Record one TCP connection's report (see [`TcpDelta`]).
+    pub fn record_tcp<S: AsRef<str>>(&mut self, labels: &[S], d: &TcpDelta) {
+        if self.update(labels, |s| s.record_tcp(d)).is_none() {
+            self.folded += 1;
+            self.overflow.get_or_insert_with(SeriesData::default).record_tcp(d);
+        }
+    }
+
     /// Apply `f` to the series of `labels`, found with one lookup or admitted while the cap
     /// allows; `None` past the cap, where the caller folds into the overflow series.
     fn update<S: AsRef<str>, R>(&mut self, labels: &[S], f: impl FnOnce(&mut SeriesData) -> R) -> Option<R> {
@@ -431,7 +523,7 @@ impl Aggregator {
     /// a `stamp`, as cumulative totals do. The exporting VM adds its own deltas this way, without
     /// a batch.
     pub fn merge_deltas(&mut self, other: &Aggregator, stamp: Option<Stamp>) {
-        for (labels, data) in other.series.iter().filter(|(_, d)| d.requests > 0) {
+        for (labels, data) in other.series.iter().filter(|(_, d)| d.touched()) {
             self.merge_series(&labels.0, data, stamp);
         }
         if let Some(o) = &other.overflow {
@@ -515,7 +607,8 @@ impl Aggregator {
         self.series().map(|(_, d)| d.requests).sum()
     }
 
-    /// Requests folded into the overflow series by this aggregator, and reset that count.
+    /// Requests (and TCP reports) folded into the overflow series by this aggregator, and reset
+    /// that count.
     pub fn take_folded(&mut self) -> u64 {
         std::mem::take(&mut self.folded)
     }
@@ -530,7 +623,7 @@ impl Aggregator {
         // any order), sized for Istio's labels: ~40 bytes of positions and ~120 of data a series.
         let mut w = Writer::with_capacity(self.len() * 216);
         let mut positions = Vec::new();
-        for (labels, data) in self.series().filter(|(_, d)| d.requests > 0) {
+        for (labels, data) in self.series().filter(|(_, d)| d.touched()) {
             positions.clear();
             for value in labels.into_iter().flatten() {
                 // Interned: one value, one pointer. The table grows as values are first met.
@@ -617,7 +710,7 @@ impl Aggregator {
     /// buckets for the requests to come (a known series costs a lookup, not a new entry), and
     /// drop the series that had no request since the last clear and the values only they used.
     pub fn clear_deltas(&mut self) {
-        self.retain(|d| d.requests > 0);
+        self.retain(SeriesData::touched);
         for data in self.series.values_mut() {
             data.clear();
         }
@@ -626,7 +719,7 @@ impl Aggregator {
 
     /// Whether any request was recorded since the last [`Aggregator::clear_deltas`].
     pub fn has_deltas(&self) -> bool {
-        self.series().any(|(_, d)| d.requests > 0)
+        self.series().any(|(_, d)| d.touched())
     }
 
     fn retain(&mut self, keep: impl Fn(&SeriesData) -> bool) -> usize {

@@ -9,7 +9,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use crate::config::{Config, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, METRICS_PATH};
-use aggregate::{Aggregator, Measurement, Stamp, Values};
+use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
 use shared::SharedStore;
 
 /// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
@@ -59,6 +59,8 @@ const EARLY_EXPORT_SPACING_DIVISOR: u64 = 4;
 pub struct MetricStats {
     /// Requests recorded.
     pub recorded: u64,
+    /// TCP connections recorded (at their close).
+    pub connections: u64,
     /// Requests folded into the overflow series because of `metrics.max_series`.
     pub overflowed: u64,
     /// Series dropped from the cumulative totals after `metrics.series_expiry_ms` without requests.
@@ -85,11 +87,13 @@ pub struct MetricsPipeline {
     flush_key: String,
     /// The flush entry as the leader last saw it; `None`: not read in this term yet.
     seen_flush: Option<Vec<u8>>,
-    /// Requests recorded as of the last tick, and the tick that last saw the count change.
-    seen_recorded: u64,
+    /// Recordings (requests and TCP reports) since the VM started.
+    updates: u64,
+    /// Recordings as of the last tick, and the tick that last saw the count change.
+    seen_updates: u64,
     last_activity_ns: u64,
-    /// Requests recorded as of the last hand-over (or, as the leader, the last export).
-    handed_recorded: u64,
+    /// Recordings as of the last hand-over (or, as the leader, the last export).
+    handed_updates: u64,
     token: u64,
     /// The label values of all of this VM's aggregators, one copy each.
     values: Values,
@@ -130,9 +134,10 @@ impl MetricsPipeline {
             leader_key: shared_key(scope, "metrics/leader"),
             flush_key: shared_key(scope, "metrics/flush"),
             seen_flush: None,
-            seen_recorded: 0,
+            updates: 0,
+            seen_updates: 0,
             last_activity_ns: now_ns,
-            handed_recorded: 0,
+            handed_updates: 0,
             token,
             local: Aggregator::with_values(m.max_series, &values),
             cumulative: Aggregator::with_values(m.max_series, &values),
@@ -173,7 +178,18 @@ impl MetricsPipeline {
     /// Record one request: a map update, nothing shared, nothing encoded.
     pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
         self.stats.recorded += 1;
+        self.updates += 1;
         self.local.record(labels, m);
+    }
+
+    /// Record what a TCP connection moved since its last report (see [`TcpDelta`]).
+    pub fn record_tcp<S: AsRef<str>>(&mut self, labels: &[S], d: &TcpDelta) {
+        if d.is_empty() {
+            return;
+        }
+        self.stats.connections += d.closed;
+        self.updates += 1;
+        self.local.record_tcp(labels, d);
     }
 
     /// This VM's label sets recorded since the last merge, with their request counts.
@@ -186,6 +202,19 @@ impl MetricsPipeline {
             .collect()
     }
 
+    /// This VM's TCP series recorded since the last merge, with their counters.
+    #[cfg(test)]
+    pub(crate) fn local_tcp_series(&self) -> Vec<(Vec<String>, [u64; 4])> {
+        self.local
+            .series()
+            .filter(|(_, d)| d.has_tcp())
+            .filter_map(|(l, d)| {
+                let counts = [d.tcp_opened, d.tcp_closed, d.tcp_sent_bytes, d.tcp_received_bytes];
+                Some((l?.iter().map(|s| s.to_string()).collect(), counts))
+            })
+            .collect()
+    }
+
     /// Periodic work: keep or claim leadership, hand this VM's deltas to the queue once per
     /// export interval (at once when its traffic went quiet), and as the leader take the queued
     /// deltas when an export is due and produce its next part.
@@ -194,15 +223,15 @@ impl MetricsPipeline {
             self.last_heartbeat_ns = now_ns;
             self.heartbeat(store, now_ns);
         }
-        if self.stats.recorded != self.seen_recorded {
-            self.seen_recorded = self.stats.recorded;
+        if self.updates != self.seen_updates {
+            self.seen_updates = self.updates;
             self.last_activity_ns = now_ns;
         }
         // Deltas followed by a quiet spell (the end of a burst, or the drain before the proxy
         // stops) leave within about two heartbeats instead of two export intervals: Istio gives
         // a proxy 5 s between draining its listeners and SIGTERM (`terminationDrainDuration`),
         // and no call made after SIGTERM reaches the collector (REFERENCE section 4).
-        let quiet = self.stats.recorded != self.handed_recorded
+        let quiet = self.updates != self.handed_updates
             && now_ns.saturating_sub(self.last_activity_ns) >= self.heartbeat_interval_ns;
         // The leader adds its own deltas when it exports; the others hand theirs over once
         // per export interval, so the queue holds about one batch per worker. Until the
@@ -254,7 +283,7 @@ impl MetricsPipeline {
         let Some(queue) = self.find_queue(store) else { return false };
         let handed = shared::hand_over(store, queue, &mut self.local).is_ok();
         if handed {
-            self.handed_recorded = self.stats.recorded;
+            self.handed_updates = self.updates;
         }
         handed
     }
@@ -328,7 +357,7 @@ impl MetricsPipeline {
             self.last_full_export_ns = now_ns;
         }
         self.stats.overflowed += self.local.take_folded();
-        self.handed_recorded = self.stats.recorded;
+        self.handed_updates = self.updates;
         let mut taken = self.empty();
         let (into, stamp) = match self.temporality {
             Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: since, now_ns })),

@@ -9,7 +9,7 @@ use prost::Message;
 use super::common::Envelope;
 use super::wire::Writer;
 use crate::config::Temporality;
-use crate::istio::labels::LABEL_NAMES;
+use crate::istio::labels::{self, LABEL_NAMES, NOT_TCP_LABELS};
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
 
 /// `istio_requests_total`: a monotonic sum; the name already ends in `_total`.
@@ -20,6 +20,14 @@ pub const REQUEST_DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 /// `istio_response_bytes`: a histogram in `By`.
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+/// `istio_tcp_connections_opened_total`: a monotonic sum.
+pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
+/// `istio_tcp_connections_closed_total`: a monotonic sum.
+pub const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
+/// `istio_tcp_sent_bytes_total`: a monotonic sum in `By`.
+pub const TCP_SENT_BYTES: &str = "istio_tcp_sent_bytes_total";
+/// `istio_tcp_received_bytes_total`: a monotonic sum in `By`.
+pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
 /// Attribute marking the series that collects label sets past `metrics.max_series`.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
 
@@ -59,6 +67,32 @@ fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str
     }
 }
 
+/// A TCP connection's attributes: Istio's labels but those only requests have.
+fn tcp_point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str>]>) {
+    match labels {
+        Some(values) => LABEL_NAMES
+            .iter()
+            .zip(values)
+            .enumerate()
+            .filter(|(i, _)| !NOT_TCP_LABELS.contains(i))
+            .for_each(|(_, (k, v))| w.string_attribute(field, k, v)),
+        None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
+    }
+}
+
+/// Whether a series counts requests (HTTP) or connections (TCP): by its `request_protocol`,
+/// and for the overflow series, which folds both, by what it holds.
+fn counts_requests(labels: Option<&[std::rc::Rc<str>]>, data: &SeriesData) -> bool {
+    labels.map_or(data.requests > 0, |v| !labels::is_tcp(v))
+}
+
+fn counts_connections(labels: Option<&[std::rc::Rc<str>]>, data: &SeriesData) -> bool {
+    labels.map_or(data.has_tcp(), labels::is_tcp)
+}
+
+/// A TCP counter of a series.
+type CounterOf = fn(&SeriesData) -> u64;
+
 /// Which histogram of a series.
 type HistogramOf = fn(&SeriesData) -> &Option<aggregate::Histogram>;
 
@@ -86,7 +120,9 @@ impl MetricsEncoder {
         part: std::ops::Range<usize>,
     ) -> (Vec<u8>, u64) {
         let series = || agg.series().skip(part.start).take(part.len());
-        let count = series().count();
+        let http = || series().filter(|(labels, data)| counts_requests(*labels, data));
+        let tcp = || series().filter(|(labels, data)| counts_connections(*labels, data));
+        let (http_count, tcp_count) = (http().count(), tcp().count());
         // The body's size, nearly: each of the four points of a series carries its attributes
         // (key, value and ~8 bytes of framing each) and ~230 bytes of times, counts and buckets.
         // Sized right, the body is written without regrowing, and holds no unused capacity
@@ -115,7 +151,7 @@ impl MetricsEncoder {
             w.message(Envelope::ITEMS, |w| {
                 metric(w, name, description, unit);
                 w.message(field::METRIC_HISTOGRAM, |w| {
-                    for (labels, data) in series() {
+                    for (labels, data) in http() {
                         w.message(field::DATA_POINTS, |w| {
                             let h = of(data).as_ref().unwrap_or(&no_requests);
                             times(w, data);
@@ -131,26 +167,53 @@ impl MetricsEncoder {
                 });
             });
         };
-        let body = self.envelope.encode(capacity, |w| {
+        let counter = |w: &mut Writer, name: &str, description: &str, unit: &str, of: CounterOf| {
             w.message(Envelope::ITEMS, |w| {
-                metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
+                metric(w, name, description, unit);
                 w.message(field::METRIC_SUM, |w| {
-                    for (labels, data) in series() {
+                    for (labels, data) in tcp() {
                         w.message(field::DATA_POINTS, |w| {
                             times(w, data);
-                            w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
-                            point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+                            w.sfixed64(field::NUMBER_AS_INT, i64::try_from(of(data)).unwrap_or(i64::MAX));
+                            tcp_point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
                         });
                     }
                     w.varint(field::AGGREGATION_TEMPORALITY, temporality);
                     w.bool(field::SUM_IS_MONOTONIC, true);
                 });
             });
-            histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
-            histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
-            histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
+        };
+        let body = self.envelope.encode(capacity, |w| {
+            // An export without TCP connections still names the request metrics.
+            if http_count > 0 || tcp_count == 0 {
+                w.message(Envelope::ITEMS, |w| {
+                    metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
+                    w.message(field::METRIC_SUM, |w| {
+                        for (labels, data) in http() {
+                            w.message(field::DATA_POINTS, |w| {
+                                times(w, data);
+                                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
+                                point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+                            });
+                        }
+                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                        w.bool(field::SUM_IS_MONOTONIC, true);
+                    });
+                });
+                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
+                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
+                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
+            }
+            if tcp_count > 0 {
+                counter(w, TCP_OPENED, "TCP connections opened", "", |d| d.tcp_opened);
+                counter(w, TCP_CLOSED, "TCP connections closed", "", |d| d.tcp_closed);
+                counter(w, TCP_SENT_BYTES, "Bytes sent to the downstream peer", "By", |d| d.tcp_sent_bytes);
+                counter(w, TCP_RECEIVED_BYTES, "Bytes received from the downstream peer", "By", |d| {
+                    d.tcp_received_bytes
+                });
+            }
         });
-        (body, count as u64 * 4)
+        (body, (http_count + tcp_count) as u64 * 4)
     }
 }
 
