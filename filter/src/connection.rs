@@ -173,7 +173,6 @@ mod tests {
     use crate::metrics::shared::MemoryStore;
     use std::collections::BTreeMap;
 
-
     fn node(id: &str, workload: &str, app: &str, canonical: &str, cluster: &str) -> NodeInfo {
         NodeInfo {
             id: id.into(),

@@ -848,6 +848,36 @@ mod tests {
     }
 
     #[test]
+    fn tcp_counters_are_written_and_read_as_prost_does_and_add_up() {
+        let mut d = SeriesData::default();
+        d.record_tcp(&TcpDelta { opened: 1, closed: 0, sent_bytes: 120, received_bytes: 60 });
+        d.record_tcp(&TcpDelta { opened: 0, closed: 1, sent_bytes: 3, received_bytes: 0 });
+        let mut w = Writer::default();
+        d.write(&mut w);
+        let ours = w.into_bytes();
+        assert_eq!(SeriesData::decode(ours.as_slice()).unwrap(), d, "prost reads what we write");
+        let mut back = SeriesData::default();
+        back.merge_encoded(&d.encode_to_vec()).unwrap();
+        back.merge_encoded(&ours).unwrap();
+        assert_eq!(
+            (back.tcp_opened, back.tcp_closed, back.tcp_sent_bytes, back.tcp_received_bytes, back.requests),
+            (2, 2, 246, 120, 0)
+        );
+        // Through a batch, and into the overflow series past the cap.
+        let mut a = Aggregator::new(1);
+        a.record_tcp(&labels(1), &TcpDelta { opened: 1, ..Default::default() });
+        a.record_tcp(&labels(2), &TcpDelta { opened: 1, sent_bytes: 9, ..Default::default() });
+        assert_eq!(a.take_folded(), 1);
+        let mut total = Aggregator::new(5);
+        total.merge_batch(&a.encode_batch(), None).unwrap();
+        let sent: u64 = total.series().map(|(_, d)| d.tcp_sent_bytes).sum();
+        let opened: u64 = total.series().map(|(_, d)| d.tcp_opened).sum();
+        assert_eq!((total.len(), opened, sent), (2, 2, 9));
+        a.clear_deltas();
+        assert!(!a.has_deltas(), "a connection's counters are deltas like a request's");
+    }
+
+    #[test]
     fn series_data_is_written_and_read_as_prost_does() {
         let mut d = SeriesData::default();
         for (ms, bytes) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)] {

@@ -273,6 +273,49 @@ mod tests {
     }
 
     #[test]
+    fn tcp_series_get_istios_tcp_metrics_and_only_their_labels() {
+        let mut agg = Aggregator::new(2);
+        let mut tcp: Vec<String> = LABEL_NAMES.iter().map(|n| format!("v-{n}")).collect();
+        tcp[crate::istio::labels::REQUEST_PROTOCOL] = "tcp".into();
+        let delta = crate::metrics::aggregate::TcpDelta { opened: 1, closed: 1, sent_bytes: 120, received_bytes: 60 };
+        agg.record_tcp(&tcp, &delta);
+        agg.record(&["http"; 25], &Measurement::default());
+        let (bytes, points) = MetricsEncoder::new(Resource::default()).encode(&agg, Temporality::Cumulative, 1, 2);
+        assert_eq!(points, 8, "four metrics for each kind of series");
+        let req = ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap();
+        let names: Vec<&str> =
+            req.resource_metrics[0].scope_metrics[0].metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                REQUESTS_TOTAL,
+                REQUEST_DURATION,
+                REQUEST_BYTES,
+                RESPONSE_BYTES,
+                TCP_OPENED,
+                TCP_CLOSED,
+                TCP_SENT_BYTES,
+                TCP_RECEIVED_BYTES
+            ]
+        );
+        for (name, value, unit) in
+            [(TCP_OPENED, 1, ""), (TCP_CLOSED, 1, ""), (TCP_SENT_BYTES, 120, "By"), (TCP_RECEIVED_BYTES, 60, "By")]
+        {
+            let m = find(&req, name);
+            let Some(metric::Data::Sum(sum)) = &m.data else { panic!("a sum") };
+            assert!(sum.is_monotonic);
+            assert_eq!((m.unit.as_str(), sum.data_points.len()), (unit, 1), "{name}: the TCP series only");
+            let p = &sum.data_points[0];
+            assert_eq!(p.value, Some(number_data_point::Value::AsInt(value)));
+            let keys: Vec<&str> = p.attributes.iter().map(|a| a.key.as_str()).collect();
+            assert_eq!(keys.len(), 23);
+            assert!(!keys.contains(&"response_code") && !keys.contains(&"grpc_response_status"));
+        }
+        let Some(metric::Data::Sum(requests)) = &find(&req, REQUESTS_TOTAL).data else { panic!() };
+        assert_eq!(requests.data_points.len(), 1, "the HTTP series only");
+    }
+
+    #[test]
     fn delta_temporality_is_marked() {
         let req = decoded(&Aggregator::new(1), Temporality::Delta, 0, 1);
         let Some(metric::Data::Histogram(h)) = &find(&req, REQUEST_BYTES).data else { panic!("a histogram") };
