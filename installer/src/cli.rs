@@ -166,6 +166,10 @@ pub struct RenderArgs {
     /// Do not record metrics.
     #[arg(long, help_heading = "Telemetry")]
     pub no_metrics: bool,
+    /// Also render the network filter (type NETWORK, pluginName meshtel-tcp) for Istio's TCP
+    /// metrics, istio_tcp_* [default: off: it runs in front of HTTP chains too].
+    #[arg(long, help_heading = "Telemetry")]
+    pub tcp: bool,
     /// Send HEADER to the collector with the value of the proxy's environment variable VAR
     /// (vmConfig.env with valueFrom HOST: credentials from a Secret, never inline; repeatable).
     #[arg(long = "collector-header-from-env", value_name = "HEADER=VAR", help_heading = "Telemetry")]
@@ -289,6 +293,7 @@ struct FileOptions {
     api: Option<Api>,
     disable_istio_tracing: Option<bool>,
     collector_service_entry: Option<bool>,
+    tcp: Option<bool>,
     name: Option<String>,
     root_namespace: Option<String>,
     cluster_domain: Option<String>,
@@ -501,6 +506,10 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     } else {
         None
     };
+    let tcp = args.tcp || file.tcp.unwrap_or(false);
+    if tcp && plugin_config.pointer("/metrics/enabled") == Some(&json!(false)) {
+        return Err("--tcp records Istio's TCP metrics: it needs metrics on (drop --no-metrics, or add --metrics with --gateway)".into());
+    }
     let name = args.name.clone().or(file.name.clone()).unwrap_or_else(|| "meshtel".into());
     if !crate::rules::is_dns_subdomain(&name) {
         return Err(format!("--name: {name:?} is not a valid resource name"));
@@ -519,6 +528,7 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         disable_istio_tracing: args.disable_istio_tracing || file.disable_istio_tracing.unwrap_or(false),
         collector_service_entry,
         host_env,
+        tcp,
     })
 }
 

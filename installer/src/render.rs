@@ -134,6 +134,20 @@ pub struct RenderOptions {
     pub collector_service_entry: Option<CollectorAddress>,
     /// Host environment variables the filter reads (`vmConfig.env` with `valueFrom: HOST`).
     pub host_env: Vec<String>,
+    /// Also render the network filter for Istio's TCP metrics, beside each HTTP one.
+    pub tcp: bool,
+}
+
+/// The root id that makes the module Istio's TCP metrics' network filter (`pluginName`).
+pub const TCP_PLUGIN_NAME: &str = "meshtel-tcp";
+
+/// The two roles of the one module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The HTTP filter (`type: HTTP`).
+    Http,
+    /// The network filter for TCP metrics (`type: NETWORK`, `pluginName: meshtel-tcp`).
+    Tcp,
 }
 
 /// Labels meshtel puts on what it renders.
@@ -217,7 +231,7 @@ fn target(namespace: &str, group: Option<&str>, kind: &str, name: &str) -> Attac
     }
 }
 
-fn module(opts: &RenderOptions) -> WasmModule {
+fn module(opts: &RenderOptions, role: Role) -> WasmModule {
     let env: Vec<EnvVar> = opts
         .host_env
         .iter()
@@ -230,7 +244,8 @@ fn module(opts: &RenderOptions) -> WasmModule {
         plugin_config: Some(opts.plugin_config.clone()),
         fail_strategy: Some(opts.fail_strategy.clone()),
         vm_config: (!env.is_empty()).then_some(VmConfig { env }),
-        plugin_type: Some("HTTP".into()),
+        plugin_type: Some(if role == Role::Tcp { "NETWORK" } else { "HTTP" }.into()),
+        plugin_name: (role == Role::Tcp).then(|| TCP_PLUGIN_NAME.into()),
         ..Default::default()
     }
 }
@@ -239,42 +254,54 @@ fn metadata(name: &str, namespace: &str) -> Metadata {
     Metadata { name: name.into(), namespace: Some(namespace.into()), labels: labels(), ..Default::default() }
 }
 
+/// The WasmPlugin or TrafficExtension of one attachment and role. The network filter's is
+/// named `<name>-tcp`.
+fn extension(opts: &RenderOptions, a: &Attachment, role: Role) -> Result<Value, String> {
+    let name = match role {
+        Role::Http => opts.name.clone(),
+        Role::Tcp => format!("{}-tcp", opts.name),
+    };
+    match opts.api {
+        Api::Wasmplugin => serde_json::to_value(WasmPlugin {
+            api_version: EXTENSIONS_API.into(),
+            kind: "WasmPlugin".into(),
+            metadata: metadata(&name, &a.namespace),
+            spec: WasmPluginSpec {
+                selector: a.selector.clone(),
+                target_ref: None,
+                target_refs: a.target_refs.clone(),
+                phase: Some(opts.phase.clone()),
+                priority: opts.priority,
+                traffic: None,
+                module: module(opts, role),
+            },
+        }),
+        Api::Trafficextension => serde_json::to_value(TrafficExtension {
+            api_version: EXTENSIONS_API.into(),
+            kind: "TrafficExtension".into(),
+            metadata: metadata(&name, &a.namespace),
+            spec: TrafficExtensionSpec {
+                selector: a.selector.clone(),
+                target_refs: a.target_refs.clone(),
+                phase: Some(opts.phase.clone()),
+                priority: opts.priority,
+                traffic: None,
+                wasm: Some(module(opts, role)),
+                lua: None,
+            },
+        }),
+    }
+    .map_err(|e| format!("cannot serialize the resource: {e}"))
+}
+
 /// The resources for `opts`, as JSON values in render order.
 pub fn resources(opts: &RenderOptions) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
+    let roles: &[Role] = if opts.tcp { &[Role::Http, Role::Tcp] } else { &[Role::Http] };
     for a in attachments(opts) {
-        let value = match opts.api {
-            Api::Wasmplugin => serde_json::to_value(WasmPlugin {
-                api_version: EXTENSIONS_API.into(),
-                kind: "WasmPlugin".into(),
-                metadata: metadata(&opts.name, &a.namespace),
-                spec: WasmPluginSpec {
-                    selector: a.selector.clone(),
-                    target_ref: None,
-                    target_refs: a.target_refs.clone(),
-                    phase: Some(opts.phase.clone()),
-                    priority: opts.priority,
-                    traffic: None,
-                    module: module(opts),
-                },
-            }),
-            Api::Trafficextension => serde_json::to_value(TrafficExtension {
-                api_version: EXTENSIONS_API.into(),
-                kind: "TrafficExtension".into(),
-                metadata: metadata(&opts.name, &a.namespace),
-                spec: TrafficExtensionSpec {
-                    selector: a.selector.clone(),
-                    target_refs: a.target_refs.clone(),
-                    phase: Some(opts.phase.clone()),
-                    priority: opts.priority,
-                    traffic: None,
-                    wasm: Some(module(opts)),
-                    lua: None,
-                },
-            }),
+        for role in roles {
+            out.push(extension(opts, &a, *role)?);
         }
-        .map_err(|e| format!("cannot serialize the resource: {e}"))?;
-        out.push(value);
         if opts.disable_istio_tracing {
             let mut spec = json!({"tracing": [{"disableSpanReporting": true}]});
             if let Some(s) = &a.selector {

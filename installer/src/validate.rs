@@ -51,6 +51,25 @@ fn check_plugin_config(module: &WasmModule, at: &str, problems: &mut Vec<Problem
     if let Err(e) = meshtel_filter::config::parse(&bytes) {
         problems.push(Problem::new(format!("{at}.pluginConfig.{}", e.field), e.reason));
     }
+    check_role(module, at, problems);
+}
+
+/// The module is the network filter under `pluginName: meshtel-tcp` and the HTTP filter under
+/// any other: a mismatch with `type` loads a filter that counts nothing.
+fn check_role(module: &WasmModule, at: &str, problems: &mut Vec<Problem>) {
+    let network = module.plugin_type.as_deref() == Some("NETWORK");
+    let tcp_root = module.plugin_name.as_deref() == Some(crate::render::TCP_PLUGIN_NAME);
+    match (network, tcp_root) {
+        (true, false) => problems.push(Problem::new(
+            format!("{at}.pluginName"),
+            format!("a NETWORK meshtel plugin must be pluginName {}: under any other the module is the HTTP filter and counts nothing (meshtel render --tcp)", crate::render::TCP_PLUGIN_NAME),
+        )),
+        (false, true) => problems.push(Problem::new(
+            format!("{at}.type"),
+            format!("pluginName {} is meshtel's network filter: type must be NETWORK", crate::render::TCP_PLUGIN_NAME),
+        )),
+        _ => {}
+    }
 }
 
 /// Check every WasmPlugin and TrafficExtension in a YAML stream named `file`.

@@ -98,6 +98,56 @@ fn every_mode_and_api_validates_against_istio_crds() {
 }
 
 #[test]
+fn tcp_adds_the_network_filter_beside_the_http_one_in_every_mode() {
+    let crds = istio_crds();
+    for mode in MODES {
+        for api in ["wasmplugin", "trafficextension"] {
+            let mut args = mode.to_vec();
+            args.extend(["--api", api, "--tcp", "--metrics"]);
+            let docs = assert_valid(&render(&args), &crds);
+            let module = |d: &Value| d.get("spec").map(|s| s.get("wasm").unwrap_or(s).clone()).unwrap();
+            let (http, tcp): (Vec<&Value>, Vec<&Value>) = docs.iter().partition(|d| module(d)["type"] == "HTTP");
+            assert_eq!(http.len(), tcp.len(), "{args:?}: one network filter per HTTP one");
+            for (h, t) in http.iter().zip(&tcp) {
+                let m = module(t);
+                assert_eq!((m["type"].as_str(), m["pluginName"].as_str()), (Some("NETWORK"), Some("meshtel-tcp")));
+                assert_eq!(t["metadata"]["name"], "meshtel-tcp", "{args:?}");
+                assert_eq!(t["metadata"]["namespace"], h["metadata"]["namespace"]);
+                for attachment in ["selector", "targetRefs"] {
+                    assert_eq!(t["spec"].get(attachment), h["spec"].get(attachment), "{args:?}: the same workloads");
+                }
+                assert_eq!(m["pluginConfig"], module(h)["pluginConfig"]);
+            }
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_meshtel"))
+        .args(["render", "--namespace", "shop", "--tcp", "--no-metrics"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tcp records Istio's TCP metrics"));
+}
+
+#[test]
+fn validate_refuses_a_network_plugin_that_would_run_as_the_http_filter() {
+    let yaml = render(&["--namespace", "shop", "--tcp"]);
+    let swapped = yaml.replace("pluginName: meshtel-tcp", "pluginName: other");
+    let report = validate_text("swapped", &swapped, None);
+    assert!(
+        report.errors.iter().any(|e| e.contains("spec.pluginName") && e.contains("must be pluginName meshtel-tcp")),
+        "{:?}",
+        report.errors
+    );
+    let http_typed = yaml.replace("type: NETWORK", "type: HTTP");
+    let report = validate_text("http", &http_typed, None);
+    assert!(
+        report.errors.iter().any(|e| e.contains("spec.type") && e.contains("type must be NETWORK")),
+        "{:?}",
+        report.errors
+    );
+}
+
+#[test]
 fn rendered_plugin_config_is_what_the_filter_accepts() {
     let yaml = render(&["--namespace", "shop", "--collector", "otel.obs:4317", "--sampling", "0.25", "--no-metrics"]);
     let docs = yaml_documents(&yaml).unwrap();
@@ -226,5 +276,5 @@ fn checked_in_manifests_match_what_the_installer_renders() {
         assert_valid(&want, &istio_crds());
         seen += 1;
     }
-    assert_eq!(seen, 4, "namespace, gateway, workload-label and waypoint manifests");
+    assert_eq!(seen, 5, "namespace, gateway, workload-label, waypoint and TCP manifests");
 }
