@@ -167,9 +167,12 @@ pub struct RenderArgs {
     #[arg(long, help_heading = "Telemetry")]
     pub no_metrics: bool,
     /// Also render the network filter (type NETWORK, pluginName meshtel-tcp) for Istio's TCP
-    /// metrics, istio_tcp_* [default: off: it runs in front of HTTP chains too].
-    #[arg(long, help_heading = "Telemetry")]
+    /// metrics, istio_tcp_* [default, wherever metrics are on].
+    #[arg(long, overrides_with = "no_tcp", help_heading = "Telemetry")]
     pub tcp: bool,
+    /// Do not render the network filter.
+    #[arg(long, help_heading = "Telemetry")]
+    pub no_tcp: bool,
     /// Send HEADER to the collector with the value of the proxy's environment variable VAR
     /// (vmConfig.env with valueFrom HOST: credentials from a Secret, never inline; repeatable).
     #[arg(long = "collector-header-from-env", value_name = "HEADER=VAR", help_heading = "Telemetry")]
@@ -506,10 +509,20 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     } else {
         None
     };
-    let tcp = args.tcp || file.tcp.unwrap_or(false);
-    if tcp && plugin_config.pointer("/metrics/enabled") == Some(&json!(false)) {
+    // On wherever metrics are: Istio counts TCP connections by default, and the network filter
+    // costs HTTP chains nothing measurable (BENCHMARKS.md, "TCP network filter on an HTTP chain").
+    let metrics_on = plugin_config.pointer("/metrics/enabled") != Some(&json!(false));
+    let asked = if args.no_tcp {
+        Some(false)
+    } else if args.tcp {
+        Some(true)
+    } else {
+        file.tcp
+    };
+    if asked == Some(true) && !metrics_on {
         return Err("--tcp records Istio's TCP metrics: it needs metrics on (drop --no-metrics, or add --metrics with --gateway)".into());
     }
+    let tcp = asked.unwrap_or(metrics_on);
     let name = args.name.clone().or(file.name.clone()).unwrap_or_else(|| "meshtel".into());
     if !crate::rules::is_dns_subdomain(&name) {
         return Err(format!("--name: {name:?} is not a valid resource name"));

@@ -93,7 +93,7 @@ fn every_example_yaml_is_valid() {
             }
         }
     }
-    assert_eq!(plugins, 3, "one WasmPlugin per deployment mode");
+    assert_eq!(plugins, 5, "one WasmPlugin per deployment mode, and the TCP network filter where metrics are on");
     assert_eq!(collectors, 5, "the base collector and four backends");
 }
 

@@ -202,10 +202,18 @@ fn logs_flag_turns_on_access_logs() {
 
 #[test]
 fn modes_attach_as_documented() {
-    let docs = yaml_documents(&render(&["--namespace", "shop", "--namespace", "web"])).unwrap();
+    let docs = yaml_documents(&render(&["--namespace", "shop", "--namespace", "web", "--no-tcp"])).unwrap();
     assert_eq!(docs.len(), 2);
     assert!(docs.iter().all(|d| d["spec"].get("selector").is_none()));
     assert_eq!(docs[1]["metadata"]["namespace"], "web");
+    // The network filter for TCP metrics comes with the HTTP one wherever metrics are on.
+    let with_tcp = yaml_documents(&render(&["--namespace", "shop", "--namespace", "web"])).unwrap();
+    let names: Vec<(&str, &str)> = with_tcp
+        .iter()
+        .map(|d| (d["metadata"]["namespace"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("shop", "meshtel"), ("shop", "meshtel-tcp"), ("web", "meshtel"), ("web", "meshtel-tcp")]);
+    assert_eq!(yaml_documents(&render(&["--gateway"])).unwrap().len(), 1, "a gateway traces only: no TCP");
     let gw = &yaml_documents(&render(&["--gateway"])).unwrap()[0];
     assert_eq!(gw["spec"]["selector"]["matchLabels"]["istio"], "ingressgateway");
     assert_eq!(gw["metadata"]["namespace"], "istio-system");
@@ -276,5 +284,5 @@ fn checked_in_manifests_match_what_the_installer_renders() {
         assert_valid(&want, &istio_crds());
         seen += 1;
     }
-    assert_eq!(seen, 5, "namespace, gateway, workload-label, waypoint and TCP manifests");
+    assert_eq!(seen, 4, "namespace, gateway, workload-label and waypoint manifests");
 }

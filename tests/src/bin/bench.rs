@@ -58,11 +58,16 @@ struct Scenario {
     /// For probe rows: host calls made per request, and the row they are priced against.
     calls: usize,
     reference: &'static str,
+    /// Also meshtel's TCP network filter in front of the HTTP connection manager, where Istio
+    /// puts a NETWORK WasmPlugin (`meshtel render --tcp`).
+    tcp_filter: bool,
+    /// A new connection per request (`Connection: close`): the per-connection costs.
+    close: bool,
 }
 
 impl Scenario {
     fn config(name: &'static str, filter: Filter) -> Self {
-        Scenario { name, filter, extra_headers: 0, peers: 0, calls: 0, reference: "" }
+        Scenario { name, filter, extra_headers: 0, peers: 0, calls: 0, reference: "", tcp_filter: false, close: false }
     }
 
     fn is_probe(&self) -> bool {
@@ -118,6 +123,8 @@ fn probe_scenarios() -> Vec<Scenario> {
         peers: 0,
         calls: n,
         reference: PROBE_NONE,
+        tcp_filter: false,
+        close: false,
     };
     let reads = 48;
     let writes = 24;
@@ -196,7 +203,10 @@ fn rss_mb(pid: u32) -> f64 {
 
 /// Run wrk with the scenario's request headers or callers; returns (requests, requests/s).
 fn wrk(url: &str, seconds: u64, connections: u32, s: &Scenario) -> (u64, f64) {
-    let headers = (0..s.extra_headers).flat_map(|i| ["-H".to_string(), format!("x-bench-{i:02}: value-{i:02}")]);
+    let close = s.close.then(|| ["-H".to_string(), "Connection: close".to_string()]);
+    let headers = (0..s.extra_headers)
+        .flat_map(|i| ["-H".to_string(), format!("x-bench-{i:02}: value-{i:02}")])
+        .chain(close.into_iter().flatten());
     let script = (s.peers > 0).then(|| ["-s".to_string(), peers_script(s.peers).display().to_string()]);
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}"), &format!("-d{seconds}s")])
@@ -271,6 +281,13 @@ fn run(s: &Scenario, seconds: u64) -> Result {
         }
     }
     let (mut proxy, inbound, _) = spec.proxy();
+    if s.tcp_filter {
+        let config = proxy.plugin_config.clone().unwrap_or_default();
+        let wasm = proxy.wasm.clone().unwrap_or_else(meshtel_tests::envoy::wasm_path);
+        for l in &mut proxy.listeners {
+            l.network_filters.push(meshtel_tests::tcp::network_filter(&wasm, &config));
+        }
+    }
     if matches!(s.filter, Filter::Native) {
         proxy.native_tracer = Some(collector.port);
     }
@@ -326,6 +343,26 @@ fn main() {
             "meshtel traces + metrics + access logs",
             Filter::Meshtel(with(json!({"logs": {"enabled": true}}))),
         ),
+        Scenario {
+            tcp_filter: true,
+            ..Scenario::config(
+                "meshtel traces + metrics, 100%, + the TCP network filter on the HTTP chain",
+                Filter::Meshtel(with(json!({}))),
+            )
+        },
+        Scenario { close: true, ..Scenario::config("connection: close, Envoy alone", Filter::None) },
+        Scenario {
+            close: true,
+            ..Scenario::config("connection: close, meshtel traces + metrics", Filter::Meshtel(with(json!({}))))
+        },
+        Scenario {
+            close: true,
+            tcp_filter: true,
+            ..Scenario::config(
+                "connection: close, meshtel traces + metrics + the TCP network filter",
+                Filter::Meshtel(with(json!({}))),
+            )
+        },
     ];
     let version = Command::new(envoy_bin())
         .arg("--version")
