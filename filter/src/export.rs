@@ -8,6 +8,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::otlp::Signal;
+
 /// A FIFO with a hard cap: pushing onto a full queue drops the oldest item.
 #[derive(Debug)]
 pub struct BoundedQueue<T> {
@@ -82,8 +84,8 @@ impl FlushTimer {
 /// An encoded export request and the number of items it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Payload {
-    /// OTLP/HTTP path it goes to (`/v1/traces`, `/v1/metrics`).
-    pub path: &'static str,
+    /// What it carries (and so where it goes).
+    pub signal: Signal,
     /// OTLP protobuf body.
     pub body: Vec<u8>,
     /// Spans, data points or log records in it.
@@ -93,9 +95,9 @@ pub struct Payload {
 }
 
 impl Payload {
-    /// A payload for `path` not yet sent.
-    pub fn new(path: &'static str, body: Vec<u8>, items: u64) -> Self {
-        Self { path, body, items, attempts: 0 }
+    /// A payload of `signal` not yet sent.
+    pub fn new(signal: Signal, body: Vec<u8>, items: u64) -> Self {
+        Self { signal, body, items, attempts: 0 }
     }
 }
 
@@ -385,7 +387,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn payload(items: u64) -> Payload {
-        Payload::new("/v1/traces", vec![1, 2, 3], items)
+        Payload::new(Signal::Traces, vec![1, 2, 3], items)
     }
 
     #[test]

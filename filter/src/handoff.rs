@@ -9,7 +9,7 @@
 //! its own version, not [`crate::metrics::SHARED_FORMAT_VERSION`].
 
 use crate::export::Payload;
-use crate::otlp::{LOGS_PATH, METRICS_PATH, TRACES_PATH};
+use crate::otlp::Signal;
 
 /// The format of one handed payload: this byte, the signal's byte, the item count (8 bytes,
 /// little-endian), then the OTLP protobuf body.
@@ -21,23 +21,22 @@ pub fn queue_name(scope: &str) -> String {
     format!("meshtel/handoff/v{FORMAT}/{scope}")
 }
 
-fn signal_byte(path: &str) -> Option<u8> {
-    match path {
-        TRACES_PATH => Some(b't'),
-        METRICS_PATH => Some(b'm'),
-        LOGS_PATH => Some(b'l'),
-        _ => None,
+fn signal_byte(signal: Signal) -> u8 {
+    match signal {
+        Signal::Traces => b't',
+        Signal::Metrics => b'm',
+        Signal::Logs => b'l',
     }
 }
 
-/// `payload` as it goes onto the queue; `None` for a path that is not an OTLP signal's.
-pub fn encode(payload: &Payload) -> Option<Vec<u8>> {
+/// `payload` as it goes onto the queue.
+pub fn encode(payload: &Payload) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.body.len());
     out.push(FORMAT);
-    out.push(signal_byte(payload.path)?);
+    out.push(signal_byte(payload.signal));
     out.extend_from_slice(&payload.items.to_le_bytes());
     out.extend_from_slice(&payload.body);
-    Some(out)
+    out
 }
 
 /// A payload taken from the queue, not yet sent by this root context; `None` for anything
@@ -48,14 +47,9 @@ pub fn decode(bytes: &[u8]) -> Option<Payload> {
     if *format != FORMAT {
         return None;
     }
-    let path = match signal {
-        b't' => TRACES_PATH,
-        b'm' => METRICS_PATH,
-        b'l' => LOGS_PATH,
-        _ => return None,
-    };
+    let signal = Signal::ALL.into_iter().find(|s| signal_byte(*s) == *signal)?;
     let items = u64::from_le_bytes(items.try_into().ok()?);
-    Some(Payload::new(path, body.to_vec(), items))
+    Some(Payload::new(signal, body.to_vec(), items))
 }
 
 #[cfg(test)]
@@ -64,20 +58,19 @@ mod tests {
 
     #[test]
     fn a_payload_comes_back_as_it_went_unsent() {
-        for path in [TRACES_PATH, METRICS_PATH, LOGS_PATH] {
-            let mut sent = Payload::new(path, vec![1, 2, 3], 7);
+        for signal in Signal::ALL {
+            let mut sent = Payload::new(signal, vec![1, 2, 3], 7);
             sent.attempts = 2;
-            let back = decode(&encode(&sent).unwrap()).unwrap();
-            assert_eq!((back.path, back.body, back.items, back.attempts), (path, vec![1, 2, 3], 7, 0));
+            let back = decode(&encode(&sent)).unwrap();
+            assert_eq!((back.signal, back.body, back.items, back.attempts), (signal, vec![1, 2, 3], 7, 0));
         }
-        let empty = Payload::new(TRACES_PATH, Vec::new(), 0);
-        assert_eq!(decode(&encode(&empty).unwrap()), Some(empty));
+        let empty = Payload::new(Signal::Traces, Vec::new(), 0);
+        assert_eq!(decode(&encode(&empty)), Some(empty));
     }
 
     #[test]
     fn anything_else_is_refused() {
-        assert_eq!(encode(&Payload::new("/v1/profiles", vec![1], 1)), None);
-        let good = encode(&Payload::new(LOGS_PATH, vec![9], 1)).unwrap();
+        let good = encode(&Payload::new(Signal::Logs, vec![9], 1));
         for bad in [
             &[][..],
             &good[..HEADER_LEN - 1],

@@ -298,10 +298,14 @@ mod tests {
 
     #[test]
     fn invalid_tracestate_is_dropped_but_the_parent_kept() {
-        let (d, ops) = run(BOTH, 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1,a=2")]);
+        let (d, ops) =
+            run(BOTH, 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1,Bad=2")]);
         assert_eq!(d.trace_id.to_hex(), TRACE);
         assert_eq!(d.tracestate, None);
         assert!(removed(&ops, "tracestate"));
+        // A duplicate key is the sender's fault: the first member stays (W3C Level 2).
+        let (d, _) = run(BOTH, 1.0, &[("traceparent", &format!("00-{TRACE}-{SPAN}-01")), ("tracestate", "a=1,a=2")]);
+        assert_eq!(d.tracestate.as_deref(), Some("a=1"));
     }
 
     #[test]

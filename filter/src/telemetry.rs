@@ -107,7 +107,7 @@ pub struct TelemetryStats {
 /// One signal's queue, flush timer and export calls (spans, access logs).
 #[derive(Debug)]
 struct Signal<T> {
-    path: &'static str,
+    signal: otlp::Signal,
     queue: BoundedQueue<T>,
     flush: FlushTimer,
     sender: Sender,
@@ -116,10 +116,10 @@ struct Signal<T> {
 }
 
 impl<T> Signal<T> {
-    fn new(path: &'static str, config: &Config, now_ns: u64) -> Self {
+    fn new(signal: otlp::Signal, config: &Config, now_ns: u64) -> Self {
         let e = &config.export;
         Self {
-            path,
+            signal,
             queue: BoundedQueue::new(e.max_queue),
             flush: FlushTimer::new(e.flush_interval, now_ns),
             sender: Sender::new(e.max_in_flight, e.max_retries),
@@ -138,7 +138,7 @@ impl<T> Signal<T> {
         let mut out = Vec::new();
         while !self.queue.is_empty() {
             let batch = self.queue.take(max_batch);
-            out.push(Payload::new(self.path, encode(&batch), batch.len() as u64));
+            out.push(Payload::new(self.signal, encode(&batch), batch.len() as u64));
         }
         out.extend(self.sender.take_waiting());
         out
@@ -152,7 +152,7 @@ impl<T> Signal<T> {
         if self.sender.has_capacity() && self.flush.due(self.queue.len(), max_batch, now_ns) {
             let batch = self.queue.take(max_batch);
             self.flush.flushed(now_ns);
-            return Some(Payload::new(self.path, encode(&batch), batch.len() as u64));
+            return Some(Payload::new(self.signal, encode(&batch), batch.len() as u64));
         }
         None
     }
@@ -208,8 +208,8 @@ impl Telemetry {
             ids,
             log_encoder: LogEncoder::new(&resource),
             encoder: TraceEncoder::new(resource, &node),
-            spans: Signal::new(otlp::TRACES_PATH, &config, now_ns),
-            logs: Signal::new(otlp::LOGS_PATH, &config, now_ns),
+            spans: Signal::new(otlp::Signal::Traces, &config, now_ns),
+            logs: Signal::new(otlp::Signal::Logs, &config, now_ns),
             metrics,
             cluster_services: HashMap::new(),
             connections: HashMap::new(),
@@ -350,12 +350,10 @@ impl Telemetry {
         }
         let queue = self.handoff_queue(store);
         for payload in unsent {
-            let handed =
-                queue.zip(handoff::encode(&payload)).is_some_and(|(q, bytes)| store.enqueue(q, &bytes).is_ok());
-            if handed {
+            if queue.is_some_and(|q| store.enqueue(q, &handoff::encode(&payload)).is_ok()) {
                 self.handed_over += 1;
             } else {
-                self.sender_for(payload.path).lost(payload.items);
+                self.sender_for(payload.signal).lost(payload.items);
             }
         }
         vm_ends || self.in_flight() == 0
@@ -379,7 +377,7 @@ impl Telemetry {
             // Nothing meshtel writes is unreadable; anything else is dropped.
             if let Some(payload) = handoff::decode(&bytes) {
                 self.taken_over += 1;
-                self.sender_for(payload.path).adopt(payload, now_ns);
+                self.sender_for(payload.signal).adopt(payload, now_ns);
             }
         }
     }
@@ -508,23 +506,24 @@ impl Telemetry {
         self.metrics.as_mut()?.tick(store, now_ns)
     }
 
-    fn sender_for(&mut self, path: &str) -> &mut Sender {
-        match (&mut self.metrics, path) {
-            (Some(m), otlp::METRICS_PATH) => m.sender(),
-            (_, otlp::LOGS_PATH) => &mut self.logs.sender,
+    fn sender_for(&mut self, signal: otlp::Signal) -> &mut Sender {
+        match (&mut self.metrics, signal) {
+            (Some(m), otlp::Signal::Metrics) => m.sender(),
+            (_, otlp::Signal::Logs) => &mut self.logs.sender,
+            // Metrics taken over by a root context whose metrics are off go with its spans.
             _ => &mut self.spans.sender,
         }
     }
 
     /// Record that `payload` went out as call `token`.
     pub fn sent(&mut self, token: u32, payload: Payload) {
-        self.sender_for(payload.path).sent(token, payload);
+        self.sender_for(payload.signal).sent(token, payload);
     }
 
     /// Record that the proxy refused to make the call. Returns a line to log on a state change.
     pub fn not_sent(&mut self, payload: Payload, reason: String, now_ns: u64) -> Option<String> {
-        let path = payload.path;
-        self.sender_for(path).not_sent(payload, reason, now_ns).map(|l| format!("{path}: {l}"))
+        let path = payload.signal.path();
+        self.sender_for(payload.signal).not_sent(payload, reason, now_ns).map(|l| format!("{path}: {l}"))
     }
 
     /// Record the collector's answer to call `token`: its status, `Retry-After` and body.
@@ -547,24 +546,19 @@ impl Telemetry {
     }
 
     fn answered(&mut self, token: u32, outcome: Outcome, body: &[u8], now_ns: u64) -> Option<String> {
-        let path = if self.metrics.as_ref().is_some_and(|m| m.owns(token)) {
-            otlp::METRICS_PATH
+        let signal = if self.metrics.as_ref().is_some_and(|m| m.owns(token)) {
+            otlp::Signal::Metrics
         } else if self.logs.sender.owns(token) {
-            otlp::LOGS_PATH
+            otlp::Signal::Logs
         } else {
-            otlp::TRACES_PATH
+            otlp::Signal::Traces
         };
         let outcome = match outcome {
-            Outcome::Success { .. } => Outcome::Success {
-                rejected: match path {
-                    otlp::METRICS_PATH => otlp::metrics::rejected_points(body),
-                    otlp::LOGS_PATH => otlp::rejected_log_records(body),
-                    _ => otlp::rejected_spans(body),
-                },
-            },
+            Outcome::Success { .. } => Outcome::Success { rejected: signal.rejected(body) },
             other => other,
         };
-        self.sender_for(path).completed(token, outcome, now_ns).map(|l| format!("{path}: {l}"))
+        let path = signal.path();
+        self.sender_for(signal).completed(token, outcome, now_ns).map(|l| format!("{path}: {l}"))
     }
 
     /// Lines to log when spans or access logs were dropped since the last call, if they were.
@@ -768,7 +762,7 @@ mod tests {
             }
             logged(&mut t, 200, unsampled);
             assert_eq!(t.stats().logs_recorded, expected, "mode {mode}");
-            let logs: Vec<_> = exports(&mut t).into_iter().filter(|p| p.path == otlp::LOGS_PATH).collect();
+            let logs: Vec<_> = exports(&mut t).into_iter().filter(|p| p.signal == otlp::Signal::Logs).collect();
             assert_eq!(logs.iter().map(|p| p.items).sum::<u64>(), expected, "mode {mode}");
         }
     }
@@ -779,8 +773,8 @@ mod tests {
         let mut t = telemetry(r#","logs":{"enabled":true},"metrics":{"enabled":false}"#);
         logged(&mut t, 200, None);
         let payloads = exports(&mut t);
-        let spans = payloads.iter().find(|p| p.path == otlp::TRACES_PATH).unwrap();
-        let logs = payloads.iter().find(|p| p.path == otlp::LOGS_PATH).unwrap();
+        let spans = payloads.iter().find(|p| p.signal == otlp::Signal::Traces).unwrap();
+        let logs = payloads.iter().find(|p| p.signal == otlp::Signal::Logs).unwrap();
         let span = ExportTraceServiceRequest::decode(spans.body.as_slice()).unwrap().resource_spans[0].scope_spans[0]
             .spans[0]
             .clone();
@@ -849,7 +843,7 @@ mod tests {
         logged(&mut t, 200, None);
         let payloads = exports(&mut t);
         let (spans, logs) = (payloads[0].clone(), payloads[1].clone());
-        assert_eq!((spans.path, logs.path), (otlp::TRACES_PATH, otlp::LOGS_PATH));
+        assert_eq!((spans.signal, logs.signal), (otlp::Signal::Traces, otlp::Signal::Logs));
         t.sent(1, spans);
         t.sent(2, logs);
         t.completed_grpc(1, 0, &[], 10 * S);

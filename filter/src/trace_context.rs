@@ -111,8 +111,10 @@ const TRACESTATE_LONG_MEMBER: usize = 128;
 
 /// Validate a `tracestate` (all its header lines joined with `,`) and return what to propagate.
 ///
-/// Returns `None` when the header is invalid (bad member, duplicate key, more than 32 members):
-/// the spec says to discard it then. Empty members are dropped; a value longer than 512
+/// Returns `None` when the header is invalid (a bad member, more than 32 members): the spec
+/// says to discard it then. Empty members are dropped. A key that comes again is the sender's
+/// fault, and the spec allows dropping the duplicate: the first member of each key is kept
+/// (W3C Trace Context Level 2, "tracestate Header Field Values"). A value longer than 512
 /// characters is truncated as the spec recommends (long members first, then from the end).
 pub fn sanitize_tracestate(value: &str) -> Option<String> {
     let mut members: Vec<(&str, &str)> = Vec::new();
@@ -126,7 +128,7 @@ pub fn sanitize_tracestate(value: &str) -> Option<String> {
             return None;
         }
         if members.iter().any(|(k, _)| *k == key) {
-            return None;
+            continue;
         }
         members.push((key, val));
         if members.len() > TRACESTATE_MAX_MEMBERS {
@@ -154,26 +156,18 @@ pub fn sanitize_tracestate(value: &str) -> Option<String> {
     Some(out)
 }
 
+// W3C Trace Context Level 2 (the current draft): `key = ( lcalpha / DIGIT ) 0*255 ( keychar )`,
+// `keychar = lcalpha / DIGIT / "_" / "-" / "*" / "/" / "@"`. Every Level 1 key (simple, and
+// multi-tenant `tenant@system`) fits, and so do longer multi-tenant ones.
 fn is_key_char(b: u8) -> bool {
-    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/')
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'*' | b'/' | b'@')
 }
 
 fn is_tracestate_key(key: &str) -> bool {
     let k = key.as_bytes();
-    match key.split_once('@') {
-        None => !k.is_empty() && k.len() <= 256 && k[0].is_ascii_lowercase() && k.iter().all(|&b| is_key_char(b)),
-        Some((tenant, system)) => {
-            let (t, s) = (tenant.as_bytes(), system.as_bytes());
-            !t.is_empty()
-                && t.len() <= 241
-                && (t[0].is_ascii_lowercase() || t[0].is_ascii_digit())
-                && t.iter().all(|&b| is_key_char(b))
-                && !s.is_empty()
-                && s.len() <= 14
-                && s[0].is_ascii_lowercase()
-                && s.iter().all(|&b| is_key_char(b))
-        }
-    }
+    (1..=256).contains(&k.len())
+        && (k[0].is_ascii_lowercase() || k[0].is_ascii_digit())
+        && k.iter().all(|&b| is_key_char(b))
 }
 
 fn is_tracestate_value(val: &str) -> bool {
@@ -369,21 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn takes_keys_by_the_current_grammar_and_keeps_the_first_of_a_duplicate() {
+        // Level 2 keys: a digit first, `@` anywhere after the first character, 256 characters.
+        let long = format!("{}@{}", "t".repeat(200), "longsystemid2024");
+        for key in ["1abc", "t@", "tenant@toolongsystemid", "a@b@c", long.as_str(), &"k".repeat(256)] {
+            let state = format!("{key}=v,rojo=1");
+            assert_eq!(sanitize_tracestate(&state).as_deref(), Some(state.as_str()), "{key}");
+        }
+        assert_eq!(sanitize_tracestate(&format!("{}=v", "k".repeat(257))), None, "too long a key");
+        assert_eq!(sanitize_tracestate("a=1,b=2,a=3").as_deref(), Some("a=1,b=2"), "the sender's duplicate dropped");
+    }
+
+    #[test]
     fn discards_invalid_tracestate() {
-        for bad in [
-            "Upper=1",
-            "1abc=1",
-            "a=1,a=2",
-            "novalue",
-            "a=",
-            "a=x,y",
-            "a=b=c",
-            "@sys=1",
-            "t@=1",
-            "t@Sys=1",
-            "t@toolongsystemid=1",
-            "a=tab\tinside",
-        ] {
+        for bad in ["Upper=1", "novalue", "a=", "a=x,y", "a=b=c", "@sys=1", "t@Sys=1", "a=tab\tinside", "k!=1"] {
             assert_eq!(sanitize_tracestate(bad), None, "{bad:?} must be discarded");
         }
         let too_many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();

@@ -84,6 +84,22 @@ fn collector_503_with_retry_after_is_retried_and_delivered() {
 }
 
 #[test]
+fn failures_and_retries_are_counted_per_signal() {
+    let collector = Collector::start();
+    collector.answer_with(Answer::RetryAfter(503, 1));
+    let (_app, sidecar) = sidecar(collector.port, json!({"logs": {"enabled": true}}));
+    drive(&sidecar, 5);
+    for signal in ["export", "metric_export", "log_export"] {
+        wait_stat(&sidecar, &format!("{signal}_retries"), |v| v >= 1);
+        assert!(sidecar.envoy.stat(&format!("wasmcustom.meshtel.{signal}_failures")) >= 1, "{signal}");
+    }
+    collector.answer_with(Answer::Ok);
+    wait_stat(&sidecar, "spans_exported", |v| v == 5);
+    wait_stat(&sidecar, "logs_exported", |v| v == 5);
+    collector.wait_for_points(WAIT, |p| total(p, "istio_requests_total", |_| true) == 5);
+}
+
+#[test]
 fn collector_429_is_retried_within_the_budget_then_dropped() {
     let collector = Collector::start();
     collector.answer_with(Answer::Status(429));

@@ -424,6 +424,21 @@ fn only_configured_headers_are_recorded_and_never_credentials_or_queries() {
 }
 
 #[test]
+fn tracestate_is_forwarded_as_the_current_w3c_draft_reads_it() {
+    // W3C Trace Context Level 2: a key is `(lcalpha / DIGIT) 0*255(keychar)`, `@` among the
+    // keychars; a duplicate key is the sender's fault, and the first member is kept.
+    let collector = Collector::start();
+    let (_app, sidecar) = echo_sidecar(&collector, json!({}));
+    let long_key = format!("{}@{}", "t".repeat(100), "vendorsystemidlongerthan14");
+    let state = format!("1tenant@sys=a,{long_key}=b,rojo=c,rojo=d");
+    let seen = send(&sidecar, "/state", &[("traceparent", &format!("00-{TRACE}-{PARENT}-01")), ("tracestate", &state)]);
+    assert_eq!(header(&seen, "tracestate"), format!("1tenant@sys=a,{long_key}=b,rojo=c"));
+    let seen =
+        send(&sidecar, "/state", &[("traceparent", &format!("00-{TRACE}-{PARENT}-01")), ("tracestate", "Bad=1")]);
+    assert!(seen.get("tracestate").is_none(), "an invalid one is dropped: {seen}");
+}
+
+#[test]
 fn malformed_trace_headers_leave_requests_unaffected() {
     let collector = Collector::start();
     let (_app, sidecar) = echo_sidecar(&collector, json!({}));

@@ -48,88 +48,54 @@ pub struct Root {
     live: bool,
 }
 
-/// meshtel's counters in the proxy's stats, shared by all VMs of the proxy.
+/// How a counter is read from a VM's cumulative [`TelemetryStats`].
+type Read = fn(&TelemetryStats) -> u64;
+
+/// meshtel's counters in the proxy's stats (`wasmcustom.meshtel.<name>`, summed over the
+/// proxy's VMs), one row each. The span export counters keep the names they were first
+/// published under (`export_failures`, `export_retries`).
+const COUNTERS: &[(&str, Read)] = &[
+    ("spans_recorded", |s| s.spans_recorded),
+    ("spans_dropped", |s| s.spans_dropped),
+    ("spans_exported", |s| s.traces.exported),
+    ("spans_failed", |s| s.traces.failed),
+    ("export_failures", |s| s.traces.failed_requests),
+    ("export_retries", |s| s.traces.retries),
+    ("metric_requests_recorded", |s| s.metrics.recorded),
+    ("metric_connections_recorded", |s| s.metrics.connections),
+    ("metric_overflow", |s| s.metrics.overflowed),
+    ("metric_series_expired", |s| s.metrics.expired),
+    ("metric_batches_unreadable", |s| s.metrics.unreadable),
+    ("metric_points_exported", |s| s.metric_exports.exported),
+    ("metric_points_failed", |s| s.metric_exports.failed),
+    ("metric_export_failures", |s| s.metric_exports.failed_requests),
+    ("metric_export_retries", |s| s.metric_exports.retries),
+    ("logs_recorded", |s| s.logs_recorded),
+    ("logs_dropped", |s| s.logs_dropped),
+    ("logs_exported", |s| s.log_exports.exported),
+    ("logs_failed", |s| s.log_exports.failed),
+    ("log_export_failures", |s| s.log_exports.failed_requests),
+    ("log_export_retries", |s| s.log_exports.retries),
+    ("exports_handed_over", |s| s.handed_over),
+    ("exports_taken_over", |s| s.taken_over),
+];
+
+/// The proxy's counters of [`COUNTERS`], and what this VM reported to them so far.
 struct Stats {
-    spans_recorded: Counter,
-    spans_exported: Counter,
-    spans_dropped: Counter,
-    spans_failed: Counter,
-    export_failures: Counter,
-    export_retries: Counter,
-    metric_requests_recorded: Counter,
-    metric_connections_recorded: Counter,
-    metric_overflow: Counter,
-    metric_series_expired: Counter,
-    metric_batches_unreadable: Counter,
-    metric_points_exported: Counter,
-    metric_points_failed: Counter,
-    metric_export_failures: Counter,
-    logs_recorded: Counter,
-    logs_exported: Counter,
-    logs_dropped: Counter,
-    logs_failed: Counter,
-    log_export_failures: Counter,
-    exports_handed_over: Counter,
-    exports_taken_over: Counter,
+    counters: Vec<Counter>,
     reported: TelemetryStats,
 }
 
 impl Stats {
     fn define() -> Self {
-        Self {
-            spans_recorded: Counter::define("meshtel.spans_recorded"),
-            spans_exported: Counter::define("meshtel.spans_exported"),
-            spans_dropped: Counter::define("meshtel.spans_dropped"),
-            spans_failed: Counter::define("meshtel.spans_failed"),
-            export_failures: Counter::define("meshtel.export_failures"),
-            export_retries: Counter::define("meshtel.export_retries"),
-            metric_requests_recorded: Counter::define("meshtel.metric_requests_recorded"),
-            metric_connections_recorded: Counter::define("meshtel.metric_connections_recorded"),
-            metric_overflow: Counter::define("meshtel.metric_overflow"),
-            metric_series_expired: Counter::define("meshtel.metric_series_expired"),
-            metric_batches_unreadable: Counter::define("meshtel.metric_batches_unreadable"),
-            metric_points_exported: Counter::define("meshtel.metric_points_exported"),
-            metric_points_failed: Counter::define("meshtel.metric_points_failed"),
-            metric_export_failures: Counter::define("meshtel.metric_export_failures"),
-            logs_recorded: Counter::define("meshtel.logs_recorded"),
-            logs_exported: Counter::define("meshtel.logs_exported"),
-            logs_dropped: Counter::define("meshtel.logs_dropped"),
-            logs_failed: Counter::define("meshtel.logs_failed"),
-            log_export_failures: Counter::define("meshtel.log_export_failures"),
-            exports_handed_over: Counter::define("meshtel.exports_handed_over"),
-            exports_taken_over: Counter::define("meshtel.exports_taken_over"),
-            reported: TelemetryStats::default(),
-        }
+        let counters = COUNTERS.iter().map(|(name, _)| Counter::define(&format!("meshtel.{name}"))).collect();
+        Self { counters, reported: TelemetryStats::default() }
     }
 
     /// Add what changed since the last report.
     fn report(&mut self, now: TelemetryStats) {
-        let was = &self.reported;
-        let pairs = [
-            (&self.spans_recorded, now.spans_recorded, was.spans_recorded),
-            (&self.spans_dropped, now.spans_dropped, was.spans_dropped),
-            (&self.spans_exported, now.traces.exported, was.traces.exported),
-            (&self.spans_failed, now.traces.failed, was.traces.failed),
-            (&self.export_failures, now.traces.failed_requests, was.traces.failed_requests),
-            (&self.export_retries, now.traces.retries, was.traces.retries),
-            (&self.metric_requests_recorded, now.metrics.recorded, was.metrics.recorded),
-            (&self.metric_connections_recorded, now.metrics.connections, was.metrics.connections),
-            (&self.metric_overflow, now.metrics.overflowed, was.metrics.overflowed),
-            (&self.metric_series_expired, now.metrics.expired, was.metrics.expired),
-            (&self.metric_batches_unreadable, now.metrics.unreadable, was.metrics.unreadable),
-            (&self.metric_points_exported, now.metric_exports.exported, was.metric_exports.exported),
-            (&self.metric_points_failed, now.metric_exports.failed, was.metric_exports.failed),
-            (&self.metric_export_failures, now.metric_exports.failed_requests, was.metric_exports.failed_requests),
-            (&self.logs_recorded, now.logs_recorded, was.logs_recorded),
-            (&self.logs_dropped, now.logs_dropped, was.logs_dropped),
-            (&self.logs_exported, now.log_exports.exported, was.log_exports.exported),
-            (&self.logs_failed, now.log_exports.failed, was.log_exports.failed),
-            (&self.log_export_failures, now.log_exports.failed_requests, was.log_exports.failed_requests),
-            (&self.exports_handed_over, now.handed_over, was.handed_over),
-            (&self.exports_taken_over, now.taken_over, was.taken_over),
-        ];
-        for (counter, now, was) in pairs {
-            counter.add(now.saturating_sub(was));
+        for ((_, read), counter) in COUNTERS.iter().zip(&self.counters) {
+            counter.add(read(&now).saturating_sub(read(&self.reported)));
         }
         self.reported = now;
     }
@@ -214,14 +180,14 @@ impl Root {
     fn dispatch(&self, telemetry: &mut Telemetry, payload: Payload, now: u64) -> Option<String> {
         let c = &telemetry.config().collector;
         let (call, sent) = if c.protocol == Protocol::Grpc {
-            let (service, method) = otlp::grpc_method(payload.path);
+            let (service, method) = payload.signal.grpc_method();
             let metadata: Vec<(&str, &[u8])> = c.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
             let body = Some(payload.body.as_slice());
             ("gRPC call", hostcalls::dispatch_grpc_call(&self.grpc_target, service, method, metadata, body, c.timeout))
         } else {
             let mut headers: Vec<(&str, &str)> = vec![
                 (":method", "POST"),
-                (":path", payload.path),
+                (":path", payload.signal.path()),
                 (":authority", &c.authority),
                 ("content-type", otlp::CONTENT_TYPE),
             ];

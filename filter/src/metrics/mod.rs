@@ -8,7 +8,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use crate::config::{Config, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
-use crate::otlp::{MetricsEncoder, METRICS_PATH};
+use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
 use shared::SharedStore;
 
@@ -273,7 +273,7 @@ impl MetricsPipeline {
         if export.next >= agg.len() {
             self.in_progress = None;
         }
-        (points > 0).then(|| Payload::new(METRICS_PATH, body, points))
+        (points > 0).then(|| Payload::new(Signal::Metrics, body, points))
     }
 
     /// Hand this VM's deltas to the queue. On failure they stay local (bounded by

@@ -11,21 +11,48 @@ pub use logs::{rejected_log_records, LogEncoder};
 pub use metrics::MetricsEncoder;
 pub use trace::{rejected_spans, TraceEncoder};
 
-/// Path of the OTLP/HTTP traces endpoint.
-pub const TRACES_PATH: &str = "/v1/traces";
-/// Path of the OTLP/HTTP metrics endpoint.
-pub const METRICS_PATH: &str = "/v1/metrics";
-/// Path of the OTLP/HTTP logs endpoint.
-pub const LOGS_PATH: &str = "/v1/logs";
+/// What meshtel exports, each to its own OTLP endpoint: one place for what tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Signal {
+    /// Spans.
+    Traces,
+    /// Istio's metrics (data points).
+    Metrics,
+    /// Access logs (log records).
+    Logs,
+}
 
-/// The OTLP/gRPC service and method that take what goes to an OTLP/HTTP `path`.
-pub fn grpc_method(path: &str) -> (&'static str, &'static str) {
-    let service = match path {
-        METRICS_PATH => "opentelemetry.proto.collector.metrics.v1.MetricsService",
-        LOGS_PATH => "opentelemetry.proto.collector.logs.v1.LogsService",
-        _ => "opentelemetry.proto.collector.trace.v1.TraceService",
-    };
-    (service, "Export")
+impl Signal {
+    /// Every signal.
+    pub const ALL: [Signal; 3] = [Signal::Traces, Signal::Metrics, Signal::Logs];
+
+    /// The path of its OTLP/HTTP endpoint.
+    pub fn path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+            Signal::Logs => "/v1/logs",
+        }
+    }
+
+    /// The OTLP/gRPC service and method that take it.
+    pub fn grpc_method(self) -> (&'static str, &'static str) {
+        let service = match self {
+            Signal::Traces => "opentelemetry.proto.collector.trace.v1.TraceService",
+            Signal::Metrics => "opentelemetry.proto.collector.metrics.v1.MetricsService",
+            Signal::Logs => "opentelemetry.proto.collector.logs.v1.LogsService",
+        };
+        (service, "Export")
+    }
+
+    /// The items the collector refused, from the body of a partial success.
+    pub fn rejected(self, body: &[u8]) -> u64 {
+        match self {
+            Signal::Traces => rejected_spans(body),
+            Signal::Metrics => metrics::rejected_points(body),
+            Signal::Logs => rejected_log_records(body),
+        }
+    }
 }
 
 /// The target of `dispatch_grpc_call`: Envoy's `GrpcService` with `envoy_grpc { cluster_name,
@@ -82,8 +109,10 @@ mod tests {
 
     #[test]
     fn grpc_methods_per_signal() {
-        assert_eq!(grpc_method(LOGS_PATH).0, "opentelemetry.proto.collector.logs.v1.LogsService");
-        assert_eq!(grpc_method(METRICS_PATH).0, "opentelemetry.proto.collector.metrics.v1.MetricsService");
-        assert_eq!(grpc_method(TRACES_PATH), ("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
+        assert_eq!(Signal::Logs.grpc_method().0, "opentelemetry.proto.collector.logs.v1.LogsService");
+        assert_eq!(Signal::Metrics.grpc_method().0, "opentelemetry.proto.collector.metrics.v1.MetricsService");
+        assert_eq!(Signal::Traces.grpc_method(), ("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
+        let paths: Vec<&str> = Signal::ALL.iter().map(|s| s.path()).collect();
+        assert_eq!(paths, ["/v1/traces", "/v1/metrics", "/v1/logs"]);
     }
 }
