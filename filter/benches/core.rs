@@ -92,6 +92,7 @@ fn completion() -> Completion {
         upstream_host: Some("10.0.0.2:8080".into()),
         bytes_received: 0,
         bytes_sent: 1_500,
+        route_name: None,
     }
 }
 

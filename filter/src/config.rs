@@ -44,10 +44,16 @@ pub enum Propagation {
 /// How spans are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanNaming {
-    /// `GET /api/items`: method and path, without the query string.
-    MethodPath,
-    /// `GET`: the method only (lowest cardinality, what the HTTP conventions ask for when no route is known).
+    /// `GET`: the method only, what the HTTP semantic conventions ask for when no route template
+    /// is known (the default).
     Method,
+    /// `GET reviews-v2`: the method and the name of the route Envoy chose, where Istio names one
+    /// (a VirtualService route's `name`); else the method. A route name is not a path template,
+    /// so it is never `http.route`.
+    MethodRoute,
+    /// `GET /api/items`: method and path, without the query string (one name per path: opt in
+    /// only where paths are few).
+    MethodPath,
 }
 
 /// The validated configuration the filter runs with.
@@ -206,7 +212,11 @@ pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
 }
 
 const PROPAGATIONS: [(&str, Propagation); 2] = [("w3c", Propagation::W3c), ("b3", Propagation::B3)];
-const SPAN_NAMINGS: [(&str, SpanNaming); 2] = [("method_path", SpanNaming::MethodPath), ("method", SpanNaming::Method)];
+const SPAN_NAMINGS: [(&str, SpanNaming); 3] = [
+    ("method", SpanNaming::Method),
+    ("method_route", SpanNaming::MethodRoute),
+    ("method_path", SpanNaming::MethodPath),
+];
 const PROTOCOLS: [(&str, Protocol); 2] = [("http", Protocol::Http), ("grpc", Protocol::Grpc)];
 const LOG_MODES: [(&str, LogMode); 3] =
     [("all", LogMode::All), ("errors", LogMode::Errors), ("sampled", LogMode::Sampled)];
@@ -313,7 +323,7 @@ impl Default for RawTraces {
             enabled: true,
             sampling_ratio: 1.0,
             propagation: vec![Propagation::W3c, Propagation::B3],
-            span_name: SpanNaming::MethodPath,
+            span_name: SpanNaming::Method,
             request_headers: Vec::new(),
             sensitive_headers: Vec::new(),
         }
@@ -674,7 +684,7 @@ mod tests {
         assert!(c.traces.enabled && c.metrics.enabled);
         assert_eq!(c.traces.sampling_ratio, 1.0);
         assert_eq!(c.traces.propagation, vec![Propagation::W3c, Propagation::B3]);
-        assert_eq!(c.traces.span_name, SpanNaming::MethodPath);
+        assert_eq!(c.traces.span_name, SpanNaming::Method, "the HTTP conventions' default");
         assert_eq!(c.metrics.export_interval, Duration::from_secs(10));
         assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Cumulative, 2000));
         assert_eq!(c.export.flush_interval, Duration::from_secs(1));
@@ -710,7 +720,7 @@ mod tests {
             br#"{
               "collector": {"cluster": "outbound|4318||otel-collector.observability.svc.cluster.local",
                             "authority": "otel:4318", "timeout_ms": 2000, "headers": {"x-api-key": "k"}},
-              "traces": {"enabled": true, "sampling_ratio": 0.25, "propagation": ["b3"], "span_name": "method"},
+              "traces": {"enabled": true, "sampling_ratio": 0.25, "propagation": ["b3"], "span_name": "method_route"},
               "metrics": {"enabled": false, "export_interval_ms": 15000, "temporality": "delta", "max_series": 50},
               "export": {"flush_interval_ms": 500, "max_batch": 100, "max_queue": 1000, "max_in_flight": 2, "max_retries": 0},
               "resource": {"attributes": {"deployment.environment.name": "prod"}}
@@ -720,7 +730,7 @@ mod tests {
         assert_eq!(c.collector.authority, "otel:4318");
         assert_eq!(c.collector.headers, vec![("x-api-key".into(), "k".into())]);
         assert_eq!(c.traces.propagation, vec![Propagation::B3]);
-        assert_eq!(c.traces.span_name, SpanNaming::Method);
+        assert_eq!(c.traces.span_name, SpanNaming::MethodRoute);
         assert!(!c.metrics.enabled);
         assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Delta, 50));
         assert_eq!(c.export.max_retries, 0);

@@ -5,6 +5,7 @@
 
 use std::rc::Rc;
 
+use crate::config::SpanNaming;
 use crate::host::{HeaderMap, Host};
 use crate::istio::facts::{self, DownstreamFacts};
 use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
@@ -86,6 +87,9 @@ impl Telemetry {
             upstream_host: log.then(|| host.property_string(&["upstream", "address"])).flatten(),
             bytes_received: if log { host.property_u64(&["request", "size"]).unwrap_or(0) } else { 0 },
             bytes_sent: if log { host.property_u64(&["response", "size"]).unwrap_or(0) } else { 0 },
+            route_name: (active.sampled() && self.config().traces.span_name == SpanNaming::MethodRoute)
+                .then(|| host.property_string(&["xds", "route_name"]))
+                .flatten(),
         };
         let facts = metrics.then(|| self.metric_facts(host, reporter, connection, &active, &completion));
         self.finish_request(active, completion, facts);

@@ -104,6 +104,15 @@ pub struct Completion {
     pub bytes_received: u64,
     /// Response body bytes sent; read for access logs.
     pub bytes_sent: u64,
+    /// The route's name (`xds.route_name`); read for `traces.span_name: method_route`.
+    pub route_name: Option<String>,
+}
+
+/// Whether a route's name names something: Istio names the route it makes when no
+/// VirtualService routes a service `default` (istio/istio `pilot/pkg/networking/core/route/route.go`,
+/// `DefaultRouteName`); a VirtualService's routes carry their `name` (and `.match name`).
+fn is_named_route(route: &str) -> bool {
+    !route.is_empty() && route != "default"
 }
 
 impl Completion {
@@ -158,10 +167,15 @@ impl SpanRecord {
         completion: Completion,
     ) -> Self {
         let method = if request.method.is_empty() { "HTTP" } else { request.method.as_str() };
+        // The HTTP semantic conventions name a span `{method} {target}` only with a
+        // low-cardinality target (a route), else `{method}`.
         let name = match naming {
-            SpanNaming::Method => method.to_string(),
-            SpanNaming::MethodPath if request.path.is_empty() => method.to_string(),
-            SpanNaming::MethodPath => format!("{method} {}", request.path),
+            SpanNaming::MethodPath if !request.path.is_empty() => format!("{method} {}", request.path),
+            SpanNaming::MethodRoute => match completion.route_name.as_deref() {
+                Some(route) if is_named_route(route) => format!("{method} {route}"),
+                _ => method.to_string(),
+            },
+            _ => method.to_string(),
         };
         Self { trace, name, start_unix_nanos, request, completion }
     }
@@ -238,8 +252,16 @@ mod tests {
         let req = RequestInfo { method: "POST".into(), path: "/a".into(), ..Default::default() };
         let s = SpanRecord::new(decision(), SpanNaming::MethodPath, 0, req.clone(), Completion::default());
         assert_eq!(s.name, "POST /a");
-        let s = SpanRecord::new(decision(), SpanNaming::Method, 0, req, Completion::default());
+        let s = SpanRecord::new(decision(), SpanNaming::Method, 0, req.clone(), Completion::default());
         assert_eq!(s.name, "POST");
+        // By route: a VirtualService route's name; Istio's unnamed default route and no route
+        // leave the method alone.
+        for (route, name) in
+            [(Some("reviews-v2.canary"), "POST reviews-v2.canary"), (Some("default"), "POST"), (None, "POST")]
+        {
+            let done = Completion { route_name: route.map(Into::into), ..Default::default() };
+            assert_eq!(SpanRecord::new(decision(), SpanNaming::MethodRoute, 0, req.clone(), done).name, name);
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ fn gateway_to_a_to_b_forms_one_trace() {
     assert_eq!(a_client.attr("upstream_cluster").as_deref(), Some("outbound|8080||b.ns-b.svc.cluster.local"));
     assert_eq!(a_client.attr("url.full").as_deref(), Some(&*format!("http://127.0.0.1:{a_outbound}/checkout")));
     assert_eq!(gw_span.attr("url.path").as_deref(), Some("/checkout"), "no query string");
-    assert_eq!(gw_span.span.name, "GET /checkout");
+    assert_eq!(gw_span.span.name, "GET", "the method alone by default, as the HTTP conventions ask");
     for s in &spans {
         assert_eq!(s.attr("http.response.status_code").as_deref(), Some("200"));
         assert_eq!(s.attr("istio.mesh_id").as_deref(), Some("cluster.local"));
@@ -232,7 +232,7 @@ fn sampling_ratio_zero_records_only_traces_sampled_upstream() {
     barrier(&collector, &sidecar);
     let spans = collector.spans();
     assert_eq!(spans.len(), 1, "only the barrier, sampled by its caller, is recorded");
-    assert_eq!(spans[0].span.name, "GET /barrier");
+    assert_eq!(spans[0].span.name, "GET");
 }
 
 #[test]
@@ -421,6 +421,35 @@ fn only_configured_headers_are_recorded_and_never_credentials_or_queries() {
         Ok(envoy) => envoy.log(),
     };
     assert!(log.contains("traces.request_headers[0]: authorization is sensitive and can never be recorded"), "{log}");
+}
+
+#[test]
+fn spans_are_named_by_method_route_or_path_as_configured() {
+    use meshtel_tests::envoy::{Direction, Envoy, Listener, Node, Proxy};
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let name_of = |naming: &str, route: Option<&str>| {
+        let port = meshtel_tests::free_port();
+        let mut listener = Listener::new("virtualInbound", port, Direction::Inbound, "inbound|8080||");
+        listener.route_name = route.map(Into::into);
+        let config = meshtel_tests::mesh::plugin_config(json!({"traces": {"span_name": naming}}));
+        let clusters = vec![
+            meshtel_tests::envoy::Cluster::new("inbound|8080||", app.port),
+            meshtel_tests::envoy::Cluster::to(meshtel_tests::envoy::COLLECTOR_CLUSTER, collector.port),
+        ];
+        let envoy = Envoy::start(&Proxy::new(Node::sidecar("a", "ns-a"), vec![listener], clusters, Some(config)));
+        let parent = format!("{:016x}", port);
+        let url = format!("http://127.0.0.1:{port}/items/42?q=1");
+        assert_eq!(request(&url, &[("traceparent", &format!("00-{TRACE}-{parent}-01"))]).unwrap().0, 200);
+        let span = collector.wait_for_child_of(&parent, WAIT);
+        drop(envoy);
+        (span.span.name.clone(), span.attr("http.route"))
+    };
+    assert_eq!(name_of("method", Some("reviews-v2")), ("GET".into(), None));
+    assert_eq!(name_of("method_path", None), ("GET /items/42".into(), None));
+    // A route's name is not a path template: never `http.route`.
+    assert_eq!(name_of("method_route", Some("reviews-v2")), ("GET reviews-v2".into(), None));
+    assert_eq!(name_of("method_route", Some("default")), ("GET".into(), None), "Istio's unnamed default route");
 }
 
 #[test]

@@ -137,6 +137,7 @@ mod tests {
                 upstream_host: Some("10.0.0.2:8080".into()),
                 bytes_received: 12,
                 bytes_sent: 345,
+                route_name: None,
             },
         }
     }

@@ -17,8 +17,7 @@ use meshtel_tests::{free_port, request};
 use serde_json::Value;
 
 /// What the demo's proxies export more often than the defaults, so that it finishes in seconds.
-const DEMO_CONFIG: &str =
-    "logs: all\npluginConfig:\n  export: {flush_interval_ms: 200}\n  metrics: {export_interval_ms: 1000}\n";
+const DEMO_CONFIG: &str = "logs: all\npluginConfig:\n  export: {flush_interval_ms: 200}\n  metrics: {export_interval_ms: 1000}\n  traces: {span_name: method_path}\n";
 
 /// The pluginConfig `meshtel render <args> --config demo.yaml` puts in the WasmPlugin.
 fn rendered_plugin_config(mut args: RenderArgs, config_file: &std::path::Path) -> Value {
