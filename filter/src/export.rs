@@ -141,9 +141,12 @@ pub fn classify(status: Option<u32>, retry_after: Option<&str>) -> Outcome {
 }
 
 /// Classify an OTLP/gRPC answer by its status (OTLP spec, "Failures"; gRPC status codes): OK
-/// succeeds; CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE
-/// and DATA_LOSS are retryable (the proxy reports an unreachable collector as UNAVAILABLE);
-/// everything else (INVALID_ARGUMENT, UNAUTHENTICATED, UNIMPLEMENTED, ...) is permanent.
+/// succeeds; CANCELLED, DEADLINE_EXCEEDED, ABORTED, OUT_OF_RANGE, UNAVAILABLE and DATA_LOSS are
+/// retryable (the proxy reports an unreachable collector as UNAVAILABLE); everything else
+/// (INVALID_ARGUMENT, UNAUTHENTICATED, UNIMPLEMENTED, ...) is permanent. RESOURCE_EXHAUSTED is
+/// retryable only when the server says recovery is possible, with a `RetryInfo` in the status
+/// details; the ABI's unary gRPC call shows no details (Envoy hands the module the status code
+/// and message only), and the spec makes an answer without `RetryInfo` permanent.
 pub fn classify_grpc(status: u32) -> Outcome {
     const NAMES: [&str; 17] = [
         "OK",
@@ -168,7 +171,7 @@ pub fn classify_grpc(status: u32) -> Outcome {
     let reason = format!("collector answered gRPC status {status} ({name})");
     match status {
         0 => Outcome::Success { rejected: 0 },
-        1 | 4 | 8 | 10 | 11 | 14 | 15 => Outcome::Retry { reason, after: None },
+        1 | 4 | 10 | 11 | 14 | 15 => Outcome::Retry { reason, after: None },
         _ => Outcome::Fail { reason },
     }
 }
@@ -186,10 +189,19 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
-/// Backoff before retry number `attempt` (1-based).
+/// Backoff before retry number `attempt` (1-based), before its jitter.
 pub fn backoff(attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(16);
     INITIAL_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+/// The delay before retry `attempt`: [`backoff`] with "equal jitter", a point of its upper half
+/// picked by `random`, so that VMs and proxies that failed together do not retry together
+/// (OTLP spec, "Retrying": exponential backoff with jitter).
+pub fn jittered_backoff(attempt: u32, random: u64) -> Duration {
+    let full = backoff(attempt);
+    let half = full / 2;
+    half + Duration::from_nanos(random % (duration_ns(full - half) + 1))
 }
 
 /// Counters of one signal's export, cumulative since the VM started.
@@ -223,6 +235,8 @@ pub struct Sender {
     max_retries: u32,
     stats: ExportStats,
     health: Health,
+    /// The jitter's generator (xorshift64; never zero).
+    random: u64,
 }
 
 impl Sender {
@@ -235,7 +249,23 @@ impl Sender {
             max_retries,
             stats: ExportStats::default(),
             health: Health::Healthy,
+            random: 0x9e37_79b9_7f4a_7c15,
         }
+    }
+
+    /// The same, its retry jitter seeded with `seed` (each VM its own).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.random = seed | 1;
+        self
+    }
+
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.random;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.random = x;
+        x
     }
 
     /// Whether call `token` is one of this sender's.
@@ -290,7 +320,8 @@ impl Sender {
         self.stats.failed_requests += 1;
         let reason = match outcome {
             Outcome::Retry { reason, after } if payload.attempts <= self.max_retries => {
-                let delay = after.unwrap_or_else(|| backoff(payload.attempts));
+                let random = self.next_random();
+                let delay = after.unwrap_or_else(|| jittered_backoff(payload.attempts, random));
                 self.stats.retries += 1;
                 // Retries wait in a buffer no larger than the in-flight limit: the oldest gives way.
                 if self.waiting.len() >= self.max_in_flight {
@@ -461,6 +492,74 @@ mod tests {
     }
 
     #[test]
+    fn the_jitter_stays_in_the_upper_half_of_the_backoff_and_spreads() {
+        let mut s = Sender::new(1, 1).with_seed(42);
+        for attempt in [1, 2, 3, 6, 100] {
+            let full = backoff(attempt);
+            let delays: Vec<Duration> = (0..200).map(|_| jittered_backoff(attempt, s.next_random())).collect();
+            assert!(delays.iter().all(|d| *d >= full / 2 && *d <= full), "attempt {attempt}: {delays:?}");
+            let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+            assert!(*max - *min > full / 4, "attempt {attempt}: spread {min:?}..{max:?}");
+        }
+        assert_eq!(jittered_backoff(1, 0), Duration::from_millis(500));
+        assert_eq!(jittered_backoff(1, duration_ns(Duration::from_millis(500))), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn grpc_statuses_are_classified_as_the_otlp_spec_says() {
+        // OTLP spec, "OTLP/gRPC Throttling" and "Failures": the retryable codes; RESOURCE_EXHAUSTED
+        // only with a RetryInfo, which a unary call through the ABI never shows.
+        for (code, retry) in [
+            (0, None),
+            (1, Some(true)),
+            (2, Some(false)),
+            (3, Some(false)),
+            (4, Some(true)),
+            (5, Some(false)),
+            (7, Some(false)),
+            (8, Some(false)),
+            (9, Some(false)),
+            (10, Some(true)),
+            (11, Some(true)),
+            (12, Some(false)),
+            (13, Some(false)),
+            (14, Some(true)),
+            (15, Some(true)),
+            (16, Some(false)),
+            (99, Some(false)),
+        ] {
+            let outcome = classify_grpc(code);
+            let got = match outcome {
+                Outcome::Success { .. } => None,
+                Outcome::Retry { .. } => Some(true),
+                Outcome::Fail { .. } => Some(false),
+            };
+            assert_eq!(got, retry, "gRPC status {code}");
+        }
+        for (status, retry) in [
+            (Some(200), None),
+            (Some(204), None),
+            (Some(429), Some(true)),
+            (Some(502), Some(true)),
+            (Some(503), Some(true)),
+            (Some(504), Some(true)),
+            (Some(400), Some(false)),
+            (Some(401), Some(false)),
+            (Some(404), Some(false)),
+            (Some(413), Some(false)),
+            (Some(500), Some(false)),
+            (None, Some(true)),
+        ] {
+            let got = match classify(status, None) {
+                Outcome::Success { .. } => None,
+                Outcome::Retry { .. } => Some(true),
+                Outcome::Fail { .. } => Some(false),
+            };
+            assert_eq!(got, retry, "HTTP {status:?}");
+        }
+    }
+
+    #[test]
     fn success_counts_exported_and_partial_rejections() {
         let mut s = Sender::new(2, 3);
         s.sent(1, payload(10));
@@ -477,12 +576,12 @@ mod tests {
         assert!(!s.has_capacity());
         let log = s.completed(1, classify(Some(503), None), 0);
         assert_eq!(log.as_deref(), Some("export failing: collector answered 503"));
-        assert_eq!(s.due_retry(S / 2), None, "waits for the 1 s backoff");
+        assert_eq!(s.due_retry(S / 2 - 1), None, "waits for the 1 s backoff, jittered to 0.5-1 s");
         let p = s.due_retry(S).unwrap();
         assert_eq!(p.attempts, 1);
         s.sent(2, p);
         assert_eq!(s.completed(2, classify(Some(503), None), S), None, "same state, no new log line");
-        assert_eq!(s.due_retry(2 * S), None, "second backoff is 2 s");
+        assert_eq!(s.due_retry(2 * S - 1), None, "second backoff is 2 s, jittered to 1-2 s");
         let p = s.due_retry(3 * S).unwrap();
         s.sent(3, p);
         s.completed(3, classify(Some(503), None), 3 * S);

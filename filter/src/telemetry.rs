@@ -116,13 +116,13 @@ struct Signal<T> {
 }
 
 impl<T> Signal<T> {
-    fn new(signal: otlp::Signal, config: &Config, now_ns: u64) -> Self {
+    fn new(signal: otlp::Signal, config: &Config, now_ns: u64, seed: u64) -> Self {
         let e = &config.export;
         Self {
             signal,
             queue: BoundedQueue::new(e.max_queue),
             flush: FlushTimer::new(e.flush_interval, now_ns),
-            sender: Sender::new(e.max_in_flight, e.max_retries),
+            sender: Sender::new(e.max_in_flight, e.max_retries).with_seed(seed.rotate_left(signal as u32 * 8 + 1)),
             recorded: 0,
             reported_drops: 0,
         }
@@ -208,8 +208,8 @@ impl Telemetry {
             ids,
             log_encoder: LogEncoder::new(&resource),
             encoder: TraceEncoder::new(resource, &node),
-            spans: Signal::new(otlp::Signal::Traces, &config, now_ns),
-            logs: Signal::new(otlp::Signal::Logs, &config, now_ns),
+            spans: Signal::new(otlp::Signal::Traces, &config, now_ns, seed),
+            logs: Signal::new(otlp::Signal::Logs, &config, now_ns, seed),
             metrics,
             cluster_services: HashMap::new(),
             connections: HashMap::new(),

@@ -151,7 +151,7 @@ impl MetricsPipeline {
             last_full_export_ns: now_ns,
             last_part_ns: None,
             encoder: MetricsEncoder::new(resource),
-            sender: Sender::new(config.export.max_in_flight, config.export.max_retries),
+            sender: Sender::new(config.export.max_in_flight, config.export.max_retries).with_seed(token),
             stats: MetricStats::default(),
         }
     }
