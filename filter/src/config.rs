@@ -131,6 +131,9 @@ pub struct Traces {
     /// Request headers recorded as `http.request.header.<name>` span attributes; none by default.
     /// Sensitive headers ([`ALWAYS_SENSITIVE`] and `traces.sensitive_headers`) are refused.
     pub request_headers: Vec<String>,
+    /// Whether the headers Envoy forces a trace with (`x-client-trace-id`, and
+    /// `x-envoy-force-trace` on internal requests) sample a new trace whatever the ratio.
+    pub force_headers: bool,
 }
 
 /// Metric settings.
@@ -246,7 +249,15 @@ impl RawConfig {
             .transpose()?,
             traces: match section(
                 "traces",
-                &["enabled", "sampling_ratio", "propagation", "span_name", "request_headers", "sensitive_headers"],
+                &[
+                    "enabled",
+                    "sampling_ratio",
+                    "propagation",
+                    "span_name",
+                    "request_headers",
+                    "sensitive_headers",
+                    "force_headers",
+                ],
             )? {
                 Some(t) => RawTraces::read(&t)?,
                 None => RawTraces::default(),
@@ -315,6 +326,7 @@ struct RawTraces {
     span_name: SpanNaming,
     request_headers: Vec<String>,
     sensitive_headers: Vec<String>,
+    force_headers: bool,
 }
 
 impl Default for RawTraces {
@@ -326,6 +338,7 @@ impl Default for RawTraces {
             span_name: SpanNaming::Method,
             request_headers: Vec::new(),
             sensitive_headers: Vec::new(),
+            force_headers: true,
         }
     }
 }
@@ -340,6 +353,7 @@ impl RawTraces {
             span_name: f.variant("span_name", &SPAN_NAMINGS, d.span_name)?,
             request_headers: f.strings("request_headers")?,
             sensitive_headers: f.strings("sensitive_headers")?,
+            force_headers: f.bool("force_headers", d.force_headers)?,
         })
     }
 }
@@ -566,6 +580,7 @@ impl RawTraces {
             propagation,
             span_name: self.span_name,
             request_headers,
+            force_headers: self.force_headers,
         })
     }
 }

@@ -96,6 +96,7 @@ pub fn start_trace(
     sampler: &RatioSampler,
     headers: Headers<'_>,
     ids: &mut IdGenerator,
+    forced: bool,
 ) -> (TraceDecision, Vec<HeaderOp>) {
     let mut chosen: Option<(Propagation, Extracted)> = None;
     let mut decision_only: Option<bool> = None;
@@ -127,7 +128,9 @@ pub fn start_trace(
         trace_id,
         span_id: ids.span_id(),
         parent_span_id: parent.map(|p| p.span_id),
-        sampled: sampler.decide(incoming, &trace_id),
+        // A forced trace is a new one sampled whatever the ratio; an incoming decision stands,
+        // as in Envoy's OpenTelemetry tracer (it samples a span with a parent by the parent).
+        sampled: if incoming.is_none() && forced { true } else { sampler.decide(incoming, &trace_id) },
         tracestate,
     };
 
@@ -204,7 +207,7 @@ mod tests {
 
     fn run(formats: &[Propagation], ratio: f64, pairs: &[(&str, &str)]) -> (TraceDecision, Vec<HeaderOp>) {
         let headers = HeaderPairs::from_pairs(pairs);
-        start_trace(formats, &RatioSampler::new(ratio), headers.view(), &mut IdGenerator::with_seed(1))
+        start_trace(formats, &RatioSampler::new(ratio), headers.view(), &mut IdGenerator::with_seed(1), false)
     }
 
     fn set<'a>(ops: &'a [HeaderOp], name: &str) -> Option<&'a str> {
@@ -358,7 +361,7 @@ mod tests {
     #[test]
     fn non_utf8_header_values_are_ignored() {
         let headers = HeaderPairs::from_pairs(&[("traceparent", [0xff, 0xfe])]);
-        let (d, _) = start_trace(BOTH, &RatioSampler::new(1.0), headers.view(), &mut IdGenerator::with_seed(1));
+        let (d, _) = start_trace(BOTH, &RatioSampler::new(1.0), headers.view(), &mut IdGenerator::with_seed(1), false);
         assert_eq!(d.parent_span_id, None);
     }
 

@@ -36,6 +36,18 @@ const MAX_CACHED_CONNECTIONS: usize = 1024;
 /// connection is counted at its close only.
 const MAX_REPORTED_CONNECTIONS: usize = 16_384;
 
+/// Whether a request asks for its trace to be sampled the way Envoy lets it
+/// (envoyproxy/envoy `source/common/tracing/http_tracer_impl.cc`, `mutateTraceStatus`, and the
+/// HTTP header docs): `x-client-trace-id` from any client, `x-envoy-force-trace` from an
+/// internal one. Internal is what Envoy says it is: it sets `x-envoy-internal: true` on
+/// requests from its internal addresses (`internal_address_config`) where it uses the remote
+/// address (an Istio gateway), and strips the header from every other request there.
+/// (A B3 debug flag samples as any incoming decision does.)
+fn forces_a_trace(headers: Headers<'_>) -> bool {
+    headers.single("x-client-trace-id").is_some_and(|v| !v.is_empty())
+        || (headers.single("x-envoy-force-trace").is_some() && headers.single("x-envoy-internal") == Some("true"))
+}
+
 /// A request in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveRequest {
@@ -389,7 +401,8 @@ impl Telemetry {
             return None;
         }
         let (trace, ops) = if self.config.traces.enabled {
-            let (t, ops) = start_trace(&self.config.traces.propagation, &self.sampler, headers, &mut self.ids);
+            let forced = self.config.traces.force_headers && forces_a_trace(headers);
+            let (t, ops) = start_trace(&self.config.traces.propagation, &self.sampler, headers, &mut self.ids, forced);
             (Some(t), ops)
         } else {
             (None, Vec::new())
@@ -705,6 +718,21 @@ mod tests {
             }
         }
         assert_eq!(spans, 3, "at least once");
+    }
+
+    #[test]
+    fn envoys_force_headers_sample_a_new_trace_at_ratio_zero_unless_turned_off() {
+        let sampled = |extra: &str, hs: &[(&str, &str)]| {
+            let mut t = telemetry(&format!(r#","traces":{{"sampling_ratio":0{extra}}}"#));
+            t.start_request(headers(hs).view(), 1).unwrap().0.sampled()
+        };
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(sampled("", &[("x-client-trace-id", "abc")]), "a client asks (Envoy: client-forced)");
+        assert!(sampled("", &[("x-envoy-force-trace", "true"), ("x-envoy-internal", "true")]), "internal force");
+        assert!(!sampled("", &[("x-envoy-force-trace", "true")]), "only an internal request may force");
+        assert!(!sampled("", &[("x-client-trace-id", "abc"), ("traceparent", tp)]), "an incoming decision stands");
+        assert!(!sampled(r#","force_headers":false"#, &[("x-client-trace-id", "abc")]), "turned off");
+        assert!(!sampled("", &[]));
     }
 
     #[test]

@@ -424,6 +424,25 @@ fn only_configured_headers_are_recorded_and_never_credentials_or_queries() {
 }
 
 #[test]
+fn a_client_forces_a_trace_at_ratio_zero_unless_forcing_is_off() {
+    for (force, sampled) in [(true, true), (false, false)] {
+        let collector = Collector::start();
+        let config = json!({"traces": {"sampling_ratio": 0.0, "force_headers": force}});
+        let (_app, sidecar) = echo_sidecar(&collector, config);
+        let seen = send(&sidecar, "/forced", &[("x-client-trace-id", "debug-42")]);
+        let flag = if sampled { "-01" } else { "-00" };
+        assert!(header(&seen, "traceparent").ends_with(flag), "force_headers {force}: {seen}");
+        // Not internal: `x-envoy-force-trace` alone forces nothing (Envoy: internal requests only).
+        let seen = send(&sidecar, "/not-internal", &[("x-envoy-force-trace", "true")]);
+        assert!(header(&seen, "traceparent").ends_with("-00"), "{seen}");
+        barrier(&collector, &sidecar);
+        let names: Vec<String> = collector.spans().iter().map(|s| s.attr("url.path").unwrap_or_default()).collect();
+        assert_eq!(names.contains(&"/forced".to_string()), sampled, "force_headers {force}: {names:?}");
+        assert!(!names.contains(&"/not-internal".to_string()));
+    }
+}
+
+#[test]
 fn spans_are_named_by_method_route_or_path_as_configured() {
     use meshtel_tests::envoy::{Direction, Envoy, Listener, Node, Proxy};
     let collector = Collector::start();

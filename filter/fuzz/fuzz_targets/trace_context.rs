@@ -19,7 +19,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         .collect();
     let headers = HeaderPairs::from_pairs(&headers);
     let sampler = RatioSampler::new(0.5);
-    let (decision, ops) = start_trace(&[Propagation::W3c, Propagation::B3], &sampler, headers.view(), &mut IdGenerator::with_seed(7));
+    let (decision, ops) = start_trace(&[Propagation::W3c, Propagation::B3], &sampler, headers.view(), &mut IdGenerator::with_seed(7), data.first().is_some_and(|b| b & 1 == 1));
     for op in ops {
         if let HeaderOp::Set(name, value) = op {
             match name {
