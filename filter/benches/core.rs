@@ -287,7 +287,7 @@ fn encoding(c: &mut Criterion) {
     let mut agg = Aggregator::new(10_000);
     for i in 0..100 {
         let labels: Vec<String> = LABEL_NAMES.iter().map(|n| format!("{n}-{}", i % 100)).collect();
-        agg.record(&labels, &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900 });
+        agg.record(&labels, &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900, traced: None });
     }
     g.throughput(Throughput::Elements(400));
     g.bench_function("encode 100 series (400 points)", |b| {
@@ -315,7 +315,10 @@ fn exporter_tick(c: &mut Criterion) {
     const SERIES: usize = 2000;
     let mut local = Aggregator::new(SERIES);
     for i in 0..SERIES {
-        local.record(&series_labels(i), &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900 });
+        local.record(
+            &series_labels(i),
+            &Measurement { duration_ms: 3.0, request_bytes: 300, response_bytes: 900, traced: None },
+        );
     }
     let store = MemoryStore::default();
     let queue = store.queue("meshtel/bench/metrics/deltas").unwrap();

@@ -475,6 +475,12 @@ impl Telemetry {
                 duration_ms: completion.end_unix_nanos.saturating_sub(active.start_unix_nanos) as f64 / 1e6,
                 request_bytes: facts.request_bytes,
                 response_bytes: facts.response_bytes,
+                // Only a recorded span can be an exemplar: the trace it names must exist.
+                traced: active
+                    .trace
+                    .as_ref()
+                    .filter(|t| t.sampled)
+                    .map(|t| (t.trace_id.0, t.span_id.0, completion.end_unix_nanos)),
             };
             with_label_values(&self.node, &facts.labels, |labels| metrics.record(labels, &measurement));
         }

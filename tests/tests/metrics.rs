@@ -102,6 +102,41 @@ fn inbound_mix_is_counted_per_label_set_with_istio_labels() {
 }
 
 #[test]
+fn duration_exemplars_name_spans_the_collector_received() {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let config = metrics_config(json!({"traces": {"sampling_ratio": 0.5}}));
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port).config(config).concurrency(2).start();
+    for i in 0..40 {
+        assert_eq!(send(sidecar.inbound, &format!("/e/{i}"), &[]), 200);
+    }
+    collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 40);
+    thread::sleep(Duration::from_millis(1500));
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let exemplars: Vec<(String, String)> = collector
+        .metric_exports()
+        .iter()
+        .flat_map(|e| e.resource_metrics.iter())
+        .flat_map(|r| r.scope_metrics.iter())
+        .flat_map(|s| s.metrics.iter())
+        .filter(|m| m.name == "istio_request_duration_milliseconds")
+        .filter_map(|m| match &m.data {
+            Some(Data::Histogram(h)) => Some(h.data_points.clone()),
+            _ => None,
+        })
+        .flatten()
+        .flat_map(|p| p.exemplars)
+        .map(|e| (hex(&e.trace_id), hex(&e.span_id)))
+        .collect();
+    assert!(!exemplars.is_empty(), "the duration histogram carries exemplars");
+    let spans: Vec<(String, String)> = collector.spans().iter().map(|s| (s.trace_id(), s.span_id())).collect();
+    for e in &exemplars {
+        assert!(spans.contains(e), "exemplar {e:?} names a span the collector got (sampled requests only)");
+    }
+}
+
+#[test]
 fn failing_upstream_sets_response_flags() {
     let collector = Collector::start();
     let sidecar =

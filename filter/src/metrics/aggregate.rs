@@ -129,6 +129,40 @@ pub struct Measurement {
     pub request_bytes: u64,
     /// Response wire bytes, headers included.
     pub response_bytes: u64,
+    /// A sampled request's trace and span ids and end time: an exemplar of its duration.
+    pub traced: Option<([u8; 16], [u8; 8], u64)>,
+}
+
+/// Exemplars kept per series and interval: the slowest requests' (a latency panel's slow
+/// buckets are the ones worth a trace).
+pub const MAX_EXEMPLARS: usize = 4;
+
+/// A sampled request behind a duration: OTLP's `Exemplar` of `istio_request_duration_milliseconds`.
+#[derive(Clone, PartialEq, Message)]
+pub struct Exemplar {
+    /// The request's trace id.
+    #[prost(bytes = "vec", tag = "1")]
+    pub trace_id: Vec<u8>,
+    /// Its span id.
+    #[prost(bytes = "vec", tag = "2")]
+    pub span_id: Vec<u8>,
+    /// When it ended, nanoseconds since the Unix epoch.
+    #[prost(fixed64, tag = "3")]
+    pub time_ns: u64,
+    /// Its duration, milliseconds.
+    #[prost(double, tag = "4")]
+    pub value: f64,
+}
+
+/// Keep `e` among `kept` if it is one of the [`MAX_EXEMPLARS`] slowest.
+fn keep_exemplar(kept: &mut Vec<Exemplar>, e: Exemplar) {
+    if kept.len() < MAX_EXEMPLARS {
+        kept.push(e);
+    } else if let Some(fastest) = kept.iter_mut().min_by(|a, b| a.value.total_cmp(&b.value)) {
+        if e.value > fastest.value {
+            *fastest = e;
+        }
+    }
 }
 
 /// What one TCP connection moved since it last reported (Istio's network stats filter reports
@@ -186,6 +220,10 @@ pub struct SeriesData {
     /// `istio_tcp_received_bytes_total`.
     #[prost(uint64, tag = "10")]
     pub tcp_received_bytes: u64,
+    /// Exemplars of the duration since the last clear (or, in cumulative totals, since the
+    /// last export).
+    #[prost(message, repeated, tag = "11")]
+    pub exemplars: Vec<Exemplar>,
 }
 
 impl SeriesData {
@@ -205,6 +243,7 @@ impl SeriesData {
         self.tcp_closed = 0;
         self.tcp_sent_bytes = 0;
         self.tcp_received_bytes = 0;
+        self.exemplars.clear();
         for h in [&mut self.duration, &mut self.request_bytes, &mut self.response_bytes].into_iter().flatten() {
             h.buckets.fill(0);
             h.sum = 0.0;
@@ -214,6 +253,10 @@ impl SeriesData {
 
     fn record(&mut self, m: &Measurement) {
         self.requests += 1;
+        if let Some((trace_id, span_id, time_ns)) = m.traced {
+            let e = Exemplar { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), time_ns, value: m.duration_ms };
+            keep_exemplar(&mut self.exemplars, e);
+        }
         self.duration.get_or_insert_with(Histogram::default).record(m.duration_ms);
         self.request_bytes.get_or_insert_with(Histogram::default).record(m.request_bytes as f64);
         self.response_bytes.get_or_insert_with(Histogram::default).record(m.response_bytes as f64);
@@ -228,6 +271,9 @@ impl SeriesData {
 
     fn merge(&mut self, other: &SeriesData) {
         self.requests += other.requests;
+        for e in &other.exemplars {
+            keep_exemplar(&mut self.exemplars, e.clone());
+        }
         self.record_tcp(&TcpDelta {
             opened: other.tcp_opened,
             closed: other.tcp_closed,
@@ -311,6 +357,7 @@ const DATA_TCP_OPENED: u32 = 7;
 const DATA_TCP_CLOSED: u32 = 8;
 const DATA_TCP_SENT_BYTES: u32 = 9;
 const DATA_TCP_RECEIVED_BYTES: u32 = 10;
+const DATA_EXEMPLARS: u32 = 11;
 const HISTOGRAM_BUCKETS: u32 = 1;
 const HISTOGRAM_SUM: u32 = 2;
 const HISTOGRAM_COUNT: u32 = 3;
@@ -388,6 +435,14 @@ impl SeriesData {
                 w.varint(field, n);
             }
         }
+        for e in &self.exemplars {
+            w.message(DATA_EXEMPLARS, |w| {
+                w.bytes(1, &e.trace_id);
+                w.bytes(2, &e.span_id);
+                w.fixed64(3, e.time_ns);
+                w.double(4, e.value);
+            });
+        }
     }
 
     /// Add encoded deltas.
@@ -407,6 +462,11 @@ impl SeriesData {
                         _ => &mut self.tcp_received_bytes,
                     };
                     *counter = counter.saturating_add(read_varint(&mut buf)?);
+                    continue;
+                }
+                (DATA_EXEMPLARS, WireType::LengthDelimited) => {
+                    let e = Exemplar::decode(length_delimited(&mut buf)?).map_err(|_| BadBatch)?;
+                    keep_exemplar(&mut self.exemplars, e);
                     continue;
                 }
                 (DATA_DURATION, WireType::LengthDelimited) => &mut self.duration,
@@ -585,6 +645,13 @@ impl Aggregator {
         out.series.extend(updated.map(|(k, d)| (k.clone(), d.clone())));
         out.overflow = self.overflow.clone();
         out
+    }
+
+    /// Forget every series' exemplars (the cumulative totals, after an export showed them).
+    pub fn clear_exemplars(&mut self) {
+        for data in self.series.values_mut().chain(self.overflow.as_mut()) {
+            data.exemplars.clear();
+        }
     }
 
     /// Whether nothing was recorded.
@@ -881,7 +948,7 @@ mod tests {
     fn series_data_is_written_and_read_as_prost_does() {
         let mut d = SeriesData::default();
         for (ms, bytes) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)] {
-            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes });
+            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes, traced: None });
         }
         let mut w = Writer::default();
         d.write(&mut w);
@@ -976,7 +1043,7 @@ mod tests {
     }
 
     fn m(ms: f64) -> Measurement {
-        Measurement { duration_ms: ms, request_bytes: 100, response_bytes: 2_000 }
+        Measurement { duration_ms: ms, request_bytes: 100, response_bytes: 2_000, traced: None }
     }
 
     #[test]

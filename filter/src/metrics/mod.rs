@@ -359,6 +359,10 @@ impl MetricsPipeline {
         self.stats.overflowed += self.local.take_folded();
         self.handed_updates = self.updates;
         let mut taken = self.empty();
+        if self.temporality == Temporality::Cumulative {
+            // An exemplar belongs to the interval it was seen in: the last export showed these.
+            self.cumulative.clear_exemplars();
+        }
         let (into, stamp) = match self.temporality {
             Temporality::Cumulative => (&mut self.cumulative, Some(Stamp { start_ns: since, now_ns })),
             Temporality::Delta => (&mut taken, None),

@@ -52,6 +52,12 @@ mod field {
     pub const HISTOGRAM_BUCKET_COUNTS: u32 = 6;
     pub const HISTOGRAM_EXPLICIT_BOUNDS: u32 = 7;
     pub const HISTOGRAM_ATTRIBUTES: u32 = 9;
+    pub const HISTOGRAM_EXEMPLARS: u32 = 8;
+    /// `Exemplar`.
+    pub const EXEMPLAR_TIME: u32 = 2;
+    pub const EXEMPLAR_AS_DOUBLE: u32 = 3;
+    pub const EXEMPLAR_SPAN_ID: u32 = 4;
+    pub const EXEMPLAR_TRACE_ID: u32 = 5;
 }
 
 /// Encodes metric exports for one workload; built once per VM.
@@ -147,26 +153,36 @@ impl MetricsEncoder {
             w.string(field::METRIC_UNIT, unit);
         };
         let no_requests = aggregate::Histogram::default();
-        let histogram = |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf| {
-            w.message(Envelope::ITEMS, |w| {
-                metric(w, name, description, unit);
-                w.message(field::METRIC_HISTOGRAM, |w| {
-                    for (labels, data) in http() {
-                        w.message(field::DATA_POINTS, |w| {
-                            let h = of(data).as_ref().unwrap_or(&no_requests);
-                            times(w, data);
-                            w.fixed64(field::HISTOGRAM_COUNT, h.count);
-                            w.double(field::HISTOGRAM_SUM, h.sum);
-                            let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
-                            w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
-                            w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
-                            point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
-                        });
-                    }
-                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+        let histogram =
+            |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf, exemplars: bool| {
+                w.message(Envelope::ITEMS, |w| {
+                    metric(w, name, description, unit);
+                    w.message(field::METRIC_HISTOGRAM, |w| {
+                        for (labels, data) in http() {
+                            w.message(field::DATA_POINTS, |w| {
+                                let h = of(data).as_ref().unwrap_or(&no_requests);
+                                times(w, data);
+                                w.fixed64(field::HISTOGRAM_COUNT, h.count);
+                                w.double(field::HISTOGRAM_SUM, h.sum);
+                                let buckets =
+                                    (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
+                                w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
+                                w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
+                                point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
+                                for e in data.exemplars.iter().filter(|_| exemplars) {
+                                    w.message(field::HISTOGRAM_EXEMPLARS, |w| {
+                                        w.fixed64(field::EXEMPLAR_TIME, e.time_ns);
+                                        w.double(field::EXEMPLAR_AS_DOUBLE, e.value);
+                                        w.bytes(field::EXEMPLAR_SPAN_ID, &e.span_id);
+                                        w.bytes(field::EXEMPLAR_TRACE_ID, &e.trace_id);
+                                    });
+                                }
+                            });
+                        }
+                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                    });
                 });
-            });
-        };
+            };
         let counter = |w: &mut Writer, name: &str, description: &str, unit: &str, of: CounterOf| {
             w.message(Envelope::ITEMS, |w| {
                 metric(w, name, description, unit);
@@ -200,9 +216,9 @@ impl MetricsEncoder {
                         w.bool(field::SUM_IS_MONOTONIC, true);
                     });
                 });
-                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration);
-                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes);
-                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes);
+                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration, true);
+                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes, false);
+                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes, false);
             }
             if tcp_count > 0 {
                 counter(w, TCP_OPENED, "TCP connections opened", "", |d| d.tcp_opened);
@@ -246,8 +262,11 @@ mod tests {
     fn encodes_istio_metrics_with_labels_and_buckets() {
         let mut agg = Aggregator::new(1);
         let labels: Vec<String> = LABEL_NAMES.iter().map(|n| format!("v-{n}")).collect();
-        agg.record(&labels, &Measurement { duration_ms: 7.0, request_bytes: 300, response_bytes: 70_000 });
-        agg.record(&labels, &Measurement { duration_ms: 20.0, request_bytes: 300, response_bytes: 10 });
+        agg.record(
+            &labels,
+            &Measurement { duration_ms: 7.0, request_bytes: 300, response_bytes: 70_000, traced: None },
+        );
+        agg.record(&labels, &Measurement { duration_ms: 20.0, request_bytes: 300, response_bytes: 10, traced: None });
         agg.record(&["other"; 25], &Measurement::default());
         let req = decoded(&agg, Temporality::Cumulative, 5, 9);
 
@@ -313,6 +332,32 @@ mod tests {
         }
         let Some(metric::Data::Sum(requests)) = &find(&req, REQUESTS_TOTAL).data else { panic!() };
         assert_eq!(requests.data_points.len(), 1, "the HTTP series only");
+    }
+
+    #[test]
+    fn duration_points_carry_the_slowest_sampled_requests_as_exemplars() {
+        let mut agg = Aggregator::new(1);
+        for (i, ms) in [5.0, 900.0, 1.0, 30.0, 2500.0, 12.0].into_iter().enumerate() {
+            let traced = Some(([i as u8 + 1; 16], [i as u8 + 1; 8], 100 + i as u64));
+            agg.record(&["a"; 25], &Measurement { duration_ms: ms, traced, ..Default::default() });
+        }
+        agg.record(&["a"; 25], &Measurement { duration_ms: 9999.0, ..Default::default() });
+        let req = decoded(&agg, Temporality::Cumulative, 0, 1);
+        let Some(metric::Data::Histogram(h)) = &find(&req, REQUEST_DURATION).data else { panic!() };
+        let mut values: Vec<f64> = h.data_points[0]
+            .exemplars
+            .iter()
+            .map(|e| match e.value {
+                Some(opentelemetry_proto::tonic::metrics::v1::exemplar::Value::AsDouble(v)) => v,
+                _ => panic!("a double"),
+            })
+            .collect();
+        values.sort_by(f64::total_cmp);
+        assert_eq!(values, [12.0, 30.0, 900.0, 2500.0], "the four slowest of the sampled requests");
+        let slowest = h.data_points[0].exemplars.iter().find(|e| e.time_unix_nano == 104).unwrap();
+        assert_eq!((slowest.trace_id.clone(), slowest.span_id.clone()), (vec![5; 16], vec![5; 8]));
+        let Some(metric::Data::Histogram(bytes)) = &find(&req, REQUEST_BYTES).data else { panic!() };
+        assert!(bytes.data_points[0].exemplars.is_empty(), "sizes carry none");
     }
 
     #[test]
