@@ -742,6 +742,41 @@ mod tests {
     }
 
     #[test]
+    fn metrics_carry_the_same_resource_as_spans() {
+        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+        let node = NodeInfo {
+            id: "sidecar~10.0.0.1~r-1.shop~shop.svc.cluster.local".into(),
+            name: "r-1".into(),
+            namespace: "shop".into(),
+            workload_name: "r".into(),
+            labels: [("service.istio.io/canonical-name".to_string(), "r".to_string())].into_iter().collect(),
+            cluster_id: "c1".into(),
+            ..Default::default()
+        };
+        let json = r#"{"collector":{"cluster":"outbound|4318||otel.obs.svc.cluster.local"},
+            "metrics":{"export_interval_ms":1000},"resource":{"attributes":{"deployment.environment.name":"prod"}}}"#;
+        let mut t = Telemetry::new(config::parse(json.as_bytes()).unwrap(), node, 42, "test", 0);
+        let store = MemoryStore::default();
+        t.init_shared(&store);
+        let (active, _) = t.start_request(headers(&[(":method", "GET"), (":path", "/")]).view(), 1).unwrap();
+        t.finish_request(active, completion(), Some(MetricFacts::default()));
+        let mut payloads = Vec::new();
+        for step in 0..30 {
+            while let Some(p) = t.next_export(&store, step * 100_000_000) {
+                payloads.push(p);
+            }
+        }
+        let spans = payloads.iter().find(|p| p.signal == otlp::Signal::Traces).unwrap();
+        let metrics = payloads.iter().find(|p| p.signal == otlp::Signal::Metrics).unwrap();
+        let span_resource =
+            ExportTraceServiceRequest::decode(spans.body.as_slice()).unwrap().resource_spans[0].resource.clone();
+        let metric_resource =
+            ExportMetricsServiceRequest::decode(metrics.body.as_slice()).unwrap().resource_metrics[0].resource.clone();
+        assert!(span_resource.as_ref().is_some_and(|r| r.attributes.len() > 5));
+        assert_eq!(metric_resource, span_resource, "one resource, the semantic conventions' attributes included");
+    }
+
+    #[test]
     fn unsampled_requests_cost_no_span() {
         let mut t = telemetry(r#","traces":{"sampling_ratio":0}"#);
         let store = MemoryStore::default();

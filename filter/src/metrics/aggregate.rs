@@ -154,6 +154,11 @@ pub struct Exemplar {
     pub value: f64,
 }
 
+/// Whether an exemplar of `value` would be kept among `kept` (the [`MAX_EXEMPLARS`] slowest).
+fn would_keep(kept: &[Exemplar], value: f64) -> bool {
+    kept.len() < MAX_EXEMPLARS || kept.iter().any(|k| value > k.value)
+}
+
 /// Keep `e` among `kept` if it is one of the [`MAX_EXEMPLARS`] slowest.
 fn keep_exemplar(kept: &mut Vec<Exemplar>, e: Exemplar) {
     if kept.len() < MAX_EXEMPLARS {
@@ -253,7 +258,8 @@ impl SeriesData {
 
     fn record(&mut self, m: &Measurement) {
         self.requests += 1;
-        if let Some((trace_id, span_id, time_ns)) = m.traced {
+        // The ids are copied only for a request that would be kept.
+        if let Some((trace_id, span_id, time_ns)) = m.traced.filter(|_| would_keep(&self.exemplars, m.duration_ms)) {
             let e = Exemplar { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), time_ns, value: m.duration_ms };
             keep_exemplar(&mut self.exemplars, e);
         }
