@@ -674,6 +674,19 @@ mod tests {
         assert_eq!(t.stats().spans_recorded, 4);
     }
 
+    /// Send what `t` exports now, each call answered 200; returns the spans sent.
+    fn export_all(t: &mut Telemetry, store: &MemoryStore) -> usize {
+        let mut spans = 0;
+        for token in 10..20 {
+            if let Some(p) = t.next_export(store, 5) {
+                spans += spans_in(&p);
+                t.sent(token, p);
+                t.completed(token, Some(200), None, &[], 5);
+            }
+        }
+        spans
+    }
+
     #[test]
     fn a_root_context_that_ends_hands_what_it_has_not_sent_to_one_that_goes_on() {
         let config = r#","export":{"max_batch":2,"max_in_flight":1},"metrics":{"enabled":false}"#;
@@ -691,14 +704,7 @@ mod tests {
         // The call fails: its payload is handed over instead of retried.
         assert!(old.completed(1, Some(503), None, &[], 4).is_some());
         assert!(old.shutdown(&store, 4, false), "nothing in flight any more");
-        let mut spans = 0;
-        for token in 10..20 {
-            if let Some(p) = new.next_export(&store, 5) {
-                spans += spans_in(&p);
-                new.sent(token, p);
-                new.completed(token, Some(200), None, &[], 5);
-            }
-        }
+        let spans = export_all(&mut new, &store);
         assert_eq!(spans, 5, "every span recorded before the end, once");
         assert_eq!((old.stats().handed_over, new.stats().taken_over), (3, 3));
         assert_eq!(new.stats().traces.exported, 5);
@@ -715,14 +721,7 @@ mod tests {
         // A new module replaced the VM: Envoy deletes it and cancels the call.
         assert!(old.shutdown(&store, 2, true), "nothing to wait for");
         assert_eq!(old.stats().handed_over, 2, "the call in flight and the queued span");
-        let mut spans = 0;
-        for token in 10..20 {
-            if let Some(p) = new.next_export(&store, 5) {
-                spans += spans_in(&p);
-                new.sent(token, p);
-                new.completed(token, Some(200), None, &[], 5);
-            }
-        }
+        let spans = export_all(&mut new, &store);
         assert_eq!(spans, 3, "at least once");
     }
 
