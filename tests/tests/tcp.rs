@@ -90,7 +90,9 @@ fn start(collector: &Collector, app: &TcpApp, concurrency: u32, plugin: Value) -
     let mut http_listener =
         Listener::new("0.0.0.0_8080", http, Direction::Outbound, "outbound|8080||web.default.svc.cluster.local");
     http_listener.network_filters = vec![network_filter(&wasm, &plugin)];
-    let mut proxy = Proxy::new(Node::sidecar("ratings", "default"), vec![http_listener], clusters, None);
+    // And the HTTP filter on it, as `meshtel render` deploys the two: one module, two roots.
+    let mut proxy =
+        Proxy::new(Node::sidecar("ratings", "default"), vec![http_listener], clusters, Some(plugin.clone()));
     proxy.raw_listeners = raw;
     proxy.concurrency = concurrency;
     TcpProxy { envoy: Envoy::start(&proxy), inbound, outbound, refused, services, http, _web: web }
@@ -243,6 +245,10 @@ fn the_network_filter_on_an_http_chain_reports_no_tcp_metrics() {
     for _ in 0..5 {
         assert_eq!(meshtel_tests::request(&url, &[]).map(|r| r.0), Some(200));
     }
+    // The HTTP filter beside it counts the requests as ever.
+    wait_for(&collector, "the HTTP requests", |p| {
+        meshtel_tests::metrics::total(p, "istio_requests_total", |_| true) == 5
+    });
     // A TCP connection afterwards is counted: the filter works, and had the time to report.
     assert_eq!(exchange(proxy.outbound, b"x"), b"hello x");
     let points = wait_for(&collector, "the TCP connection", |p| totals(p, |_| true)[1] >= 1);
