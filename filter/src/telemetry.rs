@@ -145,14 +145,13 @@ impl<T> Signal<T> {
         self.queue.push(item);
     }
 
-    /// Everything not sent yet: the queue in batches encoded by `encode`, then the retries.
-    fn unsent(&mut self, max_batch: usize, encode: impl Fn(&[T]) -> Vec<u8>) -> Vec<Payload> {
+    /// The whole queue, in batches encoded by `encode`.
+    fn drain(&mut self, max_batch: usize, encode: impl Fn(&[T]) -> Vec<u8>) -> Vec<Payload> {
         let mut out = Vec::new();
         while !self.queue.is_empty() {
             let batch = self.queue.take(max_batch);
             out.push(Payload::new(self.signal, encode(&batch), batch.len() as u64));
         }
-        out.extend(self.sender.take_waiting());
         out
     }
 
@@ -228,8 +227,7 @@ impl Telemetry {
             open_connections: HashMap::new(),
             last_connection_report_ns: now_ns,
             // The metrics' heartbeat: bytes reach the deltas well before each hand-over.
-            connection_report_interval_ns: crate::export::duration_ns(config.export.flush_interval)
-                .min(crate::export::duration_ns(config.metrics.export_interval) / 2),
+            connection_report_interval_ns: crate::metrics::heartbeat_interval_ns(&config),
             handoff_name: handoff::queue_name(scope),
             handoff: None,
             ending: false,
@@ -347,18 +345,18 @@ impl Telemetry {
             self.ending = true;
             let max_batch = self.config.export.max_batch;
             let encoder = &self.encoder;
-            unsent.extend(self.spans.unsent(max_batch, |batch| encoder.encode(batch)));
+            unsent.extend(self.spans.drain(max_batch, |batch| encoder.encode(batch)));
             let encoder = &self.log_encoder;
-            unsent.extend(self.logs.unsent(max_batch, |batch| encoder.encode(batch)));
+            unsent.extend(self.logs.drain(max_batch, |batch| encoder.encode(batch)));
             if let Some(m) = &mut self.metrics {
                 unsent.extend(m.shutdown(store, now_ns));
             }
-        } else {
-            unsent.extend(self.spans.sender.take_waiting());
-            unsent.extend(self.logs.sender.take_waiting());
-            if let Some(m) = &mut self.metrics {
-                unsent.extend(m.sender().take_waiting());
-            }
+        }
+        // Retries, now and after each answer (the metrics' own were settled by their shutdown).
+        unsent.extend(self.spans.sender.take_waiting());
+        unsent.extend(self.logs.sender.take_waiting());
+        if let Some(m) = &mut self.metrics {
+            unsent.extend(m.sender().take_waiting());
         }
         let queue = self.handoff_queue(store);
         for payload in unsent {

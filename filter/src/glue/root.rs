@@ -208,9 +208,7 @@ impl Root {
             }
         }
     }
-}
 
-impl Root {
     /// Hand what is not sent over (see [`Telemetry::shutdown`]) and report the counters.
     /// Returns whether the root context may be deleted: no call of its is in flight.
     fn end(&mut self) -> bool {

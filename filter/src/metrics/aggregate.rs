@@ -920,17 +920,26 @@ mod tests {
         assert_eq!(schema_series(&back.encode_batch()), schema_series(&again.encode_batch()));
     }
 
+    /// `d` as the batch writer writes it, checked to read back as prost reads it and to read
+    /// what prost writes.
+    fn written_as_prost_does(d: &SeriesData) -> Vec<u8> {
+        let mut w = Writer::default();
+        d.write(&mut w);
+        let ours = w.into_bytes();
+        assert_eq!(&SeriesData::decode(ours.as_slice()).unwrap(), d, "prost reads what we write");
+        let mut back = SeriesData::default();
+        back.merge_encoded(&d.encode_to_vec()).unwrap();
+        assert_eq!(&back, d, "we read what prost writes");
+        ours
+    }
+
     #[test]
     fn tcp_counters_are_written_and_read_as_prost_does_and_add_up() {
         let mut d = SeriesData::default();
         d.record_tcp(&TcpDelta { opened: 1, closed: 0, sent_bytes: 120, received_bytes: 60 });
         d.record_tcp(&TcpDelta { opened: 0, closed: 1, sent_bytes: 3, received_bytes: 0 });
-        let mut w = Writer::default();
-        d.write(&mut w);
-        let ours = w.into_bytes();
-        assert_eq!(SeriesData::decode(ours.as_slice()).unwrap(), d, "prost reads what we write");
-        let mut back = SeriesData::default();
-        back.merge_encoded(&d.encode_to_vec()).unwrap();
+        let ours = written_as_prost_does(&d);
+        let mut back = d.clone();
         back.merge_encoded(&ours).unwrap();
         assert_eq!(
             (back.tcp_opened, back.tcp_closed, back.tcp_sent_bytes, back.tcp_received_bytes, back.requests),
@@ -953,16 +962,14 @@ mod tests {
     #[test]
     fn series_data_is_written_and_read_as_prost_does() {
         let mut d = SeriesData::default();
-        for (ms, bytes) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)] {
-            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes, traced: None });
+        for (i, (ms, bytes)) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)].into_iter().enumerate() {
+            // Sampled requests carry exemplars (tag 11) through the batch as well.
+            let traced = (i % 2 == 1).then_some(([i as u8; 16], [i as u8; 8], i as u64));
+            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes, traced });
         }
-        let mut w = Writer::default();
-        d.write(&mut w);
-        let ours = w.into_bytes();
-        assert_eq!(SeriesData::decode(ours.as_slice()).unwrap(), d, "prost reads what we write");
-        let mut back = SeriesData::default();
-        back.merge_encoded(&d.encode_to_vec()).unwrap();
-        assert_eq!(back, d, "we read what prost writes");
+        assert_eq!(d.exemplars.len(), 2);
+        let ours = written_as_prost_does(&d);
+        let mut back = d.clone();
         back.merge_encoded(&ours).unwrap();
         assert_eq!((back.requests, back.duration.as_ref().unwrap().count), (8, 8), "and add it");
         let only_requests = SeriesData { requests: 3, ..Default::default() };

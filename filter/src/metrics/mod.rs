@@ -46,6 +46,12 @@ struct ExportInProgress {
     now_ns: u64,
 }
 
+/// Between two heartbeats of the leader election: the flush interval, at most half the export
+/// interval. A VM's quiet spell lasts one, and TCP connections report once per heartbeat.
+pub fn heartbeat_interval_ns(config: &Config) -> u64 {
+    duration_ns(config.export.flush_interval).min(duration_ns(config.metrics.export_interval) / 2)
+}
+
 /// Heartbeats a leader may miss before another VM takes over.
 const LEADER_MISSED_HEARTBEATS: u64 = 5;
 
@@ -127,7 +133,7 @@ impl MetricsPipeline {
             temporality: m.temporality,
             max_series: m.max_series,
             export_interval_ns,
-            heartbeat_interval_ns: duration_ns(config.export.flush_interval).min(export_interval_ns / 2),
+            heartbeat_interval_ns: heartbeat_interval_ns(config),
             series_expiry_ns: m.series_expiry.map(duration_ns),
             queue_name: shared_key(scope, "metrics/deltas"),
             queue: None,
