@@ -283,7 +283,7 @@ fn encoding(c: &mut Criterion) {
         .collect();
     let log_encoder = LogEncoder::new(&otlp::resource(&node(), &Default::default()));
     g.bench_function("encode 512 access logs", |b| b.iter(|| log_encoder.encode(&logs)));
-    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
+    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()), Default::default());
     let mut agg = Aggregator::new(10_000);
     for i in 0..100 {
         let labels: Vec<String> = LABEL_NAMES.iter().map(|n| format!("{n}-{}", i % 100)).collect();
@@ -344,7 +344,7 @@ fn exporter_tick(c: &mut Criterion) {
             take_over(&store, queue, &mut totals, 256, None)
         })
     });
-    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()));
+    let encoder = MetricsEncoder::new(otlp::resource(&node(), &Default::default()), Default::default());
     let part = 0..meshtel_filter::metrics::MAX_SERIES_PER_EXPORT;
     g.bench_function("leader: encode one export part (100 series)", |b| {
         b.iter(|| encoder.encode_part(&totals, config::Temporality::Cumulative, 0, 1, part.clone()))

@@ -147,6 +147,8 @@ pub struct Metrics {
     pub temporality: Temporality,
     /// Most label sets per proxy; later ones fold into the `otel.metric.overflow` series.
     pub max_series: usize,
+    /// Which kinds of histogram the duration and sizes are recorded in.
+    pub histograms: Histograms,
     /// How long a series without requests keeps being exported (cumulative temporality) before
     /// its totals are dropped; `None`: for as long as the VM lives.
     pub series_expiry: Option<Duration>,
@@ -174,6 +176,30 @@ pub enum LogMode {
     Errors,
     /// Requests whose trace is sampled, so that every log has its span.
     Sampled,
+}
+
+/// Which histograms the duration and sizes are recorded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Histograms {
+    /// Istio's fixed buckets, under Istio's names (what Istio's dashboards and Kiali read).
+    #[default]
+    Explicit,
+    /// Base-2 exponential histograms only, under names of their own.
+    Exponential,
+    /// Both: Istio's series exactly as with `Explicit`, and the exponential ones beside them.
+    Both,
+}
+
+impl Histograms {
+    /// Whether Istio's fixed-bucket histograms are recorded.
+    pub fn explicit(self) -> bool {
+        self != Histograms::Exponential
+    }
+
+    /// Whether exponential histograms are recorded.
+    pub fn exponential(self) -> bool {
+        self != Histograms::Explicit
+    }
 }
 
 /// Aggregation temporality of exported metrics.
@@ -223,6 +249,8 @@ const SPAN_NAMINGS: [(&str, SpanNaming); 3] = [
 const PROTOCOLS: [(&str, Protocol); 2] = [("http", Protocol::Http), ("grpc", Protocol::Grpc)];
 const LOG_MODES: [(&str, LogMode); 3] =
     [("all", LogMode::All), ("errors", LogMode::Errors), ("sampled", LogMode::Sampled)];
+const HISTOGRAMS: [(&str, Histograms); 3] =
+    [("explicit", Histograms::Explicit), ("exponential", Histograms::Exponential), ("both", Histograms::Both)];
 const TEMPORALITIES: [(&str, Temporality); 2] =
     [("cumulative", Temporality::Cumulative), ("delta", Temporality::Delta)];
 
@@ -269,6 +297,7 @@ impl RawConfig {
                     "export_interval_ms",
                     "temporality",
                     "max_series",
+                    "histograms",
                     "series_expiry_ms",
                     "peer_metadata_headers",
                 ],
@@ -363,6 +392,7 @@ struct RawMetrics {
     export_interval_ms: u64,
     temporality: Temporality,
     max_series: u64,
+    histograms: Histograms,
     series_expiry_ms: u64,
     peer_metadata_headers: bool,
 }
@@ -374,6 +404,7 @@ impl Default for RawMetrics {
             export_interval_ms: 10_000,
             temporality: Temporality::Cumulative,
             max_series: 2_000,
+            histograms: Histograms::Explicit,
             series_expiry_ms: 600_000,
             peer_metadata_headers: true,
         }
@@ -388,6 +419,7 @@ impl RawMetrics {
             export_interval_ms: f.u64("export_interval_ms", d.export_interval_ms)?,
             temporality: f.variant("temporality", &TEMPORALITIES, d.temporality)?,
             max_series: f.u64("max_series", d.max_series)?,
+            histograms: f.variant("histograms", &HISTOGRAMS, d.histograms)?,
             series_expiry_ms: f.u64("series_expiry_ms", d.series_expiry_ms)?,
             peer_metadata_headers: f.bool("peer_metadata_headers", d.peer_metadata_headers)?,
         })
@@ -606,6 +638,7 @@ impl RawMetrics {
             export_interval: Duration::from_millis(self.export_interval_ms),
             temporality: self.temporality,
             max_series: checked(self.max_series),
+            histograms: self.histograms,
             series_expiry: (self.series_expiry_ms != 0).then(|| Duration::from_millis(self.series_expiry_ms)),
             peer_metadata_headers: self.peer_metadata_headers,
         })
@@ -702,6 +735,7 @@ mod tests {
         assert_eq!(c.traces.span_name, SpanNaming::Method, "the HTTP conventions' default");
         assert_eq!(c.metrics.export_interval, Duration::from_secs(10));
         assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Cumulative, 2000));
+        assert_eq!(c.metrics.histograms, Histograms::Explicit, "Istio's buckets unless asked");
         assert_eq!(c.export.flush_interval, Duration::from_secs(1));
         assert_eq!((c.export.max_batch, c.export.max_queue), (512, 8192));
         assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
@@ -736,7 +770,8 @@ mod tests {
               "collector": {"cluster": "outbound|4318||otel-collector.observability.svc.cluster.local",
                             "authority": "otel:4318", "timeout_ms": 2000, "headers": {"x-api-key": "k"}},
               "traces": {"enabled": true, "sampling_ratio": 0.25, "propagation": ["b3"], "span_name": "method_route"},
-              "metrics": {"enabled": false, "export_interval_ms": 15000, "temporality": "delta", "max_series": 50},
+              "metrics": {"enabled": false, "export_interval_ms": 15000, "temporality": "delta", "max_series": 50,
+                          "histograms": "both"},
               "export": {"flush_interval_ms": 500, "max_batch": 100, "max_queue": 1000, "max_in_flight": 2, "max_retries": 0},
               "resource": {"attributes": {"deployment.environment.name": "prod"}}
             }"#,
@@ -748,6 +783,7 @@ mod tests {
         assert_eq!(c.traces.span_name, SpanNaming::MethodRoute);
         assert!(!c.metrics.enabled);
         assert_eq!((c.metrics.temporality, c.metrics.max_series), (Temporality::Delta, 50));
+        assert_eq!(c.metrics.histograms, Histograms::Both);
         assert_eq!(c.export.max_retries, 0);
         assert_eq!(c.resource_attributes["deployment.environment.name"], "prod");
     }
@@ -776,6 +812,8 @@ mod tests {
         assert!(e.starts_with("traces.propagation[0]: unknown variant `jaeger`"), "{e}");
         let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"traces":{"propagation":["b3","b3"]}}"#);
         assert_eq!(e, "traces.propagation: lists B3 twice");
+        let e = err(r#"{"collector":{"cluster":"outbound|4318||c"},"metrics":{"histograms":"native"}}"#);
+        assert!(e.starts_with("metrics.histograms: unknown variant `native`"), "{e}");
     }
 
     #[test]

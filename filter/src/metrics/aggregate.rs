@@ -11,6 +11,8 @@ use hashbrown::{Equivalent, HashMap, HashSet};
 use prost::encoding::{decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 
+use super::exponential::ExpHistogram;
+use crate::config::Histograms;
 use crate::otlp::wire::Writer;
 
 /// Histogram bucket bounds Istio uses for durations (ms) and sizes (bytes): Envoy's defaults.
@@ -229,6 +231,15 @@ pub struct SeriesData {
     /// last export).
     #[prost(message, repeated, tag = "11")]
     pub exemplars: Vec<Exemplar>,
+    /// `istio_request_duration_milliseconds`, exponential (`metrics.histograms`).
+    #[prost(message, optional, tag = "12")]
+    pub duration_exp: Option<ExpHistogram>,
+    /// `istio_request_bytes`, exponential.
+    #[prost(message, optional, tag = "13")]
+    pub request_bytes_exp: Option<ExpHistogram>,
+    /// `istio_response_bytes`, exponential.
+    #[prost(message, optional, tag = "14")]
+    pub response_bytes_exp: Option<ExpHistogram>,
 }
 
 impl SeriesData {
@@ -254,18 +265,35 @@ impl SeriesData {
             h.sum = 0.0;
             h.count = 0;
         }
+        for h in self.exponential_mut().into_iter().flatten() {
+            h.clear();
+        }
     }
 
-    fn record(&mut self, m: &Measurement) {
+    fn exponential_mut(&mut self) -> [&mut Option<ExpHistogram>; 3] {
+        [&mut self.duration_exp, &mut self.request_bytes_exp, &mut self.response_bytes_exp]
+    }
+
+    fn record(&mut self, m: &Measurement, histograms: Histograms) {
         self.requests += 1;
         // The ids are copied only for a request that would be kept.
         if let Some((trace_id, span_id, time_ns)) = m.traced.filter(|_| would_keep(&self.exemplars, m.duration_ms)) {
             let e = Exemplar { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), time_ns, value: m.duration_ms };
             keep_exemplar(&mut self.exemplars, e);
         }
-        self.duration.get_or_insert_with(Histogram::default).record(m.duration_ms);
-        self.request_bytes.get_or_insert_with(Histogram::default).record(m.request_bytes as f64);
-        self.response_bytes.get_or_insert_with(Histogram::default).record(m.response_bytes as f64);
+        let values = [m.duration_ms, m.request_bytes as f64, m.response_bytes as f64];
+        if histograms.explicit() {
+            for (h, v) in
+                [&mut self.duration, &mut self.request_bytes, &mut self.response_bytes].into_iter().zip(values)
+            {
+                h.get_or_insert_with(Histogram::default).record(v);
+            }
+        }
+        if histograms.exponential() {
+            for (h, v) in self.exponential_mut().into_iter().zip(values) {
+                h.get_or_insert_with(ExpHistogram::default).record(v);
+            }
+        }
     }
 
     fn record_tcp(&mut self, d: &TcpDelta) {
@@ -294,6 +322,12 @@ impl SeriesData {
         merge(&mut self.duration, &other.duration);
         merge(&mut self.request_bytes, &other.request_bytes);
         merge(&mut self.response_bytes, &other.response_bytes);
+        let others = [&other.duration_exp, &other.request_bytes_exp, &other.response_bytes_exp];
+        for (a, b) in self.exponential_mut().into_iter().zip(others) {
+            if let Some(b) = b {
+                a.get_or_insert_with(ExpHistogram::default).merge(b);
+            }
+        }
     }
 }
 
@@ -364,6 +398,9 @@ const DATA_TCP_CLOSED: u32 = 8;
 const DATA_TCP_SENT_BYTES: u32 = 9;
 const DATA_TCP_RECEIVED_BYTES: u32 = 10;
 const DATA_EXEMPLARS: u32 = 11;
+const DATA_DURATION_EXP: u32 = 12;
+const DATA_REQUEST_BYTES_EXP: u32 = 13;
+const DATA_RESPONSE_BYTES_EXP: u32 = 14;
 const HISTOGRAM_BUCKETS: u32 = 1;
 const HISTOGRAM_SUM: u32 = 2;
 const HISTOGRAM_COUNT: u32 = 3;
@@ -449,6 +486,15 @@ impl SeriesData {
                 w.double(4, e.value);
             });
         }
+        for (field, h) in [
+            (DATA_DURATION_EXP, &self.duration_exp),
+            (DATA_REQUEST_BYTES_EXP, &self.request_bytes_exp),
+            (DATA_RESPONSE_BYTES_EXP, &self.response_bytes_exp),
+        ] {
+            if let Some(h) = h {
+                w.message(field, |w| h.write(w));
+            }
+        }
     }
 
     /// Add encoded deltas.
@@ -473,6 +519,18 @@ impl SeriesData {
                 (DATA_EXEMPLARS, WireType::LengthDelimited) => {
                     let e = Exemplar::decode(length_delimited(&mut buf)?).map_err(|_| BadBatch)?;
                     keep_exemplar(&mut self.exemplars, e);
+                    continue;
+                }
+                // Decoded, then merged at the scale both hold: the opt-in kind, a copy is fine.
+                (DATA_DURATION_EXP..=DATA_RESPONSE_BYTES_EXP, WireType::LengthDelimited) => {
+                    let h = ExpHistogram::decode_checked(length_delimited(&mut buf)?).ok_or(BadBatch)?;
+                    let [duration, request, response] = self.exponential_mut();
+                    let into = match tag {
+                        DATA_DURATION_EXP => duration,
+                        DATA_REQUEST_BYTES_EXP => request,
+                        _ => response,
+                    };
+                    into.get_or_insert_with(ExpHistogram::default).merge(&h);
                     continue;
                 }
                 (DATA_DURATION, WireType::LengthDelimited) => &mut self.duration,
@@ -536,6 +594,7 @@ pub struct Aggregator {
     overflow: Option<SeriesData>,
     max_series: usize,
     folded: u64,
+    histograms: Histograms,
 }
 
 impl Drop for Aggregator {
@@ -555,14 +614,28 @@ impl Aggregator {
 
     /// An empty aggregator whose label values are kept in `values`.
     pub fn with_values(max_series: usize, values: &Values) -> Self {
-        Self { series: HashMap::default(), values: values.clone(), overflow: None, max_series, folded: 0 }
+        Self {
+            series: HashMap::default(),
+            values: values.clone(),
+            overflow: None,
+            max_series,
+            folded: 0,
+            histograms: Histograms::Explicit,
+        }
+    }
+
+    /// The same, recording requests into the `histograms` given (Istio's explicit ones by default).
+    pub fn recording(mut self, histograms: Histograms) -> Self {
+        self.histograms = histograms;
+        self
     }
 
     /// Record one request; the label values are copied only for a new series.
     pub fn record<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement) {
-        if self.update(labels, |s| s.record(m)).is_none() {
+        let histograms = self.histograms;
+        if self.update(labels, |s| s.record(m, histograms)).is_none() {
             self.folded += 1;
-            self.overflow.get_or_insert_with(SeriesData::default).record(m);
+            self.overflow.get_or_insert_with(SeriesData::default).record(m, histograms);
         }
     }
 
@@ -965,13 +1038,24 @@ mod tests {
         for (i, (ms, bytes)) in [(0.3, 0), (7.0, 120), (70_000.0, 5_000_000), (1e9, 1)].into_iter().enumerate() {
             // Sampled requests carry exemplars (tag 11) through the batch as well.
             let traced = (i % 2 == 1).then_some(([i as u8; 16], [i as u8; 8], i as u64));
-            d.record(&Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes, traced });
+            let m = Measurement { duration_ms: ms, request_bytes: bytes, response_bytes: 2 * bytes, traced };
+            d.record(&m, Histograms::Both);
         }
         assert_eq!(d.exemplars.len(), 2);
+        // Exponential histograms (tags 12-14) too.
+        assert_eq!(d.duration_exp.as_ref().map(|h| h.count), Some(4));
+        assert_eq!(d.request_bytes_exp.as_ref().map(|h| h.zero_count), Some(1));
         let ours = written_as_prost_does(&d);
         let mut back = d.clone();
         back.merge_encoded(&ours).unwrap();
         assert_eq!((back.requests, back.duration.as_ref().unwrap().count), (8, 8), "and add it");
+        assert_eq!(back.duration_exp.as_ref().map(|h| h.counts.iter().sum::<u64>()), Some(8));
+        // An exponential histogram no VM could have written is refused.
+        let bad = SeriesData {
+            duration_exp: Some(ExpHistogram { scale: 40, counts: vec![1], ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(SeriesData::default().merge_encoded(&bad.encode_to_vec()), Err(BadBatch));
         let only_requests = SeriesData { requests: 3, ..Default::default() };
         let mut back = SeriesData::default();
         back.merge_encoded(&only_requests.encode_to_vec()).unwrap();
@@ -1116,6 +1200,31 @@ mod tests {
         assert_eq!(total.requests(), 4);
         assert_eq!(total.len(), 3);
         assert_eq!(total.take_folded(), 1, "label set 3 came after the cap");
+    }
+
+    #[test]
+    fn exponential_histograms_merge_through_batches_as_if_one_worker_recorded_all() {
+        // Four workers, each its own range of durations (so each its own scale).
+        let durations = |w: usize| (1..300).map(move |i| 10f64.powi(w as i32 - 1) * (1.0 + f64::from(i) * 0.01));
+        let (mut leader, mut one) = (Aggregator::new(10), Aggregator::new(10).recording(Histograms::Both));
+        for w in 0..4 {
+            let mut worker = Aggregator::new(10).recording(Histograms::Exponential);
+            for ms in durations(w) {
+                worker.record(&labels(0), &m(ms));
+                one.record(&labels(0), &m(ms));
+            }
+            leader.merge_batch(&worker.encode_batch(), None).unwrap();
+        }
+        let merged = leader.series().next().unwrap().1;
+        let all = one.series().next().unwrap().1;
+        assert!(merged.duration.is_none(), "only the kind asked for is recorded");
+        let (h, expected) = (merged.duration_exp.as_ref().unwrap(), all.duration_exp.as_ref().unwrap());
+        assert_eq!(
+            (h.scale, h.offset, &h.counts, h.count),
+            (expected.scale, expected.offset, &expected.counts, 4 * 299)
+        );
+        assert!((h.sum - expected.sum).abs() < 1e-6);
+        assert_eq!(all.duration.as_ref().unwrap().count, 4 * 299, "both kinds side by side");
     }
 
     #[test]

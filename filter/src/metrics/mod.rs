@@ -2,11 +2,12 @@
 //! merged proxy-wide through shared data off the request path, exported by one elected VM.
 
 pub mod aggregate;
+pub mod exponential;
 pub mod shared;
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
-use crate::config::{Config, Temporality};
+use crate::config::{Config, Histograms, Temporality};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
@@ -101,6 +102,8 @@ pub struct MetricsPipeline {
     /// Recordings as of the last hand-over (or, as the leader, the last export).
     handed_updates: u64,
     token: u64,
+    /// The kinds of histogram requests are recorded in.
+    histograms: Histograms,
     /// The label values of all of this VM's aggregators, one copy each.
     values: Values,
     /// This VM's deltas since its last hand-over (or, as the leader, its last export).
@@ -145,7 +148,8 @@ impl MetricsPipeline {
             last_activity_ns: now_ns,
             handed_updates: 0,
             token,
-            local: Aggregator::with_values(m.max_series, &values),
+            local: Aggregator::with_values(m.max_series, &values).recording(m.histograms),
+            histograms: m.histograms,
             cumulative: Aggregator::with_values(m.max_series, &values),
             values,
             cumulative_start_ns: now_ns,
@@ -156,7 +160,7 @@ impl MetricsPipeline {
             last_export_ns: now_ns,
             last_full_export_ns: now_ns,
             last_part_ns: None,
-            encoder: MetricsEncoder::new(resource),
+            encoder: MetricsEncoder::new(resource, m.histograms),
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries).with_seed(token),
             stats: MetricStats::default(),
         }
@@ -178,7 +182,7 @@ impl MetricsPipeline {
     }
 
     fn empty(&self) -> Aggregator {
-        Aggregator::with_values(self.max_series, &self.values)
+        Aggregator::with_values(self.max_series, &self.values).recording(self.histograms)
     }
 
     /// Record one request: a map update, nothing shared, nothing encoded.

@@ -8,9 +8,10 @@ use prost::Message;
 
 use super::common::Envelope;
 use super::wire::Writer;
-use crate::config::Temporality;
+use crate::config::{Histograms, Temporality};
 use crate::istio::labels::{self, LABEL_NAMES, NOT_TCP_LABELS};
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
+use crate::metrics::exponential::ExpHistogram;
 
 /// `istio_requests_total`: a monotonic sum; the name already ends in `_total`.
 pub const REQUESTS_TOTAL: &str = "istio_requests_total";
@@ -20,6 +21,14 @@ pub const REQUEST_DURATION: &str = "istio_request_duration_milliseconds";
 pub const REQUEST_BYTES: &str = "istio_request_bytes";
 /// `istio_response_bytes`: a histogram in `By`.
 pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+/// The exponential twin of [`REQUEST_DURATION`] (`metrics.histograms`): a name of its own, since
+/// one OTLP metric has one point kind, ending in its unit so that the Collector's Prometheus
+/// translation (any strategy) adds no suffix.
+pub const REQUEST_DURATION_EXPONENTIAL: &str = "istio_request_duration_exponential_milliseconds";
+/// The exponential twin of [`REQUEST_BYTES`].
+pub const REQUEST_BYTES_EXPONENTIAL: &str = "istio_request_exponential_bytes";
+/// The exponential twin of [`RESPONSE_BYTES`].
+pub const RESPONSE_BYTES_EXPONENTIAL: &str = "istio_response_exponential_bytes";
 /// `istio_tcp_connections_opened_total`: a monotonic sum.
 pub const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
 /// `istio_tcp_connections_closed_total`: a monotonic sum.
@@ -38,6 +47,7 @@ mod field {
     pub const METRIC_UNIT: u32 = 3;
     pub const METRIC_SUM: u32 = 7;
     pub const METRIC_HISTOGRAM: u32 = 9;
+    pub const METRIC_EXPONENTIAL_HISTOGRAM: u32 = 10;
     /// `Sum` and `Histogram`.
     pub const DATA_POINTS: u32 = 1;
     pub const AGGREGATION_TEMPORALITY: u32 = 2;
@@ -53,6 +63,14 @@ mod field {
     pub const HISTOGRAM_EXPLICIT_BOUNDS: u32 = 7;
     pub const HISTOGRAM_ATTRIBUTES: u32 = 9;
     pub const HISTOGRAM_EXEMPLARS: u32 = 8;
+    /// `ExponentialHistogramDataPoint` (times, count and sum as in `HistogramDataPoint`).
+    pub const EXPONENTIAL_ATTRIBUTES: u32 = 1;
+    pub const EXPONENTIAL_SCALE: u32 = 6;
+    pub const EXPONENTIAL_ZERO_COUNT: u32 = 7;
+    pub const EXPONENTIAL_POSITIVE: u32 = 8;
+    pub const EXPONENTIAL_EXEMPLARS: u32 = 11;
+    pub const BUCKETS_OFFSET: u32 = 1;
+    pub const BUCKETS_COUNTS: u32 = 2;
     /// `Exemplar`.
     pub const EXEMPLAR_TIME: u32 = 2;
     pub const EXEMPLAR_AS_DOUBLE: u32 = 3;
@@ -64,6 +82,7 @@ mod field {
 #[derive(Debug, Clone)]
 pub struct MetricsEncoder {
     envelope: Envelope,
+    histograms: Histograms,
 }
 
 fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str>]>) {
@@ -102,10 +121,18 @@ type CounterOf = fn(&SeriesData) -> u64;
 /// Which histogram of a series.
 type HistogramOf = fn(&SeriesData) -> &Option<aggregate::Histogram>;
 
+/// Which exponential histogram of a series.
+type ExponentialOf = fn(&SeriesData) -> &Option<ExpHistogram>;
+
 impl MetricsEncoder {
-    /// An encoder for metrics of the workload `resource` describes.
-    pub fn new(resource: Resource) -> Self {
-        Self { envelope: Envelope::new(&resource) }
+    /// An encoder for metrics of the workload `resource` describes, with the `histograms` given.
+    pub fn new(resource: Resource, histograms: Histograms) -> Self {
+        Self { envelope: Envelope::new(&resource), histograms }
+    }
+
+    /// Data points per HTTP series: the counter and each histogram.
+    fn points_per_request_series(&self) -> u64 {
+        1 + 3 * u64::from(self.histograms.explicit()) + 3 * u64::from(self.histograms.exponential())
     }
 
     /// The protobuf body of an OTLP metrics export (`ExportMetricsServiceRequest`) of an aggregate
@@ -136,7 +163,11 @@ impl MetricsEncoder {
         let attributes = |labels: Option<&[std::rc::Rc<str>]>| -> usize {
             labels.map_or(32, |v| LABEL_NAMES.iter().zip(v).map(|(k, v)| k.len() + v.len() + 8).sum())
         };
-        let capacity = 512 + series().map(|(labels, _)| 4 * (attributes(labels) + 230)).sum::<usize>();
+        // An exponential point: up to 160 buckets of a few bytes each.
+        let per_series = if self.histograms.exponential() { 4 + 3 } else { 4 };
+        let exponential_bytes = if self.histograms.exponential() { 3 * 400 } else { 0 };
+        let capacity = 512
+            + series().map(|(labels, _)| per_series * (attributes(labels) + 230) + exponential_bytes).sum::<usize>();
         let temporality = match temporality {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
@@ -170,12 +201,35 @@ impl MetricsEncoder {
                                 w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
                                 point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
                                 for e in data.exemplars.iter().filter(|_| exemplars) {
-                                    w.message(field::HISTOGRAM_EXEMPLARS, |w| {
-                                        w.fixed64(field::EXEMPLAR_TIME, e.time_ns);
-                                        w.double(field::EXEMPLAR_AS_DOUBLE, e.value);
-                                        w.bytes(field::EXEMPLAR_SPAN_ID, &e.span_id);
-                                        w.bytes(field::EXEMPLAR_TRACE_ID, &e.trace_id);
-                                    });
+                                    w.message(field::HISTOGRAM_EXEMPLARS, |w| exemplar(w, e));
+                                }
+                            });
+                        }
+                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                    });
+                });
+            };
+        let no_values = ExpHistogram::default();
+        let exponential =
+            |w: &mut Writer, name: &str, description: &str, unit: &str, of: ExponentialOf, exemplars: bool| {
+                w.message(Envelope::ITEMS, |w| {
+                    metric(w, name, description, unit);
+                    w.message(field::METRIC_EXPONENTIAL_HISTOGRAM, |w| {
+                        for (labels, data) in http() {
+                            w.message(field::DATA_POINTS, |w| {
+                                let h = of(data).as_ref().unwrap_or(&no_values);
+                                point_attributes(w, field::EXPONENTIAL_ATTRIBUTES, labels);
+                                times(w, data);
+                                w.fixed64(field::HISTOGRAM_COUNT, h.count);
+                                w.double(field::HISTOGRAM_SUM, h.sum);
+                                w.sint32(field::EXPONENTIAL_SCALE, h.scale);
+                                w.fixed64(field::EXPONENTIAL_ZERO_COUNT, h.zero_count);
+                                w.message(field::EXPONENTIAL_POSITIVE, |w| {
+                                    w.sint32(field::BUCKETS_OFFSET, h.offset);
+                                    w.packed_varint(field::BUCKETS_COUNTS, &h.counts);
+                                });
+                                for e in data.exemplars.iter().filter(|_| exemplars) {
+                                    w.message(field::EXPONENTIAL_EXEMPLARS, |w| exemplar(w, e));
                                 }
                             });
                         }
@@ -216,9 +270,18 @@ impl MetricsEncoder {
                         w.bool(field::SUM_IS_MONOTONIC, true);
                     });
                 });
-                histogram(w, REQUEST_DURATION, "Request duration", "ms", |d| &d.duration, true);
-                histogram(w, REQUEST_BYTES, "Request size, headers included", "By", |d| &d.request_bytes, false);
-                histogram(w, RESPONSE_BYTES, "Response size, headers included", "By", |d| &d.response_bytes, false);
+                if self.histograms.explicit() {
+                    histogram(w, REQUEST_DURATION, DURATION_DESCRIPTION, "ms", |d| &d.duration, true);
+                    histogram(w, REQUEST_BYTES, REQUEST_BYTES_DESCRIPTION, "By", |d| &d.request_bytes, false);
+                    histogram(w, RESPONSE_BYTES, RESPONSE_BYTES_DESCRIPTION, "By", |d| &d.response_bytes, false);
+                }
+                if self.histograms.exponential() {
+                    let (duration, request, response) =
+                        (REQUEST_DURATION_EXPONENTIAL, REQUEST_BYTES_EXPONENTIAL, RESPONSE_BYTES_EXPONENTIAL);
+                    exponential(w, duration, DURATION_DESCRIPTION, "ms", |d| &d.duration_exp, true);
+                    exponential(w, request, REQUEST_BYTES_DESCRIPTION, "By", |d| &d.request_bytes_exp, false);
+                    exponential(w, response, RESPONSE_BYTES_DESCRIPTION, "By", |d| &d.response_bytes_exp, false);
+                }
             }
             if tcp_count > 0 {
                 counter(w, TCP_OPENED, "TCP connections opened", "", |d| d.tcp_opened);
@@ -229,8 +292,19 @@ impl MetricsEncoder {
                 });
             }
         });
-        (body, (http_count + tcp_count) as u64 * 4)
+        (body, http_count as u64 * self.points_per_request_series() + tcp_count as u64 * 4)
     }
+}
+
+const DURATION_DESCRIPTION: &str = "Request duration";
+const REQUEST_BYTES_DESCRIPTION: &str = "Request size, headers included";
+const RESPONSE_BYTES_DESCRIPTION: &str = "Response size, headers included";
+
+fn exemplar(w: &mut Writer, e: &aggregate::Exemplar) {
+    w.fixed64(field::EXEMPLAR_TIME, e.time_ns);
+    w.double(field::EXEMPLAR_AS_DOUBLE, e.value);
+    w.bytes(field::EXEMPLAR_SPAN_ID, &e.span_id);
+    w.bytes(field::EXEMPLAR_TRACE_ID, &e.trace_id);
 }
 
 /// Data points the collector refused, from an OTLP/HTTP metrics response body.
@@ -249,7 +323,8 @@ mod tests {
     use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
 
     fn decoded(agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> ExportMetricsServiceRequest {
-        let (bytes, points) = MetricsEncoder::new(Resource::default()).encode(agg, temporality, start_ns, now_ns);
+        let (bytes, points) =
+            MetricsEncoder::new(Resource::default(), Histograms::Explicit).encode(agg, temporality, start_ns, now_ns);
         assert_eq!(points, agg.len() as u64 * 4);
         ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap()
     }
@@ -299,7 +374,8 @@ mod tests {
         let delta = crate::metrics::aggregate::TcpDelta { opened: 1, closed: 1, sent_bytes: 120, received_bytes: 60 };
         agg.record_tcp(&tcp, &delta);
         agg.record(&["http"; 25], &Measurement::default());
-        let (bytes, points) = MetricsEncoder::new(Resource::default()).encode(&agg, Temporality::Cumulative, 1, 2);
+        let (bytes, points) =
+            MetricsEncoder::new(Resource::default(), Histograms::Explicit).encode(&agg, Temporality::Cumulative, 1, 2);
         assert_eq!(points, 8, "four metrics for each kind of series");
         let req = ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap();
         let names: Vec<&str> =
@@ -358,6 +434,72 @@ mod tests {
         assert_eq!((slowest.trace_id.clone(), slowest.span_id.clone()), (vec![5; 16], vec![5; 8]));
         let Some(metric::Data::Histogram(bytes)) = &find(&req, REQUEST_BYTES).data else { panic!() };
         assert!(bytes.data_points[0].exemplars.is_empty(), "sizes carry none");
+    }
+
+    #[test]
+    fn exponential_histograms_get_their_own_names_and_leave_istios_as_they_are() {
+        let mut explicit = Aggregator::new(2);
+        let mut both = Aggregator::new(2).recording(Histograms::Both);
+        let durations = [0.0, 0.7, 3.0, 42.0, 42.5, 900.0, 30_000.0];
+        for (i, ms) in durations.into_iter().enumerate() {
+            let traced = (i == 5).then_some(([7; 16], [8; 8], 99));
+            let m = Measurement { duration_ms: ms, request_bytes: 500 + i as u64, response_bytes: 0, traced };
+            explicit.record(&["a"; 25], &m);
+            both.record(&["a"; 25], &m);
+        }
+        let encode = |agg: &Aggregator, h: Histograms| {
+            let (bytes, points) = MetricsEncoder::new(Resource::default(), h).encode(agg, Temporality::Delta, 1, 2);
+            (ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap(), points)
+        };
+        let (istio, istio_points) = encode(&explicit, Histograms::Explicit);
+        let (req, points) = encode(&both, Histograms::Both);
+        assert_eq!((istio_points, points), (4, 7));
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        for m in &istio.resource_metrics[0].scope_metrics[0].metrics {
+            assert_eq!(metrics.iter().find(|n| n.name == m.name), Some(m), "{}: as without them", m.name);
+        }
+        let exp = find(&req, REQUEST_DURATION_EXPONENTIAL);
+        assert_eq!(exp.unit, "ms");
+        let Some(metric::Data::ExponentialHistogram(h)) = &exp.data else { panic!("an exponential histogram") };
+        assert_eq!(h.aggregation_temporality, AggregationTemporality::Delta as i32);
+        let p = &h.data_points[0];
+        assert_eq!((p.count, p.zero_count, p.sum), (7, 1, Some(durations.iter().sum())));
+        assert_eq!((p.attributes.len(), p.start_time_unix_nano, p.time_unix_nano), (25, 1, 2));
+        let positive = p.positive.as_ref().unwrap();
+        assert_eq!(positive.bucket_counts.iter().sum::<u64>(), 6);
+        assert!(positive.bucket_counts.len() <= crate::metrics::exponential::MAX_BUCKETS);
+        // Each duration lies in its bucket, by the boundaries the data model defines:
+        // bucket i is (base^i, base^(i+1)], base = 2^(2^-scale).
+        let base = 2f64.powf(2f64.powi(-p.scale));
+        for ms in durations.into_iter().filter(|ms| *ms > 0.0) {
+            let i = (ms.ln() / base.ln()).ceil() as i32 - 1;
+            let k = usize::try_from(i - positive.offset).unwrap();
+            assert!(positive.bucket_counts[k] > 0, "{ms} ms counted in bucket {i}");
+        }
+        assert_eq!(p.exemplars.len(), 1, "the duration's exemplars, as on Istio's histogram");
+        for (name, unit) in [(REQUEST_BYTES_EXPONENTIAL, "By"), (RESPONSE_BYTES_EXPONENTIAL, "By")] {
+            let m = find(&req, name);
+            let Some(metric::Data::ExponentialHistogram(h)) = &m.data else { panic!("{name}") };
+            assert_eq!((m.unit.as_str(), h.data_points[0].count), (unit, 7));
+        }
+        assert_eq!(
+            find(&req, RESPONSE_BYTES_EXPONENTIAL).data.as_ref().map(|d| match d {
+                metric::Data::ExponentialHistogram(h) => h.data_points[0].zero_count,
+                _ => 0,
+            }),
+            Some(7),
+            "empty responses are zeros"
+        );
+
+        // Exponential only: Istio's histograms are not sent at all.
+        let (req, points) = encode(&both, Histograms::Exponential);
+        let names: Vec<&str> =
+            req.resource_metrics[0].scope_metrics[0].metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [REQUESTS_TOTAL, REQUEST_DURATION_EXPONENTIAL, REQUEST_BYTES_EXPONENTIAL, RESPONSE_BYTES_EXPONENTIAL]
+        );
+        assert_eq!(points, 4);
     }
 
     #[test]

@@ -70,6 +70,11 @@ impl Writer {
         }
     }
 
+    /// A `sint32` field (zigzag varint); skipped when zero.
+    pub fn sint32(&mut self, field: u32, value: i32) {
+        self.varint(field, u64::from(((value << 1) ^ (value >> 31)) as u32));
+    }
+
     /// A `double` field written even at zero (an `optional` field, or a oneof member).
     pub fn double(&mut self, field: u32, value: f64) {
         encode_key(field, WireType::SixtyFourBit, &mut self.buf);
