@@ -24,7 +24,8 @@ pub const PEER_METADATA_REQUEST: &str = "x-test-answer-peer-metadata";
 #[derive(Debug, Clone, Copy)]
 pub enum Behavior {
     /// Answer with the request's headers as JSON; `/status/NNN` answers with status NNN;
-    /// `/grpc/N` answers as a gRPC server with `grpc-status: N`.
+    /// `/grpc/N` answers as a gRPC server with `grpc-status: N`; `/delay/MS` answers after MS
+    /// milliseconds.
     Echo,
     /// Call `http://127.0.0.1:<port><same path>` (its sidecar's outbound listener) with the
     /// trace headers, and answer with what came back.
@@ -49,6 +50,9 @@ impl App {
 fn handle(req: Req, behavior: Behavior) -> Resp {
     match behavior {
         Behavior::Echo => {
+            if let Some(ms) = req.path.strip_prefix("/delay/").and_then(|s| s.parse().ok()) {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             let status = req.path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200);
             let mut map = Map::new();
             for (k, v) in &req.headers {

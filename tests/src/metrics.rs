@@ -59,6 +59,55 @@ pub struct Point {
     pub buckets: Vec<u64>,
     /// Histogram bounds.
     pub bounds: Vec<f64>,
+    /// An exponential histogram's scale, offset and zero count (its positive bucket counts are
+    /// `buckets`).
+    pub exponential: Option<Exponential>,
+}
+
+/// What an exponential histogram point has beside its bucket counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exponential {
+    /// Resolution: bucket `i` is `(2^(i/2^scale), 2^((i+1)/2^scale)]`.
+    pub scale: i32,
+    /// Index of the first bucket count.
+    pub offset: i32,
+    /// Values counted as zero.
+    pub zero_count: u64,
+}
+
+/// The bucket of `value` at `scale` by the data model's definition, computed independently of
+/// meshtel: `ceil(log2(value) * 2^scale) - 1` (`log2` is exact at powers of two).
+pub fn exponential_index(value: f64, scale: i32) -> i32 {
+    (value.log2() * 2f64.powi(scale)).ceil() as i32 - 1
+}
+
+/// The histogram of an exponential `metric` series as the points say: the latest point of a
+/// cumulative series, or its delta points summed at the coarsest scale among them. Returns
+/// (labels, scale, zero count, bucket counts by index).
+pub fn exponential_series(
+    points: &[Point],
+    metric: &str,
+) -> Vec<(BTreeMap<String, String>, i32, u64, BTreeMap<i32, u64>)> {
+    let mut out = Vec::new();
+    for p in series(points, metric) {
+        let same = |q: &&Point| q.metric == metric && q.labels == p.labels && q.instance == p.instance;
+        let mine: Vec<&Point> = points.iter().filter(same).collect();
+        let chosen: Vec<&Point> =
+            if p.cumulative { mine.iter().copied().filter(|q| q.time == p.time).take(1).collect() } else { mine };
+        let exp = |q: &Point| q.exponential.expect("an exponential histogram point");
+        let scale = chosen.iter().map(|q| exp(q).scale).min().unwrap_or(0);
+        let mut buckets = BTreeMap::new();
+        let mut zeros = 0;
+        for q in chosen {
+            let e = exp(q);
+            zeros += e.zero_count;
+            for (k, c) in q.buckets.iter().enumerate().filter(|(_, c)| **c > 0) {
+                *buckets.entry((e.offset + k as i32) >> (e.scale - scale)).or_default() += c;
+            }
+        }
+        out.push((p.labels.clone(), scale, zeros, buckets));
+    }
+    out
 }
 
 impl Point {
@@ -96,6 +145,7 @@ pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
                         sum: 0.0,
                         buckets: Vec::new(),
                         bounds: Vec::new(),
+                        exponential: None,
                     };
                     match &m.data {
                         Some(metric::Data::Sum(sum)) => {
@@ -129,6 +179,26 @@ pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
                                 out.push(pt);
                             }
                         }
+                        Some(metric::Data::ExponentialHistogram(h)) => {
+                            for p in &h.data_points {
+                                let mut pt = point(
+                                    &p.attributes,
+                                    p.start_time_unix_nano,
+                                    p.time_unix_nano,
+                                    h.aggregation_temporality,
+                                );
+                                pt.value = p.count;
+                                pt.sum = p.sum.unwrap_or(0.0);
+                                let positive = p.positive.clone().unwrap_or_default();
+                                pt.buckets = positive.bucket_counts;
+                                pt.exponential = Some(Exponential {
+                                    scale: p.scale,
+                                    offset: positive.offset,
+                                    zero_count: p.zero_count,
+                                });
+                                out.push(pt);
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -156,7 +226,8 @@ pub fn series(points: &[Point], metric: &str) -> Vec<Point> {
             Some(cur) => {
                 cur.value += p.value;
                 cur.sum += p.sum;
-                for (a, b) in cur.buckets.iter_mut().zip(&p.buckets) {
+                // Exponential points' buckets differ from point to point: see `exponential_series`.
+                for (a, b) in cur.buckets.iter_mut().zip(&p.buckets).filter(|_| p.exponential.is_none()) {
                     *a += b;
                 }
                 cur.time = cur.time.max(p.time);

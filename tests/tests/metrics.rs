@@ -7,7 +7,7 @@ use std::time::Duration;
 use meshtel_tests::app::{App, Behavior, PEER_METADATA_REQUEST};
 use meshtel_tests::collector::Collector;
 use meshtel_tests::mesh::{gateway, plugin_config, SidecarSpec};
-use meshtel_tests::metrics::{peer_metadata, series, total, Point};
+use meshtel_tests::metrics::{exponential_index, exponential_series, peer_metadata, series, total, Point};
 use meshtel_tests::{free_port, request};
 use serde_json::json;
 
@@ -233,6 +233,74 @@ fn four_workers_cumulative_totals_equal_requests_sent() {
 #[test]
 fn four_workers_delta_totals_equal_requests_sent() {
     totals_add_up("delta");
+}
+
+/// `metrics.histograms: both` through 4 workers: Istio's series as always, and exponential
+/// series whose merged counts equal the requests and whose buckets hold each request's duration
+/// (every request is sampled, and a span's end minus start is the duration meshtel records).
+fn exponential_histograms_add_up(temporality: &str) {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let config = json!({"metrics": {"temporality": temporality, "histograms": "both"}});
+    let sidecar =
+        SidecarSpec::new("a", "ns-a", app.port, collector.port).concurrency(4).config(metrics_config(config)).start();
+    // Durations from well under a millisecond to ~80 ms: the histograms downscale to fit.
+    let port = sidecar.inbound;
+    let handles: Vec<_> = (0..8)
+        .map(|t| {
+            thread::spawn(move || {
+                (0..60).filter(|i| send(port, &format!("/delay/{}", (t * i) % 80), &[]) == 200).count()
+            })
+        })
+        .collect();
+    let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let sent = ok as u64;
+    assert_eq!(sent, 480);
+    const EXPONENTIAL: &str = "istio_request_duration_exponential_milliseconds";
+    collector
+        .wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) >= sent && total(p, EXPONENTIAL, |_| true) >= sent);
+    // Two more export intervals: nothing may move past what was sent.
+    thread::sleep(Duration::from_millis(2_500));
+    let points = collector.points();
+    assert_eq!(total(&points, REQUESTS, |_| true), sent);
+    assert_eq!(
+        one(&points, "istio_request_duration_milliseconds", |_| true).value,
+        sent,
+        "Istio's histogram as always"
+    );
+    assert_eq!(one(&points, "istio_request_duration_milliseconds", |_| true).bounds.len(), 19);
+    for name in [EXPONENTIAL, "istio_request_exponential_bytes", "istio_response_exponential_bytes"] {
+        let p = one(&points, name, |_| true);
+        assert_eq!(p.value, sent, "{name}: every request once");
+        assert!(p.cumulative == (temporality == "cumulative"));
+    }
+    let exp = exponential_series(&points, EXPONENTIAL);
+    assert_eq!(exp.len(), 1);
+    let (_, scale, zeros, buckets) = &exp[0];
+    assert!(*scale < 20, "downscaled from the finest scale: {scale}");
+    assert!(buckets.len() <= 160);
+    let spans = collector.spans();
+    assert_eq!(spans.len() as u64, sent);
+    let mut expected: std::collections::BTreeMap<i32, u64> = Default::default();
+    let mut expected_zeros = 0;
+    for s in &spans {
+        let ms = (s.span.end_time_unix_nano - s.span.start_time_unix_nano) as f64 / 1e6;
+        match ms > 0.0 {
+            true => *expected.entry(exponential_index(ms, *scale)).or_default() += 1,
+            false => expected_zeros += 1,
+        }
+    }
+    assert_eq!((buckets, *zeros), (&expected, expected_zeros), "each duration in the bucket that holds it");
+}
+
+#[test]
+fn four_workers_exponential_histograms_cumulative() {
+    exponential_histograms_add_up("cumulative");
+}
+
+#[test]
+fn four_workers_exponential_histograms_delta() {
+    exponential_histograms_add_up("delta");
 }
 
 #[test]
