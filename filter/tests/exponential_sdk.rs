@@ -4,6 +4,7 @@
 //! them in one histogram or merged them from several workers.
 
 #![cfg(not(target_arch = "wasm32"))]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use meshtel_filter::metrics::exponential::{ExpHistogram, MAX_BUCKETS, MAX_SCALE};
 use opentelemetry::metrics::MeterProvider;

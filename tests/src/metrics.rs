@@ -81,13 +81,13 @@ pub fn exponential_index(value: f64, scale: i32) -> i32 {
     (value.log2() * 2f64.powi(scale)).ceil() as i32 - 1
 }
 
+/// One exponential series as [`exponential_series`] reads it: (labels, scale, zero count,
+/// bucket counts by index).
+pub type ExponentialSeries = (BTreeMap<String, String>, i32, u64, BTreeMap<i32, u64>);
+
 /// The histogram of an exponential `metric` series as the points say: the latest point of a
-/// cumulative series, or its delta points summed at the coarsest scale among them. Returns
-/// (labels, scale, zero count, bucket counts by index).
-pub fn exponential_series(
-    points: &[Point],
-    metric: &str,
-) -> Vec<(BTreeMap<String, String>, i32, u64, BTreeMap<i32, u64>)> {
+/// cumulative series, or its delta points summed at the coarsest scale among them.
+pub fn exponential_series(points: &[Point], metric: &str) -> Vec<ExponentialSeries> {
     let mut out = Vec::new();
     for p in series(points, metric) {
         let same = |q: &&Point| q.metric == metric && q.labels == p.labels && q.instance == p.instance;

@@ -78,7 +78,7 @@ impl ExpHistogram {
     /// Record one value. Non-positive and subnormal values (and NaN) count as zeros.
     pub fn record(&mut self, value: f64) {
         self.count += 1;
-        if !(value >= f64::MIN_POSITIVE) {
+        if value.is_nan() || value < f64::MIN_POSITIVE {
             self.zero_count += 1;
             return;
         }
