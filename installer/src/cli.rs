@@ -190,6 +190,10 @@ pub struct RenderArgs {
     /// Pin the module served at --wasm-url by hashing this local copy.
     #[arg(long, value_name = "PATH", help_heading = "Module")]
     pub wasm_file: Option<PathBuf>,
+    /// Pull the image with this Secret (type kubernetes.io/dockerconfigjson, in the namespace of
+    /// each rendered resource: Istio looks it up there).
+    #[arg(long, value_name = "NAME", help_heading = "Module")]
+    pub image_pull_secret: Option<String>,
 
     /// What happens to requests if the module cannot load [default: FAIL_OPEN].
     #[arg(long, value_enum, help_heading = "Istio")]
@@ -249,12 +253,34 @@ pub struct PackageArgs {
     /// Tag recorded in the layout.
     #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
     pub tag: String,
-    /// Push the artifact to REGISTRY/REPO:TAG.
+    /// Push the artifact to REGISTRY/REPO:TAG, with the credentials `docker login` stored
+    /// (`$DOCKER_CONFIG/config.json` or `~/.docker/config.json`: credential helpers, credsStore,
+    /// auths), or those of --username and --password-stdin.
     #[arg(long, value_name = "REGISTRY/REPO:TAG")]
     pub push: Option<String>,
-    /// Talk plain HTTP to the registry (a local test registry).
+    /// The user name to push as; the password (or token) comes from --password-stdin.
+    #[arg(long, value_name = "USER", requires = "push")]
+    pub username: Option<String>,
+    /// Read the password (or token) for --username from stdin.
+    #[arg(long, requires = "push")]
+    pub password_stdin: bool,
+    /// Talk plain HTTP to a registry off the loopback interface (loopback registries are tried
+    /// over HTTPS, then plain HTTP, without it, as Docker does).
     #[arg(long)]
     pub insecure: bool,
+    /// What to print: text, or JSON for scripts (digest, size, reference, render flags).
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+/// What `meshtel package` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "lower")]
+pub enum Format {
+    /// Lines for people.
+    Text,
+    /// One JSON object.
+    Json,
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -290,6 +316,7 @@ struct FileOptions {
     wasm_url: Option<String>,
     sha256: Option<String>,
     wasm_file: Option<PathBuf>,
+    image_pull_secret: Option<String>,
     fail_strategy: Option<FailStrategy>,
     phase: Option<Phase>,
     priority: Option<i32>,
@@ -488,6 +515,15 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         }
         (None, None) => None,
     };
+    let image_pull_secret = args.image_pull_secret.clone().or(file.image_pull_secret.clone());
+    if let Some(secret) = &image_pull_secret {
+        if !url.starts_with("oci://") {
+            return Err("--image-pull-secret is for an oci:// image (--image), not --wasm-url".into());
+        }
+        if !crate::rules::is_dns_subdomain(secret) {
+            return Err(format!("--image-pull-secret: {secret:?} is not a valid Secret name"));
+        }
+    }
     let header_env =
         if args.header_env.is_empty() { file.collector_header_from_env.clone() } else { args.header_env.clone() };
     let mut host_env = Vec::new();
@@ -533,6 +569,7 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         root_namespace,
         url,
         sha256,
+        image_pull_secret,
         plugin_config,
         fail_strategy: args.fail_strategy.or(file.fail_strategy).unwrap_or(FailStrategy::FailOpen).as_str().into(),
         phase: args.phase.or(file.phase).unwrap_or(Phase::Stats).as_str().into(),

@@ -1,6 +1,7 @@
 //! meshtel's installer: renders, validates and packages the Istio resources that deploy the filter.
 
 pub mod cli;
+pub mod credentials;
 pub mod model;
 pub mod package;
 pub mod render;

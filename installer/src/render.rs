@@ -118,6 +118,8 @@ pub struct RenderOptions {
     pub url: String,
     /// Module digest to pin.
     pub sha256: Option<String>,
+    /// The Secret the image is pulled with, in each resource's namespace.
+    pub image_pull_secret: Option<String>,
     /// The pluginConfig, already accepted by the filter's parser.
     pub plugin_config: Value,
     /// `FAIL_OPEN`, `FAIL_CLOSE` or `FAIL_RELOAD`.
@@ -241,6 +243,7 @@ fn module(opts: &RenderOptions, role: Role) -> WasmModule {
         url: opts.url.clone(),
         sha256: opts.sha256.clone(),
         image_pull_policy: Some("IfNotPresent".into()),
+        image_pull_secret: opts.image_pull_secret.clone(),
         plugin_config: Some(opts.plugin_config.clone()),
         fail_strategy: Some(opts.fail_strategy.clone()),
         vm_config: (!env.is_empty()).then_some(VmConfig { env }),

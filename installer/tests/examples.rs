@@ -103,7 +103,9 @@ fn readme_render_commands_reproduce_the_files_beside_them() {
     let mut readmes = all("md");
     readmes.push(repo().join("README.md"));
     for readme in readmes {
-        for line in std::fs::read_to_string(&readme).unwrap().lines() {
+        // A command continued over several lines (`\` at the end) is one line.
+        let text = std::fs::read_to_string(&readme).unwrap().replace("\\\n", " ");
+        for line in text.lines() {
             let Some(command) = line.trim().strip_prefix("meshtel render ") else { continue };
             let (args, target) = match command.split_once(" > ") {
                 Some((args, target)) => (args, Some(target.trim())),

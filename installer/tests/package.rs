@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -87,6 +88,7 @@ fn refuses_missing_and_non_wasm_files() {
     assert!(!dir.join("y").exists(), "nothing written");
 }
 
+/// A running registry and the port it serves.
 struct Registry(Child, u16);
 
 impl Drop for Registry {
@@ -96,26 +98,33 @@ impl Drop for Registry {
     }
 }
 
-/// Debian's `docker-registry` on a free loopback port, or `None` outside CI when it is not installed.
-fn registry(dir: &Path) -> Option<Registry> {
+/// The user and password of the registries started with basic auth.
+const USER: &str = "ci-pusher";
+const PASSWORD: &str = "Sup3r-s3cret-Pa55";
+
+/// Debian's `docker-registry` on a free port of `addr` (`127.0.0.1` or `0.0.0.0`), with htpasswd
+/// basic auth (user [`USER`]) when `auth`; `None` outside CI when it is not installed.
+fn start_registry(dir: &Path, addr: &str, auth: bool) -> Option<Registry> {
     let bin = Path::new("/usr/bin/docker-registry");
     if !bin.exists() {
         assert!(std::env::var_os("CI").is_none(), "CI must install Debian's docker-registry (see .ci/run)");
         eprintln!("skipping: /usr/bin/docker-registry is not installed (apt-get install docker-registry)");
         return None;
     }
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
-    let child =
-        Command::new(bin).arg("serve").arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let port = TcpListener::bind((addr, 0)).unwrap().local_addr().unwrap().port();
+    let mut config = format!(
+        "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp:\n  addr: {addr}:{port}\n",
+        dir.join("data").display()
+    );
+    if auth {
+        // The registry reads bcrypt entries only (distribution `registry/auth/htpasswd`).
+        let htpasswd = dir.join("htpasswd");
+        std::fs::write(&htpasswd, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, 5).unwrap())).unwrap();
+        config.push_str(&format!("auth:\n  htpasswd: {{realm: meshtel-test, path: {}}}\n", htpasswd.display()));
+    }
+    let file = dir.join("registry.yml");
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new(bin).arg("serve").arg(&file).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let registry = Registry(child, port);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -123,6 +132,227 @@ fn registry(dir: &Path) -> Option<Registry> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Some(registry)
+}
+
+fn registry(dir: &Path) -> Option<Registry> {
+    start_registry(dir, "127.0.0.1", false)
+}
+
+/// `meshtel` with its environment under the test's control: `DOCKER_CONFIG` and `HOME` in
+/// `dir` (never the developer's own credentials), `PATH` led by `dir/bin`, and `stdin`.
+fn meshtel_in(dir: &Path, args: &[&str], stdin: &str) -> Output {
+    let path = format!("{}:{}", dir.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshtel"))
+        .args(args)
+        .env("DOCKER_CONFIG", dir.join("docker"))
+        .env("HOME", dir)
+        .env("PATH", path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run meshtel");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!all.contains(PASSWORD), "a credential in the output: {all}");
+    out
+}
+
+fn write_docker_config(dir: &Path, config: &Value) {
+    std::fs::create_dir_all(dir.join("docker")).unwrap();
+    std::fs::write(dir.join("docker/config.json"), config.to_string()).unwrap();
+}
+
+/// `meshtel package --push reference` from `dir` (no --insecure: the registry is on loopback).
+fn push_from(dir: &Path, reference: &str, extra: &[&str], stdin: &str) -> Output {
+    let (wasm, _) = module(dir);
+    let mut args = vec!["package", wasm.to_str().unwrap(), "-o"];
+    let layout = dir.join("oci");
+    args.push(layout.to_str().unwrap());
+    args.extend(["--push", reference]);
+    args.extend(extra);
+    meshtel_in(dir, &args, stdin)
+}
+
+/// The module pulled back with the test's credentials: its manifest digest and bytes.
+fn pull(reference: &str, auth: RegistryAuth) -> Result<(String, Vec<u8>), String> {
+    let client = Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let image: Reference = reference.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pulled = runtime.block_on(client.pull(&image, &auth, vec![LAYER])).map_err(|e| e.to_string())?;
+    Ok((pulled.digest.unwrap_or_default(), pulled.layers[0].data.to_vec()))
+}
+
+fn basic() -> RegistryAuth {
+    RegistryAuth::Basic(USER.into(), PASSWORD.into())
+}
+
+fn assert_pushed(o: &Output, reference: &str, via: &str) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}{out}", String::from_utf8_lossy(&o.stderr));
+    let digest = printed_digest(o);
+    assert!(out.contains(&format!("pushed oci://{reference} over plain HTTP ({via})")), "{out}");
+    assert!(out.contains(&format!("render with: --image oci://{reference} --sha256 {digest}")), "{out}");
+    let (pulled, bytes) = pull(reference, basic()).unwrap();
+    assert_eq!(pulled, format!("sha256:{digest}"), "pulled back by the printed digest");
+    assert!(bytes.starts_with(b"\0asm"));
+}
+
+#[test]
+fn pushes_with_the_docker_config_file() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let host = format!("127.0.0.1:{}", registry.1);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    // Keyed with a scheme, as `docker login` writes some registries.
+    write_docker_config(
+        dir,
+        &serde_json::json!({"auths": {format!("http://{host}"): {"auth": auth}, "other.example": {}}}),
+    );
+    let reference = format!("{host}/team/meshtel-filter:1");
+    let o = push_from(dir, &reference, &[], "");
+    assert_pushed(&o, &reference, &dir.join("docker/config.json").display().to_string());
+}
+
+#[test]
+fn pushes_with_a_credential_helper() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let host = format!("127.0.0.1:{}", registry.1);
+    // A helper speaking the protocol (docker/docker-credential-helpers): `get`, the server on
+    // stdin, JSON on stdout; "credentials not found" for any other server.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-meshteltest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread -r server\necho \"$server\" >> {log}\n\
+             if [ \"$server\" = \"{host}\" ]; then\n  printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$server\"\n\
+             else\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            log = dir.join("helper.log").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The registry's own helper (credHelpers), then the store (credsStore) for every registry.
+    for (n, config) in [
+        serde_json::json!({"credHelpers": {&host: "meshteltest"}, "credsStore": "meshtel-absent"}),
+        serde_json::json!({"credsStore": "meshteltest"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        write_docker_config(dir, &config);
+        let reference = format!("{host}/team/meshtel-filter:{n}");
+        let o = push_from(dir, &reference, &[], "");
+        assert_pushed(&o, &reference, "credential helper docker-credential-meshteltest");
+    }
+    assert_eq!(std::fs::read_to_string(dir.join("helper.log")).unwrap(), format!("{host}\n{host}\n"));
+}
+
+#[test]
+fn pushes_with_username_and_password_stdin_and_prints_json() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let reference = format!("127.0.0.1:{}/team/meshtel-filter:json", registry.1);
+    let o = push_from(
+        dir,
+        &reference,
+        &["--username", USER, "--password-stdin", "--format", "json"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let digest = v["digest"].as_str().unwrap().to_string();
+    assert_eq!(v["reference"], reference.as_str());
+    assert_eq!(v["credentials"], "--username/--password-stdin");
+    assert_eq!(v["plainHttp"], true);
+    assert!(v["size"].as_u64().unwrap() > 0 && v["module"]["size"].as_u64().unwrap() > 0);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert_eq!(v["render"], format!("--image oci://{reference} --sha256 {hex}"));
+    assert_eq!(pull(&reference, basic()).unwrap().0, digest);
+    // Without a push, the same object without a reference.
+    let (wasm, _) = module(dir);
+    let o = meshtel_in(
+        dir,
+        &["package", wasm.to_str().unwrap(), "-o", dir.join("l").to_str().unwrap(), "--format", "json"],
+        "",
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((v["digest"].as_str(), &v["reference"]), (Some(digest.as_str()), &Value::Null));
+}
+
+#[test]
+fn wrong_or_missing_credentials_are_refused_in_one_line_and_nothing_is_pushed() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let host = format!("127.0.0.1:{}", registry.1);
+    let reference = format!("{host}/team/meshtel-filter:bad");
+    let wrong = format!("{PASSWORD}-not");
+    let o = push_from(dir, &reference, &["--username", USER, "--password-stdin"], &wrong);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains(&format!(
+            "registry {host} refused the credentials from --username/--password-stdin (401 Unauthorized)"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(&wrong) && !String::from_utf8_lossy(&o.stdout).contains(&wrong));
+    // No Docker config: anonymous, and told how to log in.
+    let o = push_from(dir, &reference, &[], "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("refused an anonymous push (401 Unauthorized): log in (docker login {host})")),
+        "{err}"
+    );
+    // Nothing of either attempt reached the registry: no manifest, not a blob, not an upload.
+    let e = pull(&reference, basic()).unwrap_err();
+    assert!(e.contains("manifest unknown"), "{e}");
+    let storage = dir.join("data/docker/registry/v2");
+    for kept in ["blobs", "repositories"] {
+        assert!(!storage.join(kept).exists(), "the registry kept {kept} of a refused push");
+    }
+    let o = push_from(dir, &reference, &["--username", USER, "--password-stdin"], PASSWORD);
+    assert_pushed(&o, &reference, "--username/--password-stdin");
+    assert!(storage.join("blobs").exists() && storage.join("repositories").exists(), "where a push lands");
+    // A password on the command line is not a thing.
+    let o = push_from(dir, &reference, &["--username", USER], "");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--username needs --password-stdin"));
+}
+
+/// This machine's address off the loopback interface, if it has one (no packet is sent: a UDP
+/// socket's connect only picks the route).
+fn outside_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.254:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+#[test]
+fn a_plain_http_registry_off_loopback_needs_insecure() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let Some(ip) = outside_address() else {
+        eprintln!("skipping: no address off the loopback interface");
+        return;
+    };
+    let Some(registry) = start_registry(dir, "0.0.0.0", false) else { return };
+    let host = format!("{ip}:{}", registry.1);
+    let reference = format!("{host}/team/meshtel-filter:1");
+    let o = push_from(dir, &reference, &[], "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("registry {host}: no HTTPS answer")) && err.contains("add --insecure"), "{err}");
+    let o = push_from(dir, &reference, &["--insecure"], "");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

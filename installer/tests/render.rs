@@ -129,6 +129,39 @@ fn tcp_adds_the_network_filter_beside_the_http_one_in_every_mode() {
 }
 
 #[test]
+fn the_image_pull_secret_goes_on_every_resource_in_its_own_namespace() {
+    let crds = istio_crds();
+    for mode in MODES {
+        for api in ["wasmplugin", "trafficextension"] {
+            let mut args = mode.to_vec();
+            let image = "oci://registry.example.com/platform/meshtel-filter:0.1.0";
+            args.extend(["--api", api, "--image", image, "--image-pull-secret", "meshtel-pull"]);
+            let docs = assert_valid(&render(&args), &crds);
+            let modules: Vec<Value> = docs
+                .iter()
+                .filter_map(|d| d.get("spec").map(|s| s.get("wasm").unwrap_or(s).clone()))
+                .filter(|m| m.get("url").is_some())
+                .collect();
+            assert!(!modules.is_empty(), "{args:?}");
+            for m in modules {
+                assert_eq!((m["imagePullSecret"].as_str(), m["url"].as_str()), (Some("meshtel-pull"), Some(image)));
+            }
+        }
+    }
+    for (args, expect) in [
+        (vec!["--namespace", "shop", "--image-pull-secret", "Bad_Name"], "not a valid Secret name"),
+        (
+            vec!["--namespace", "shop", "--wasm-url", "https://x/m.wasm", "--image-pull-secret", "s"],
+            "--image-pull-secret is for an oci:// image",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshtel")).arg("render").args(&args).output().unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(expect), "{args:?}");
+    }
+}
+
+#[test]
 fn validate_refuses_a_network_plugin_that_would_run_as_the_http_filter() {
     let yaml = render(&["--namespace", "shop", "--tcp"]);
     let swapped = yaml.replace("pluginName: meshtel-tcp", "pluginName: other");

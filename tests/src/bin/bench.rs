@@ -340,6 +340,10 @@ fn main() {
             Filter::Meshtel(with(json!({"traces": {"propagation": ["w3c"]}}))),
         ),
         Scenario::config(
+            "meshtel traces + metrics, 100%, histograms: both",
+            Filter::Meshtel(with(json!({"metrics": {"histograms": "both"}}))),
+        ),
+        Scenario::config(
             "meshtel traces + metrics + access logs",
             Filter::Meshtel(with(json!({"logs": {"enabled": true}}))),
         ),
