@@ -233,6 +233,8 @@ fn per_request(c: &mut Criterion) {
     g.bench_function("span_record (start + finish, sampled)", |b| b.iter(|| request(&mut t, &hs)));
     let mut t = telemetry(r#","traces":{"enabled":false}"#);
     g.bench_function("metric_record (start + finish, metrics only)", |b| b.iter(|| request(&mut t, &hs)));
+    let mut t = telemetry(r#","traces":{"enabled":false},"metrics":{"histograms":"both"}"#);
+    g.bench_function("metric_record, histograms: both", |b| b.iter(|| request(&mut t, &hs)));
     let mut t = telemetry("");
     g.bench_function("span + metrics", |b| b.iter(|| request(&mut t, &hs)));
     let mut t = telemetry(r#","logs":{"enabled":true}"#);

@@ -102,9 +102,20 @@ impl Drop for Registry {
 const USER: &str = "ci-pusher";
 const PASSWORD: &str = "Sup3r-s3cret-Pa55";
 
-/// Debian's `docker-registry` on a free port of `addr` (`127.0.0.1` or `0.0.0.0`), with htpasswd
-/// basic auth (user [`USER`]) when `auth`; `None` outside CI when it is not installed.
-fn start_registry(dir: &Path, addr: &str, auth: bool) -> Option<Registry> {
+/// How a test registry authenticates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// Not at all.
+    None,
+    /// htpasswd basic auth of [`USER`].
+    Basic,
+    /// Bearer tokens from the [`TokenServer`] on this port, which checks [`USER`]'s password.
+    Token(u16),
+}
+
+/// Debian's `docker-registry` on a free port of `addr` (`127.0.0.1` or `0.0.0.0`) with `auth`;
+/// `None` outside CI when it is not installed.
+fn start_registry(dir: &Path, addr: &str, auth: Auth) -> Option<Registry> {
     let bin = Path::new("/usr/bin/docker-registry");
     if !bin.exists() {
         assert!(std::env::var_os("CI").is_none(), "CI must install Debian's docker-registry (see .ci/run)");
@@ -116,11 +127,19 @@ fn start_registry(dir: &Path, addr: &str, auth: bool) -> Option<Registry> {
         "version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\nhttp:\n  addr: {addr}:{port}\n",
         dir.join("data").display()
     );
-    if auth {
-        // The registry reads bcrypt entries only (distribution `registry/auth/htpasswd`).
-        let htpasswd = dir.join("htpasswd");
-        std::fs::write(&htpasswd, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, 5).unwrap())).unwrap();
-        config.push_str(&format!("auth:\n  htpasswd: {{realm: meshtel-test, path: {}}}\n", htpasswd.display()));
+    match auth {
+        Auth::None => {}
+        Auth::Basic => {
+            // The registry reads bcrypt entries only (distribution `registry/auth/htpasswd`).
+            let htpasswd = dir.join("htpasswd");
+            std::fs::write(&htpasswd, format!("{USER}:{}\n", bcrypt::hash(PASSWORD, 5).unwrap())).unwrap();
+            config.push_str(&format!("auth:\n  htpasswd: {{realm: meshtel-test, path: {}}}\n", htpasswd.display()));
+        }
+        Auth::Token(port) => config.push_str(&format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    service: {TOKEN_SERVICE}\n    \
+             issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            dir.join("token-cert.pem").display()
+        )),
     }
     let file = dir.join("registry.yml");
     std::fs::write(&file, config).unwrap();
@@ -135,7 +154,94 @@ fn start_registry(dir: &Path, addr: &str, auth: bool) -> Option<Registry> {
 }
 
 fn registry(dir: &Path) -> Option<Registry> {
-    start_registry(dir, "127.0.0.1", false)
+    start_registry(dir, "127.0.0.1", Auth::None)
+}
+
+const TOKEN_SERVICE: &str = "meshtel-test-registry";
+const TOKEN_ISSUER: &str = "meshtel-test-issuer";
+
+/// A token server as the registry's token auth expects one (distribution
+/// `registry/auth/token`): `GET /token?service=..&scope=repository:NAME:ACTIONS` with basic
+/// auth answers an ES256 JWT granting those actions, its certificate in `x5c` and in the
+/// registry's `rootcertbundle`; wrong credentials get 401. Counts the tokens it issued.
+struct TokenServer {
+    port: u16,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TokenServer {
+    fn start(dir: &Path) -> TokenServer {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["meshtel-token-issuer".to_string()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(dir.join("token-cert.pem"), cert.pem()).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let x5c = base64::engine::general_purpose::STANDARD.encode(cert.der());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = issued.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && std::io::Read::read(&mut stream, &mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let expected = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+                let authorized =
+                    head.lines().any(|l| l.eq_ignore_ascii_case(&format!("authorization: Basic {expected}")));
+                let scope = path
+                    .split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix("scope="))
+                    .unwrap_or("")
+                    .replace("%3A", ":")
+                    .replace("%2F", "/")
+                    .replace("%2C", ",");
+                let (status, body) = match scope.splitn(3, ':').collect::<Vec<_>>()[..] {
+                    ["repository", name, actions] if authorized => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                        let url = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+                        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "x5c": [x5c]});
+                        let claims = serde_json::json!({
+                            "iss": TOKEN_ISSUER, "sub": USER, "aud": TOKEN_SERVICE,
+                            "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("t{now}"),
+                            "access": [{"type": "repository", "name": name, "actions": actions.split(',').collect::<Vec<_>>()}],
+                        });
+                        let signing_input =
+                            format!("{}.{}", url(header.to_string().as_bytes()), url(claims.to_string().as_bytes()));
+                        let signature = signer.sign(&rng, signing_input.as_bytes()).unwrap();
+                        let token = format!("{signing_input}.{}", url(signature.as_ref()));
+                        ("200 OK", serde_json::json!({"token": token, "expires_in": 300}).to_string())
+                    }
+                    _ => (
+                        "401 Unauthorized",
+                        r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_string(),
+                    ),
+                };
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = std::io::Write::write_all(&mut stream, answer.as_bytes());
+            }
+        });
+        TokenServer { port, issued }
+    }
+
+    fn issued(&self) -> usize {
+        self.issued.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// `meshtel` with its environment under the test's control: `DOCKER_CONFIG` and `HOME` in
@@ -203,7 +309,7 @@ fn assert_pushed(o: &Output, reference: &str, via: &str) {
 fn pushes_with_the_docker_config_file() {
     let tmp = temp_dir();
     let dir = tmp.path();
-    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let Some(registry) = start_registry(dir, "127.0.0.1", Auth::Basic) else { return };
     let host = format!("127.0.0.1:{}", registry.1);
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
     // Keyed with a scheme, as `docker login` writes some registries.
@@ -220,7 +326,7 @@ fn pushes_with_the_docker_config_file() {
 fn pushes_with_a_credential_helper() {
     let tmp = temp_dir();
     let dir = tmp.path();
-    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let Some(registry) = start_registry(dir, "127.0.0.1", Auth::Basic) else { return };
     let host = format!("127.0.0.1:{}", registry.1);
     // A helper speaking the protocol (docker/docker-credential-helpers): `get`, the server on
     // stdin, JSON on stdout; "credentials not found" for any other server.
@@ -258,7 +364,7 @@ fn pushes_with_a_credential_helper() {
 fn pushes_with_username_and_password_stdin_and_prints_json() {
     let tmp = temp_dir();
     let dir = tmp.path();
-    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let Some(registry) = start_registry(dir, "127.0.0.1", Auth::Basic) else { return };
     let reference = format!("127.0.0.1:{}/team/meshtel-filter:json", registry.1);
     let o = push_from(
         dir,
@@ -291,7 +397,7 @@ fn pushes_with_username_and_password_stdin_and_prints_json() {
 fn wrong_or_missing_credentials_are_refused_in_one_line_and_nothing_is_pushed() {
     let tmp = temp_dir();
     let dir = tmp.path();
-    let Some(registry) = start_registry(dir, "127.0.0.1", true) else { return };
+    let Some(registry) = start_registry(dir, "127.0.0.1", Auth::Basic) else { return };
     let host = format!("127.0.0.1:{}", registry.1);
     let reference = format!("{host}/team/meshtel-filter:bad");
     let wrong = format!("{PASSWORD}-not");
@@ -328,6 +434,36 @@ fn wrong_or_missing_credentials_are_refused_in_one_line_and_nothing_is_pushed() 
     assert!(String::from_utf8_lossy(&o.stderr).contains("--username needs --password-stdin"));
 }
 
+#[test]
+fn pushes_to_a_token_auth_registry_through_the_bearer_challenge() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let tokens = TokenServer::start(dir);
+    let Some(registry) = start_registry(dir, "127.0.0.1", Auth::Token(tokens.port)) else { return };
+    let host = format!("127.0.0.1:{}", registry.1);
+    let reference = format!("{host}/team/meshtel-filter:token");
+    // Wrong password: the token server refuses, and so does the push, in one line.
+    let o = push_from(dir, &reference, &["--username", USER, "--password-stdin"], "wrong");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("registry {host} refused the credentials from --username/--password-stdin (401")),
+        "{err}"
+    );
+    assert_eq!(tokens.issued(), 0);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    write_docker_config(dir, &serde_json::json!({"auths": {&host: {"auth": auth}}}));
+    let o = push_from(dir, &reference, &[], "");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}{out}", String::from_utf8_lossy(&o.stderr));
+    assert!(tokens.issued() >= 1, "the push went through the token server");
+    let client = Client::new(ClientConfig { protocol: ClientProtocol::Http, ..Default::default() });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let image: Reference = reference.parse().unwrap();
+    let pulled = runtime.block_on(client.pull(&image, &basic(), vec![LAYER])).unwrap();
+    assert_eq!(pulled.digest.unwrap(), format!("sha256:{}", printed_digest(&o)));
+}
+
 /// This machine's address off the loopback interface, if it has one (no packet is sent: a UDP
 /// socket's connect only picks the route).
 fn outside_address() -> Option<std::net::IpAddr> {
@@ -344,7 +480,7 @@ fn a_plain_http_registry_off_loopback_needs_insecure() {
         eprintln!("skipping: no address off the loopback interface");
         return;
     };
-    let Some(registry) = start_registry(dir, "0.0.0.0", false) else { return };
+    let Some(registry) = start_registry(dir, "0.0.0.0", Auth::None) else { return };
     let host = format!("{ip}:{}", registry.1);
     let reference = format!("{host}/team/meshtel-filter:1");
     let o = push_from(dir, &reference, &[], "");

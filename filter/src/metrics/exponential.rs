@@ -141,10 +141,16 @@ impl ExpHistogram {
     /// Whether its fields are ones [`Self::record`] and [`Self::merge`] could have produced: a
     /// batch from another VM is read only if so.
     pub fn is_valid(&self) -> bool {
+        // Only buckets a double can fall in: then any two histograms fit together at some scale
+        // down to MIN_SCALE, and a merge never grows past MAX_BUCKETS.
         self.counts.is_empty()
             || ((MIN_SCALE..=MAX_SCALE).contains(&self.scale)
                 && self.counts.len() <= MAX_BUCKETS
-                && self.offset.checked_add(self.counts.len() as i32).is_some())
+                && self.offset >= index(f64::MIN_POSITIVE, self.scale)
+                && self
+                    .offset
+                    .checked_add(self.counts.len() as i32 - 1)
+                    .is_some_and(|last| last <= index(f64::MAX, self.scale)))
     }
 
     /// Index of the last bucket (`counts` not empty).
@@ -352,9 +358,29 @@ mod tests {
             ExpHistogram { scale: -11, counts: vec![1], ..Default::default() },
             ExpHistogram { counts: vec![1; MAX_BUCKETS + 1], ..Default::default() },
             ExpHistogram { offset: i32::MAX, counts: vec![1, 1], ..Default::default() },
+            // Buckets no double falls in, at the coarsest scale and at scale 0.
+            ExpHistogram { scale: MIN_SCALE, offset: i32::MIN, counts: vec![1], ..Default::default() },
+            ExpHistogram { scale: 0, offset: 1024, counts: vec![1], ..Default::default() },
+            ExpHistogram { scale: 0, offset: -1024, counts: vec![1], ..Default::default() },
         ] {
             assert_eq!(ExpHistogram::decode_checked(&bad.encode_to_vec()), None, "{bad:?}");
         }
         assert_eq!(ExpHistogram::decode_checked(b"\xff"), None);
+        // The widest valid ones still merge within MAX_BUCKETS.
+        let mut low = ExpHistogram {
+            scale: MIN_SCALE,
+            offset: index(f64::MIN_POSITIVE, MIN_SCALE),
+            counts: vec![1],
+            ..Default::default()
+        };
+        let high = ExpHistogram {
+            scale: MAX_SCALE,
+            offset: index(f64::MAX, MAX_SCALE),
+            counts: vec![1],
+            ..Default::default()
+        };
+        assert!(low.is_valid() && high.is_valid());
+        low.merge(&high);
+        assert!(low.counts.len() <= MAX_BUCKETS && low.counts.iter().sum::<u64>() == 2);
     }
 }
