@@ -183,7 +183,11 @@ fn describe(
     };
     match e {
         OciDistributionError::RequestError(r) if !plain_http && !insecure => {
-            let cause = std::error::Error::source(r).map_or_else(|| r.to_string(), |c| c.to_string());
+            // The innermost cause says what happened (a TLS record that is plain HTTP, a refusal).
+            let mut cause: &dyn std::error::Error = r;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
             let hint =
                 if credentials::is_loopback(registry) { "" } else { "; if it serves plain HTTP, add --insecure" };
             format!("registry {registry}: no HTTPS answer ({cause}){hint}")
