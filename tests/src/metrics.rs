@@ -166,37 +166,39 @@ pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
                         }
                         Some(metric::Data::Histogram(h)) => {
                             for p in &h.data_points {
-                                let mut pt = point(
-                                    &p.attributes,
-                                    p.start_time_unix_nano,
-                                    p.time_unix_nano,
-                                    h.aggregation_temporality,
-                                );
-                                pt.value = p.count;
-                                pt.sum = p.sum.unwrap_or(0.0);
-                                pt.buckets = p.bucket_counts.clone();
-                                pt.bounds = p.explicit_bounds.clone();
-                                out.push(pt);
+                                out.push(Point {
+                                    value: p.count,
+                                    sum: p.sum.unwrap_or(0.0),
+                                    buckets: p.bucket_counts.clone(),
+                                    bounds: p.explicit_bounds.clone(),
+                                    ..point(
+                                        &p.attributes,
+                                        p.start_time_unix_nano,
+                                        p.time_unix_nano,
+                                        h.aggregation_temporality,
+                                    )
+                                });
                             }
                         }
                         Some(metric::Data::ExponentialHistogram(h)) => {
                             for p in &h.data_points {
-                                let mut pt = point(
-                                    &p.attributes,
-                                    p.start_time_unix_nano,
-                                    p.time_unix_nano,
-                                    h.aggregation_temporality,
-                                );
-                                pt.value = p.count;
-                                pt.sum = p.sum.unwrap_or(0.0);
                                 let positive = p.positive.clone().unwrap_or_default();
-                                pt.buckets = positive.bucket_counts;
-                                pt.exponential = Some(Exponential {
-                                    scale: p.scale,
-                                    offset: positive.offset,
-                                    zero_count: p.zero_count,
+                                out.push(Point {
+                                    value: p.count,
+                                    sum: p.sum.unwrap_or(0.0),
+                                    buckets: positive.bucket_counts,
+                                    exponential: Some(Exponential {
+                                        scale: p.scale,
+                                        offset: positive.offset,
+                                        zero_count: p.zero_count,
+                                    }),
+                                    ..point(
+                                        &p.attributes,
+                                        p.start_time_unix_nano,
+                                        p.time_unix_nano,
+                                        h.aggregation_temporality,
+                                    )
                                 });
-                                out.push(pt);
                             }
                         }
                         _ => {}

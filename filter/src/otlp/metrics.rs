@@ -5,6 +5,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResp
 use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
+use std::rc::Rc;
 
 use super::common::Envelope;
 use super::wire::Writer;
@@ -85,7 +86,7 @@ pub struct MetricsEncoder {
     histograms: Histograms,
 }
 
-fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str>]>) {
+fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[Rc<str>]>) {
     match labels {
         Some(values) => LABEL_NAMES.iter().zip(values).for_each(|(k, v)| w.string_attribute(field, k, v)),
         None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
@@ -93,7 +94,7 @@ fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str
 }
 
 /// A TCP connection's attributes: Istio's labels but those only requests have.
-fn tcp_point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc<str>]>) {
+fn tcp_point_attributes(w: &mut Writer, field: u32, labels: Option<&[Rc<str>]>) {
     match labels {
         Some(values) => LABEL_NAMES
             .iter()
@@ -107,11 +108,11 @@ fn tcp_point_attributes(w: &mut Writer, field: u32, labels: Option<&[std::rc::Rc
 
 /// Whether a series counts requests (HTTP) or connections (TCP): by its `request_protocol`,
 /// and for the overflow series, which folds both, by what it holds.
-fn counts_requests(labels: Option<&[std::rc::Rc<str>]>, data: &SeriesData) -> bool {
+fn counts_requests(labels: Option<&[Rc<str>]>, data: &SeriesData) -> bool {
     labels.map_or(data.requests > 0, |v| !labels::is_tcp(v))
 }
 
-fn counts_connections(labels: Option<&[std::rc::Rc<str>]>, data: &SeriesData) -> bool {
+fn counts_connections(labels: Option<&[Rc<str>]>, data: &SeriesData) -> bool {
     labels.map_or(data.has_tcp(), labels::is_tcp)
 }
 
@@ -123,6 +124,12 @@ type HistogramOf = fn(&SeriesData) -> &Option<aggregate::Histogram>;
 
 /// Which exponential histogram of a series.
 type ExponentialOf = fn(&SeriesData) -> &Option<ExpHistogram>;
+
+/// One series of an export: its labels (`None`: the overflow series) and data.
+type Series<'a> = (Option<&'a [Rc<str>]>, &'a SeriesData);
+
+/// Writes what a point has beside its times.
+type PointOf<'a> = dyn Fn(&mut Writer, Option<&[Rc<str>]>, &SeriesData) + 'a;
 
 impl MetricsEncoder {
     /// An encoder for metrics of the workload `resource` describes, with the `histograms` given.
@@ -160,7 +167,7 @@ impl MetricsEncoder {
         // (key, value and ~8 bytes of framing each) and ~230 bytes of times, counts and buckets.
         // Sized right, the body is written without regrowing, and holds no unused capacity
         // while it is in flight.
-        let attributes = |labels: Option<&[std::rc::Rc<str>]>| -> usize {
+        let attributes = |labels: Option<&[Rc<str>]>| -> usize {
             labels.map_or(32, |v| LABEL_NAMES.iter().zip(v).map(|(k, v)| k.len() + v.len() + 8).sum())
         };
         // An exponential point: up to 160 buckets of a few bytes each.
@@ -178,98 +185,98 @@ impl MetricsEncoder {
             w.fixed64(field::POINT_START_TIME, if data.start_ns != 0 { data.start_ns } else { start_ns });
             w.fixed64(field::POINT_TIME, now_ns);
         };
-        let metric = |w: &mut Writer, name: &str, description: &str, unit: &str| {
-            w.string(field::METRIC_NAME, name);
-            w.string(field::METRIC_DESCRIPTION, description);
-            w.string(field::METRIC_UNIT, unit);
+        let (http_series, tcp_series): (Vec<Series>, Vec<Series>) = (http().collect(), tcp().collect());
+        // One metric: its name, one point per series, and its temporality (sums are monotonic).
+        let metric = |w: &mut Writer,
+                      name: &str,
+                      description: &str,
+                      unit: &str,
+                      kind: u32,
+                      series: &[Series],
+                      point: &PointOf| {
+            w.message(Envelope::ITEMS, |w| {
+                w.string(field::METRIC_NAME, name);
+                w.string(field::METRIC_DESCRIPTION, description);
+                w.string(field::METRIC_UNIT, unit);
+                w.message(kind, |w| {
+                    for (labels, data) in series {
+                        w.message(field::DATA_POINTS, |w| {
+                            times(w, data);
+                            point(w, *labels, data);
+                        });
+                    }
+                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
+                    if kind == field::METRIC_SUM {
+                        w.bool(field::SUM_IS_MONOTONIC, true);
+                    }
+                });
+            });
         };
         let no_requests = aggregate::Histogram::default();
         let histogram =
             |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf, exemplars: bool| {
-                w.message(Envelope::ITEMS, |w| {
-                    metric(w, name, description, unit);
-                    w.message(field::METRIC_HISTOGRAM, |w| {
-                        for (labels, data) in http() {
-                            w.message(field::DATA_POINTS, |w| {
-                                let h = of(data).as_ref().unwrap_or(&no_requests);
-                                times(w, data);
-                                w.fixed64(field::HISTOGRAM_COUNT, h.count);
-                                w.double(field::HISTOGRAM_SUM, h.sum);
-                                let buckets =
-                                    (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
-                                w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
-                                w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
-                                point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
-                                for e in data.exemplars.iter().filter(|_| exemplars) {
-                                    w.message(field::HISTOGRAM_EXEMPLARS, |w| exemplar(w, e));
-                                }
-                            });
-                        }
-                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                    });
+                metric(w, name, description, unit, field::METRIC_HISTOGRAM, &http_series, &|w, labels, data| {
+                    let h = of(data).as_ref().unwrap_or(&no_requests);
+                    w.fixed64(field::HISTOGRAM_COUNT, h.count);
+                    w.double(field::HISTOGRAM_SUM, h.sum);
+                    let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
+                    w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
+                    w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
+                    point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
+                    for e in data.exemplars.iter().filter(|_| exemplars) {
+                        w.message(field::HISTOGRAM_EXEMPLARS, |w| exemplar(w, e));
+                    }
                 });
             };
         let no_values = ExpHistogram::default();
         let exponential =
             |w: &mut Writer, name: &str, description: &str, unit: &str, of: ExponentialOf, exemplars: bool| {
-                w.message(Envelope::ITEMS, |w| {
-                    metric(w, name, description, unit);
-                    w.message(field::METRIC_EXPONENTIAL_HISTOGRAM, |w| {
-                        for (labels, data) in http() {
-                            w.message(field::DATA_POINTS, |w| {
-                                let h = of(data).as_ref().unwrap_or(&no_values);
-                                point_attributes(w, field::EXPONENTIAL_ATTRIBUTES, labels);
-                                times(w, data);
-                                w.fixed64(field::HISTOGRAM_COUNT, h.count);
-                                w.double(field::HISTOGRAM_SUM, h.sum);
-                                w.sint32(field::EXPONENTIAL_SCALE, h.scale);
-                                w.fixed64(field::EXPONENTIAL_ZERO_COUNT, h.zero_count);
-                                w.message(field::EXPONENTIAL_POSITIVE, |w| {
-                                    w.sint32(field::BUCKETS_OFFSET, h.offset);
-                                    w.packed_varint(field::BUCKETS_COUNTS, &h.counts);
-                                });
-                                for e in data.exemplars.iter().filter(|_| exemplars) {
-                                    w.message(field::EXPONENTIAL_EXEMPLARS, |w| exemplar(w, e));
-                                }
-                            });
+                metric(
+                    w,
+                    name,
+                    description,
+                    unit,
+                    field::METRIC_EXPONENTIAL_HISTOGRAM,
+                    &http_series,
+                    &|w, labels, data| {
+                        let h = of(data).as_ref().unwrap_or(&no_values);
+                        point_attributes(w, field::EXPONENTIAL_ATTRIBUTES, labels);
+                        w.fixed64(field::HISTOGRAM_COUNT, h.count);
+                        w.double(field::HISTOGRAM_SUM, h.sum);
+                        w.sint32(field::EXPONENTIAL_SCALE, h.scale);
+                        w.fixed64(field::EXPONENTIAL_ZERO_COUNT, h.zero_count);
+                        w.message(field::EXPONENTIAL_POSITIVE, |w| {
+                            w.sint32(field::BUCKETS_OFFSET, h.offset);
+                            w.packed_varint(field::BUCKETS_COUNTS, &h.counts);
+                        });
+                        for e in data.exemplars.iter().filter(|_| exemplars) {
+                            w.message(field::EXPONENTIAL_EXEMPLARS, |w| exemplar(w, e));
                         }
-                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                    });
-                });
+                    },
+                );
             };
         let counter = |w: &mut Writer, name: &str, description: &str, unit: &str, of: CounterOf| {
-            w.message(Envelope::ITEMS, |w| {
-                metric(w, name, description, unit);
-                w.message(field::METRIC_SUM, |w| {
-                    for (labels, data) in tcp() {
-                        w.message(field::DATA_POINTS, |w| {
-                            times(w, data);
-                            w.sfixed64(field::NUMBER_AS_INT, i64::try_from(of(data)).unwrap_or(i64::MAX));
-                            tcp_point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
-                        });
-                    }
-                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                    w.bool(field::SUM_IS_MONOTONIC, true);
-                });
+            metric(w, name, description, unit, field::METRIC_SUM, &tcp_series, &|w, labels, data| {
+                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(of(data)).unwrap_or(i64::MAX));
+                tcp_point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
             });
         };
         let body = self.envelope.encode(capacity, |w| {
             // An export without TCP connections still names the request metrics.
             if http_count > 0 || tcp_count == 0 {
-                w.message(Envelope::ITEMS, |w| {
-                    metric(w, REQUESTS_TOTAL, "Requests handled by the proxy", "");
-                    w.message(field::METRIC_SUM, |w| {
-                        for (labels, data) in http() {
-                            w.message(field::DATA_POINTS, |w| {
-                                times(w, data);
-                                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
-                                point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
-                            });
-                        }
-                        w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                        w.bool(field::SUM_IS_MONOTONIC, true);
-                    });
-                });
+                let requests = |w: &mut Writer, labels: Option<&[Rc<str>]>, data: &SeriesData| {
+                    w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
+                    point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+                };
+                metric(
+                    w,
+                    REQUESTS_TOTAL,
+                    "Requests handled by the proxy",
+                    "",
+                    field::METRIC_SUM,
+                    &http_series,
+                    &requests,
+                );
                 if self.histograms.explicit() {
                     histogram(w, REQUEST_DURATION, DURATION_DESCRIPTION, "ms", |d| &d.duration, true);
                     histogram(w, REQUEST_BYTES, REQUEST_BYTES_DESCRIPTION, "By", |d| &d.request_bytes, false);
