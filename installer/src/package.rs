@@ -287,3 +287,48 @@ pub fn run(args: &PackageArgs) -> Result<String, String> {
     }
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_client::errors::{OciEnvelope, OciError};
+
+    fn registry_error(code: OciErrorCode) -> OciDistributionError {
+        let error = OciError { code, message: "from the registry".into(), detail: serde_json::Value::Null };
+        OciDistributionError::RegistryError { envelope: OciEnvelope { errors: vec![error] }, url: "u".into() }
+    }
+
+    #[test]
+    fn refusals_say_which_registry_refused_why_and_whose_credentials_in_one_line() {
+        let reference: Reference = "registry.example.com/team/meshtel-filter:1".parse().unwrap();
+        let file = Credentials {
+            auth: oci_client::secrets::RegistryAuth::Basic("u".into(), "hunter2".into()),
+            source: Source::ConfigFile("/home/u/.docker/config.json".into()),
+        };
+        let server = |code| OciDistributionError::ServerError { code, url: "u".into(), message: "no\nmore".into() };
+        for (e, creds, expect) in [
+            (server(401), &file, "registry registry.example.com refused the credentials from /home/u/.docker/config.json (401 Unauthorized)"),
+            (registry_error(OciErrorCode::Unauthorized), &file, "refused the credentials from /home/u/.docker/config.json (401 Unauthorized)"),
+            (server(401), &Credentials::anonymous(), "refused an anonymous push (401 Unauthorized): log in (docker login registry.example.com)"),
+            (server(403), &file, "registry registry.example.com denied a push to team/meshtel-filter (403 Forbidden)"),
+            (registry_error(OciErrorCode::Denied), &file, "denied a push to team/meshtel-filter (403 Forbidden)"),
+            (registry_error(OciErrorCode::NameUnknown), &file, "does not know the repository team/meshtel-filter (NAME_UNKNOWN)"),
+            (server(404), &file, "(NAME_UNKNOWN): create it first"),
+            (server(500), &file, "registry registry.example.com answered 500: no"),
+        ] {
+            let line = describe(&e, &reference, creds, false, false);
+            assert!(line.contains(expect), "{line}");
+            assert_eq!(line.lines().count(), 1, "{line}");
+            assert!(!line.contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn loopback_registries_try_https_then_http_and_others_https_unless_insecure() {
+        let names = |r: &str, insecure| protocols(r, insecure).iter().map(|p| format!("{p:?}")).collect::<Vec<_>>();
+        assert_eq!(names("127.0.0.1:5000", false), ["Https", "Http"]);
+        assert_eq!(names("localhost:5000", false), ["Https", "Http"]);
+        assert_eq!(names("ghcr.io", false), ["Https"]);
+        assert_eq!(names("192.0.2.2:5000", true), ["Http"]);
+    }
+}
