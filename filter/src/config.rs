@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::json_fields::Fields;
+use crate::quote::{name as quoted_name, quote};
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +234,10 @@ const MAX_EXPIRY_MS: u64 = 7 * 24 * 3_600_000;
 const MAX_BATCH: u64 = 16_384;
 const MAX_QUEUE: u64 = 1_048_576;
 const MAX_SERIES: u64 = 100_000;
+
+/// Longest refusal [`parse`] gives, as text: a field path and a reason, each quoting at most a
+/// prefix of the input (see [`crate::quote`]), so that it fits one log line.
+pub const MAX_ERROR_LEN: usize = 1_024;
 
 /// Parse and validate a `pluginConfig` JSON document.
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
@@ -507,7 +512,7 @@ impl RawCollector {
             None => istio_cluster_authority(&cluster).ok_or_else(|| {
                 ConfigError::new(
                     "collector.authority",
-                    format!("is required when collector.cluster is not an Istio cluster name (outbound|PORT|SUBSET|HOST), got {cluster:?}"),
+                    format!("is required when collector.cluster is not an Istio cluster name (outbound|PORT|SUBSET|HOST), got {}", quote(&cluster)),
                 )
             })?,
         };
@@ -523,7 +528,7 @@ impl RawCollector {
         };
         let mut headers = Vec::with_capacity(self.headers.len());
         for (name, value) in self.headers {
-            let field = format!("collector.headers.{name}");
+            let field = format!("collector.headers.{}", quoted_name(&name));
             check_name(&field, &name)?;
             if !is_header_value(&value) {
                 return Err(ConfigError::new(&field, "header values must not contain CR, LF or NUL"));
@@ -532,7 +537,7 @@ impl RawCollector {
         }
         let mut headers_from_env = Vec::with_capacity(self.headers_from_env.len());
         for (name, var) in self.headers_from_env {
-            let field = format!("collector.headers_from_env.{name}");
+            let field = format!("collector.headers_from_env.{}", quoted_name(&name));
             check_name(&field, &name)?;
             if headers.iter().any(|(h, _)| *h == name) {
                 return Err(ConfigError::new(&field, "is also set in collector.headers"));
@@ -540,7 +545,7 @@ impl RawCollector {
             let valid_var = var.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
                 && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid_var {
-                return Err(ConfigError::new(&field, format!("{var:?} is not an environment variable name")));
+                return Err(ConfigError::new(&field, format!("{} is not an environment variable name", quote(&var))));
             }
             headers_from_env.push((name, var));
         }
@@ -582,7 +587,7 @@ impl RawTraces {
             if !is_header_name(&h) {
                 return Err(ConfigError::new(
                     &format!("traces.sensitive_headers[{i}]"),
-                    format!("{h:?} is not a lower-case header name"),
+                    format!("{} is not a lower-case header name", quote(&h)),
                 ));
             }
             sensitive.push(h);
@@ -591,10 +596,13 @@ impl RawTraces {
         for (i, h) in self.request_headers.into_iter().enumerate() {
             let field = format!("traces.request_headers[{i}]");
             if !is_header_name(&h) {
-                return Err(ConfigError::new(&field, format!("{h:?} is not a lower-case header name")));
+                return Err(ConfigError::new(&field, format!("{} is not a lower-case header name", quote(&h))));
             }
             if sensitive.contains(&h) {
-                return Err(ConfigError::new(&field, format!("{h} is sensitive and can never be recorded")));
+                return Err(ConfigError::new(
+                    &field,
+                    format!("{} is sensitive and can never be recorded", quoted_name(&h)),
+                ));
             }
             if request_headers.len() >= MAX_RECORDED_HEADERS {
                 return Err(ConfigError::new(
@@ -670,7 +678,10 @@ impl RawExport {
 
 fn compile_resource(raw: RawResource) -> Result<BTreeMap<String, String>, ConfigError> {
     if let Some(key) = raw.attributes.keys().find(|k| k.trim().is_empty()) {
-        return Err(ConfigError::new("resource.attributes", format!("attribute names must not be empty, got {key:?}")));
+        return Err(ConfigError::new(
+            "resource.attributes",
+            format!("attribute names must not be empty, got {}", quote(key)),
+        ));
     }
     Ok(raw.attributes)
 }
@@ -741,6 +752,41 @@ mod tests {
         assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
         assert_eq!(c.collector.protocol, Protocol::Http);
         assert_eq!(c.logs, Logs { enabled: false, mode: LogMode::All });
+    }
+
+    /// Every refusal that quotes input quotes a prefix of it: a 2 MB value, key or header name
+    /// gives a line that fits a log line, naming the field and the length.
+    #[test]
+    fn refusals_quote_at_most_a_prefix_of_the_input() {
+        let big = "v".repeat(2 * 1024 * 1024);
+        let cut = format!("\"{}\"... (cut, 2097152 bytes)", "v".repeat(crate::quote::MAX_QUOTED));
+        let collector = r#""collector":{"cluster":"outbound|4318||otel.obs.svc.cluster.local"}"#;
+        let cases = [
+            // invalid type
+            format!(r#"{{{collector},"metrics":{{"max_series":"{big}"}}}}"#),
+            // unknown field, at the top and nested
+            format!(r#"{{{collector},"{big}":1}}"#),
+            format!(r#"{{{collector},"traces":{{"{big}":1}}}}"#),
+            // unknown variant
+            format!(r#"{{{collector},"logs":{{"mode":"{big}"}}}}"#),
+            // an authority that cannot be derived from the cluster
+            format!(r#"{{"collector":{{"cluster":"{big}"}}}}"#),
+            // header names, header values and environment variables
+            format!(r#"{{"collector":{{"cluster":"outbound|4318||o.svc","headers":{{"X{big}":"x"}}}}}}"#),
+            format!(r#"{{"collector":{{"cluster":"outbound|4318||o.svc","headers_from_env":{{"x-k":"-{big}"}}}}}}"#),
+            format!(r#"{{{collector},"traces":{{"request_headers":["X{big}"]}}}}"#),
+            format!(r#"{{{collector},"traces":{{"sensitive_headers":["X{big}"]}}}}"#),
+        ];
+        for (i, json) in cases.iter().enumerate() {
+            let Err(e) = parse(json.as_bytes()).map_err(|e| e.to_string()) else { panic!("case {i} was accepted") };
+            assert!(e.len() <= MAX_ERROR_LEN, "{} bytes: {}", e.len(), &e[..200]);
+            assert!(e.contains("(cut, 209715") && e.contains(&cut[1..40]), "{e}");
+        }
+        let e = err(&format!(r#"{{{collector},"metrics":{{"max_series":"{big}"}}}}"#));
+        assert_eq!(e, format!("metrics.max_series: invalid type: string {cut}, expected a non-negative integer"));
+        let blank = " ".repeat(4096);
+        let e = err(&format!(r#"{{{collector},"resource":{{"attributes":{{"{blank}":"x"}}}}}}"#));
+        assert!(e.len() < 300 && e.ends_with("... (cut, 4096 bytes)"), "{e}");
     }
 
     #[test]

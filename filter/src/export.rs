@@ -3,12 +3,15 @@
 //! Items wait in a [`BoundedQueue`] (oldest dropped and counted past its cap). The root context
 //! drains batches on its tick, encodes them, and hands each payload to a [`Sender`], which tracks
 //! calls in flight, classifies answers, schedules retries with backoff within a fixed budget, and
-//! reports health changes so that the proxy logs once per change, never once per request.
+//! reports when failures start and when they settle, so that the proxy logs once per change,
+//! never once per request or tick.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::episode::Episode;
 use crate::otlp::Signal;
+use crate::quote::quote;
 
 /// A FIFO with a hard cap: pushing onto a full queue drops the oldest item.
 #[derive(Debug)]
@@ -104,10 +107,13 @@ impl Payload {
 /// How an export call ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Accepted; `rejected` items were refused by the collector (OTLP partial success).
+    /// Accepted; `rejected` items were refused by the collector (OTLP partial success), for the
+    /// reason in `message`.
     Success {
         /// Items the collector refused.
         rejected: u64,
+        /// The collector's `error_message` for them (empty when it gave none).
+        message: String,
     },
     /// A transient failure worth retrying; `after` is the collector's `Retry-After`, if any.
     Retry {
@@ -123,12 +129,19 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Accepted whole.
+    pub fn success() -> Self {
+        Outcome::Success { rejected: 0, message: String::new() }
+    }
+}
+
 /// Classify an OTLP/HTTP answer (OTLP spec, "Failures"): 2xx succeeds; 429, 502, 503 and 504
 /// are retryable; no answer at all (connection refused, timeout, reset) is retryable too;
 /// everything else is a permanent failure.
 pub fn classify(status: Option<u32>, retry_after: Option<&str>) -> Outcome {
     match status {
-        Some(200..=299) => Outcome::Success { rejected: 0 },
+        Some(200..=299) => Outcome::success(),
         Some(code @ (429 | 502 | 503 | 504)) => Outcome::Retry {
             reason: format!("collector answered {code}"),
             after: retry_after.and_then(parse_retry_after),
@@ -170,7 +183,7 @@ pub fn classify_grpc(status: u32) -> Outcome {
     let name = NAMES.get(status as usize).copied().unwrap_or("an unknown status");
     let reason = format!("collector answered gRPC status {status} ({name})");
     match status {
-        0 => Outcome::Success { rejected: 0 },
+        0 => Outcome::success(),
         1 | 4 | 10 | 11 | 14 | 15 => Outcome::Retry { reason, after: None },
         _ => Outcome::Fail { reason },
     }
@@ -217,13 +230,24 @@ pub struct ExportStats {
     pub retries: u64,
 }
 
-/// Whether exports currently work; changes are logged once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
-    /// The last call succeeded (or none was made yet).
-    Healthy,
-    /// The last call failed for this reason.
-    Failing(String),
+/// Failed calls of one signal: an episode from the first failure until calls succeed again
+/// (see [`Episode`]), with what it cost.
+#[derive(Debug, Default)]
+struct Failing {
+    episode: Episode,
+    /// The reason of the failure that started it, and of the latest one.
+    first_reason: String,
+    last_reason: String,
+    /// [`ExportStats::failed`] when it started.
+    failed_before: u64,
+}
+
+/// Items the collector refused in calls it accepted (OTLP partial success), as an episode.
+#[derive(Debug, Default)]
+struct Refusing {
+    episode: Episode,
+    /// Items accepted over the episode, beside those refused.
+    accepted: u64,
 }
 
 /// Tracks export calls of one signal: in flight, waiting for a retry, and their outcomes.
@@ -234,7 +258,8 @@ pub struct Sender {
     max_in_flight: usize,
     max_retries: u32,
     stats: ExportStats,
-    health: Health,
+    failing: Failing,
+    refusing: Refusing,
     /// The jitter's generator (xorshift64; never zero).
     random: u64,
 }
@@ -248,7 +273,8 @@ impl Sender {
             max_in_flight: max_in_flight.max(1),
             max_retries,
             stats: ExportStats::default(),
-            health: Health::Healthy,
+            failing: Failing::default(),
+            refusing: Refusing::default(),
             random: 0x9e37_79b9_7f4a_7c15,
         }
     }
@@ -294,29 +320,45 @@ impl Sender {
     }
 
     /// Record a call the proxy refused to make (e.g. unknown cluster); it is retried like a
-    /// failed call. Returns a health change to log, if any.
+    /// failed call. Returns a line to log when this starts an episode of failures.
     pub fn not_sent(&mut self, mut payload: Payload, reason: String, now_ns: u64) -> Option<String> {
         payload.attempts += 1;
         self.failed(payload, Outcome::Retry { reason, after: None }, now_ns)
     }
 
-    /// Record the answer to call `token`. Returns a health change to log, if any.
-    /// Unknown tokens are ignored.
+    /// Record the answer to call `token`. Returns a line to log when this starts an episode
+    /// (of failures, or of refused items). Unknown tokens are ignored.
     pub fn completed(&mut self, token: u32, outcome: Outcome, now_ns: u64) -> Option<String> {
         let pos = self.in_flight.iter().position(|(t, _)| *t == token)?;
         let (_, payload) = self.in_flight.swap_remove(pos);
         match outcome {
-            Outcome::Success { rejected } => {
+            Outcome::Success { rejected, message } => {
                 let rejected = rejected.min(payload.items);
-                self.stats.exported += payload.items - rejected;
+                let accepted = payload.items - rejected;
+                self.stats.exported += accepted;
                 self.stats.failed += rejected;
-                self.set_health(Health::Healthy)
+                self.failing.episode.went_well();
+                if rejected == 0 {
+                    self.refusing.episode.went_well();
+                    self.refusing.accepted += accepted;
+                    return None;
+                }
+                let started = self.refusing.episode.occurred(rejected, now_ns);
+                if started {
+                    self.refusing.accepted = 0;
+                }
+                self.refusing.accepted += accepted;
+                started.then(|| {
+                    let why = if message.is_empty() { String::new() } else { format!(": {}", quote(&message)) };
+                    format!("the collector refused {rejected} of {} items (OTLP partial success){why}", payload.items)
+                })
             }
             failure => self.failed(payload, failure, now_ns),
         }
     }
 
     fn failed(&mut self, payload: Payload, outcome: Outcome, now_ns: u64) -> Option<String> {
+        let failed_before = self.stats.failed;
         self.stats.failed_requests += 1;
         let reason = match outcome {
             Outcome::Retry { reason, after } if payload.attempts <= self.max_retries => {
@@ -338,29 +380,48 @@ impl Sender {
             }
             Outcome::Success { .. } => return None,
         };
-        self.set_health(Health::Failing(reason))
-    }
-
-    fn set_health(&mut self, health: Health) -> Option<String> {
-        if self.health == health {
+        let f = &mut self.failing;
+        if !f.episode.occurred(1, now_ns) {
+            f.last_reason = reason;
             return None;
         }
-        let msg = match &health {
-            Health::Healthy => "export recovered".to_string(),
-            Health::Failing(reason) => format!("export failing: {reason}"),
-        };
-        self.health = health;
-        Some(msg)
+        f.failed_before = failed_before;
+        f.first_reason.clone_from(&reason);
+        f.last_reason = reason;
+        Some(format!("export failing: {}", f.first_reason))
+    }
+
+    /// Lines ending the episodes that settled by `now_ns`: calls succeed again, and no failure
+    /// (or refusal) came for [`crate::episode::SETTLE_NS`].
+    pub fn settle(&mut self, now_ns: u64) -> Vec<String> {
+        let mut lines = Vec::new();
+        let f = &mut self.failing;
+        if let Some(s) = f.episode.settle(now_ns) {
+            let lost = self.stats.failed.saturating_sub(f.failed_before);
+            let last =
+                if f.last_reason == f.first_reason { String::new() } else { format!("; the last: {}", f.last_reason) };
+            lines.push(format!(
+                "export recovered: {} calls failed over {} s, {lost} items lost{last}",
+                s.count, s.seconds
+            ));
+        }
+        if let Some(s) = self.refusing.episode.settle(now_ns) {
+            lines.push(format!(
+                "the collector accepts every item again: {} refused over {} s, {} accepted",
+                s.count, s.seconds, self.refusing.accepted
+            ));
+        }
+        lines
+    }
+
+    /// Whether calls are failing (an episode of failures is under way).
+    pub fn is_failing(&self) -> bool {
+        self.failing.episode.is_open()
     }
 
     /// Counters since the VM started.
     pub fn stats(&self) -> &ExportStats {
         &self.stats
-    }
-
-    /// Current health.
-    pub fn health(&self) -> &Health {
-        &self.health
     }
 
     /// Payloads waiting for a retry.
@@ -463,7 +524,7 @@ mod tests {
 
     #[test]
     fn classifies_per_otlp_http() {
-        assert_eq!(classify(Some(200), None), Outcome::Success { rejected: 0 });
+        assert_eq!(classify(Some(200), None), Outcome::success());
         for code in [429, 502, 503, 504] {
             assert!(matches!(classify(Some(code), None), Outcome::Retry { after: None, .. }));
         }
@@ -559,14 +620,41 @@ mod tests {
         }
     }
 
+    fn partial(rejected: u64, message: &str) -> Outcome {
+        Outcome::Success { rejected, message: message.into() }
+    }
+
     #[test]
     fn success_counts_exported_and_partial_rejections() {
         let mut s = Sender::new(2, 3);
         s.sent(1, payload(10));
-        assert_eq!(s.completed(1, Outcome::Success { rejected: 3 }, 0), None, "healthy from the start");
+        let line = s.completed(1, partial(3, "bad span name"), 0);
+        assert_eq!(
+            line.as_deref(),
+            Some("the collector refused 3 of 10 items (OTLP partial success): \"bad span name\"")
+        );
         assert_eq!((s.stats().exported, s.stats().failed), (7, 3));
-        assert_eq!(s.completed(1, Outcome::Success { rejected: 0 }, 0), None, "unknown token ignored");
+        assert_eq!(s.completed(1, Outcome::success(), 0), None, "unknown token ignored");
         assert_eq!(s.stats().exported, 7);
+    }
+
+    #[test]
+    fn partial_successes_are_one_episode_logged_when_it_starts_and_settles() {
+        let mut s = Sender::new(1, 3);
+        let mut lines = Vec::new();
+        // A minute of answers refusing some items each: one line.
+        for t in 0..60 {
+            s.sent(t as u32, payload(10));
+            lines.extend(s.completed(t as u32, partial(2, &"x".repeat(100_000)), t * S));
+            lines.extend(s.settle(t * S));
+        }
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].len() < 300 && lines[0].ends_with("(cut, 100000 bytes)"), "the collector's answer is cut");
+        s.sent(99, payload(10));
+        assert_eq!(s.completed(99, Outcome::success(), 60 * S), None);
+        assert!(s.settle(63 * S).is_empty(), "settles SETTLE_NS after the last refusal");
+        assert_eq!(s.settle(64 * S), ["the collector accepts every item again: 120 refused over 59 s, 490 accepted"]);
+        assert!(s.settle(100 * S).is_empty());
     }
 
     #[test]
@@ -597,8 +685,48 @@ mod tests {
         assert_eq!(log.as_deref(), Some("export failing: collector answered 400"));
         assert_eq!((s.waiting(), s.stats().failed), (0, 4));
         s.sent(2, payload(1));
-        assert_eq!(s.completed(2, classify(Some(200), None), 0).as_deref(), Some("export recovered"));
-        assert_eq!(*s.health(), Health::Healthy);
+        assert_eq!(s.completed(2, classify(Some(200), None), S), None, "recovery waits until it settles");
+        assert!(s.is_failing() && s.settle(5 * S - 1).is_empty());
+        assert_eq!(s.settle(5 * S), ["export recovered: 1 calls failed over 0 s, 4 items lost"]);
+        assert!(!s.is_failing());
+    }
+
+    /// A collector down for an hour: one line when it starts, one when it settles, whatever the
+    /// reasons in between.
+    #[test]
+    fn an_outage_logs_its_start_and_its_end_only() {
+        let mut s = Sender::new(4, 2);
+        let mut lines = Vec::new();
+        for t in 0..3_600u64 {
+            s.sent(t as u32, payload(5));
+            let answer = if t % 3 == 0 { classify(None, None) } else { classify(Some(503), None) };
+            lines.extend(s.completed(t as u32, answer, t * S));
+            lines.extend(s.settle(t * S));
+        }
+        assert_eq!(lines, ["export failing: no answer from the collector (refused, reset or timed out)"]);
+        s.sent(1, payload(5));
+        s.completed(1, Outcome::success(), 3_600 * S);
+        let end = s.settle(3_606 * S);
+        assert_eq!(end.len(), 1);
+        assert!(
+            end[0].starts_with("export recovered: 3600 calls failed over 3599 s, ")
+                && end[0].ends_with("; the last: collector answered 503"),
+            "{end:?}"
+        );
+    }
+
+    /// Calls that fail one in two are one episode, not a line per call.
+    #[test]
+    fn a_flapping_collector_is_one_episode() {
+        let mut s = Sender::new(1, 0);
+        let mut lines = 0;
+        for t in 0..1_000u64 {
+            s.sent(t as u32, payload(1));
+            let answer = if t % 2 == 0 { classify(Some(500), None) } else { Outcome::success() };
+            lines += usize::from(s.completed(t as u32, answer, t * S / 2).is_some());
+            lines += s.settle(t * S / 2).len();
+        }
+        assert_eq!(lines, 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::config::ConfigError;
+use crate::quote::{name as quoted_name, quote};
 
 /// The fields of one JSON object, at `path` in the document.
 pub(crate) struct Fields<'a> {
@@ -22,7 +23,7 @@ impl<'a> Fields<'a> {
         if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(ConfigError::new(
                 &join(path, unknown),
-                format!("unknown field `{unknown}`, expected {}", one_of(known)),
+                format!("unknown field `{}`, expected {}", quoted_name(unknown), one_of(known)),
             ));
         }
         Ok(Self { path: path.to_string(), map })
@@ -140,15 +141,15 @@ fn pick<T: Copy>(path: &str, v: &Value, variants: &[(&str, T)]) -> Result<T, Con
     let s = v.as_str().ok_or_else(|| invalid_type(path, v, "a string"))?;
     variants.iter().find(|(n, _)| *n == s).map(|(_, t)| *t).ok_or_else(|| {
         let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
-        ConfigError::new(path, format!("unknown variant `{s}`, expected {}", one_of(&names)))
+        ConfigError::new(path, format!("unknown variant `{}`, expected {}", quoted_name(s), one_of(&names)))
     })
 }
 
 fn join(path: &str, name: &str) -> String {
-    // An empty key still needs a visible name.
-    let name = if name.is_empty() { "\"\"" } else { name };
+    // An empty key still needs a visible name, and a long one is cut.
+    let name = quoted_name(name);
     if path.is_empty() {
-        name.to_string()
+        name
     } else {
         format!("{path}.{name}")
     }
@@ -169,7 +170,7 @@ fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {
         Value::Null => "null".to_string(),
         Value::Bool(b) => format!("boolean `{b}`"),
         Value::Number(n) => format!("number `{n}`"),
-        Value::String(s) => format!("string {s:?}"),
+        Value::String(s) => format!("string {}", quote(s)),
         Value::Array(_) => "an array".to_string(),
         Value::Object(_) => "an object".to_string(),
     };
@@ -214,7 +215,7 @@ mod tests {
         );
         // Found by fuzzing: an empty key must still be named.
         let empty = Fields::new("", &json!({"": {}}), &["a"]).err().unwrap();
-        assert_eq!(empty.to_string(), "\"\": unknown field ``, expected one of `a`");
+        assert_eq!(empty.to_string(), "\"\": unknown field `\"\"`, expected one of `a`");
         let nested = Fields::new("a", &json!({"": 1}), &[]).err().unwrap();
         assert_eq!(nested.field, "a.\"\"");
     }

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::connection::TcpConnection;
+use crate::episode::Episode;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::handoff;
 use crate::headers::Headers;
@@ -124,7 +125,9 @@ struct Signal<T> {
     flush: FlushTimer,
     sender: Sender,
     recorded: u64,
-    reported_drops: u64,
+    /// Drops already seen by [`Signal::notices`], and their episode.
+    seen_drops: u64,
+    drops: Episode,
 }
 
 impl<T> Signal<T> {
@@ -136,7 +139,8 @@ impl<T> Signal<T> {
             flush: FlushTimer::new(e.flush_interval, now_ns),
             sender: Sender::new(e.max_in_flight, e.max_retries).with_seed(seed.rotate_left(signal as u32 * 8 + 1)),
             recorded: 0,
-            reported_drops: 0,
+            seen_drops: 0,
+            drops: Episode::default(),
         }
     }
 
@@ -168,12 +172,29 @@ impl<T> Signal<T> {
         None
     }
 
-    /// Newly dropped items since the last call, and the total.
-    fn new_drops(&mut self) -> Option<(u64, u64)> {
+    /// Lines for the episodes of this signal that started or settled: the queue dropping
+    /// records (`what` names them), and its export calls.
+    fn notices(&mut self, what: &str, cap: usize, now_ns: u64, lines: &mut Vec<String>) {
         let dropped = self.queue.dropped();
-        let new = dropped.checked_sub(self.reported_drops).filter(|n| *n > 0)?;
-        self.reported_drops = dropped;
-        Some((new, dropped))
+        let new = dropped.saturating_sub(self.seen_drops);
+        self.seen_drops = dropped;
+        if new > 0 {
+            if self.drops.occurred(new, now_ns) {
+                lines.push(format!(
+                    "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
+                ));
+            }
+        } else {
+            self.drops.went_well();
+        }
+        if let Some(s) = self.drops.settle(now_ns) {
+            lines.push(format!(
+                "{what} queue has room again: dropped {} records over {} s, {dropped} since the VM started",
+                s.count, s.seconds
+            ));
+        }
+        let path = self.signal.path();
+        lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
     }
 }
 
@@ -571,25 +592,28 @@ impl Telemetry {
             otlp::Signal::Traces
         };
         let outcome = match outcome {
-            Outcome::Success { .. } => Outcome::Success { rejected: signal.rejected(body) },
+            Outcome::Success { .. } => {
+                let (rejected, message) = signal.rejected(body);
+                Outcome::Success { rejected, message }
+            }
             other => other,
         };
         let path = signal.path();
         self.sender_for(signal).completed(token, outcome, now_ns).map(|l| format!("{path}: {l}"))
     }
 
-    /// Lines to log when spans or access logs were dropped since the last call, if they were.
-    pub fn drop_report(&mut self) -> Vec<String> {
+    /// Lines to log for the repeated conditions that started or settled since the last call
+    /// (see [`crate::episode`]): full queues, failing exports, refused items, unreadable metric
+    /// batches. Called on every tick; a condition that lasts gives no line until it settles.
+    pub fn notices(&mut self, now_ns: u64) -> Vec<String> {
         let cap = self.config.export.max_queue;
-        let spans = self.spans.new_drops().map(|(new, all)| ("span", new, all));
-        let logs = self.logs.new_drops().map(|(new, all)| ("access-log", new, all));
-        [spans, logs]
-            .into_iter()
-            .flatten()
-            .map(|(what, new, all)| {
-                format!("{what} queue full (export.max_queue = {cap}): dropped {new} oldest records, {all} in all")
-            })
-            .collect()
+        let mut lines = Vec::new();
+        self.spans.notices("span", cap, now_ns, &mut lines);
+        self.logs.notices("access-log", cap, now_ns, &mut lines);
+        if let Some(m) = self.metrics.as_mut() {
+            m.notices(now_ns, &mut lines);
+        }
+        lines
     }
 
     /// Cumulative health counters.
@@ -799,10 +823,25 @@ mod tests {
         let mut t = telemetry(r#","export":{"max_batch":2,"max_queue":2,"max_in_flight":1}"#);
         record(&mut t, 5);
         assert_eq!(t.stats().spans_dropped, 3);
-        let lines = t.drop_report();
-        assert!(lines.len() == 1 && lines[0].starts_with("span queue full"), "{lines:?}");
-        assert!(lines[0].contains("dropped 3 oldest records"), "{lines:?}");
-        assert!(t.drop_report().is_empty());
+        let lines = t.notices(0);
+        assert_eq!(
+            lines,
+            ["span queue full (export.max_queue = 2): dropping the oldest records until exports catch up"]
+        );
+        // Still dropping on every tick for a minute: no further line.
+        for tick in 1..600 {
+            record(&mut t, 1);
+            assert!(t.notices(tick * S / 10).is_empty(), "tick {tick}");
+        }
+        assert_eq!(t.stats().spans_dropped, 3 + 599);
+        // Exports caught up: the first tick without drops starts the quiet spell, which settles.
+        assert!(t.notices(60 * S).is_empty());
+        assert!(t.notices(64 * S).is_empty());
+        assert_eq!(
+            t.notices(65 * S),
+            ["span queue has room again: dropped 602 records over 59 s, 602 since the VM started"]
+        );
+        assert!(t.notices(70 * S).is_empty());
     }
 
     fn logged(t: &mut Telemetry, code: u32, traceparent: Option<&str>) {
@@ -877,7 +916,7 @@ mod tests {
             logged(&mut t, 200, None);
         }
         assert_eq!((t.stats().logs_recorded, t.stats().logs_dropped), (5, 3));
-        let lines = t.drop_report();
+        let lines = t.notices(0);
         assert!(lines.len() == 1 && lines[0].starts_with("access-log queue full"), "{lines:?}");
     }
 

@@ -707,6 +707,20 @@ impl Envoy {
         fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
     }
 
+    /// Wait until Envoy's log holds a line containing `needle` and return the log; panics with
+    /// the log after `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no log line with {needle:?} within {timeout:?}\n{log}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait until meshtel's counter `wasmcustom.meshtel.<name>` satisfies `ok` and return it;
     /// panics with the value and Envoy's log after `timeout`.
     pub fn wait_meshtel_stat(&self, name: &str, timeout: Duration, ok: impl Fn(u64) -> bool) -> u64 {

@@ -55,9 +55,11 @@ fn permanent_failure(code: u16) {
     assert_eq!(collector.wait_for_spans(5, WAIT).len(), 5, "spans resume");
     collector.wait_for_points(WAIT, |p| total(p, "istio_requests_total", |_| true) == 25);
     wait_stat(&sidecar, "spans_exported", |v| v == 5);
-    let log = sidecar.envoy.log();
+    // Recovery is logged once no call failed for a settling spell (filter/src/episode.rs).
+    let log = sidecar.envoy.wait_log("/v1/traces: export recovered: ", WAIT);
     assert_eq!(count(&log, &format!("/v1/traces: export failing: collector answered {code}")), 1, "{log}");
-    assert_eq!(count(&log, "/v1/traces: export recovered"), 1, "{log}");
+    assert_eq!(count(&log, "/v1/traces: export recovered: "), 1, "{log}");
+    assert!(log.contains(", 20 items lost"), "the recovery line says what the outage cost:\n{log}");
 }
 
 #[test]
@@ -131,6 +133,8 @@ fn partial_success_counts_the_rejected_spans() {
     drive(&sidecar, 5);
     wait_stat(&sidecar, "spans_failed", |v| v == 2);
     wait_stat(&sidecar, "spans_exported", |v| v == 3);
+    let log = sidecar.envoy.log();
+    assert_eq!(count(&log, "/v1/traces: the collector refused 2 of 5 items (OTLP partial success)"), 1, "{log}");
 }
 
 #[test]

@@ -87,6 +87,8 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
 
     let (down, failed) = load(&sidecar, 120_000, Duration::from_secs(90));
     assert_eq!(failed, 0, "requests failed while the collector was down");
+    // The collector was down from the start, through the warm-up.
+    let outage_lines = meshtel_lines(&sidecar);
     let rss_down = rss_kb(&sidecar);
     let dropped = sidecar.envoy.stat("wasmcustom.meshtel.spans_dropped");
     let logs_dropped = sidecar.envoy.stat("wasmcustom.meshtel.logs_dropped");
@@ -126,4 +128,31 @@ fn collector_down_then_up_under_load_keeps_memory_and_caps_bounded() {
     assert!(requests_series.iter().any(|p| p.label("otel.metric.overflow") == "true"));
     assert!(exported > 0, "spans flow again once the collector is back");
     assert!(logs_exported > 0, "access logs too");
+
+    // The log tells each state change once (filter/src/episode.rs): per worker, the two queues
+    // filling and the three signals' exports failing, not a line per tick or per call.
+    assert!(
+        outage_lines.len() <= 2 * 5,
+        "{} meshtel lines during the outage:\n{}",
+        outage_lines.len(),
+        outage_lines.join("\n")
+    );
+    for needle in ["span queue full", "access-log queue full", "/v1/traces: export failing", "/v1/logs: export failing"]
+    {
+        assert!(outage_lines.iter().any(|l| l.contains(needle)), "{needle:?} logged:\n{}", outage_lines.join("\n"));
+    }
+    // And once it recovered, what the outage cost.
+    sidecar.envoy.wait_log("span queue has room again: dropped ", Duration::from_secs(30));
+    let log = sidecar.envoy.wait_log("/v1/traces: export recovered: ", Duration::from_secs(30));
+    let recovered: Vec<&str> = log.lines().filter(|l| l.contains("export recovered: ")).collect();
+    assert!(recovered.iter().all(|l| l.contains(" calls failed over ") && l.contains(" items lost")), "{recovered:?}");
+    let after = meshtel_lines(&sidecar).len();
+    eprintln!("soak: {} meshtel log lines during the outage, {after} with the recovery", outage_lines.len());
+    assert!(after <= 2 * 10, "{after} meshtel lines over the outage and the recovery:\n{log}");
+}
+
+/// The lines meshtel logged so far, but for the one each VM logs when it is configured.
+fn meshtel_lines(sidecar: &Sidecar) -> Vec<String> {
+    let log = sidecar.envoy.log();
+    log.lines().filter(|l| l.contains("wasm log") && !l.contains(" configured: ")).map(str::to_string).collect()
 }

@@ -16,6 +16,7 @@ use crate::config::{self, Config, Protocol};
 use crate::export::Payload;
 use crate::istio::node::{decode_pairs, NodeInfo};
 use crate::otlp;
+use crate::quote;
 use crate::telemetry::{Telemetry, TelemetryStats};
 
 /// Longest tick: a full batch waits at most this long for its flush.
@@ -134,7 +135,10 @@ impl Root {
         for var in config.collector.resolve_env_headers(|var| std::env::var(var).ok()) {
             log(
                 LogLevel::Warn,
-                &format!("meshtel: collector.headers_from_env: {var} is not set in the proxy's environment; its header is not sent"),
+                &format!(
+                    "meshtel: collector.headers_from_env: {} is not set in the proxy's environment; its header is not sent",
+                    quote::name(&var)
+                ),
             );
         }
         let tick = config.export.flush_interval.min(MAX_TICK);
@@ -150,12 +154,12 @@ impl Root {
         log(
             LogLevel::Info,
             &format!(
-                "meshtel {}{} configured: service {:?} ({}), collector {} ({:?}), traces {}, sampling {}, metrics {}, logs {}",
+                "meshtel {}{} configured: service {} ({}), collector {} ({:?}), traces {}, sampling {}, metrics {}, logs {}",
                 otlp::VERSION,
                 if self.tcp { " (TCP network filter)" } else { "" },
-                node.canonical_service().unwrap_or("unknown"),
+                quote::quote(node.canonical_service().unwrap_or("unknown")),
                 if node.is_gateway() { "gateway" } else { "sidecar" },
-                config.collector.cluster,
+                quote::name(&config.collector.cluster),
                 config.collector.protocol,
                 if config.traces.enabled { "on" } else { "off" },
                 config::number_text(config.traces.sampling_ratio),
@@ -201,8 +205,8 @@ impl Root {
             }
             Err(status) => {
                 let reason = format!(
-                    "the proxy refused the {call} to cluster {:?} ({status:?}): is the cluster defined?",
-                    c.cluster
+                    "the proxy refused the {call} to cluster {} ({status:?}): is the cluster defined?",
+                    quote::quote(&c.cluster)
                 );
                 telemetry.not_sent(payload, reason, now)
             }
@@ -342,7 +346,7 @@ impl RootContext for Root {
                 log(LogLevel::Warn, &format!("meshtel: {line}"));
             }
         }
-        for line in telemetry.drop_report() {
+        for line in telemetry.notices(now) {
             log(LogLevel::Warn, &format!("meshtel: {line}"));
         }
         if let Some(stats) = self.stats.as_mut() {

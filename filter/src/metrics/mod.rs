@@ -8,6 +8,7 @@ pub mod shared;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use crate::config::{Config, Histograms, Temporality};
+use crate::episode::Episode;
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
@@ -123,6 +124,9 @@ pub struct MetricsPipeline {
     encoder: MetricsEncoder,
     sender: Sender,
     stats: MetricStats,
+    /// Unreadable batches already seen by [`MetricsPipeline::notices`], and their episode.
+    seen_unreadable: u64,
+    unreadable: Episode,
 }
 
 impl MetricsPipeline {
@@ -163,6 +167,8 @@ impl MetricsPipeline {
             encoder: MetricsEncoder::new(resource, m.histograms),
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries).with_seed(token),
             stats: MetricStats::default(),
+            seen_unreadable: 0,
+            unreadable: Episode::default(),
         }
     }
 
@@ -406,6 +412,29 @@ impl MetricsPipeline {
     }
 
     /// The sender of metric exports.
+    /// Lines for the episodes that started or settled (see [`crate::episode`]): batches of
+    /// other VMs that could not be read, and failing exports.
+    pub fn notices(&mut self, now_ns: u64, lines: &mut Vec<String>) {
+        let new = self.stats.unreadable.saturating_sub(self.seen_unreadable);
+        self.seen_unreadable = self.stats.unreadable;
+        if new > 0 {
+            if self.unreadable.occurred(new, now_ns) {
+                lines.push(format!(
+                    "metric batches from other VMs unreadable ({new} dropped): a module of another format shares the queue {}",
+                    self.queue_name
+                ));
+            }
+        } else {
+            self.unreadable.went_well();
+        }
+        if let Some(s) = self.unreadable.settle(now_ns) {
+            lines.push(format!("metric batches readable again: {} dropped over {} s", s.count, s.seconds));
+        }
+        let path = Signal::Metrics.path();
+        lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
+    }
+
+    /// The sender of metric exports.
     pub fn sender(&mut self) -> &mut Sender {
         &mut self.sender
     }
@@ -510,7 +539,7 @@ mod tests {
                 if let Some(p) = w.tick(store, t) {
                     let token = t as u32;
                     w.sender().sent(token, p.clone());
-                    w.sender().completed(token, crate::export::Outcome::Success { rejected: 0 }, t);
+                    w.sender().completed(token, crate::export::Outcome::success(), t);
                     out.push(p);
                 }
             }
@@ -564,7 +593,7 @@ mod tests {
             let mut answered = 0;
             for _ in 0..3 {
                 for (token, _) in &parts[answered..] {
-                    w.sender().completed(*token, crate::export::Outcome::Success { rejected: 0 }, t);
+                    w.sender().completed(*token, crate::export::Outcome::success(), t);
                 }
                 answered = parts.len();
                 send_all(&mut w, &mut parts, t);
@@ -621,6 +650,34 @@ mod tests {
         record(&mut workers[1], 4, "a");
         let exports = run(&mut workers, &store, 1_600 * MS, 2_600 * MS);
         assert_eq!(requests(exports.last().unwrap()), 17, "cumulative totals keep growing");
+    }
+
+    /// Batches the leader cannot read are dropped and counted; the log hears of it when it
+    /// starts and once it settled, not at every export.
+    #[test]
+    fn unreadable_batches_are_logged_when_they_start_and_settle() {
+        let store = MemoryStore::default();
+        let mut w = vec![pipeline("delta", 1)];
+        w[0].init_shared(&store);
+        let queue = w[0].queue.unwrap();
+        let mut lines = Vec::new();
+        let mut t = 100 * MS;
+        for _ in 0..30 {
+            store.enqueue(queue, b"\xffan older encoding").unwrap();
+            run(&mut w, &store, t, t + 900 * MS);
+            t += 1_000 * MS;
+            w[0].notices(t, &mut lines);
+        }
+        assert_eq!(w[0].stats().unreadable, 30);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("metric batches from other VMs unreadable ("), "{lines:?}");
+        for _ in 0..6 {
+            run(&mut w, &store, t, t + 900 * MS);
+            t += 1_000 * MS;
+            w[0].notices(t, &mut lines);
+        }
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].starts_with("metric batches readable again: 30 dropped over 2"), "{lines:?}");
     }
 
     #[test]

@@ -90,11 +90,11 @@ fn clamp(v: u64) -> i64 {
 }
 
 /// Log records the collector refused, from an export response body (partial success).
-pub fn rejected_log_records(body: &[u8]) -> u64 {
+pub fn rejected_log_records(body: &[u8]) -> (u64, String) {
     ExportLogsServiceResponse::decode(body)
         .ok()
         .and_then(|r| r.partial_success)
-        .map_or(0, |p| u64::try_from(p.rejected_log_records).unwrap_or(0))
+        .map_or((0, String::new()), |p| (u64::try_from(p.rejected_log_records).unwrap_or(0), p.error_message))
 }
 
 #[cfg(test)]
@@ -194,7 +194,7 @@ mod tests {
             partial_success: Some(ExportLogsPartialSuccess { rejected_log_records: 2, error_message: String::new() }),
         }
         .encode_to_vec();
-        assert_eq!(rejected_log_records(&body), 2);
-        assert_eq!(rejected_log_records(b"garbage"), 0);
+        assert_eq!(rejected_log_records(&body).0, 2);
+        assert_eq!(rejected_log_records(b"garbage").0, 0);
     }
 }

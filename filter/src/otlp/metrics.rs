@@ -315,11 +315,11 @@ fn exemplar(w: &mut Writer, e: &aggregate::Exemplar) {
 }
 
 /// Data points the collector refused, from an OTLP/HTTP metrics response body.
-pub fn rejected_points(body: &[u8]) -> u64 {
+pub fn rejected_points(body: &[u8]) -> (u64, String) {
     ExportMetricsServiceResponse::decode(body)
         .ok()
         .and_then(|r| r.partial_success)
-        .map_or(0, |p| u64::try_from(p.rejected_data_points).unwrap_or(0))
+        .map_or((0, String::new()), |p| (u64::try_from(p.rejected_data_points).unwrap_or(0), p.error_message))
 }
 
 #[cfg(test)]
@@ -526,7 +526,7 @@ mod tests {
             }),
         }
         .encode_to_vec();
-        assert_eq!(rejected_points(&body), 4);
-        assert_eq!(rejected_points(b"junk"), 0);
+        assert_eq!(rejected_points(&body).0, 4);
+        assert_eq!(rejected_points(b"junk").0, 0);
     }
 }

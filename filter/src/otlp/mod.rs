@@ -45,8 +45,9 @@ impl Signal {
         (service, "Export")
     }
 
-    /// The items the collector refused, from the body of a partial success.
-    pub fn rejected(self, body: &[u8]) -> u64 {
+    /// The items the collector refused and its message for them, from the body of a partial
+    /// success.
+    pub fn rejected(self, body: &[u8]) -> (u64, String) {
         match self {
             Signal::Traces => rejected_spans(body),
             Signal::Metrics => metrics::rejected_points(body),

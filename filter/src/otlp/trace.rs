@@ -102,11 +102,11 @@ impl TraceEncoder {
 
 /// Spans the collector refused, from an OTLP/HTTP response body (partial success).
 /// An empty or undecodable body means none: the status code already said "accepted".
-pub fn rejected_spans(body: &[u8]) -> u64 {
+pub fn rejected_spans(body: &[u8]) -> (u64, String) {
     ExportTraceServiceResponse::decode(body)
         .ok()
         .and_then(|r| r.partial_success)
-        .map_or(0, |p| u64::try_from(p.rejected_spans).unwrap_or(0))
+        .map_or((0, String::new()), |p| (u64::try_from(p.rejected_spans).unwrap_or(0), p.error_message))
 }
 
 /// Stable HTTP semantic-convention attributes of a request (span or log), written as repeated `field`.
@@ -310,9 +310,9 @@ mod tests {
             partial_success: Some(ExportTracePartialSuccess { rejected_spans: 3, error_message: "x".into() }),
         }
         .encode_to_vec();
-        assert_eq!(rejected_spans(&body), 3);
-        assert_eq!(rejected_spans(&[]), 0);
-        assert_eq!(rejected_spans(b"<html>garbage</html>"), 0);
+        assert_eq!(rejected_spans(&body), (3, "x".to_string()));
+        assert_eq!(rejected_spans(&[]).0, 0);
+        assert_eq!(rejected_spans(b"<html>garbage</html>").0, 0);
     }
 
     #[test]
