@@ -76,10 +76,11 @@ impl Telemetry {
             }
             (None, true) => protocol_and_client(host),
         };
+        let flags = host.property_u64(&["response", "flags"]).unwrap_or(0);
         let completion = Completion {
             end_unix_nanos: host.now_ns(),
             status_code: status_code(host),
-            response_flags: response_flags::short_string(host.property_u64(&["response", "flags"]).unwrap_or(0)),
+            response_flags: response_flags::short_string(flags),
             kind: span_kind(self.node(), reporter),
             protocol,
             client_address,
@@ -91,7 +92,7 @@ impl Telemetry {
                 .then(|| host.property_string(&["xds", "route_name"]))
                 .flatten(),
         };
-        let facts = metrics.then(|| self.metric_facts(host, reporter, connection, &active, &completion));
+        let facts = metrics.then(|| self.metric_facts(host, reporter, connection, &active, &completion, flags));
         self.finish_request(active, completion, facts);
     }
 
@@ -103,6 +104,7 @@ impl Telemetry {
         connection: Option<DownstreamFacts>,
         active: &ActiveRequest,
         completion: &Completion,
+        flags: u64,
     ) -> MetricFacts {
         let headers = self.config().metrics.peer_metadata_headers;
         let mut f = RequestFacts { reporter, ..Default::default() };
@@ -123,10 +125,12 @@ impl Telemetry {
             f.local_principal = up.local_principal.map(Rc::from);
         }
         // The gRPC-Web filter Istio places after meshtel rewrites the request to gRPC before
-        // Istio's stats filter looks: look again at what the request says now.
-        f.grpc = active.grpc
-            || (active.grpc_web
-                && host.header(HeaderMap::Request, "content-type").is_some_and(|ct| is_grpc_content_type(&ct)));
+        // Istio's stats filter looks: look again at what the request says now. A fault abort
+        // between the two ends the request before Istio's stats filter saw it: plain HTTP to it.
+        f.grpc = !response_flags::ended_before_istio_stats(flags)
+            && (active.grpc
+                || (active.grpc_web
+                    && host.header(HeaderMap::Request, "content-type").is_some_and(|ct| is_grpc_content_type(&ct))));
         if f.grpc {
             f.grpc_status = host.property_u64(&["response", "grpc_status"]).and_then(|s| u32::try_from(s).ok());
         }
@@ -282,6 +286,26 @@ mod tests {
         let active = t.on_request_headers(&host);
         t.on_log(&host.with_property("xds.cluster_name", "inbound|9080||"), active);
         assert_eq!(only_series(&t)["request_protocol"], "http", "gRPC-Web left as it is is not gRPC");
+    }
+
+    /// A gRPC request a fault filter after meshtel aborted with `grpcStatus: 14`: Istio's stats
+    /// filter, after the fault filter, never saw its headers and counts it as HTTP without a gRPC
+    /// status (istio/proxy istio_stats.cc, `decodeHeaders`); the span still says gRPC.
+    #[test]
+    fn a_fault_abort_after_meshtel_counts_as_istio_counts_it() {
+        let mut t = telemetry(SIDECAR, "");
+        let grpc = request(MockHost::new()).with_header(HeaderMap::Request, "content-type", "application/grpc");
+        let active = t.on_request_headers(&grpc);
+        let host = grpc
+            .with_property("xds.cluster_name", "inbound|9080||")
+            .with_u64("response.flags", 1 << 10)
+            .with_u64("response.grpc_status", 14);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!(
+            (l["request_protocol"].as_str(), l["grpc_response_status"].as_str(), l["response_flags"].as_str()),
+            ("http", "", "FI")
+        );
     }
 
     #[test]

@@ -136,6 +136,10 @@ pub struct Listener {
     pub direct_response: Option<u16>,
     /// An internal listener (`internal_listener`, reached through an `envoy_internal_address`).
     pub internal: bool,
+    /// More fields of the route action (a `retry_policy`, a `timeout`).
+    pub route_options: Option<Value>,
+    /// Write Envoy's `%RESPONSE_FLAGS%` of every request to `access.log` ([`Envoy::access_log`]).
+    pub access_log: bool,
 }
 
 impl Listener {
@@ -155,6 +159,8 @@ impl Listener {
             route_name: None,
             direct_response: None,
             internal: false,
+            route_options: None,
+            access_log: false,
         }
     }
 }
@@ -425,6 +431,15 @@ fn tls_context(id: &Identity) -> Value {
     })
 }
 
+/// Envoy's own rendering of each request's response flags, one line each.
+fn access_log(dir: &Path) -> Value {
+    json!([{"name": "envoy.access_loggers.file", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": dir.join("access.log").display().to_string(),
+        "log_format": {"text_format_source": {"inline_string": "%RESPONSE_FLAGS%\n"}},
+    }}])
+}
+
 fn socket(port: u16) -> Value {
     json!({"socket_address": {"address": "127.0.0.1", "port_value": port}})
 }
@@ -458,7 +473,13 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path, dir: &Path) -> Value {
     }));
     let action = match l.direct_response {
         Some(status) => json!({"direct_response": {"status": status}}),
-        None => json!({"route": {"cluster": l.cluster, "timeout": "10s"}}),
+        None => {
+            let mut action = json!({"cluster": l.cluster, "timeout": "10s"});
+            if let (Some(a), Some(Value::Object(extra))) = (action.as_object_mut(), &l.route_options) {
+                a.extend(extra.clone());
+            }
+            json!({"route": action})
+        }
     };
     let mut route = json!({"match": {"prefix": "/"}});
     if let (Some(r), Some(a)) = (route.as_object_mut(), action.as_object()) {
@@ -484,6 +505,7 @@ fn listener(l: &Listener, proxy: &Proxy, wasm: &Path, dir: &Path) -> Value {
                         }],
                     },
                     "http_filters": http_filters,
+                    "access_log": if l.access_log { access_log(dir) } else { json!([]) },
                 },
     }));
     let mut listener = json!({
@@ -700,6 +722,12 @@ impl Envoy {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The lines of the listeners' access log ([`Listener::access_log`]) so far.
+    pub fn access_log(&self) -> Vec<String> {
+        let text = fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+        text.lines().map(str::to_string).collect()
     }
 
     /// Everything Envoy logged so far.

@@ -537,3 +537,84 @@ fn main_internal_cluster() -> Value {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}}},
     })
 }
+
+/// Envoy's fault filter, as Istio configures it from a VirtualService's `fault`: `abort` and
+/// `delay` at 100%.
+fn fault_filter(abort: Option<Value>, delay: bool) -> Value {
+    let all = json!({"numerator": 100, "denominator": "HUNDRED"});
+    let mut config = json!({"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"});
+    if let Some(mut abort) = abort {
+        abort["percentage"] = all.clone();
+        config["abort"] = abort;
+    }
+    if delay {
+        config["delay"] = json!({"fixed_delay": "0.010s", "percentage": all});
+    }
+    json!({"name": "envoy.filters.http.fault", "typed_config": config})
+}
+
+#[test]
+fn grpc_aborted_by_a_fault_counts_as_http_as_in_istio() {
+    // Istio places the fault filter after STATS-phase plugins and before its stats filter
+    // (istio/istio pilot/pkg/networking/core/listener_test.go: wasm-stats, grpc_stats, fault,
+    // cors, istio.stats, router). The abort ends the chain, so istio_stats.cc's decodeHeaders,
+    // the only place that sets is_grpc_, never runs: request_protocol "http", no gRPC status.
+    // Expectation: server_request_total.yaml.tmpl with those labels and the flag FI.
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let port = free_port();
+    let mut l = inbound(port);
+    l.filters_after.push(fault_filter(Some(json!({"grpc_status": 14})), false));
+    let p = proxy(server_node(), l, vec![server_cluster("inbound|9080||", app.port)], &collector);
+    let _envoy = Envoy::start(&p);
+    let headers = [("x-envoy-peer-metadata", from_client()), ("content-type", "application/grpc".into())];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let point = run(&collector, port, &headers, "/grpc/0", 200);
+    let want = with(
+        server_request_total(),
+        &[
+            ("request_protocol", "http"),
+            ("grpc_response_status", ""),
+            ("response_flags", "FI"),
+            ("response_code", "200"),
+        ],
+    );
+    assert_labels(&point, "server_request_total.yaml.tmpl (a gRPC fault abort)", &want);
+}
+
+/// Several response flags on one request, as Envoy joins them in `%RESPONSE_FLAGS%` (the order
+/// they were set, source/common/stream_info/utility.cc) and as meshtel renders the bitmask
+/// (filter/src/istio/response_flags.rs): the same string, request by request.
+#[test]
+fn several_response_flags_read_as_envoy_writes_them() {
+    let connect_retries = json!({"retry_policy": {"retry_on": "connect-failure", "num_retries": 2}});
+    let per_try = json!({"retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.2s"}});
+    // (case, upstream reachable, path, route options, fault filter, Envoy's flags)
+    let cases: [(&str, bool, &str, Option<Value>, Option<Value>, &str); 6] = [
+        ("refused endpoint, Istio's default retries", false, "/", Some(connect_retries.clone()), None, "URX,UF"),
+        ("refused endpoint, no retries", false, "/", None, None, "UF"),
+        ("delay, then a refused endpoint", false, "/", None, Some(fault_filter(None, true)), "DI,UF"),
+        ("delay, retries, refused", false, "/", Some(connect_retries), Some(fault_filter(None, true)), "DI,URX,UF"),
+        ("delay, then abort", true, "/", None, Some(fault_filter(Some(json!({"http_status": 503})), true)), "DI,FI"),
+        ("per-try timeouts until the budget is spent", true, "/delay/1000", Some(per_try), None, "URX,UT"),
+    ];
+    for (case, reachable, path, route, fault, want) in cases {
+        let collector = Collector::start();
+        let app = App::start(Behavior::Echo);
+        let upstream = if reachable { app.port } else { free_port() };
+        let port = free_port();
+        let mut l = outbound(port, OUTBOUND_SERVER);
+        l.route_options = route;
+        l.filters_after.extend(fault);
+        l.access_log = true;
+        let p = proxy(client_node(), l, vec![server_cluster(OUTBOUND_SERVER, upstream)], &collector);
+        let envoy = Envoy::start(&p);
+        let status = request(&format!("http://127.0.0.1:{port}{path}"), &[]).map(|r| r.0);
+        assert!(status.is_some_and(|s| s >= 500), "{case}: {status:?}");
+        let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 1);
+        let got = series(&points, REQUESTS)[0].label("response_flags").to_string();
+        let envoys = envoy.access_log();
+        assert_eq!(envoys, [want], "{case}: Envoy's own %RESPONSE_FLAGS%");
+        assert_eq!(got, want, "{case}: meshtel's response_flags");
+    }
+}
