@@ -582,6 +582,10 @@ fn grpc_aborted_by_a_fault_counts_as_http_as_in_istio() {
     assert_labels(&point, "server_request_total.yaml.tmpl (a gRPC fault abort)", &want);
 }
 
+/// A request that ends with several flags: (case, upstream reachable, path, route options, fault
+/// filter, Envoy's `%RESPONSE_FLAGS%`).
+type FlagCase = (&'static str, bool, &'static str, Option<Value>, Option<Value>, &'static str);
+
 /// Several response flags on one request, as Envoy joins them in `%RESPONSE_FLAGS%` (the order
 /// they were set, source/common/stream_info/utility.cc) and as meshtel renders the bitmask
 /// (filter/src/istio/response_flags.rs): the same string, request by request.
@@ -589,8 +593,7 @@ fn grpc_aborted_by_a_fault_counts_as_http_as_in_istio() {
 fn several_response_flags_read_as_envoy_writes_them() {
     let connect_retries = json!({"retry_policy": {"retry_on": "connect-failure", "num_retries": 2}});
     let per_try = json!({"retry_policy": {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.2s"}});
-    // (case, upstream reachable, path, route options, fault filter, Envoy's flags)
-    let cases: [(&str, bool, &str, Option<Value>, Option<Value>, &str); 6] = [
+    let cases: [FlagCase; 6] = [
         ("refused endpoint, Istio's default retries", false, "/", Some(connect_retries.clone()), None, "URX,UF"),
         ("refused endpoint, no retries", false, "/", None, None, "UF"),
         ("delay, then a refused endpoint", false, "/", None, Some(fault_filter(None, true)), "DI,UF"),
