@@ -26,11 +26,15 @@ wasm-unit-test: tools
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(WASMTIME) run -W unknown-imports-trap=y" \
 		cargo test --target wasm32-wasip1 -p meshtel-filter --lib
 
+# The module, with only the exports meshtel implements (tools/prune-exports: Envoy enters the VM
+# for every callback a module exports, and the SDK exports them all).
 wasm:
 	rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter
 	# The test-only build that traps on a marked request (tests/tests/vm_faults.rs).
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter --features test-trap --target-dir target/test-trap
+	cargo run --quiet --release -p meshtel-prune-exports -- $(WASM) $(WASM)
+	cargo run --quiet --release -p meshtel-prune-exports -- target/test-trap/$(WASM:target/%=%) target/test-trap/$(WASM:target/%=%)
 
 # The module to ship: the release build through wasm-opt -Oz (Debian's binaryen), about 19% smaller.
 wasm-opt: wasm
@@ -54,7 +58,9 @@ manifests:
 	grep -v '^#' wasm-plugins/manifests.txt | while read -r file args; do \
 		target/debug/meshtel render $$args -o wasm-plugins/$$file; done
 
-# The end-to-end benchmark (needs wrk: apt-get install wrk); prints a Markdown report.
+# The end-to-end benchmark (needs wrk and valgrind, installed from Debian if missing); prints a
+# Markdown report: wall-clock rows, the probe's cost model, then the same rows in instructions per
+# request counted by callgrind (BENCH_WALLCLOCK=0: only those; BENCH_CALLGRIND=0: none).
 bench: tools wasm
 	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter -p meshtel-probe-filter
 	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter --features response-headers --target-dir target/probe
@@ -64,6 +70,7 @@ bench: tools wasm
 	cp target/probe/wasm32-wasip1/release/meshtel_probe_filter.wasm \
 		target/wasm32-wasip1/release/meshtel_probe_filter_no_log.wasm
 	command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null)
+	command -v valgrind >/dev/null || (apt-get install -y -q valgrind >/dev/null)
 	cargo run --quiet --release -p meshtel-tests --bin bench
 
 # Fuzz the parsers of untrusted input for FUZZ_SECONDS each (nightly + cargo-fuzz), starting from

@@ -316,6 +316,8 @@ pub struct Proxy {
     /// delivers a WasmPlugin (minus istiod, and with no `vm_id`, as Istio sets none), instead
     /// of inline in the listeners: [`Envoy::push_plugin`] then replaces it while Envoy runs.
     pub ecds: bool,
+    /// A command that runs Envoy (its arguments follow), e.g. valgrind's; empty: Envoy itself.
+    pub wrapper: Vec<String>,
 }
 
 impl Proxy {
@@ -334,6 +336,7 @@ impl Proxy {
             raw_listeners: Vec::new(),
             raw_clusters: Vec::new(),
             ecds: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -625,7 +628,14 @@ impl Envoy {
             write_ecds(&dir, proxy, &wasm, config).map_err(|e| e.to_string())?;
         }
         let log = fs::File::create(dir.join("envoy.log")).map_err(|e| e.to_string())?;
-        let mut command = Command::new(envoy_bin());
+        let mut command = match proxy.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(envoy_bin());
+                c
+            }
+            None => Command::new(envoy_bin()),
+        };
         // Envoy dies with the thread that started it, also when the test or demo is killed.
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
@@ -649,7 +659,9 @@ impl Envoy {
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", envoy_bin().display()))?;
         let mut envoy = Envoy { child, admin_port, dir, proxy: proxy.clone() };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Under a wrapper such as valgrind Envoy starts some fifty times slower.
+        let ready_within = Duration::from_secs(if proxy.wrapper.is_empty() { 30 } else { 600 });
+        let deadline = Instant::now() + ready_within;
         loop {
             if let Ok(Some(status)) = envoy.child.try_wait() {
                 return Err(format!("Envoy exited with {status}:\n{}", envoy.log()));
@@ -660,10 +672,15 @@ impl Envoy {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("Envoy not ready after 30 s:\n{}", envoy.log()));
+                return Err(format!("Envoy not ready after {ready_within:?}:\n{}", envoy.log()));
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The directory of its bootstrap and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The Envoy process id.
