@@ -74,6 +74,37 @@ impl Episode {
     }
 }
 
+/// What a check of a counter found: an episode started (with the occurrences since the last
+/// check) or settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The first occurrences after a quiet spell.
+    Started(u64),
+    /// The episode is over.
+    Settled(Summary),
+}
+
+/// An [`Episode`] of a cumulative counter (items dropped, batches unreadable) checked on every
+/// tick: a tick that finds it grown is an occurrence, one that finds it still is a good outcome.
+#[derive(Debug, Clone, Default)]
+pub struct CounterEpisode {
+    seen: u64,
+    episode: Episode,
+}
+
+impl CounterEpisode {
+    /// Check the counter's `total` at `now_ns`; returns the change to log, if any.
+    pub fn check(&mut self, total: u64, now_ns: u64) -> Option<Change> {
+        let new = total.saturating_sub(self.seen);
+        self.seen = total;
+        if new > 0 {
+            return self.episode.occurred(new, now_ns).then_some(Change::Started(new));
+        }
+        self.episode.went_well();
+        self.episode.settle(now_ns).map(Change::Settled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +154,17 @@ mod tests {
             lines += u32::from(e.settle(i * S + S / 2).is_some());
         }
         assert_eq!(lines, 1);
+    }
+
+    #[test]
+    fn a_counter_checked_every_tick_starts_and_settles_once() {
+        let mut c = CounterEpisode::default();
+        assert_eq!(c.check(0, 0), None);
+        assert_eq!(c.check(3, S), Some(Change::Started(3)));
+        assert_eq!(c.check(10, 2 * S), None, "still growing");
+        assert_eq!(c.check(10, 3 * S), None, "still for less than SETTLE_NS");
+        assert_eq!(c.check(10, 7 * S), Some(Change::Settled(Summary { count: 10, seconds: 1 })));
+        assert_eq!(c.check(10, 8 * S), None);
     }
 
     #[test]

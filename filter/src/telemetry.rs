@@ -11,7 +11,7 @@ use std::rc::Rc;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::connection::TcpConnection;
-use crate::episode::Episode;
+use crate::episode::{Change, CounterEpisode};
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::handoff;
 use crate::headers::Headers;
@@ -125,9 +125,8 @@ struct Signal<T> {
     flush: FlushTimer,
     sender: Sender,
     recorded: u64,
-    /// Drops already seen by [`Signal::notices`], and their episode.
-    seen_drops: u64,
-    drops: Episode,
+    /// The queue's drops, as an episode.
+    drops: CounterEpisode,
 }
 
 impl<T> Signal<T> {
@@ -139,8 +138,7 @@ impl<T> Signal<T> {
             flush: FlushTimer::new(e.flush_interval, now_ns),
             sender: Sender::new(e.max_in_flight, e.max_retries).with_seed(seed.rotate_left(signal as u32 * 8 + 1)),
             recorded: 0,
-            seen_drops: 0,
-            drops: Episode::default(),
+            drops: CounterEpisode::default(),
         }
     }
 
@@ -176,22 +174,15 @@ impl<T> Signal<T> {
     /// records (`what` names them), and its export calls.
     fn notices(&mut self, what: &str, cap: usize, now_ns: u64, lines: &mut Vec<String>) {
         let dropped = self.queue.dropped();
-        let new = dropped.saturating_sub(self.seen_drops);
-        self.seen_drops = dropped;
-        if new > 0 {
-            if self.drops.occurred(new, now_ns) {
-                lines.push(format!(
-                    "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
-                ));
-            }
-        } else {
-            self.drops.went_well();
-        }
-        if let Some(s) = self.drops.settle(now_ns) {
-            lines.push(format!(
+        match self.drops.check(dropped, now_ns) {
+            Some(Change::Started(_)) => lines.push(format!(
+                "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
+            )),
+            Some(Change::Settled(s)) => lines.push(format!(
                 "{what} queue has room again: dropped {} records over {} s, {dropped} since the VM started",
                 s.count, s.seconds
-            ));
+            )),
+            None => {}
         }
         let path = self.signal.path();
         lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));

@@ -8,7 +8,7 @@ pub mod shared;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use crate::config::{Config, Histograms, Temporality};
-use crate::episode::Episode;
+use crate::episode::{Change, CounterEpisode};
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
@@ -124,9 +124,8 @@ pub struct MetricsPipeline {
     encoder: MetricsEncoder,
     sender: Sender,
     stats: MetricStats,
-    /// Unreadable batches already seen by [`MetricsPipeline::notices`], and their episode.
-    seen_unreadable: u64,
-    unreadable: Episode,
+    /// Unreadable batches, as an episode.
+    unreadable: CounterEpisode,
 }
 
 impl MetricsPipeline {
@@ -167,8 +166,7 @@ impl MetricsPipeline {
             encoder: MetricsEncoder::new(resource, m.histograms),
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries).with_seed(token),
             stats: MetricStats::default(),
-            seen_unreadable: 0,
-            unreadable: Episode::default(),
+            unreadable: CounterEpisode::default(),
         }
     }
 
@@ -415,20 +413,15 @@ impl MetricsPipeline {
     /// Lines for the episodes that started or settled (see [`crate::episode`]): batches of
     /// other VMs that could not be read, and failing exports.
     pub fn notices(&mut self, now_ns: u64, lines: &mut Vec<String>) {
-        let new = self.stats.unreadable.saturating_sub(self.seen_unreadable);
-        self.seen_unreadable = self.stats.unreadable;
-        if new > 0 {
-            if self.unreadable.occurred(new, now_ns) {
-                lines.push(format!(
-                    "metric batches from other VMs unreadable ({new} dropped): a module of another format shares the queue {}",
-                    self.queue_name
-                ));
+        match self.unreadable.check(self.stats.unreadable, now_ns) {
+            Some(Change::Started(new)) => lines.push(format!(
+                "metric batches from other VMs unreadable ({new} dropped): a module of another format shares the queue {}",
+                self.queue_name
+            )),
+            Some(Change::Settled(s)) => {
+                lines.push(format!("metric batches readable again: {} dropped over {} s", s.count, s.seconds))
             }
-        } else {
-            self.unreadable.went_well();
-        }
-        if let Some(s) = self.unreadable.settle(now_ns) {
-            lines.push(format!("metric batches readable again: {} dropped over {} s", s.count, s.seconds));
+            None => {}
         }
         let path = Signal::Metrics.path();
         lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
