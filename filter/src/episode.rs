@@ -69,6 +69,7 @@ impl Episode {
     }
 
     /// Whether an episode is under way.
+    #[cfg(test)]
     pub fn is_open(&self) -> bool {
         self.open.is_some()
     }
