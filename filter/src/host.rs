@@ -5,6 +5,7 @@
 //! each caller decides what "unknown" means for it.
 
 use crate::headers::HeaderPairs;
+use crate::prefetch::Query;
 
 /// Which header map of the current stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +32,14 @@ pub trait Host {
 
     /// Now, in nanoseconds since the Unix epoch; 0 when the proxy cannot tell.
     fn now_ns(&self) -> u64;
+
+    /// Compile a CEL expression for this root context (Envoy's `expr_create`); `None` when the
+    /// proxy refuses it (a build without the CEL parser, or an expression it cannot compile).
+    fn compile(&self, expression: &str) -> Option<u32>;
+
+    /// Evaluate a compiled query for the current request (`expr_evaluate`): a CEL list in the
+    /// ABI's pairs encoding (see [`crate::prefetch`]); `None` when the evaluation failed.
+    fn evaluate(&self, query: &Query) -> Option<Vec<u8>>;
 
     /// A UTF-8 string property.
     fn property_string(&self, path: &[&str]) -> Option<String> {
@@ -88,6 +97,7 @@ pub mod mock {
 
     use super::{HeaderMap, Host};
     use crate::headers::HeaderPairs;
+    use crate::prefetch::{encode_list, Fact, Query};
 
     /// What the code under test asked for and changed (not kept in counting-only mode).
     #[derive(Debug, Default)]
@@ -111,6 +121,8 @@ pub mod mock {
         pub header_writes: usize,
         /// `get_current_time_nanoseconds`.
         pub time_reads: usize,
+        /// `expr_evaluate` (one CEL query).
+        pub evaluations: usize,
         /// Buffers the host allocated in the module to return a value (one per non-empty answer).
         pub returned_buffers: usize,
     }
@@ -118,7 +130,12 @@ pub mod mock {
     impl Counts {
         /// All host calls.
         pub fn total(&self) -> usize {
-            self.properties + self.header_reads + self.map_reads + self.header_writes + self.time_reads
+            self.properties
+                + self.header_reads
+                + self.map_reads
+                + self.header_writes
+                + self.time_reads
+                + self.evaluations
         }
     }
 
@@ -130,6 +147,11 @@ pub mod mock {
         headers: Vec<(HeaderMap, String, Vec<u8>)>,
         now_ns: u64,
         counting_only: bool,
+        /// A proxy built without the CEL parser: `expr_create` refused.
+        no_cel: bool,
+        /// Every `expr_evaluate` fails (an attribute the guards did not foresee).
+        failing_evaluations: bool,
+        compiled: Cell<u32>,
         counts: Cell<Counts>,
         /// Everything asked and changed so far.
         pub calls: RefCell<Calls>,
@@ -163,6 +185,18 @@ pub mod mock {
         /// Add a header.
         pub fn with_header(mut self, map: HeaderMap, name: &str, value: &str) -> Self {
             self.headers.push((map, name.to_string(), value.as_bytes().to_vec()));
+            self
+        }
+
+        /// A proxy without the CEL parser.
+        pub fn without_cel(mut self) -> Self {
+            self.no_cel = true;
+            self
+        }
+
+        /// A proxy whose CEL evaluations fail.
+        pub fn failing_evaluations(mut self) -> Self {
+            self.failing_evaluations = true;
             self
         }
 
@@ -251,6 +285,40 @@ pub mod mock {
         fn now_ns(&self) -> u64 {
             self.count(|c| c.time_reads += 1);
             self.now_ns
+        }
+
+        fn compile(&self, _expression: &str) -> Option<u32> {
+            if self.no_cel {
+                return None;
+            }
+            self.compiled.set(self.compiled.get() + 1);
+            Some(self.compiled.get())
+        }
+
+        // What Envoy answers: each fact as `get_property` / `get_header_map_value` would give
+        // it, absent ones empty, in the pairs encoding of a CEL list.
+        fn evaluate(&self, query: &Query) -> Option<Vec<u8>> {
+            self.count(|c| c.evaluations += 1);
+            if self.failing_evaluations || query.token().is_none() {
+                return None;
+            }
+            let values: Vec<Vec<u8>> = query
+                .facts()
+                .iter()
+                .map(|fact| {
+                    let found = match fact {
+                        Fact::Property(path) | Fact::Message(path) => {
+                            self.properties.iter().find(|(k, _)| is_dotted(k, path)).map(|(_, v)| v)
+                        }
+                        Fact::Header(map, name) => {
+                            self.headers.iter().find(|(m, k, _)| m == map && k == name).map(|(_, _, v)| v)
+                        }
+                    };
+                    found.cloned().unwrap_or_default()
+                })
+                .collect();
+            self.count(|c| c.returned_buffers += 1);
+            Some(encode_list(&values))
         }
     }
 }

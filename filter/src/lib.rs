@@ -17,6 +17,7 @@ pub mod istio;
 mod json_fields;
 pub mod metrics;
 pub mod otlp;
+pub mod prefetch;
 pub mod propagation;
 pub mod quote;
 pub mod request;

@@ -11,6 +11,7 @@ use crate::istio::facts::{self, DownstreamFacts};
 use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
 use crate::istio::peer;
 use crate::istio::response_flags;
+use crate::prefetch::Prefetched;
 use crate::propagation::HeaderOp;
 use crate::span::{span_kind, Completion};
 use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
@@ -51,6 +52,10 @@ impl Telemetry {
         if !recorded && !metrics {
             return;
         }
+        // Every read below is answered by one evaluation where the proxy has CEL.
+        let (prefetched, evaluation) = Prefetched::new(host, &self.queries().request);
+        self.count_evaluation(evaluation);
+        let host: &dyn Host = &prefetched;
         let cluster = host.property_string(&["xds", "cluster_name"]);
         let reporter =
             facts::reporter(self.node(), cluster.as_deref(), || host.property_u64(&["xds", "listener_direction"]));
@@ -60,14 +65,22 @@ impl Telemetry {
         // come from that cache when it is read anyway.
         let connection = (metrics && reporter.is_server()).then(|| {
             let id = host.property_u64(&["connection", "id"]);
-            self.downstream_facts(id, || {
-                let (protocol, client_address) = protocol_and_client(host);
+            let query = self.queries().connection.clone();
+            let mut evaluation = None;
+            let facts = self.downstream_facts(id, || {
+                let (prefetched, e) = Prefetched::new(host, &query);
+                evaluation = Some(e);
+                let (protocol, client_address) = protocol_and_client(&prefetched);
                 DownstreamFacts {
                     protocol: protocol.map(Rc::from),
                     client_address: client_address.map(Rc::from),
-                    ..facts::read_downstream(host)
+                    ..facts::read_downstream(&prefetched)
                 }
-            })
+            });
+            if let Some(e) = evaluation {
+                self.count_evaluation(e);
+            }
+            facts
         });
         let (protocol, client_address) = match (&connection, recorded) {
             (_, false) => (None, None),
@@ -418,29 +431,151 @@ mod tests {
             .with_u64("response.total_size", 310)
     }
 
+    /// The configurations the benchmark measures (BENCHMARKS.md).
+    const CONFIGURATIONS: [(&str, &str); 5] = [
+        ("traces + metrics, 100%", ""),
+        ("metrics only", r#","traces":{"enabled":false}"#),
+        ("traces 0% + metrics", r#","traces":{"sampling_ratio":0.0}"#),
+        ("traces only", r#","metrics":{"enabled":false}"#),
+        ("traces + metrics + access logs", r#","logs":{"enabled":true}"#),
+    ];
+
+    /// Two requests on one connection; the host calls of the second, with the log phase's CEL
+    /// queries compiled or, as on a proxy without the CEL parser, not.
+    fn second_request_calls(extra: &str, cel: bool) -> crate::host::mock::Counts {
+        let mut t = telemetry(SIDECAR, extra);
+        let host = steady_inbound();
+        if cel {
+            assert!(t.compile_queries(&host));
+        }
+        for _ in 0..2 {
+            host.reset();
+            let active = t.on_request_headers(&host);
+            t.on_log(&host, active);
+        }
+        host.counts()
+    }
+
     #[test]
     fn host_calls_per_request_are_pinned_for_the_main_configurations() {
         use crate::host::mock::Counts;
-        // (config, properties, header reads, map reads, header writes, clock reads) for the
-        // second request of a connection on a known series. A new call on the request path
+        // The second request of a connection on a known series. A new call on the request path
         // fails here first: price it with the cost model in BENCHMARKS.md before changing these.
-        let cases = [
-            ("traces + metrics, 100%", "", 5, 1, 1, 4, 2),
-            ("metrics only", r#","traces":{"enabled":false}"#, 5, 1, 1, 0, 2),
-            ("traces 0% + metrics", r#","traces":{"sampling_ratio":0.0}"#, 5, 1, 1, 4, 2),
-            ("traces only", r#","metrics":{"enabled":false}"#, 4, 1, 1, 4, 2),
-            ("traces + metrics + access logs", r#","logs":{"enabled":true}"#, 8, 1, 1, 4, 2),
-        ];
-        for (name, extra, properties, header_reads, map_reads, header_writes, time_reads) in cases {
-            let mut t = telemetry(SIDECAR, extra);
-            let host = steady_inbound();
-            for _ in 0..2 {
-                host.reset();
-                let active = t.on_request_headers(&host);
-                t.on_log(&host, active);
-            }
-            let want = Counts { properties, header_reads, map_reads, header_writes, time_reads, ..host.counts() };
-            assert_eq!(host.counts(), want, "{name}: {:?}", host.calls.borrow().properties);
+        // With CEL: the request headers read, the propagation headers written, the clock at
+        // both ends, and one evaluation for everything the log phase needs.
+        for (name, extra) in CONFIGURATIONS {
+            let writes = if name == "metrics only" { 0 } else { 4 };
+            let got = second_request_calls(extra, true);
+            let want = Counts {
+                properties: 0,
+                header_reads: 0,
+                map_reads: 1,
+                header_writes: writes,
+                time_reads: 2,
+                evaluations: 1,
+                returned_buffers: got.returned_buffers,
+            };
+            assert_eq!(got, want, "{name}, with CEL");
         }
+        // Without CEL, fact by fact: (properties, header reads).
+        let fact_by_fact = [(5, 1), (5, 1), (5, 1), (4, 1), (8, 1)];
+        for ((name, extra), (properties, header_reads)) in CONFIGURATIONS.into_iter().zip(fact_by_fact) {
+            let got = second_request_calls(extra, false);
+            assert_eq!((got.properties, got.header_reads, got.evaluations), (properties, header_reads, 0), "{name}");
+        }
+    }
+
+    /// Every side a request can be seen from, with what the proxy says there.
+    fn sides() -> Vec<(&'static str, &'static str, MockHost)> {
+        let down = encode_filter_state(&[("workload", "productpage-v1"), ("namespace", "default")], &[]);
+        let up = encode_filter_state(
+            &[("workload", "ratings-v1"), ("namespace", "default"), ("identity", "spiffe://td/ns/default/sa/ratings")],
+            &[("app", "ratings")],
+        );
+        let header = encode_peer_metadata(&[("WORKLOAD_NAME", "reviews-v2"), ("NAMESPACE", "shop")], &[]);
+        vec![
+            ("sidecar inbound", SIDECAR, steady_inbound().with_property("filter_state.downstream_peer", down.clone())),
+            (
+                "sidecar inbound over mTLS, gRPC aborted by a fault",
+                SIDECAR,
+                steady_inbound()
+                    .with_header(HeaderMap::Request, "content-type", "application/grpc")
+                    .with_property("connection.mtls", [1])
+                    .with_property("connection.uri_san_peer_certificate", "spiffe://td/ns/default/sa/productpage")
+                    .with_property("connection.uri_san_local_certificate", "spiffe://td/ns/default/sa/ratings")
+                    .with_u64("response.flags", 1 << 10)
+                    .with_u64("response.grpc_status", 14),
+            ),
+            (
+                "sidecar outbound",
+                SIDECAR,
+                request(MockHost::new())
+                    .with_header(HeaderMap::Response, ":status", "503")
+                    .with_header(HeaderMap::Response, "x-envoy-peer-metadata", &header)
+                    .with_property("xds.cluster_name", "outbound|9080||reviews.shop.svc.cluster.local")
+                    .with_property("upstream.uri_san_peer_certificate", "spiffe://td/ns/shop/sa/reviews")
+                    .with_property("upstream.uri_san_local_certificate", "spiffe://td/ns/default/sa/ratings")
+                    .with_property("upstream.address", "10.0.0.7:9080")
+                    .with_u64("response.code", 503)
+                    .with_u64("response.flags", 1 << 5)
+                    .with_u64("request.size", 10)
+                    .with_u64("response.size", 20),
+            ),
+            (
+                "gateway, no cluster (a local reply)",
+                "router~10.0.0.2~gw.istio-system~istio-system.svc.cluster.local",
+                request(MockHost::new()).with_u64("response.code", 404).with_property("xds.route_name", "r1"),
+            ),
+            (
+                "waypoint",
+                "waypoint~10.0.0.3~waypoint-x.default~default.svc.cluster.local",
+                request(MockHost::new())
+                    .with_property("filter_state.downstream_peer", down)
+                    .with_property("filter_state.upstream_peer", up)
+                    .with_property("filter_state.io.istio.peer_principal", "spiffe://td/ns/default/sa/productpage")
+                    .with_property("xds.cluster_name", "inbound-vip|9080|http|ratings.default.svc.cluster.local")
+                    .with_u64("connection.id", 3),
+            ),
+        ]
+    }
+
+    #[test]
+    fn one_evaluation_gives_the_same_telemetry_as_reading_fact_by_fact() {
+        let all = r#","logs":{"enabled":true},"traces":{"span_name":"method_route"}"#;
+        for (side, node, host) in sides() {
+            let mut runs = Vec::new();
+            for cel in [true, false] {
+                let mut t = telemetry(node, all);
+                if cel {
+                    assert!(t.compile_queries(&host));
+                }
+                for _ in 0..2 {
+                    let active = t.on_request_headers(&host);
+                    t.on_log(&host, active);
+                }
+                let (spans, logs) = t.take_records();
+                assert_eq!((spans.len(), logs.len()), (2, 2), "{side}");
+                assert_eq!(t.stats().cel_evaluations_failed, 0, "{side}");
+                runs.push((t.recorded_series(), spans, logs));
+            }
+            assert_eq!(runs[0], runs[1], "{side}: with CEL (left) and fact by fact (right)");
+        }
+    }
+
+    #[test]
+    fn a_failed_evaluation_costs_reads_not_telemetry() {
+        let (_, node, host) = sides().remove(2);
+        let host = host.failing_evaluations();
+        let mut t = telemetry(node, "");
+        assert!(t.compile_queries(&host));
+        let active = t.on_request_headers(&host);
+        t.on_log(&host, active);
+        let l = only_series(&t);
+        assert_eq!((l["source_workload"].as_str(), l["destination_workload"].as_str()), ("ratings-v1", "reviews-v2"));
+        assert_eq!(l["response_flags"], "UF");
+        assert_eq!(t.stats().cel_evaluations_failed, 1);
+        let notices = t.notices(0);
+        assert!(notices.iter().any(|l| l.contains("CEL evaluation is failing")), "{notices:?}");
+        assert!(t.notices(0).is_empty(), "once, not per tick");
     }
 }

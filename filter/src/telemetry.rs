@@ -25,6 +25,7 @@ use crate::metrics::aggregate::{Measurement, TcpDelta};
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
+use crate::prefetch::{Evaluation, LogQueries};
 use crate::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
 use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
@@ -115,6 +116,10 @@ pub struct TelemetryStats {
     pub handed_over: u64,
     /// Export payloads taken from root contexts that ended, and sent by this one.
     pub taken_over: u64,
+    /// 1 when the proxy refused to compile the log phase's CEL queries (it reads fact by fact).
+    pub cel_refused: u64,
+    /// Log-phase evaluations that failed (those requests were read fact by fact).
+    pub cel_evaluations_failed: u64,
 }
 
 /// One signal's queue, flush timer and export calls (spans, access logs).
@@ -201,6 +206,12 @@ pub struct Telemetry {
     log_encoder: LogEncoder,
     logs: Signal<AccessLog>,
     metrics: Option<MetricsPipeline>,
+    /// The log phase's reads as CEL queries (see [`crate::prefetch`]).
+    queries: LogQueries,
+    cel_refused: bool,
+    cel_evaluations_failed: u64,
+    /// Failing evaluations, as an episode.
+    cel_failures: CounterEpisode,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
     connections: HashMap<u64, DownstreamFacts>,
     /// The open TCP connections of the network filter, by context id, counted on an interval.
@@ -234,6 +245,10 @@ impl Telemetry {
             spans: Signal::new(otlp::Signal::Traces, &config, now_ns, seed),
             logs: Signal::new(otlp::Signal::Logs, &config, now_ns, seed),
             metrics,
+            queries: LogQueries::new(&config, &node),
+            cel_refused: false,
+            cel_evaluations_failed: 0,
+            cel_failures: CounterEpisode::default(),
             cluster_services: HashMap::new(),
             connections: HashMap::new(),
             open_connections: HashMap::new(),
@@ -258,6 +273,25 @@ impl Telemetry {
     /// The proxy's identity.
     pub fn node(&self) -> &NodeInfo {
         &self.node
+    }
+
+    /// Compile the log phase's queries in the proxy (once, from the root context). `false` when
+    /// the proxy refused them: the request path then reads fact by fact, with the same result.
+    pub fn compile_queries(&mut self, host: &dyn Host) -> bool {
+        self.cel_refused = !self.queries.compile(host);
+        !self.cel_refused
+    }
+
+    /// The log phase's queries.
+    pub fn queries(&self) -> &LogQueries {
+        &self.queries
+    }
+
+    /// Count a failed evaluation.
+    pub(crate) fn count_evaluation(&mut self, evaluation: Evaluation) {
+        if evaluation == Evaluation::Failed {
+            self.cel_evaluations_failed += 1;
+        }
     }
 
     /// Whether Istio metrics are recorded (the glue then gathers [`MetricFacts`]).
@@ -312,6 +346,12 @@ impl Telemetry {
 
     /// The TCP series recorded since the last hand-over: label values and (opened, closed,
     /// sent, received).
+    /// The spans and access-log records queued so far (taken out of the queues).
+    #[cfg(test)]
+    pub(crate) fn take_records(&mut self) -> (Vec<SpanRecord>, Vec<AccessLog>) {
+        (self.spans.queue.take(usize::MAX), self.logs.queue.take(usize::MAX))
+    }
+
     #[cfg(test)]
     pub(crate) fn recorded_tcp_series(&self) -> Vec<(Vec<String>, [u64; 4])> {
         self.metrics.as_ref().map(|m| m.local_tcp_series()).unwrap_or_default()
@@ -601,6 +641,16 @@ impl Telemetry {
         let mut lines = Vec::new();
         self.spans.notices("span", cap, now_ns, &mut lines);
         self.logs.notices("access-log", cap, now_ns, &mut lines);
+        match self.cel_failures.check(self.cel_evaluations_failed, now_ns) {
+            Some(Change::Started(_)) => lines.push(
+                "the log phase's CEL evaluation is failing: requests are read fact by fact (same telemetry, higher cost)".into(),
+            ),
+            Some(Change::Settled(s)) => lines.push(format!(
+                "the log phase's CEL evaluation works again: {} requests were read fact by fact over {} s",
+                s.count, s.seconds
+            )),
+            None => {}
+        }
         if let Some(m) = self.metrics.as_mut() {
             m.notices(now_ns, &mut lines);
         }
@@ -624,6 +674,8 @@ impl Telemetry {
             log_exports: self.logs.sender.stats().clone(),
             handed_over: self.handed_over,
             taken_over: self.taken_over,
+            cel_refused: u64::from(self.cel_refused),
+            cel_evaluations_failed: self.cel_evaluations_failed,
         }
     }
 }

@@ -14,6 +14,7 @@ use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
 use crate::headers::HeaderPairs;
 use crate::host::{HeaderMap, Host};
 use crate::metrics::shared::{SharedStore, StoreError};
+use crate::prefetch::Query;
 
 /// The proxy, as the request path sees it.
 pub struct ProxyHost;
@@ -26,6 +27,14 @@ extern "C" {
     fn proxy_register_shared_queue(name: *const u8, name_len: usize, id: *mut u32) -> u32;
     fn proxy_enqueue_shared_queue(id: u32, value: *const u8, value_len: usize) -> u32;
     fn proxy_dequeue_shared_queue(id: u32, data: *mut *mut u8, len: *mut usize) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_len: usize,
+        arguments: *const u8,
+        arguments_len: usize,
+        results: *mut *mut u8,
+        results_len: *mut usize,
+    ) -> u32;
 }
 
 /// Take ownership of a buffer the host returned.
@@ -70,6 +79,38 @@ impl Host for ProxyHost {
 
     fn now_ns(&self) -> u64 {
         now_ns()
+    }
+
+    fn compile(&self, expression: &str) -> Option<u32> {
+        // The test build stands in for a proxy without the CEL parser when told to: Envoy
+        // refuses an expression that does not parse as it would refuse every one there.
+        #[cfg(feature = "test-trap")]
+        let expression = if std::env::var("MESHTEL_TEST_REFUSE_CEL").is_ok() { "[" } else { expression };
+        let token = foreign("expr_create", expression.as_bytes())?;
+        Some(u32::from_le_bytes(token.get(..4)?.try_into().ok()?))
+    }
+
+    fn evaluate(&self, query: &Query) -> Option<Vec<u8>> {
+        foreign("expr_evaluate", &query.token()?.to_le_bytes())
+    }
+}
+
+/// A foreign function's result; `None` on any status but `Ok` (the SDK's wrapper panics on a
+/// status it does not expect, and a host without the function answers `NotFound`).
+fn foreign(name: &str, arguments: &[u8]) -> Option<Vec<u8>> {
+    let (mut data, mut len) = (std::ptr::null_mut(), 0);
+    // SAFETY: valid name and argument buffers and out-pointers; what the host returns is as
+    // `returned` requires.
+    unsafe {
+        let status = proxy_call_foreign_function(
+            name.as_ptr(),
+            name.len(),
+            arguments.as_ptr(),
+            arguments.len(),
+            &mut data,
+            &mut len,
+        );
+        returned(status, data, len)
     }
 }
 

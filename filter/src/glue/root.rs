@@ -79,6 +79,8 @@ const COUNTERS: &[(&str, Read)] = &[
     ("log_export_retries", |s| s.log_exports.retries),
     ("exports_handed_over", |s| s.handed_over),
     ("exports_taken_over", |s| s.taken_over),
+    ("cel_refused", |s| s.cel_refused),
+    ("cel_evaluations_failed", |s| s.cel_evaluations_failed),
 ];
 
 /// The proxy's counters of [`COUNTERS`], and what this VM reported to them so far.
@@ -171,6 +173,12 @@ impl Root {
         let now = host::now_ns();
         let mut telemetry = Telemetry::new(config, node, seed(), &scope, now);
         telemetry.init_shared(&HostStore);
+        if !self.tcp && !telemetry.compile_queries(&ProxyHost) {
+            log(
+                LogLevel::Warn,
+                "meshtel: the proxy refused to compile the log phase's CEL query (expr_create): it was built without the CEL parser, or does not know an attribute; requests are read fact by fact, with the same telemetry at a higher cost (counter meshtel.cel_refused)",
+            );
+        }
         self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
         if !std::mem::replace(&mut self.live, true) {
             LIVE_ROOTS.fetch_add(1, Ordering::Relaxed);

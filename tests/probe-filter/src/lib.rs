@@ -17,7 +17,10 @@
 //! - `set_map_bytes`: the request headers read once, then written back N times with 4 more
 //!   headers (what propagation by map rewrite does);
 //! - `replace_map_value` / `add_map_value`: N request headers `x-probe-I: 1` set;
-//! - `remove_map_value`: N request headers `x-probe-I` removed (absent ones).
+//! - `remove_map_value`: N request headers `x-probe-I` removed (absent ones);
+//! - `cel`: the CEL expression A compiled once at configure time (the `expr_create` foreign
+//!   function) and evaluated N times in the log phase (`expr_evaluate`). With `"dump": true`, the
+//!   first request's result is logged as `cel result: HEX` (what `tests/tests/cel.rs` decodes).
 //!
 //! Header calls are made in the request-headers callback. Results are read and dropped.
 
@@ -41,6 +44,15 @@ extern "C" {
     fn proxy_add_header_map_value(map: u32, key: *const u8, key_len: usize, value: *const u8, value_len: usize) -> u32;
     fn proxy_remove_header_map_value(map: u32, key: *const u8, key_len: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_len: usize,
+        arguments: *const u8,
+        arguments_len: usize,
+        results: *mut *mut u8,
+        results_len: *mut usize,
+    ) -> u32;
+    fn proxy_log(level: u32, message: *const u8, len: usize) -> u32;
 }
 
 const PLUGIN_CONFIGURATION: u32 = 7;
@@ -58,13 +70,17 @@ enum Kind {
     ReplaceMapValue,
     AddMapValue,
     RemoveMapValue,
+    Cel,
 }
 
 struct Probe {
     kind: Kind,
     n: usize,
-    /// `arg`: a property path with `\0` between segments, or a header name.
+    /// `arg`: a property path with `\0` between segments, or a header name; for `cel`, the
+    /// expression's token (4 bytes, little-endian).
     arg: Vec<u8>,
+    /// Log the first CEL result.
+    dump: Cell<bool>,
 }
 
 thread_local! {
@@ -86,6 +102,17 @@ fn property(path: &[u8]) -> Vec<u8> {
     // SAFETY: valid pointers for the host to write the result to.
     unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut len) };
     take(data, len)
+}
+
+/// A foreign function's result; `None` when the host refused the call.
+fn foreign(name: &str, arguments: &[u8]) -> Option<Vec<u8>> {
+    let (mut data, mut len) = (std::ptr::null_mut(), 0);
+    // SAFETY: valid buffers for the host to read and pointers for it to write the result to.
+    let status = unsafe {
+        proxy_call_foreign_function(name.as_ptr(), name.len(), arguments.as_ptr(), arguments.len(), &mut data, &mut len)
+    };
+    let result = take(data, len);
+    (status == 0).then_some(result)
 }
 
 fn request_headers() -> Vec<u8> {
@@ -192,6 +219,20 @@ fn log_phase(p: &Probe) {
             }
         }
         Kind::Property => (0..p.n).for_each(|_| drop(property(&p.arg))),
+        Kind::Cel => {
+            for _ in 0..p.n {
+                let result = foreign("expr_evaluate", &p.arg);
+                if p.dump.replace(false) {
+                    let hex: String = match &result {
+                        Some(bytes) => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+                        None => "refused".into(),
+                    };
+                    let line = format!("cel result: {hex}");
+                    // SAFETY: a valid buffer for the host to read.
+                    unsafe { proxy_log(2, line.as_ptr(), line.len()) };
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -208,12 +249,18 @@ fn configure(config: &[u8]) -> Option<Probe> {
         "replace_map_value" => Kind::ReplaceMapValue,
         "add_map_value" => Kind::AddMapValue,
         "remove_map_value" => Kind::RemoveMapValue,
+        "cel" => Kind::Cel,
         _ => return None,
     };
     let n = v.get("n").and_then(|n| n.as_u64()).unwrap_or(0).min(99) as usize;
     let arg = v.get("arg").and_then(|a| a.as_str()).unwrap_or("");
-    let arg = if kind == Kind::Property { arg.replace('.', "\0") } else { arg.to_string() };
-    Some(Probe { kind, n, arg: arg.into_bytes() })
+    let arg = match kind {
+        Kind::Property => arg.replace('.', "\0").into_bytes(),
+        Kind::Cel => foreign("expr_create", arg.as_bytes())?,
+        _ => arg.as_bytes().to_vec(),
+    };
+    let dump = Cell::new(v.get("dump").and_then(|d| d.as_bool()).unwrap_or(false));
+    Some(Probe { kind, n, arg, dump })
 }
 
 #[no_mangle]
