@@ -145,7 +145,7 @@ pub mod mock {
         /// Dotted path and value.
         properties: Vec<(String, Vec<u8>)>,
         headers: Vec<(HeaderMap, String, Vec<u8>)>,
-        now_ns: u64,
+        now_ns: Cell<u64>,
         counting_only: bool,
         /// A proxy built without the CEL parser: `expr_create` refused.
         no_cel: bool,
@@ -201,9 +201,14 @@ pub mod mock {
         }
 
         /// Set the clock.
-        pub fn at(mut self, now_ns: u64) -> Self {
-            self.now_ns = now_ns;
+        pub fn at(self, now_ns: u64) -> Self {
+            self.now_ns.set(now_ns);
             self
+        }
+
+        /// Move the clock.
+        pub fn set_now(&self, now_ns: u64) {
+            self.now_ns.set(now_ns);
         }
 
         /// How many times a property was read.
@@ -284,7 +289,7 @@ pub mod mock {
 
         fn now_ns(&self) -> u64 {
             self.count(|c| c.time_reads += 1);
-            self.now_ns
+            self.now_ns.get()
         }
 
         fn compile(&self, _expression: &str) -> Option<u32> {
@@ -302,20 +307,20 @@ pub mod mock {
             if self.failing_evaluations || query.token().is_none() {
                 return None;
             }
-            let values: Vec<Vec<u8>> = query
-                .facts()
-                .iter()
-                .map(|fact| {
+            let table = |path: &[&str]| self.properties.iter().find(|(k, _)| is_dotted(k, path)).map(|(_, v)| &v[..]);
+            let holds = query.condition().is_none_or(|c| c.holds(table));
+            let head = query.condition().map(|_| vec![u8::from(holds)]);
+            let values: Vec<Vec<u8>> = head
+                .into_iter()
+                .chain(query.facts(holds).iter().map(|fact| {
                     let found = match fact {
-                        Fact::Property(path) | Fact::Message(path) => {
-                            self.properties.iter().find(|(k, _)| is_dotted(k, path)).map(|(_, v)| v)
-                        }
+                        Fact::Property(path) | Fact::Message(path) | Fact::Present(path) => table(path),
                         Fact::Header(map, name) => {
-                            self.headers.iter().find(|(m, k, _)| m == map && k == name).map(|(_, _, v)| v)
+                            self.headers.iter().find(|(m, k, _)| m == map && k == name).map(|(_, _, v)| &v[..])
                         }
                     };
-                    found.cloned().unwrap_or_default()
-                })
+                    found.unwrap_or_default().to_vec()
+                }))
                 .collect();
             self.count(|c| c.returned_buffers += 1);
             Some(encode_list(&values))

@@ -21,6 +21,7 @@ pub mod prefetch;
 pub mod propagation;
 pub mod quote;
 pub mod request;
+pub mod root;
 pub mod sampler;
 pub mod span;
 pub mod telemetry;

@@ -1,5 +1,5 @@
-//! The log phase's reads in one host call: a CEL list of every fact a request's telemetry may
-//! need, compiled once per root context and evaluated once per request.
+//! The log phase's reads in one host call: a CEL list of the facts a request's telemetry needs,
+//! compiled once per root context and evaluated once per request.
 //!
 //! Each value a proxy-wasm host hands a module costs a call and a VM entry to allocate it
 //! (BENCHMARKS.md, cost model: ~11.7 k instructions per property that returns a value). Envoy
@@ -12,9 +12,16 @@
 //! booleans, raw bytes for strings, a message serialized, a map as pairs). `tests/tests/cel.rs`
 //! pins that format in Envoy 1.40.
 //!
+//! One evaluation costs ~19 k instructions plus ~2 k per element, ~4 k for an element guarded
+//! against absence (BENCHMARKS.md, the probe's `expr_evaluate` rows): it pays from the second
+//! value it replaces, and only for facts a request actually needs. So the lists hold what each
+//! side reads in steady state, and a sidecar's query is split on its cluster's name: one
+//! condition in the proxy picks the inbound or the outbound list.
+//!
 //! An attribute that is absent makes CEL return an error, and Envoy fails the whole evaluation
-//! on one. So each element is guarded (`'k' in m ? m['k'] : b''`), and an absent fact and an
-//! empty one both come back empty: every reader treats an empty value as unknown.
+//! on one. So each element that can be absent is guarded (`'k' in m ? m['k'] : b''`), and an
+//! absent fact and an empty one both come back empty: every reader treats an empty value as
+//! unknown. The few Envoy always has in the log phase go unguarded ([`Fact::Present`]).
 //!
 //! [`Prefetched`] answers the request path's reads from one evaluation and passes every other
 //! call to the proxy; where the proxy has no CEL (`expr_create` refused) or an evaluation
@@ -35,6 +42,10 @@ use crate::istio::peer::PEER_METADATA_HEADER;
 pub enum Fact {
     /// A property, by its path (`["xds", "cluster_name"]`).
     Property(&'static [&'static str]),
+    /// A property Envoy has for every HTTP request in the log phase (`response.flags`, the
+    /// total sizes, `connection.id`): not guarded, which saves a lookup. Should it be absent
+    /// after all, the evaluation fails and that request is read fact by fact (counted).
+    Present(&'static [&'static str]),
     /// A property that is a protobuf message (`["xds", "upstream_host_metadata"]`). An empty
     /// one is CEL's `null`, which Envoy cannot serialize in a list: it is guarded too.
     Message(&'static [&'static str]),
@@ -46,7 +57,7 @@ impl Fact {
     /// The CEL that yields this fact, or empty bytes when it is absent.
     fn cel(&self) -> String {
         let (top, keys): (&str, Vec<&str>) = match self {
-            Fact::Property(path) | Fact::Message(path) => match path.split_first() {
+            Fact::Property(path) | Fact::Message(path) | Fact::Present(path) => match path.split_first() {
                 Some((top, rest)) => (top, rest.to_vec()),
                 None => return "b''".into(),
             },
@@ -60,39 +71,97 @@ impl Fact {
             guards.push(format!("'{key}' in {value}"));
             value = format!("{value}['{key}']");
         }
-        if matches!(self, Fact::Message(_)) {
-            guards.push(format!("{value} != null"));
-        }
-        if guards.is_empty() {
-            return value;
+        match self {
+            Fact::Message(_) => guards.push(format!("{value} != null")),
+            Fact::Present(_) => return value,
+            _ => {}
         }
         format!("({} ? {value} : b'')", guards.join(" && "))
     }
 }
 
-/// A list of facts, read in one evaluation once the proxy compiled it.
+/// What decides, in the proxy, which of a split query's two lists to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// The request's cluster name starts with this (`inbound|`: a sidecar's inbound side).
+    ClusterPrefix(&'static str),
+}
+
+impl Condition {
+    fn cel(&self) -> String {
+        match self {
+            Condition::ClusterPrefix(prefix) => {
+                format!("('cluster_name' in xds && xds['cluster_name'].startsWith('{prefix}'))")
+            }
+        }
+    }
+
+    /// Whether it holds where `property` reads the properties (what a mock host evaluates).
+    pub fn holds<'a>(&self, property: impl Fn(&[&str]) -> Option<&'a [u8]>) -> bool {
+        match self {
+            Condition::ClusterPrefix(prefix) => {
+                property(&["xds", "cluster_name"]).is_some_and(|c| c.starts_with(prefix.as_bytes()))
+            }
+        }
+    }
+}
+
+/// A list of facts, read in one evaluation once the proxy compiled it. A split query holds two
+/// lists and a condition the proxy evaluates first, so that each request pays only for the
+/// facts its side needs; its answer starts with the condition's value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
+    /// The facts, or those read when the condition holds.
     facts: Rc<[Fact]>,
+    /// The condition, and the facts read when it does not hold.
+    otherwise: Option<(Condition, Rc<[Fact]>)>,
     /// The proxy's token for the compiled expression; `None` until compiled, or when refused.
     token: Option<u32>,
+}
+
+fn list(facts: &[Fact], head: Option<&str>) -> String {
+    let items: Vec<String> = head.map(str::to_string).into_iter().chain(facts.iter().map(Fact::cel)).collect();
+    format!("[{}]", items.join(", "))
 }
 
 impl Query {
     /// A query for `facts`, not compiled yet.
     pub fn new(facts: Vec<Fact>) -> Self {
-        Self { facts: facts.into(), token: None }
+        Self { facts: facts.into(), otherwise: None, token: None }
     }
 
-    /// The facts, in the order of the list.
-    pub fn facts(&self) -> &[Fact] {
-        &self.facts
+    /// A query that reads `then` where `condition` holds and `otherwise` elsewhere.
+    pub fn split(condition: Condition, then: Vec<Fact>, otherwise: Vec<Fact>) -> Self {
+        Self { facts: then.into(), otherwise: Some((condition, otherwise.into())), token: None }
     }
 
-    /// The CEL expression: a list of the facts, each guarded against absence.
+    /// The facts a request reads: those of the list the condition picks.
+    pub fn facts(&self, condition_holds: bool) -> &[Fact] {
+        match &self.otherwise {
+            Some((_, otherwise)) if !condition_holds => otherwise,
+            _ => &self.facts,
+        }
+    }
+
+    /// The condition of a split query.
+    pub fn condition(&self) -> Option<Condition> {
+        self.otherwise.as_ref().map(|(c, _)| *c)
+    }
+
+    /// The CEL expression: a list of the facts, each guarded against absence (a split query:
+    /// `COND ? [true, ...] : [false, ...]`).
     pub fn expression(&self) -> String {
-        let items: Vec<String> = self.facts.iter().map(Fact::cel).collect();
-        format!("[{}]", items.join(", "))
+        match &self.otherwise {
+            None => list(&self.facts, None),
+            Some((condition, otherwise)) => {
+                format!(
+                    "{} ? {} : {}",
+                    condition.cel(),
+                    list(&self.facts, Some("true")),
+                    list(otherwise, Some("false"))
+                )
+            }
+        }
     }
 
     /// Compile the expression in the proxy; `false` when the proxy refused it.
@@ -116,56 +185,70 @@ pub struct LogQueries {
     pub connection: Query,
 }
 
+/// What the log phase reads in steady state, by the reporter's side ([`crate::request`]);
+/// anything else it reads (a route name behind a non-Istio cluster, a gRPC status, a cluster's
+/// metadata the first time) goes to the proxy.
+fn side_facts(config: &Config, server: bool, kind: ProxyKind) -> Vec<Fact> {
+    let metrics = config.metrics.enabled;
+    let mut facts = vec![
+        Fact::Property(&["xds", "cluster_name"]),
+        Fact::Property(&["response", "code"]),
+        Fact::Present(&["response", "flags"]),
+    ];
+    if config.traces.span_name == SpanNaming::MethodRoute {
+        facts.push(Fact::Property(&["xds", "route_name"]));
+    }
+    // The server side's metrics take these from the connection's cache.
+    if (config.traces.enabled || config.logs.enabled) && !(server && metrics) {
+        facts.extend([Fact::Property(&["request", "protocol"]), Fact::Property(&["source", "address"])]);
+    }
+    if config.logs.enabled {
+        facts.extend([
+            Fact::Property(&["upstream", "address"]),
+            Fact::Present(&["request", "size"]),
+            Fact::Present(&["response", "size"]),
+        ]);
+    }
+    if metrics {
+        facts.extend([Fact::Present(&["request", "total_size"]), Fact::Present(&["response", "total_size"])]);
+        if server {
+            facts.push(Fact::Present(&["connection", "id"]));
+        }
+        // The upstream peer: the client side's, and a waypoint's destination.
+        if !server || kind == ProxyKind::Waypoint {
+            facts.push(Fact::Property(&["filter_state", UPSTREAM_PEER]));
+            if config.metrics.peer_metadata_headers {
+                facts.push(Fact::Header(HeaderMap::Response, PEER_METADATA_HEADER));
+            }
+        }
+        if !server {
+            facts.extend([
+                Fact::Property(&["upstream", "uri_san_peer_certificate"]),
+                Fact::Property(&["upstream", "uri_san_local_certificate"]),
+                Fact::Message(&["xds", "upstream_host_metadata"]),
+            ]);
+        }
+    }
+    facts
+}
+
 impl LogQueries {
-    /// The facts [`crate::request`] reads for `config` on a proxy of `node`'s kind: the union of
-    /// what each reporter may need, since a sidecar learns per request which side it is on.
+    /// The queries for `config` on a proxy of `node`'s kind. A gateway is always the client
+    /// side and a waypoint always the server side with an upstream peer; a sidecar learns its
+    /// side per request, so its query is split on Istio's inbound cluster names (a request to
+    /// another cluster, such as a passthrough, reads what its side needs beyond that list from
+    /// the proxy).
     pub fn new(config: &Config, node: &NodeInfo) -> Self {
         let kind = node.kind();
-        let metrics = config.metrics.enabled;
-        let mut request = vec![
-            Fact::Property(&["xds", "cluster_name"]),
-            Fact::Property(&["response", "flags"]),
-            Fact::Header(HeaderMap::Response, ":status"),
-            Fact::Property(&["response", "code"]),
-        ];
-        if kind == ProxyKind::Sidecar {
-            request.push(Fact::Property(&["xds", "listener_direction"]));
-        }
-        if metrics || config.traces.span_name == SpanNaming::MethodRoute {
-            request.push(Fact::Property(&["xds", "route_name"]));
-        }
-        if config.traces.enabled || config.logs.enabled {
-            request.extend([Fact::Property(&["request", "protocol"]), Fact::Property(&["source", "address"])]);
-        }
-        if config.logs.enabled {
-            request.extend([
-                Fact::Property(&["upstream", "address"]),
-                Fact::Property(&["request", "size"]),
-                Fact::Property(&["response", "size"]),
-            ]);
-        }
-        if metrics {
-            request.extend([
-                Fact::Property(&["request", "total_size"]),
-                Fact::Property(&["response", "total_size"]),
-                Fact::Property(&["response", "grpc_status"]),
-            ]);
-            if kind != ProxyKind::Gateway {
-                request.push(Fact::Property(&["connection", "id"]));
-            }
-            // The upstream peer: a client side's (sidecar outbound, gateway) and a waypoint's.
-            request.push(Fact::Property(&["filter_state", UPSTREAM_PEER]));
-            if config.metrics.peer_metadata_headers {
-                request.push(Fact::Header(HeaderMap::Response, PEER_METADATA_HEADER));
-            }
-            if kind != ProxyKind::Waypoint {
-                request.extend([
-                    Fact::Property(&["upstream", "uri_san_peer_certificate"]),
-                    Fact::Property(&["upstream", "uri_san_local_certificate"]),
-                    Fact::Message(&["xds", "upstream_host_metadata"]),
-                ]);
-            }
-        }
+        let request = match kind {
+            ProxyKind::Gateway => Query::new(side_facts(config, false, kind)),
+            ProxyKind::Waypoint => Query::new(side_facts(config, true, kind)),
+            ProxyKind::Sidecar => Query::split(
+                Condition::ClusterPrefix("inbound|"),
+                side_facts(config, true, kind),
+                side_facts(config, false, kind),
+            ),
+        };
         let connection = vec![
             Fact::Property(&["filter_state", PEER_PRINCIPAL]),
             Fact::Property(&["filter_state", LOCAL_PRINCIPAL]),
@@ -176,7 +259,7 @@ impl LogQueries {
             Fact::Property(&["request", "protocol"]),
             Fact::Property(&["source", "address"]),
         ];
-        Self { request: Query::new(request), connection: Query::new(connection) }
+        Self { request, connection: Query::new(connection) }
     }
 
     /// Compile both; `false` when the proxy refused either (then neither is used).
@@ -193,7 +276,9 @@ impl LogQueries {
 /// The proxy, with the facts of one query read in one evaluation.
 pub struct Prefetched<'a> {
     host: &'a dyn Host,
-    facts: Rc<[Fact]>,
+    query: Option<Query>,
+    /// Which list of a split query the proxy evaluated.
+    holds: bool,
     /// The evaluation's bytes; the facts' values are ranges of it.
     bytes: Vec<u8>,
     values: Vec<Range<usize>>,
@@ -214,38 +299,49 @@ pub enum Evaluation {
 impl<'a> Prefetched<'a> {
     /// Evaluate `query` for the current request (when compiled).
     pub fn new(host: &'a dyn Host, query: &Query) -> (Self, Evaluation) {
-        let mut prefetched = Self { host, facts: Rc::from([]), bytes: Vec::new(), values: Vec::new() };
+        let mut prefetched = Self { host, query: None, holds: true, bytes: Vec::new(), values: Vec::new() };
         if query.token.is_none() {
             return (prefetched, Evaluation::NotCompiled);
         }
         let Some(bytes) = host.evaluate(query) else {
             return (prefetched, Evaluation::Failed);
         };
-        match ranges(&bytes, query.facts.len()) {
-            Some(values) => {
-                prefetched.facts = query.facts.clone();
-                prefetched.bytes = bytes;
-                prefetched.values = values;
-                (prefetched, Evaluation::Done)
+        let Some(mut values) = ranges(&bytes) else {
+            return (prefetched, Evaluation::Failed);
+        };
+        if query.otherwise.is_some() {
+            // The condition's value comes first: a boolean, one byte.
+            match values.first().and_then(|r| bytes.get(r.clone())) {
+                Some([flag]) if *flag <= 1 => prefetched.holds = *flag == 1,
+                _ => return (prefetched, Evaluation::Failed),
             }
-            None => (prefetched, Evaluation::Failed),
+            values.remove(0);
         }
+        if values.len() != query.facts(prefetched.holds).len() {
+            return (prefetched, Evaluation::Failed);
+        }
+        prefetched.query = Some(query.clone());
+        prefetched.bytes = bytes;
+        prefetched.values = values;
+        (prefetched, Evaluation::Done)
     }
 
-    fn answer(&self, fact: Fact) -> Option<Option<Vec<u8>>> {
-        let at = self.facts.iter().position(|f| *f == fact)?;
+    /// The answer for the fact `is` picks, when this evaluation holds it: `Some(None)` for an
+    /// absent or empty value.
+    fn answer(&self, is: impl Fn(&Fact) -> bool) -> Option<Option<Vec<u8>>> {
+        let facts = self.query.as_ref()?.facts(self.holds);
+        let at = facts.iter().position(is)?;
         let value = self.bytes.get(self.values.get(at)?.clone())?;
         Some((!value.is_empty()).then(|| value.to_vec()))
     }
 }
 
-/// Where each of `n` list elements lies in an evaluation's bytes; `None` unless the buffer holds
-/// exactly `n` whole elements.
-fn ranges(bytes: &[u8], n: usize) -> Option<Vec<Range<usize>>> {
+/// Where each element of a list lies in an evaluation's bytes; `None` unless the buffer holds
+/// as many whole elements as it declares.
+fn ranges(bytes: &[u8]) -> Option<Vec<Range<usize>>> {
     let list = Headers::over(bytes);
-    if list.declared()? != n {
-        return None;
-    }
+    let declared = list.declared()?;
+    // The elements are slices of `bytes`: their offsets are where they start in it.
     let base = bytes.as_ptr() as usize;
     let values: Vec<Range<usize>> = list
         .iter()
@@ -254,7 +350,7 @@ fn ranges(bytes: &[u8], n: usize) -> Option<Vec<Range<usize>>> {
             start..start + element.len()
         })
         .collect();
-    (values.len() == n).then_some(values)
+    (values.len() == declared).then_some(values)
 }
 
 /// Encode `values` as Envoy encodes a CEL list (mock hosts and tests).
@@ -265,19 +361,13 @@ pub fn encode_list(values: &[Vec<u8>]) -> Vec<u8> {
 
 impl Host for Prefetched<'_> {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let found = self.facts.iter().position(|f| matches!(f, Fact::Property(p) | Fact::Message(p) if *p == path));
-        match found.and_then(|at| self.answer(self.facts[at])) {
-            Some(answer) => answer,
-            None => self.host.property(path),
-        }
+        let is = |f: &Fact| matches!(f, Fact::Property(p) | Fact::Message(p) | Fact::Present(p) if *p == path);
+        self.answer(is).unwrap_or_else(|| self.host.property(path))
     }
 
     fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
-        let found = self.facts.iter().position(|f| matches!(f, Fact::Header(m, n) if *m == map && *n == name));
-        match found.and_then(|at| self.answer(self.facts[at])) {
-            Some(answer) => answer,
-            None => self.host.header(map, name),
-        }
+        let is = |f: &Fact| matches!(f, Fact::Header(m, n) if *m == map && *n == name);
+        self.answer(is).unwrap_or_else(|| self.host.header(map, name))
     }
 
     fn headers(&self, map: HeaderMap) -> HeaderPairs {
@@ -331,29 +421,75 @@ mod tests {
             Fact::Message(&["xds", "upstream_host_metadata"]).cel(),
             "('upstream_host_metadata' in xds && xds['upstream_host_metadata'] != null ? xds['upstream_host_metadata'] : b'')"
         );
+        assert_eq!(Fact::Present(&["response", "flags"]).cel(), "response['flags']", "always there: no guard");
         let q = Query::new(vec![Fact::Property(&["response", "code"]), Fact::Property(&["connection", "mtls"])]);
         assert_eq!(
             q.expression(),
             "[('code' in response ? response['code'] : b''), ('mtls' in connection ? connection['mtls'] : b'')]"
+        );
+        let split = Query::split(
+            Condition::ClusterPrefix("inbound|"),
+            vec![Fact::Present(&["connection", "id"])],
+            vec![Fact::Present(&["response", "flags"])],
+        );
+        assert_eq!(
+            split.expression(),
+            "('cluster_name' in xds && xds['cluster_name'].startsWith('inbound|')) \
+             ? [true, connection['id']] : [false, response['flags']]"
         );
     }
 
     #[test]
     fn the_queries_follow_the_configuration_and_the_proxy_kind() {
         let sidecar = "sidecar~10.0.0.1~a.ns~ns.svc.cluster.local";
-        let has = |q: &Query, f: Fact| q.facts().contains(&f);
-        let direction = Fact::Property(&["xds", "listener_direction"]);
-        let size = Fact::Property(&["request", "size"]);
-        let total = Fact::Property(&["request", "total_size"]);
+        let has = |q: &Query, holds: bool, f: Fact| q.facts(holds).contains(&f);
+        let connection = Fact::Present(&["connection", "id"]);
+        let upstream_peer = Fact::Property(&["filter_state", UPSTREAM_PEER]);
+        let size = Fact::Present(&["request", "size"]);
+        let total = Fact::Present(&["request", "total_size"]);
+        let protocol = Fact::Property(&["request", "protocol"]);
         let all = queries("", sidecar);
-        assert!(has(&all.request, direction) && has(&all.request, total) && !has(&all.request, size));
+        assert_eq!(all.request.condition(), Some(Condition::ClusterPrefix("inbound|")));
+        let (inbound, outbound) = (true, false);
+        assert!(has(&all.request, inbound, connection) && !has(&all.request, inbound, upstream_peer));
+        assert!(!has(&all.request, outbound, connection) && has(&all.request, outbound, upstream_peer));
+        assert!(!has(&all.request, inbound, protocol), "the connection's cache has it");
+        assert!(has(&all.request, outbound, protocol) && has(&all.request, outbound, total));
+        assert!(!has(&all.request, inbound, size), "logs are off");
         let gateway = queries("", "router~10.0.0.2~gw.istio-system~istio-system.svc.cluster.local");
-        assert!(!has(&gateway.request, direction), "a gateway always reports as the source");
-        assert!(!has(&gateway.request, Fact::Property(&["connection", "id"])), "and caches no connection");
+        assert_eq!(gateway.request.condition(), None, "a gateway is always the client side");
+        assert!(!has(&gateway.request, true, connection) && has(&gateway.request, true, upstream_peer));
+        let waypoint = queries("", "waypoint~10.0.0.3~wp.ns~ns.svc.cluster.local");
+        assert!(has(&waypoint.request, true, connection) && has(&waypoint.request, true, upstream_peer));
         let logs = queries(r#","logs":{"enabled":true},"metrics":{"enabled":false}"#, sidecar);
-        assert!(has(&logs.request, size) && !has(&logs.request, total));
+        assert!(has(&logs.request, inbound, size) && !has(&logs.request, inbound, total));
+        assert!(has(&logs.request, inbound, protocol), "no metrics, no connection cache");
         let no_headers = queries(r#","metrics":{"peer_metadata_headers":false}"#, sidecar);
-        assert!(!has(&no_headers.request, Fact::Header(HeaderMap::Response, PEER_METADATA_HEADER)));
+        assert!(!has(&no_headers.request, outbound, Fact::Header(HeaderMap::Response, PEER_METADATA_HEADER)));
+    }
+
+    #[test]
+    fn a_split_query_reads_the_list_its_condition_picks() {
+        let q = || {
+            let mut q = Query::split(
+                Condition::ClusterPrefix("inbound|"),
+                vec![Fact::Present(&["connection", "id"])],
+                vec![Fact::Property(&["upstream", "address"])],
+            );
+            assert!(q.compile(&MockHost::new()));
+            q
+        };
+        let inbound = MockHost::new().with_property("xds.cluster_name", "inbound|80||").with_u64("connection.id", 7);
+        let (p, e) = Prefetched::new(&inbound, &q());
+        assert_eq!((e, p.property_u64(&["connection", "id"])), (Evaluation::Done, Some(7)));
+        assert_eq!(inbound.counts().properties, 0);
+        let outbound =
+            MockHost::new().with_property("xds.cluster_name", "outbound|80||a").with_property("upstream.address", "x");
+        let (p, _) = Prefetched::new(&outbound, &q());
+        assert_eq!(p.property_string(&["upstream", "address"]).as_deref(), Some("x"));
+        assert_eq!(outbound.counts().properties, 0);
+        assert_eq!(p.property(&["connection", "id"]), None, "not in its list: asked of the proxy");
+        assert_eq!(outbound.counts().properties, 1);
     }
 
     #[test]
@@ -399,10 +535,41 @@ mod tests {
     #[test]
     fn a_list_of_the_wrong_length_or_shape_is_not_read() {
         let two = encode_list(&[b"a".to_vec(), 7u64.to_le_bytes().to_vec()]);
-        assert_eq!(ranges(&two, 2), Some(vec![20..21, 23..31]));
-        assert_eq!(ranges(&two, 3), None, "one fact short");
-        assert_eq!(ranges(&two[..two.len() - 3], 2), None, "cut");
-        assert_eq!(ranges(&[], 0), None, "no count");
-        assert_eq!(ranges(&encode_list(&[]), 0), Some(vec![]));
+        assert_eq!(ranges(&two), Some(vec![20..21, 23..31]));
+        assert_eq!(ranges(&two[..two.len() - 3]), None, "cut");
+        assert_eq!(ranges(&[]), None, "no count");
+        assert_eq!(ranges(&encode_list(&[])), Some(vec![]));
+        let host = MockHost::new().with_u64("response.code", 200);
+        let mut q = Query::new(vec![Fact::Property(&["response", "code"]), Fact::Present(&["response", "flags"])]);
+        assert!(q.compile(&host));
+        let one_short = encode_list(&[200u64.to_le_bytes().to_vec()]);
+        assert!(ranges(&one_short).is_some());
+        struct Short<'a>(&'a MockHost, Vec<u8>);
+        impl Host for Short<'_> {
+            fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+                self.0.property(path)
+            }
+            fn header(&self, map: HeaderMap, name: &str) -> Option<Vec<u8>> {
+                self.0.header(map, name)
+            }
+            fn headers(&self, map: HeaderMap) -> HeaderPairs {
+                self.0.headers(map)
+            }
+            fn set_request_header(&self, name: &str, value: Option<&str>) {
+                self.0.set_request_header(name, value)
+            }
+            fn now_ns(&self) -> u64 {
+                0
+            }
+            fn compile(&self, expression: &str) -> Option<u32> {
+                self.0.compile(expression)
+            }
+            fn evaluate(&self, _: &Query) -> Option<Vec<u8>> {
+                Some(self.1.clone())
+            }
+        }
+        let short = Short(&host, one_short);
+        let (p, e) = Prefetched::new(&short, &q);
+        assert_eq!((e, p.property_u64(&["response", "code"])), (Evaluation::Failed, Some(200)), "one fact short");
     }
 }

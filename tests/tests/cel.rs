@@ -71,9 +71,19 @@ fn queries(node_id: &str) -> LogQueries {
     LogQueries::new(&config::parse(json.as_bytes()).unwrap(), &node)
 }
 
-fn value<'a>(q: &Query, got: &'a [Vec<u8>], fact: Fact) -> &'a [u8] {
-    let at = q.facts().iter().position(|f| *f == fact).unwrap_or_else(|| panic!("{fact:?} not in the query"));
-    &got[at]
+/// The facts an answer to `q` holds, and their values: a split query's answer starts with its
+/// condition's value.
+fn answered(q: &Query, mut got: Vec<Vec<u8>>) -> Vec<(Fact, Vec<u8>)> {
+    let holds = match q.condition() {
+        Some(_) => got.remove(0) == [1],
+        None => true,
+    };
+    assert_eq!(got.len(), q.facts(holds).len());
+    q.facts(holds).iter().copied().zip(got).collect()
+}
+
+fn value(answer: &[(Fact, Vec<u8>)], fact: Fact) -> &[u8] {
+    &answer.iter().find(|(f, _)| *f == fact).unwrap_or_else(|| panic!("{fact:?} not in the answer")).1
 }
 
 #[test]
@@ -87,22 +97,30 @@ fn meshtels_queries_evaluate_in_envoy_for_every_proxy_kind_and_a_local_reply() {
     ] {
         let q = queries(node);
         let got = evaluate(&q.request.expression(), None).unwrap_or_else(|| panic!("{node}: refused"));
-        assert_eq!(got.len(), q.request.facts().len());
-        assert_eq!(u64_of(value(&q.request, &got, code)), 200, "{node}");
-        assert_eq!(value(&q.request, &got, cluster), b"inbound|8080||", "{node}");
-        assert_eq!(value(&q.request, &got, Fact::Property(&["filter_state", "upstream_peer"])), b"", "absent: empty");
+        let answer = answered(&q.request, got);
+        assert_eq!(u64_of(value(&answer, code)), 200, "{node}");
+        assert_eq!(value(&answer, cluster), b"inbound|8080||", "{node}");
+        assert_eq!(u64_of(value(&answer, Fact::Present(&["response", "flags"]))), 0, "{node}");
+        if !node.starts_with("sidecar") {
+            // Absent: empty.
+            assert_eq!(value(&answer, Fact::Property(&["filter_state", "upstream_peer"])), b"", "{node}");
+        }
     }
-    // A local reply: no upstream, no cluster, and still one answer.
+    // A local reply: no upstream, no cluster (the sidecar's other list), and still one answer.
     let q = queries("sidecar~10.0.0.1~a.ns~ns.svc.cluster.local");
     let got = evaluate(&q.request.expression(), Some(403)).expect("an answer for a local reply");
-    assert_eq!(u64_of(value(&q.request, &got, code)), 403);
-    assert_eq!(value(&q.request, &got, cluster), b"");
-    assert_eq!(value(&q.request, &got, Fact::Property(&["upstream", "address"])), b"");
+    assert_eq!(got[0], [0], "not an inbound cluster");
+    let answer = answered(&q.request, got);
+    assert_eq!(u64_of(value(&answer, code)), 403);
+    assert_eq!(value(&answer, cluster), b"");
+    assert_eq!(value(&answer, Fact::Property(&["upstream", "address"])), b"");
+    assert_eq!(value(&answer, Fact::Message(&["xds", "upstream_host_metadata"])), b"");
     let got = evaluate(&q.connection.expression(), None).expect("the connection's query");
+    let answer = answered(&q.connection, got);
     let principal = Fact::Property(&["filter_state", "io.istio.peer_principal"]);
-    assert_eq!(value(&q.connection, &got, principal), b"spiffe://td/ns/b/sa/b");
-    assert_eq!(value(&q.connection, &got, Fact::Property(&["request", "protocol"])), b"HTTP/1.1");
-    assert_eq!(value(&q.connection, &got, Fact::Property(&["connection", "mtls"])), [0], "plaintext");
+    assert_eq!(value(&answer, principal), b"spiffe://td/ns/b/sa/b");
+    assert_eq!(value(&answer, Fact::Property(&["request", "protocol"])), b"HTTP/1.1");
+    assert_eq!(value(&answer, Fact::Property(&["connection", "mtls"])), [0], "plaintext");
 }
 
 /// Traffic of every outcome through one sidecar; its `istio_requests_total` series.

@@ -9,7 +9,7 @@
 use std::time::UNIX_EPOCH;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{LogLevel, MapType, MetricType, Status};
+use proxy_wasm::types::{LogLevel, MapType, Status};
 
 use crate::headers::HeaderPairs;
 use crate::host::{HeaderMap, Host};
@@ -124,7 +124,7 @@ pub fn now_ns() -> u64 {
 }
 
 /// A property's raw bytes; `None` when absent or unreadable.
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+fn property(path: &[&str]) -> Option<Vec<u8>> {
     let (mut stack, mut heap) = ([0u8; 96], Vec::new());
     let buffer = crate::host::property_path(path, &mut stack, &mut heap);
     let (mut data, mut len) = (std::ptr::null_mut(), 0);
@@ -132,34 +132,9 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     unsafe { returned(proxy_get_property(buffer.as_ptr(), buffer.len(), &mut data, &mut len), data, len) }
 }
 
-/// A string property.
-pub fn property_string(path: &[&str]) -> Option<String> {
-    property(path).and_then(|b| String::from_utf8(b).ok())
-}
-
 /// Log a line; logging failures are ignored.
 pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
-}
-
-/// A proxy counter (`wasmcustom.<name>` in Envoy's stats); inert if the host refused to define it.
-#[derive(Debug, Default)]
-pub struct Counter(Option<u32>);
-
-impl Counter {
-    /// Define (or look up) the counter `name`.
-    pub fn define(name: &str) -> Self {
-        Self(hostcalls::define_metric(MetricType::Counter, name).ok())
-    }
-
-    /// Add `delta`.
-    pub fn add(&self, delta: u64) {
-        if let (Some(id), Ok(delta)) = (self.0, i64::try_from(delta)) {
-            if delta > 0 {
-                let _ = hostcalls::increment_metric(id, delta);
-            }
-        }
-    }
 }
 
 /// The proxy's shared data (one store for all VMs with this VM id).

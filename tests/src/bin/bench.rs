@@ -145,6 +145,8 @@ fn probe_scenarios() -> Vec<Scenario> {
     };
     let reads = 48;
     let writes = 24;
+    let evaluations = 12;
+    let queries = meshtel_queries();
     let with_headers = |mut s: Scenario| {
         s.extra_headers = 16;
         s.reference = PROBE_NONE_HEADERS;
@@ -183,7 +185,49 @@ fn probe_scenarios() -> Vec<Scenario> {
         row("probe: replace_map_value (new header)", "replace_map_value", writes, ""),
         row("probe: add_map_value (new header)", "add_map_value", writes, ""),
         row("probe: remove_map_value (absent header)", "remove_map_value", writes, ""),
+        row("probe: expr_evaluate, a list of 1 property", "cel", evaluations, "[response.flags]"),
+        row(
+            "probe: expr_evaluate, a list of 12 properties",
+            "cel",
+            evaluations,
+            &format!("[{}]", [FLAGS; 12].join(", ")),
+        ),
+        row(
+            "probe: expr_evaluate, 12 guarded properties",
+            "cel",
+            evaluations,
+            &format!("[{}]", [GUARDED; 12].join(", ")),
+        ),
+        row(
+            "probe: expr_evaluate, 12 guarded absent ones",
+            "cel",
+            evaluations,
+            &format!("[{}]", [ABSENT; 12].join(", ")),
+        ),
+        row("probe: expr_evaluate, a list of 6 properties", "cel", evaluations, SIX_PROPERTIES),
+        row("probe: expr_evaluate, meshtel's request query", "cel", evaluations, &queries.request.expression()),
+        row("probe: expr_evaluate, meshtel's connection query", "cel", evaluations, &queries.connection.expression()),
     ]
+}
+
+/// One property in CEL: as it is, guarded against absence, and absent.
+const FLAGS: &str = "response.flags";
+const GUARDED: &str = "('flags' in response ? response['flags'] : b'')";
+const ABSENT: &str = "('upstream_peer' in filter_state ? filter_state['upstream_peer'] : b'')";
+
+/// The log phase's six most common reads, as one CEL list.
+const SIX_PROPERTIES: &str =
+    "[response.code, response.flags, xds.cluster_name, request.total_size, response.total_size, connection.id]";
+
+/// meshtel's log-phase queries for the benchmark's sidecar and default configuration.
+fn meshtel_queries() -> meshtel_filter::prefetch::LogQueries {
+    let config = plugin_config(json!({})).to_string();
+    let config = meshtel_filter::config::parse(config.as_bytes()).expect("the benchmark's configuration");
+    let node = meshtel_filter::istio::node::NodeInfo {
+        id: "sidecar~10.0.0.1~a.ns-a~ns-a.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    meshtel_filter::prefetch::LogQueries::new(&config, &node)
 }
 
 #[derive(Default, Clone)]
