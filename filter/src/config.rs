@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use crate::custom_tags::{self, CustomTag};
 use crate::json_fields::Fields;
 use crate::quote::{name as quoted_name, quote};
 
@@ -135,6 +136,9 @@ pub struct Traces {
     /// Whether the headers Envoy forces a trace with (`x-client-trace-id`, and
     /// `x-envoy-force-trace` on internal requests) sample a new trace whatever the ratio.
     pub force_headers: bool,
+    /// Span attributes from a literal, the proxy's environment or a request header (Istio's
+    /// `customTags`); environment tags become literals at configure time.
+    pub custom_tags: Vec<CustomTag>,
 }
 
 /// Metric settings.
@@ -290,6 +294,7 @@ impl RawConfig {
                     "request_headers",
                     "sensitive_headers",
                     "force_headers",
+                    "custom_tags",
                 ],
             )? {
                 Some(t) => RawTraces::read(&t)?,
@@ -361,6 +366,7 @@ struct RawTraces {
     request_headers: Vec<String>,
     sensitive_headers: Vec<String>,
     force_headers: bool,
+    custom_tags: Vec<CustomTag>,
 }
 
 impl Default for RawTraces {
@@ -373,6 +379,7 @@ impl Default for RawTraces {
             request_headers: Vec::new(),
             sensitive_headers: Vec::new(),
             force_headers: true,
+            custom_tags: Vec::new(),
         }
     }
 }
@@ -388,6 +395,7 @@ impl RawTraces {
             request_headers: f.strings("request_headers")?,
             sensitive_headers: f.strings("sensitive_headers")?,
             force_headers: f.bool("force_headers", d.force_headers)?,
+            custom_tags: custom_tags::read(f)?,
         })
     }
 }
@@ -614,6 +622,7 @@ impl RawTraces {
                 request_headers.push(h);
             }
         }
+        custom_tags::refuse_sensitive(&self.custom_tags, &sensitive)?;
         Ok(Traces {
             enabled: self.enabled,
             sampling_ratio: ratio,
@@ -621,6 +630,7 @@ impl RawTraces {
             span_name: self.span_name,
             request_headers,
             force_headers: self.force_headers,
+            custom_tags: self.custom_tags,
         })
     }
 }
@@ -708,7 +718,7 @@ fn is_header_value(value: &str) -> bool {
     !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
 }
 
-fn is_header_name(name: &str) -> bool {
+pub(crate) fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -44,6 +44,21 @@ impl<'a> Fields<'a> {
         self.get(name).map(|v| Fields::new(&self.path(name), v, known)).transpose()
     }
 
+    /// The object in field `name` whose keys are data, not field names (any key goes).
+    pub fn map(&self, name: &str) -> Result<Option<Fields<'a>>, ConfigError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let path = self.path(name);
+        let map = v.as_object().ok_or_else(|| invalid_type(&path, v, "a JSON object"))?;
+        Ok(Some(Fields { path, map }))
+    }
+
+    /// Every key and value, in the document's order.
+    pub fn entries(&self) -> impl Iterator<Item = (&'a String, &'a Value)> {
+        self.map.iter()
+    }
+
     /// A boolean, `default` when absent.
     pub fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
         self.read(name, default, "a boolean", Value::as_bool)

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod base64;
 pub mod config;
 pub mod connection;
+pub mod custom_tags;
 pub mod episode;
 pub mod export;
 pub mod handoff;

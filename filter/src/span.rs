@@ -46,6 +46,8 @@ pub struct RequestInfo {
     pub request_id: Option<String>,
     /// Configured request headers present on the request, `(name, values)`.
     pub headers: Vec<(String, Vec<String>)>,
+    /// `traces.custom_tags` with their values for this request (sampled requests only).
+    pub custom_tags: Vec<(String, String)>,
 }
 
 /// Longest value kept for a recorded header or path; longer ones are cut at a char boundary.
@@ -77,6 +79,7 @@ impl RequestInfo {
                     (!values.is_empty()).then(|| (name.clone(), values))
                 })
                 .collect(),
+            custom_tags: Vec::new(),
         }
     }
 }

@@ -462,6 +462,9 @@ impl Telemetry {
         let log = self.config.logs.enabled && access_log::wanted(self.config.logs.mode, sampled);
         let request = if sampled || log {
             let mut r = RequestInfo::from_headers(headers, &self.config.traces.request_headers);
+            if sampled && !self.config.traces.custom_tags.is_empty() {
+                r.custom_tags = crate::custom_tags::values(&self.config.traces.custom_tags, headers);
+            }
             if log {
                 r.request_id = headers.single("x-request-id").map(|id| truncate(id, MAX_ATTRIBUTE_LEN));
             }

@@ -527,3 +527,35 @@ fn malformed_trace_headers_leave_requests_unaffected() {
     barrier(&collector, &sidecar);
     assert_eq!(collector.spans().len(), cases.len() + 2, "every request still got its span");
 }
+
+/// Istio's `customTags` as Envoy applies them (envoyproxy/envoy
+/// `source/common/tracing/custom_tag_impl.cc`): a literal always; an environment variable of the
+/// proxy, else its default; a request header, else its default, and no tag when both are empty.
+#[test]
+fn custom_tags_are_set_on_spans_as_envoy_sets_istios() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let tags = json!({
+        "zone": {"literal": {"value": "east-1"}},
+        "pod": {"environment": {"name": "MESHTEL_TEST_POD", "default_value": "unknown"}},
+        "node": {"environment": {"name": "MESHTEL_TEST_UNSET", "default_value": "no-node"}},
+        "user": {"header": {"name": "x-user", "default_value": "anonymous"}},
+        "tenant": {"header": {"name": "x-tenant"}},
+    });
+    let sidecar = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .config(json!({"traces": {"custom_tags": tags}}))
+        .host_env("MESHTEL_TEST_POD", "a-v1-7d9f")
+        .start();
+    send(&sidecar, "/with", &[("x-user", "alice"), ("x-tenant", "t1")]);
+    send(&sidecar, "/without", &[]);
+    let spans = collector.wait_for_spans(2, WAIT);
+    let with = spans.iter().find(|s| s.attr("url.path").as_deref() == Some("/with")).expect("the first span");
+    let without = spans.iter().find(|s| s.attr("url.path").as_deref() == Some("/without")).expect("the second");
+    for (span, user, tenant) in [(with, "alice", Some("t1")), (without, "anonymous", None)] {
+        assert_eq!(span.attr("zone").as_deref(), Some("east-1"));
+        assert_eq!(span.attr("pod").as_deref(), Some("a-v1-7d9f"), "the proxy's environment");
+        assert_eq!(span.attr("node").as_deref(), Some("no-node"), "unset: the default");
+        assert_eq!(span.attr("user").as_deref(), Some(user));
+        assert_eq!(span.attr("tenant").as_deref(), tenant, "no header, no default: no tag");
+    }
+}

@@ -125,6 +125,7 @@ mod tests {
                 user_agent: Some("curl/8".into()),
                 request_id: Some("req-1".into()),
                 headers: Vec::new(),
+                custom_tags: Vec::new(),
             },
             completion: Completion {
                 end_unix_nanos: 8_000_000,

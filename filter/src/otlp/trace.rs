@@ -149,6 +149,9 @@ pub(super) fn http_attributes(w: &mut Writer, field: u32, r: &RequestInfo, c: &C
     for (name, values) in &r.headers {
         w.string_array_attribute(field, &format!("http.request.header.{name}"), values);
     }
+    for (name, value) in &r.custom_tags {
+        w.string_attribute(field, name, value);
+    }
     if c.kind == SpanKind::Server {
         if let Some(addr) = c.client_address.as_deref() {
             let (ip, _) = split_authority(addr);
@@ -210,6 +213,7 @@ mod tests {
                 user_agent: Some("curl/8".into()),
                 headers: vec![("x-tenant".into(), vec!["a".into(), "b".into()])],
                 request_id: None,
+                custom_tags: vec![("zone".into(), "east".into())],
             },
             Completion {
                 end_unix_nanos: 5_000,
@@ -263,6 +267,7 @@ mod tests {
         assert_eq!(attr(span, "user_agent.original").cloned(), s("curl/8"));
         let Some(Value::ArrayValue(tenant)) = attr(span, "http.request.header.x-tenant") else { panic!("an array") };
         assert_eq!(tenant.values.len(), 2);
+        assert_eq!(attr(span, "zone").cloned(), s("east"), "a custom tag");
         assert_eq!(attr(span, "client.address").cloned(), s("10.0.0.9"));
         assert_eq!(attr(span, "istio.canonical_service").cloned(), s("shop"));
         assert_eq!(attr(span, "istio.mesh_id").cloned(), s("m"));
