@@ -163,13 +163,19 @@ pub struct Metrics {
 }
 
 /// Access-log settings: one OTLP log record per request, Istio's access-log fields as attributes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Logs {
     /// Whether access logs are recorded and exported.
     pub enabled: bool,
     /// Which requests get a log record.
     pub mode: LogMode,
+    /// A CEL expression a request must satisfy to be logged (Istio's
+    /// `accessLogging[].filter.expression`, e.g. `response.code >= 400`), on top of `mode`.
+    pub filter: Option<String>,
 }
+
+/// Longest CEL expression taken.
+pub const MAX_EXPRESSION_LEN: usize = 4096;
 
 /// Which requests get an access-log record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -315,10 +321,12 @@ impl RawConfig {
                 Some(m) => RawMetrics::read(&m)?,
                 None => RawMetrics::default(),
             },
-            logs: match section("logs", &["enabled", "mode"])? {
-                Some(l) => {
-                    RawLogs { enabled: l.bool("enabled", false)?, mode: l.variant("mode", &LOG_MODES, LogMode::All)? }
-                }
+            logs: match section("logs", &["enabled", "mode", "filter"])? {
+                Some(l) => RawLogs {
+                    enabled: l.bool("enabled", false)?,
+                    mode: l.variant("mode", &LOG_MODES, LogMode::All)?,
+                    filter: l.string("filter")?,
+                },
                 None => RawLogs::default(),
             },
             export: match section(
@@ -443,6 +451,7 @@ impl RawMetrics {
 struct RawLogs {
     enabled: bool,
     mode: LogMode,
+    filter: Option<String>,
 }
 
 struct RawExport {
@@ -496,7 +505,11 @@ impl TryFrom<RawConfig> for Config {
             collector: collector.compile()?,
             traces: raw.traces.compile()?,
             metrics: raw.metrics.compile()?,
-            logs: Logs { enabled: raw.logs.enabled, mode: raw.logs.mode },
+            logs: Logs {
+                enabled: raw.logs.enabled,
+                mode: raw.logs.mode,
+                filter: expression("logs.filter", raw.logs.filter)?,
+            },
             export: raw.export.compile()?,
             resource_attributes: compile_resource(raw.resource)?,
         })
@@ -718,6 +731,18 @@ fn is_header_value(value: &str) -> bool {
     !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
 }
 
+/// A CEL expression as configured: not blank, at most [`MAX_EXPRESSION_LEN`] bytes. Its syntax
+/// is the proxy's to judge (`expr_create`), at configure time.
+fn expression(field: &str, expr: Option<String>) -> Result<Option<String>, ConfigError> {
+    match expr {
+        Some(e) if e.trim().is_empty() => Err(ConfigError::new(field, "is an empty expression")),
+        Some(e) if e.len() > MAX_EXPRESSION_LEN => {
+            Err(ConfigError::new(field, format!("is {} bytes, at most {MAX_EXPRESSION_LEN}: {}", e.len(), quote(&e))))
+        }
+        e => Ok(e),
+    }
+}
+
 pub(crate) fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
@@ -761,7 +786,7 @@ mod tests {
         assert_eq!((c.export.max_batch, c.export.max_queue), (512, 8192));
         assert_eq!((c.export.max_in_flight, c.export.max_retries), (4, 3));
         assert_eq!(c.collector.protocol, Protocol::Http);
-        assert_eq!(c.logs, Logs { enabled: false, mode: LogMode::All });
+        assert_eq!(c.logs, Logs { enabled: false, mode: LogMode::All, filter: None });
     }
 
     /// Every refusal that quotes input quotes a prefix of it: a 2 MB value, key or header name

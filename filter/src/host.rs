@@ -151,6 +151,10 @@ pub mod mock {
         no_cel: bool,
         /// Every `expr_evaluate` fails (an attribute the guards did not foresee).
         failing_evaluations: bool,
+        /// User expressions and what they evaluate to (`None`: an error); any other fails.
+        expressions: Vec<(String, Option<Vec<u8>>)>,
+        /// Expressions `expr_create` refuses.
+        refused: Vec<String>,
         compiled: Cell<u32>,
         counts: Cell<Counts>,
         /// Everything asked and changed so far.
@@ -191,6 +195,19 @@ pub mod mock {
         /// A proxy without the CEL parser.
         pub fn without_cel(mut self) -> Self {
             self.no_cel = true;
+            self
+        }
+
+        /// A user expression (e.g. `logs.filter`) that evaluates to `value` (`None`: an error,
+        /// which fails the whole evaluation it is in).
+        pub fn with_expression(mut self, expression: &str, value: Option<Vec<u8>>) -> Self {
+            self.expressions.push((expression.to_string(), value));
+            self
+        }
+
+        /// A proxy that refuses to compile `expression` (a syntax error).
+        pub fn refusing(mut self, expression: &str) -> Self {
+            self.refused.push(expression.to_string());
             self
         }
 
@@ -292,8 +309,8 @@ pub mod mock {
             self.now_ns.get()
         }
 
-        fn compile(&self, _expression: &str) -> Option<u32> {
-            if self.no_cel {
+        fn compile(&self, expression: &str) -> Option<u32> {
+            if self.no_cel || self.refused.iter().any(|r| expression.contains(r.as_str())) {
                 return None;
             }
             self.compiled.set(self.compiled.get() + 1);
@@ -322,6 +339,11 @@ pub mod mock {
                     found.unwrap_or_default().to_vec()
                 }))
                 .collect();
+            let mut values = values;
+            for expression in query.tail() {
+                let found = self.expressions.iter().find(|(e, _)| e == expression);
+                values.push(found.and_then(|(_, v)| v.clone())?);
+            }
             self.count(|c| c.returned_buffers += 1);
             Some(encode_list(&values))
         }

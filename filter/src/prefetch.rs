@@ -115,24 +115,43 @@ pub struct Query {
     facts: Rc<[Fact]>,
     /// The condition, and the facts read when it does not hold.
     otherwise: Option<(Condition, Rc<[Fact]>)>,
+    /// The user's expressions (`logs.filter`), evaluated after the facts in either list.
+    tail: Rc<[String]>,
     /// The proxy's token for the compiled expression; `None` until compiled, or when refused.
     token: Option<u32>,
 }
 
-fn list(facts: &[Fact], head: Option<&str>) -> String {
-    let items: Vec<String> = head.map(str::to_string).into_iter().chain(facts.iter().map(Fact::cel)).collect();
+fn list(facts: &[Fact], head: Option<&str>, tail: &[String]) -> String {
+    let items: Vec<String> = head
+        .map(str::to_string)
+        .into_iter()
+        .chain(facts.iter().map(Fact::cel))
+        .chain(tail.iter().map(|e| format!("({e})")))
+        .collect();
     format!("[{}]", items.join(", "))
 }
 
 impl Query {
     /// A query for `facts`, not compiled yet.
     pub fn new(facts: Vec<Fact>) -> Self {
-        Self { facts: facts.into(), otherwise: None, token: None }
+        Self { facts: facts.into(), otherwise: None, tail: Rc::from([]), token: None }
+    }
+
+    /// This query with the user's `expressions` evaluated after its facts.
+    pub fn with_tail(mut self, expressions: Vec<String>) -> Self {
+        self.tail = expressions.into();
+        self.token = None;
+        self
+    }
+
+    /// The user's expressions.
+    pub fn tail(&self) -> &[String] {
+        &self.tail
     }
 
     /// A query that reads `then` where `condition` holds and `otherwise` elsewhere.
     pub fn split(condition: Condition, then: Vec<Fact>, otherwise: Vec<Fact>) -> Self {
-        Self { facts: then.into(), otherwise: Some((condition, otherwise.into())), token: None }
+        Self { facts: then.into(), otherwise: Some((condition, otherwise.into())), tail: Rc::from([]), token: None }
     }
 
     /// The facts a request reads: those of the list the condition picks.
@@ -152,15 +171,13 @@ impl Query {
     /// `COND ? [true, ...] : [false, ...]`).
     pub fn expression(&self) -> String {
         match &self.otherwise {
-            None => list(&self.facts, None),
-            Some((condition, otherwise)) => {
-                format!(
-                    "{} ? {} : {}",
-                    condition.cel(),
-                    list(&self.facts, Some("true")),
-                    list(otherwise, Some("false"))
-                )
-            }
+            None => list(&self.facts, None, &self.tail),
+            Some((condition, otherwise)) => format!(
+                "{} ? {} : {}",
+                condition.cel(),
+                list(&self.facts, Some("true"), &self.tail),
+                list(otherwise, Some("false"), &self.tail)
+            ),
         }
     }
 
@@ -183,6 +200,35 @@ pub struct LogQueries {
     pub request: Query,
     /// What the first request of a downstream connection reads (cached for the others).
     pub connection: Query,
+    /// `request` with the user's expressions after its facts: what a request evaluates when
+    /// there are any.
+    pub joined: Option<Query>,
+    /// Each user expression alone, for a request whose joined evaluation failed: one that
+    /// fails does not take the others, nor meshtel's facts, with it.
+    pub user: Vec<Query>,
+}
+
+/// What compiling the queries came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compiled {
+    /// All compiled.
+    Done,
+    /// The proxy refused meshtel's own queries: it has no CEL. Requests are read fact by fact,
+    /// and the user's expressions are not applied.
+    NoCel,
+    /// The proxy compiles meshtel's queries but refused this user expression.
+    Refused(String),
+}
+
+/// What one request's log phase read: the facts, and the user's expressions' raw values (`None`
+/// for one that failed or was not evaluated).
+pub struct LogPhase<'a> {
+    /// The proxy, with the facts answered.
+    pub host: Prefetched<'a>,
+    /// How the evaluation of meshtel's facts went.
+    pub evaluation: Evaluation,
+    /// Each user expression's value, in `LogQueries::user` order.
+    pub user: Vec<Option<Vec<u8>>>,
 }
 
 /// What the log phase reads in steady state, by the reporter's side ([`crate::request`]);
@@ -259,17 +305,56 @@ impl LogQueries {
             Fact::Property(&["request", "protocol"]),
             Fact::Property(&["source", "address"]),
         ];
-        Self { request, connection: Query::new(connection) }
+        let expressions: Vec<String> = config.logs.filter.iter().filter(|_| config.logs.enabled).cloned().collect();
+        let joined = (!expressions.is_empty()).then(|| request.clone().with_tail(expressions.clone()));
+        let user = expressions.into_iter().map(|e| Query::new(Vec::new()).with_tail(vec![e])).collect();
+        Self { request, connection: Query::new(connection), joined, user }
     }
 
-    /// Compile both; `false` when the proxy refused either (then neither is used).
-    pub fn compile(&mut self, host: &dyn Host) -> bool {
-        let compiled = self.request.compile(host) && self.connection.compile(host);
-        if !compiled {
+    /// Compile them all in the proxy.
+    pub fn compile(&mut self, host: &dyn Host) -> Compiled {
+        if !(self.request.compile(host) && self.connection.compile(host)) {
             self.request.token = None;
             self.connection.token = None;
+            return Compiled::NoCel;
         }
-        compiled
+        for user in &mut self.user {
+            if !user.compile(host) {
+                return Compiled::Refused(user.tail.first().cloned().unwrap_or_default());
+            }
+        }
+        // Both parts compile, so the two together do; if not, the parts serve alone.
+        if let Some(joined) = self.joined.as_mut() {
+            joined.compile(host);
+        }
+        Compiled::Done
+    }
+
+    /// Read one request's log phase: the joined query where there is one, else meshtel's; when
+    /// the joined one fails, meshtel's, then each user expression alone.
+    pub fn evaluate<'a>(&self, host: &'a dyn Host) -> LogPhase<'a> {
+        if let Some(joined) = self.joined.as_ref().filter(|j| j.token.is_some()) {
+            let (prefetched, evaluation) = Prefetched::new(host, joined);
+            if evaluation == Evaluation::Done {
+                let user = (0..self.user.len()).map(|i| prefetched.tail(i).map(<[u8]>::to_vec)).collect();
+                return LogPhase { host: prefetched, evaluation, user };
+            }
+            // A user expression failed it (meshtel's facts are guarded): read those apart.
+            let (prefetched, evaluation) = Prefetched::new(host, &self.request);
+            return LogPhase { host: prefetched, evaluation, user: self.user_alone(host) };
+        }
+        let (prefetched, evaluation) = Prefetched::new(host, &self.request);
+        LogPhase { host: prefetched, evaluation, user: self.user_alone(host) }
+    }
+
+    fn user_alone(&self, host: &dyn Host) -> Vec<Option<Vec<u8>>> {
+        self.user
+            .iter()
+            .map(|q| {
+                let (p, evaluation) = Prefetched::new(host, q);
+                (evaluation == Evaluation::Done).then(|| p.tail(0).map(<[u8]>::to_vec)).flatten()
+            })
+            .collect()
     }
 }
 
@@ -317,13 +402,21 @@ impl<'a> Prefetched<'a> {
             }
             values.remove(0);
         }
-        if values.len() != query.facts(prefetched.holds).len() {
+        if values.len() != query.facts(prefetched.holds).len() + query.tail.len() {
             return (prefetched, Evaluation::Failed);
         }
         prefetched.query = Some(query.clone());
         prefetched.bytes = bytes;
         prefetched.values = values;
         (prefetched, Evaluation::Done)
+    }
+
+    /// The raw value of the user's expression `i` (see [`Query::with_tail`]); `None` unless this
+    /// evaluation holds it.
+    pub fn tail(&self, i: usize) -> Option<&[u8]> {
+        let query = self.query.as_ref()?;
+        let at = query.facts(self.holds).len() + i;
+        (i < query.tail.len()).then(|| self.bytes.get(self.values.get(at)?.clone())).flatten()
     }
 
     /// The answer for the fact `is` picks, when this evaluation holds it: `Some(None)` for an

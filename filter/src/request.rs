@@ -53,9 +53,13 @@ impl Telemetry {
             return;
         }
         // Every read below is answered by one evaluation where the proxy has CEL.
-        let (prefetched, evaluation) = Prefetched::new(host, &self.queries().request);
-        self.count_evaluation(evaluation);
-        let host: &dyn Host = &prefetched;
+        let phase = self.queries().evaluate(host);
+        self.count_evaluation(phase.evaluation);
+        let mut active = active;
+        if active.log && !self.filter_keeps(phase.user.first().and_then(|v| v.as_deref())) {
+            active.log = false;
+        }
+        let host: &dyn Host = &phase.host;
         let cluster = host.property_string(&["xds", "cluster_name"]);
         let reporter =
             facts::reporter(self.node(), cluster.as_deref(), || host.property_u64(&["xds", "listener_direction"]));
@@ -445,7 +449,7 @@ mod tests {
         let mut t = telemetry(SIDECAR, extra);
         let host = steady_inbound();
         if cel {
-            assert!(t.compile_queries(&host));
+            assert_eq!(t.compile_queries(&host), crate::prefetch::Compiled::Done);
         }
         for _ in 0..2 {
             host.reset();
@@ -546,7 +550,7 @@ mod tests {
             for cel in [true, false] {
                 let mut t = telemetry(node, all);
                 if cel {
-                    assert!(t.compile_queries(&host));
+                    assert_eq!(t.compile_queries(&host), crate::prefetch::Compiled::Done);
                 }
                 for _ in 0..2 {
                     let active = t.on_request_headers(&host);
@@ -566,7 +570,7 @@ mod tests {
         let (_, node, host) = sides().remove(2);
         let host = host.failing_evaluations();
         let mut t = telemetry(node, "");
-        assert!(t.compile_queries(&host));
+        assert_eq!(t.compile_queries(&host), crate::prefetch::Compiled::Done);
         let active = t.on_request_headers(&host);
         t.on_log(&host, active);
         let l = only_series(&t);
@@ -576,5 +580,47 @@ mod tests {
         let notices = t.notices(0);
         assert!(notices.iter().any(|l| l.contains("CEL evaluation is failing")), "{notices:?}");
         assert!(t.notices(0).is_empty(), "once, not per tick");
+    }
+
+    /// Envoy's CEL access-log filter (envoyproxy/envoy
+    /// `source/extensions/access_loggers/filters/cel/cel.cc`, what Istio renders
+    /// `accessLogging[].filter.expression` to) logs a request only when the expression is `true`:
+    /// an error or a value of another type does not log.
+    #[test]
+    fn logs_filter_keeps_the_requests_its_expression_selects() {
+        use crate::prefetch::Compiled;
+        let filter = "response.code >= 400";
+        let extra = r#","logs":{"enabled":true,"filter":"response.code >= 400"}"#;
+        for (value, logged, evaluations) in
+            [(Some(vec![1]), 1, 1), (Some(vec![0]), 0, 1), (Some(b"yes".to_vec()), 0, 1), (None, 0, 3)]
+        {
+            let mut t = telemetry(SIDECAR, extra);
+            let host = steady_inbound().with_expression(filter, value.clone());
+            assert_eq!(t.compile_queries(&host), Compiled::Done);
+            // The second request of a connection: its facts and the cluster's are cached.
+            for _ in 0..2 {
+                let active = t.on_request_headers(&host);
+                host.reset();
+                t.on_log(&host, active);
+            }
+            let (spans, logs) = t.take_records();
+            assert_eq!((logs.len(), spans.len()), (2 * logged, 2), "{value:?}: the filter decides logs only");
+            assert_eq!(only_series(&t)["response_code"], "200");
+            // An error fails the joined evaluation: meshtel's facts, then the filter alone.
+            let counts = (host.counts().evaluations, host.counts().properties);
+            assert_eq!(counts, (evaluations, 0), "{value:?} {:?}", host.calls.borrow().properties);
+            let errors = u64::from(value.is_none()) * 2;
+            assert_eq!((t.stats().log_filter_errors, t.stats().cel_evaluations_failed), (errors, 0));
+        }
+        // Without CEL in the proxy the filter cannot be applied: every request is logged.
+        let mut t = telemetry(SIDECAR, extra);
+        let host = steady_inbound().without_cel();
+        assert_eq!(t.compile_queries(&host), Compiled::NoCel);
+        let active = t.on_request_headers(&host);
+        t.on_log(&host, active);
+        assert_eq!(t.take_records().1.len(), 1);
+        // An expression the proxy cannot compile refuses the configuration.
+        let mut t = telemetry(SIDECAR, extra);
+        assert_eq!(t.compile_queries(&steady_inbound().refusing(filter)), Compiled::Refused(filter.into()));
     }
 }

@@ -12,6 +12,7 @@ use crate::host::Host;
 use crate::istio::node::{decode_pairs, NodeInfo};
 use crate::metrics::shared::SharedStore;
 use crate::otlp;
+use crate::prefetch::Compiled;
 use crate::quote;
 use crate::telemetry::{Telemetry, TelemetryStats};
 
@@ -116,6 +117,7 @@ const COUNTERS: &[(&str, Read)] = &[
     ("exports_taken_over", |s| s.taken_over),
     ("cel_refused", |s| s.cel_refused),
     ("cel_evaluations_failed", |s| s.cel_evaluations_failed),
+    ("log_filter_errors", |s| s.log_filter_errors),
 ];
 
 /// The proxy's counters of [`COUNTERS`], and what this VM reported to them so far.
@@ -231,11 +233,24 @@ impl Root {
         let scope = proxy.property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
         let mut telemetry = Telemetry::new(config, node, seed, &scope, proxy.now_ns());
         telemetry.init_shared(host);
-        if !self.tcp && !telemetry.compile_queries(proxy) {
-            host.log(
-                Level::Warn,
-                "meshtel: the proxy refused to compile the log phase's CEL query (expr_create): it was built without the CEL parser, or does not know an attribute; requests are read fact by fact, with the same telemetry at a higher cost (counter meshtel.cel_refused)",
-            );
+        if !self.tcp {
+            match telemetry.compile_queries(proxy) {
+                Compiled::Done => {}
+                Compiled::NoCel => host.log(
+                    Level::Warn,
+                    "meshtel: the proxy refused to compile the log phase's CEL query (expr_create): it was built without the CEL parser, or does not know an attribute; requests are read fact by fact, with the same telemetry at a higher cost (counter meshtel.cel_refused), and logs.filter is not applied",
+                ),
+                Compiled::Refused(expression) => {
+                    host.log(
+                        Level::Error,
+                        &format!(
+                            "meshtel: invalid pluginConfig, refused: logs.filter: the proxy cannot compile {} (its log says why: `expr_create parse error` or `compile error`)",
+                            quote::quote(&expression)
+                        ),
+                    );
+                    return false;
+                }
+            }
         }
         self.telemetry = Some(Rc::new(RefCell::new(telemetry)));
         if !std::mem::replace(&mut self.live, true) {
@@ -715,6 +730,18 @@ mod tests {
         let tcp = MockRoot::new(proxy().without_cel().with_property("plugin_root_id", TCP_ROOT_ID));
         configured(&tcp, "");
         assert_eq!(tcp.lines("refused to compile"), 0, "the network filter has no log phase to read");
+    }
+
+    #[test]
+    fn a_logs_filter_the_proxy_cannot_compile_refuses_the_configuration() {
+        let host = MockRoot::new(proxy().refusing("response.code >>= 400"));
+        let json = br#"{"collector":{"cluster":"outbound|4318||otel"},"logs":{"enabled":true,"filter":"response.code >>= 400"}}"#;
+        let mut root = Root::default();
+        assert!(!root.configure(&host, json, |_| None, 7));
+        assert_eq!(host.lines("refused: logs.filter: the proxy cannot compile \"response.code >>= 400\""), 1);
+        assert!(root.telemetry().is_none(), "the previous configuration keeps serving");
+        let ok = br#"{"collector":{"cluster":"outbound|4318||otel"},"logs":{"enabled":true,"filter":"response.code >= 400"}}"#;
+        assert!(Root::default().configure(&MockRoot::new(proxy()), ok, |_| None, 7));
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::metrics::aggregate::{Measurement, TcpDelta};
 use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
-use crate::prefetch::{Evaluation, LogQueries};
+use crate::prefetch::{Compiled, Evaluation, LogQueries};
 use crate::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::sampler::RatioSampler;
 use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
@@ -120,6 +120,8 @@ pub struct TelemetryStats {
     pub cel_refused: u64,
     /// Log-phase evaluations that failed (those requests were read fact by fact).
     pub cel_evaluations_failed: u64,
+    /// Requests `logs.filter` could not decide (an evaluation error): not logged.
+    pub log_filter_errors: u64,
 }
 
 /// One signal's queue, flush timer and export calls (spans, access logs).
@@ -212,6 +214,9 @@ pub struct Telemetry {
     cel_evaluations_failed: u64,
     /// Failing evaluations, as an episode.
     cel_failures: CounterEpisode,
+    log_filter_errors: u64,
+    /// `logs.filter` errors, as an episode.
+    filter_failures: CounterEpisode,
     cluster_services: HashMap<String, Option<ServiceInfo>>,
     connections: HashMap<u64, DownstreamFacts>,
     /// The open TCP connections of the network filter, by context id, counted on an interval.
@@ -249,6 +254,8 @@ impl Telemetry {
             cel_refused: false,
             cel_evaluations_failed: 0,
             cel_failures: CounterEpisode::default(),
+            log_filter_errors: 0,
+            filter_failures: CounterEpisode::default(),
             cluster_services: HashMap::new(),
             connections: HashMap::new(),
             open_connections: HashMap::new(),
@@ -275,11 +282,26 @@ impl Telemetry {
         &self.node
     }
 
-    /// Compile the log phase's queries in the proxy (once, from the root context). `false` when
-    /// the proxy refused them: the request path then reads fact by fact, with the same result.
-    pub fn compile_queries(&mut self, host: &dyn Host) -> bool {
-        self.cel_refused = !self.queries.compile(host);
-        !self.cel_refused
+    /// Compile the log phase's queries in the proxy (once, from the root context). Where the
+    /// proxy has no CEL, the request path reads fact by fact, with the same result, and
+    /// `logs.filter` is not applied.
+    pub fn compile_queries(&mut self, host: &dyn Host) -> Compiled {
+        let compiled = self.queries.compile(host);
+        self.cel_refused = compiled == Compiled::NoCel;
+        compiled
+    }
+
+    /// Whether a request whose `logs.filter` came to `value` is logged: only a `true` is, as
+    /// Envoy's CEL access-log filter decides (an error or another type is not); without CEL
+    /// in the proxy the filter is not applied.
+    pub(crate) fn filter_keeps(&mut self, value: Option<&[u8]>) -> bool {
+        if self.config.logs.filter.is_none() || self.cel_refused {
+            return true;
+        }
+        if value.is_none() {
+            self.log_filter_errors += 1;
+        }
+        value == Some(&[1])
     }
 
     /// The log phase's queries.
@@ -654,6 +676,16 @@ impl Telemetry {
             )),
             None => {}
         }
+        match self.filter_failures.check(self.log_filter_errors, now_ns) {
+            Some(Change::Started(_)) => lines.push(
+                "logs.filter fails to evaluate for some requests (an attribute they lack?): they are not logged".into(),
+            ),
+            Some(Change::Settled(s)) => lines.push(format!(
+                "logs.filter evaluates again: {} requests were not logged for an error over {} s",
+                s.count, s.seconds
+            )),
+            None => {}
+        }
         if let Some(m) = self.metrics.as_mut() {
             m.notices(now_ns, &mut lines);
         }
@@ -679,6 +711,7 @@ impl Telemetry {
             taken_over: self.taken_over,
             cel_refused: u64::from(self.cel_refused),
             cel_evaluations_failed: self.cel_evaluations_failed,
+            log_filter_errors: self.log_filter_errors,
         }
     }
 }

@@ -124,3 +124,53 @@ fn logs_keep_the_privacy_rules_of_spans() {
     let all = format!("{:?}", log.record);
     assert!(!all.contains("hunter2") && !all.contains("password"), "{all}");
 }
+
+/// `logs.filter` as Envoy's CEL access-log filter decides, which is what Istio renders
+/// `accessLogging[].filter.expression` to (envoyproxy/envoy
+/// `source/extensions/access_loggers/filters/cel/cel.cc`): a request is logged when the expression
+/// is `true`; an error (a header the request lacks) or `false` does not log.
+#[test]
+fn logs_filter_keeps_exactly_the_requests_it_selects() {
+    let collector = Collector::start();
+    let (_app, first) = sidecar(&collector, json!({"logs": {"enabled": true, "filter": "response.code >= 400"}}));
+    for (path, code) in [("/ok", 200), ("/status/404", 404), ("/status/503", 503), ("/ok", 200)] {
+        assert_eq!(get(&first, path, &[]), code);
+    }
+    // Spans of every request, logs of the selected ones: wait for the spans, then the logs.
+    collector.wait_for_spans(4, WAIT);
+    let logs = collector.wait_for_logs(2, WAIT);
+    let mut codes: Vec<String> = logs.iter().filter_map(|l| l.attr("http.response.status_code")).collect();
+    codes.sort();
+    assert_eq!(codes, ["404", "503"]);
+
+    let collector = Collector::start();
+    let filter = "request.headers['x-debug'] == '1'";
+    let (_app, second) = sidecar(&collector, json!({"logs": {"enabled": true, "filter": filter}}));
+    let requests = [vec![("x-debug", "1")], vec![], vec![("x-debug", "0")], vec![("x-debug", "1")]];
+    for (i, headers) in requests.into_iter().enumerate() {
+        assert_eq!(get(&second, &format!("/r{i}"), &headers), 200);
+    }
+    collector.wait_for_spans(4, WAIT);
+    let logs = collector.wait_for_logs(2, WAIT);
+    let mut paths: Vec<String> = logs.iter().filter_map(|l| l.attr("url.path")).collect();
+    paths.sort();
+    assert_eq!(paths, ["/r0", "/r3"]);
+    assert_eq!(
+        second.envoy.wait_meshtel_stat("log_filter_errors", WAIT, |n| n >= 1),
+        1,
+        "the request without the header"
+    );
+    second.envoy.wait_log("logs.filter fails to evaluate for some requests", WAIT);
+}
+
+#[test]
+fn a_logs_filter_envoy_cannot_compile_is_refused_with_the_expression() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let mut c = collector.protocol_config();
+    meshtel_tests::mesh::merge(&mut c, json!({"logs": {"enabled": true, "filter": "response.code >>= 400"}}));
+    let (proxy, _, _) = SidecarSpec::new("a", "ns-a", app.port, collector.endpoint()).config(c).proxy();
+    let log = meshtel_tests::envoy::Envoy::try_start(&proxy).err().expect("Envoy refuses the plugin");
+    assert!(log.contains("logs.filter: the proxy cannot compile \"response.code >>= 400\""), "{log}");
+    assert!(log.contains("expr_create parse error"), "Envoy's own reason, in its log: {log}");
+}
