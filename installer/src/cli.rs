@@ -478,7 +478,10 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         _ => {}
     }
     let bytes = serde_json::to_vec(&plugin_config).map_err(|e| e.to_string())?;
-    meshtel_filter::config::parse(&bytes).map_err(|e| format!("pluginConfig: {e}"))?;
+    let config = meshtel_filter::config::parse(&bytes).map_err(|e| format!("pluginConfig: {e}"))?;
+    if let Some((field, reason)) = crate::cel::problems(&config).into_iter().next() {
+        return Err(format!("pluginConfig: {field}: {reason}"));
+    }
 
     let wasm_url = args.wasm_url.clone().or(file.wasm_url.clone());
     let image = args.image.clone().or(file.image.clone());

@@ -1,5 +1,6 @@
 //! meshtel's installer: renders, validates and packages the Istio resources that deploy the filter.
 
+pub mod cel;
 pub mod cli;
 pub mod credentials;
 pub mod model;

@@ -48,8 +48,13 @@ fn is_meshtel(labels: &std::collections::BTreeMap<String, String>, module: &Wasm
 fn check_plugin_config(module: &WasmModule, at: &str, problems: &mut Vec<Problem>) {
     let config = module.plugin_config.clone().unwrap_or(Value::Object(Default::default()));
     let bytes = serde_json::to_vec(&config).unwrap_or_default();
-    if let Err(e) = meshtel_filter::config::parse(&bytes) {
-        problems.push(Problem::new(format!("{at}.pluginConfig.{}", e.field), e.reason));
+    match meshtel_filter::config::parse(&bytes) {
+        Ok(config) => {
+            for (field, reason) in crate::cel::problems(&config) {
+                problems.push(Problem::new(format!("{at}.pluginConfig.{field}"), reason));
+            }
+        }
+        Err(e) => problems.push(Problem::new(format!("{at}.pluginConfig.{}", e.field), e.reason)),
     }
     check_role(module, at, problems);
 }

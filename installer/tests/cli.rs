@@ -208,3 +208,35 @@ fn validate_with_crds_checks_the_openapi_schema() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok: 1 resource(s) valid");
 }
+
+#[test]
+fn validate_and_render_refuse_a_cel_syntax_error_with_its_position() {
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let bad = write(
+        dir,
+        "filter.yaml",
+        r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: meshtel, namespace: shop}
+spec:
+  url: oci://r/meshtel-filter:1
+  pluginConfig:
+    collector: {cluster: "outbound|4318||otel.obs.svc.cluster.local"}
+    logs: {enabled: true, filter: "response.code >>= 400"}
+"#,
+    );
+    let o = meshtel(&["validate", &bad]);
+    assert!(!o.status.success());
+    let want = "spec.pluginConfig.logs.filter: not a CEL expression: line 1, column 16: Syntax error";
+    assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    let good = bad.replace("filter.yaml", "good.yaml");
+    std::fs::write(&good, std::fs::read_to_string(&bad).unwrap().replace(">>=", ">=")).unwrap();
+    assert!(meshtel(&["validate", &good]).status.success(), "{}", stderr(&meshtel(&["validate", &good])));
+
+    let config =
+        write(dir, "config.yaml", "pluginConfig: {logs: {enabled: true, filter: \"request.headers['x' ==\"}}\n");
+    let o = meshtel(&["render", "--namespace", "shop", "--config", &config]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pluginConfig: logs.filter: not a CEL expression: line 1"), "{}", stderr(&o));
+}
