@@ -104,6 +104,21 @@ impl CounterEpisode {
         self.episode.went_well();
         self.episode.settle(now_ns).map(Change::Settled)
     }
+
+    /// [`Self::check`] as the line to log: `started` with the new occurrences, or `settled`
+    /// with the episode's summary.
+    pub fn line(
+        &mut self,
+        total: u64,
+        now_ns: u64,
+        started: impl FnOnce(u64) -> String,
+        settled: impl FnOnce(Summary) -> String,
+    ) -> Option<String> {
+        match self.check(total, now_ns)? {
+            Change::Started(new) => Some(started(new)),
+            Change::Settled(summary) => Some(settled(summary)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::connection::TcpConnection;
-use crate::episode::{Change, CounterEpisode};
+use crate::episode::CounterEpisode;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::handoff;
 use crate::headers::Headers;
@@ -181,16 +181,21 @@ impl<T> Signal<T> {
     /// records (`what` names them), and its export calls.
     fn notices(&mut self, what: &str, cap: usize, now_ns: u64, lines: &mut Vec<String>) {
         let dropped = self.queue.dropped();
-        match self.drops.check(dropped, now_ns) {
-            Some(Change::Started(_)) => lines.push(format!(
-                "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
-            )),
-            Some(Change::Settled(s)) => lines.push(format!(
-                "{what} queue has room again: dropped {} records over {} s, {dropped} since the VM started",
-                s.count, s.seconds
-            )),
-            None => {}
-        }
+        lines.extend(self.drops.line(
+            dropped,
+            now_ns,
+            |_| {
+                format!(
+                    "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
+                )
+            },
+            |s| {
+                format!(
+                    "{what} queue has room again: dropped {} records over {} s, {dropped} since the VM started",
+                    s.count, s.seconds
+                )
+            },
+        ));
         let path = self.signal.path();
         lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
     }
@@ -666,26 +671,23 @@ impl Telemetry {
         let mut lines = Vec::new();
         self.spans.notices("span", cap, now_ns, &mut lines);
         self.logs.notices("access-log", cap, now_ns, &mut lines);
-        match self.cel_failures.check(self.cel_evaluations_failed, now_ns) {
-            Some(Change::Started(_)) => lines.push(
-                "the log phase's CEL evaluation is failing: requests are read fact by fact (same telemetry, higher cost)".into(),
-            ),
-            Some(Change::Settled(s)) => lines.push(format!(
-                "the log phase's CEL evaluation works again: {} requests were read fact by fact over {} s",
-                s.count, s.seconds
-            )),
-            None => {}
-        }
-        match self.filter_failures.check(self.log_filter_errors, now_ns) {
-            Some(Change::Started(_)) => lines.push(
-                "logs.filter fails to evaluate for some requests (an attribute they lack?): they are not logged".into(),
-            ),
-            Some(Change::Settled(s)) => lines.push(format!(
-                "logs.filter evaluates again: {} requests were not logged for an error over {} s",
-                s.count, s.seconds
-            )),
-            None => {}
-        }
+        lines.extend(self.cel_failures.line(
+            self.cel_evaluations_failed,
+            now_ns,
+            |_| "the log phase's CEL evaluation is failing: requests are read fact by fact (same telemetry, higher cost)".into(),
+            |s| format!("the log phase's CEL evaluation works again: {} requests were read fact by fact over {} s", s.count, s.seconds),
+        ));
+        lines.extend(self.filter_failures.line(
+            self.log_filter_errors,
+            now_ns,
+            |_| "logs.filter fails to evaluate for some requests (an attribute they lack?): they are not logged".into(),
+            |s| {
+                format!(
+                    "logs.filter evaluates again: {} requests were not logged for an error over {} s",
+                    s.count, s.seconds
+                )
+            },
+        ));
         if let Some(m) = self.metrics.as_mut() {
             m.notices(now_ns, &mut lines);
         }

@@ -8,7 +8,7 @@ pub mod shared;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 
 use crate::config::{Config, Histograms, Temporality};
-use crate::episode::{Change, CounterEpisode};
+use crate::episode::CounterEpisode;
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
@@ -409,20 +409,16 @@ impl MetricsPipeline {
         }
     }
 
-    /// The sender of metric exports.
     /// Lines for the episodes that started or settled (see [`crate::episode`]): batches of
     /// other VMs that could not be read, and failing exports.
     pub fn notices(&mut self, now_ns: u64, lines: &mut Vec<String>) {
-        match self.unreadable.check(self.stats.unreadable, now_ns) {
-            Some(Change::Started(new)) => lines.push(format!(
-                "metric batches from other VMs unreadable ({new} dropped): a module of another format shares the queue {}",
-                self.queue_name
-            )),
-            Some(Change::Settled(s)) => {
-                lines.push(format!("metric batches readable again: {} dropped over {} s", s.count, s.seconds))
-            }
-            None => {}
-        }
+        let queue = &self.queue_name;
+        lines.extend(self.unreadable.line(
+            self.stats.unreadable,
+            now_ns,
+            |new| format!("metric batches from other VMs unreadable ({new} dropped): a module of another format shares the queue {queue}"),
+            |s| format!("metric batches readable again: {} dropped over {} s", s.count, s.seconds),
+        ));
         let path = Signal::Metrics.path();
         lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
     }
