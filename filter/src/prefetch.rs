@@ -665,4 +665,20 @@ mod tests {
         let (p, e) = Prefetched::new(&short, &q);
         assert_eq!((e, p.property_u64(&["response", "code"])), (Evaluation::Failed, Some(200)), "one fact short");
     }
+
+    #[test]
+    fn any_bytes_read_as_whole_elements_inside_the_buffer_or_as_nothing() {
+        let mut rng = fastrand::Rng::with_seed(25);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..64);
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            // Mostly small counts and sizes, so that some buffers parse.
+            if len >= 4 && rng.bool() {
+                bytes[..4].copy_from_slice(&rng.u32(0..4).to_le_bytes());
+            }
+            if let Some(values) = ranges(&bytes) {
+                assert!(values.iter().all(|r| r.start <= r.end && r.end <= bytes.len()), "{bytes:?}");
+            }
+        }
+    }
 }
