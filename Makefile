@@ -35,6 +35,8 @@ wasm:
 	cargo build --release --target wasm32-wasip1 -p meshtel-filter --features test-trap --target-dir target/test-trap
 	cargo run --quiet --release -p meshtel-prune-exports -- $(WASM) $(WASM)
 	cargo run --quiet --release -p meshtel-prune-exports -- target/test-trap/$(WASM:target/%=%) target/test-trap/$(WASM:target/%=%)
+	# The probe module: tests/tests/cel.rs evaluates CEL in Envoy with it (and make bench prices calls).
+	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter
 
 # The module to ship: the release build through wasm-opt -Oz (Debian's binaryen), about 19% smaller.
 wasm-opt: wasm
@@ -62,7 +64,7 @@ manifests:
 # Markdown report: wall-clock rows, the probe's cost model, then the same rows in instructions per
 # request counted by callgrind (BENCH_WALLCLOCK=0: only those; BENCH_CALLGRIND=0: none).
 bench: tools wasm
-	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter -p meshtel-probe-filter
+	cargo build --release --target wasm32-wasip1 -p meshtel-noop-filter
 	cargo build --release --target wasm32-wasip1 -p meshtel-probe-filter --features response-headers --target-dir target/probe
 	cp target/probe/wasm32-wasip1/release/meshtel_probe_filter.wasm \
 		target/wasm32-wasip1/release/meshtel_probe_filter_response_headers.wasm
