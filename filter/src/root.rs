@@ -34,11 +34,13 @@ pub enum Level {
     Error,
 }
 
-/// What the root context asks of the proxy, beyond what a request asks ([`Host`]) and the
-/// shared data and queues ([`SharedStore`]).
-pub trait RootHost: SharedStore {
+/// What the root context asks of the proxy, beyond what a request asks ([`Host`]).
+pub trait RootHost {
     /// The request path's host, reading properties of the effective context.
     fn proxy(&self) -> &dyn Host;
+
+    /// The proxy's shared data and queues.
+    fn store(&self) -> &dyn SharedStore;
 
     /// Write a line to the proxy's log.
     fn log(&self, level: Level, line: &str);
@@ -232,7 +234,7 @@ impl Root {
         host.log(Level::Info, &configured(&config, &node, self.tcp));
         let scope = proxy.property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
         let mut telemetry = Telemetry::new(config, node, seed, &scope, proxy.now_ns());
-        telemetry.init_shared(host);
+        telemetry.init_shared(host.store());
         if !self.tcp {
             match telemetry.compile_queries(proxy) {
                 Compiled::Done => {}
@@ -276,7 +278,7 @@ impl Root {
         };
         let now = host.proxy().now_ns();
         report_connections(host, &mut telemetry, now);
-        while let Some(payload) = telemetry.next_export(host, now) {
+        while let Some(payload) = telemetry.next_export(host.store(), now) {
             if let Some(line) = self.dispatch(host, &mut telemetry, payload, now) {
                 host.log(Level::Warn, &format!("meshtel: {line}"));
             }
@@ -378,7 +380,7 @@ impl Root {
             return true;
         };
         // The last root context of the VM: the VM itself ends with it.
-        let done = telemetry.shutdown(host, host.proxy().now_ns(), live == 0);
+        let done = telemetry.shutdown(host.store(), host.proxy().now_ns(), live == 0);
         if let Some(stats) = self.stats.as_mut() {
             stats.report(host, telemetry.stats());
         }
@@ -490,27 +492,12 @@ mod tests {
         }
     }
 
-    impl SharedStore for MockRoot {
-        fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-            self.store.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), crate::metrics::shared::StoreError> {
-            self.store.set(key, value, cas)
-        }
-        fn queue(&self, name: &str) -> Option<u32> {
-            self.store.queue(name)
-        }
-        fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), crate::metrics::shared::StoreError> {
-            self.store.enqueue(queue, value)
-        }
-        fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
-            self.store.dequeue(queue)
-        }
-    }
-
     impl RootHost for MockRoot {
         fn proxy(&self) -> &dyn Host {
             &self.proxy
+        }
+        fn store(&self) -> &dyn SharedStore {
+            &self.store
         }
         fn log(&self, level: Level, line: &str) {
             self.logs.borrow_mut().push((level, line.to_string()));

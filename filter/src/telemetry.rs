@@ -371,14 +371,14 @@ impl Telemetry {
         }
     }
 
-    /// The TCP series recorded since the last hand-over: label values and (opened, closed,
-    /// sent, received).
     /// The spans and access-log records queued so far (taken out of the queues).
     #[cfg(test)]
     pub(crate) fn take_records(&mut self) -> (Vec<SpanRecord>, Vec<AccessLog>) {
         (self.spans.queue.take(usize::MAX), self.logs.queue.take(usize::MAX))
     }
 
+    /// The TCP series recorded since the last hand-over: label values and (opened, closed,
+    /// sent, received).
     #[cfg(test)]
     pub(crate) fn recorded_tcp_series(&self) -> Vec<(Vec<String>, [u64; 4])> {
         self.metrics.as_ref().map(|m| m.local_tcp_series()).unwrap_or_default()
@@ -489,7 +489,7 @@ impl Telemetry {
         let log = self.config.logs.enabled && access_log::wanted(self.config.logs.mode, sampled);
         let request = if sampled || log {
             let mut r = RequestInfo::from_headers(headers, &self.config.traces.request_headers);
-            if sampled && !self.config.traces.custom_tags.is_empty() {
+            if sampled {
                 r.custom_tags = crate::custom_tags::values(&self.config.traces.custom_tags, headers);
             }
             if log {

@@ -12,7 +12,7 @@ use super::host::{self, log, HostStore, ProxyHost};
 use super::http::Http;
 use super::tcp::Tcp;
 use crate::host::Host;
-use crate::metrics::shared::{SharedStore, StoreError};
+use crate::metrics::shared::SharedStore;
 use crate::root::{Level, Root as RootLogic, RootHost};
 
 /// Configured root contexts in this VM that are not done. A new `pluginConfig` gets its root
@@ -26,31 +26,13 @@ struct ProxyRoot {
     id: u32,
 }
 
-impl SharedStore for ProxyRoot {
-    fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        HostStore.get(key)
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        HostStore.set(key, value, cas)
-    }
-
-    fn queue(&self, name: &str) -> Option<u32> {
-        HostStore.queue(name)
-    }
-
-    fn enqueue(&self, queue: u32, value: &[u8]) -> Result<(), StoreError> {
-        HostStore.enqueue(queue, value)
-    }
-
-    fn dequeue(&self, queue: u32) -> Option<Vec<u8>> {
-        HostStore.dequeue(queue)
-    }
-}
-
 impl RootHost for ProxyRoot {
     fn proxy(&self) -> &dyn Host {
         &ProxyHost
+    }
+
+    fn store(&self) -> &dyn SharedStore {
+        &HostStore
     }
 
     fn log(&self, level: Level, line: &str) {
