@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::custom_tags::{self, CustomTag};
 use crate::json_fields::Fields;
+use crate::metrics::overrides::{self, MetricOverride};
 use crate::quote::{name as quoted_name, quote};
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
@@ -160,6 +161,9 @@ pub struct Metrics {
     /// Whether a peer may be taken from the `x-envoy-peer-metadata` headers when Istio's filter
     /// state has none (plain Envoy, old Istio). Any client can forge those headers.
     pub peer_metadata_headers: bool,
+    /// Istio's Telemetry `metrics[].overrides[]`: metrics disabled, labels removed or set by
+    /// CEL, per metric and side (see [`crate::metrics::overrides`]).
+    pub overrides: Vec<MetricOverride>,
 }
 
 /// Access-log settings: one OTLP log record per request, Istio's access-log fields as attributes.
@@ -316,6 +320,7 @@ impl RawConfig {
                     "histograms",
                     "series_expiry_ms",
                     "peer_metadata_headers",
+                    "overrides",
                 ],
             )? {
                 Some(m) => RawMetrics::read(&m)?,
@@ -416,6 +421,7 @@ struct RawMetrics {
     histograms: Histograms,
     series_expiry_ms: u64,
     peer_metadata_headers: bool,
+    overrides: Vec<MetricOverride>,
 }
 
 impl Default for RawMetrics {
@@ -428,6 +434,7 @@ impl Default for RawMetrics {
             histograms: Histograms::Explicit,
             series_expiry_ms: 600_000,
             peer_metadata_headers: true,
+            overrides: Vec::new(),
         }
     }
 }
@@ -443,6 +450,7 @@ impl RawMetrics {
             histograms: f.variant("histograms", &HISTOGRAMS, d.histograms)?,
             series_expiry_ms: f.u64("series_expiry_ms", d.series_expiry_ms)?,
             peer_metadata_headers: f.bool("peer_metadata_headers", d.peer_metadata_headers)?,
+            overrides: overrides::read(f)?,
         })
     }
 }
@@ -672,6 +680,7 @@ impl RawMetrics {
             histograms: self.histograms,
             series_expiry: (self.series_expiry_ms != 0).then(|| Duration::from_millis(self.series_expiry_ms)),
             peer_metadata_headers: self.peer_metadata_headers,
+            overrides: self.overrides,
         })
     }
 }

@@ -41,8 +41,19 @@ enum Labels {
     Waiting,
     /// Not proxied as a whole (an HTTP chain): never counted.
     NotProxied,
-    /// Counted under these label values ([`crate::istio::labels::LABEL_NAMES`] order).
-    Counted(Box<[String]>),
+    /// Counted under these labels.
+    Counted(Box<ConnectionLabels>),
+}
+
+/// What a counted connection's series are derived from, read once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLabels {
+    /// Istio's standard label values ([`crate::istio::labels::LABEL_NAMES`] order).
+    pub standard: Box<[String]>,
+    /// The values of `metrics.overrides`' UPSERT expressions.
+    pub upserts: Vec<String>,
+    /// Whether the proxy serves the connection (the server side of `metrics.overrides`).
+    pub server: bool,
 }
 
 /// One downstream connection of the network filter.
@@ -134,7 +145,7 @@ impl Telemetry {
     /// Istio's labels of a connection, by the reporter's rules (see [`crate::istio::facts`]):
     /// read once, when it is first counted. The response flags are those of that moment, as
     /// Istio's (it builds a connection's tags once).
-    fn connection_labels(&mut self, host: &dyn Host, reporter: Reporter, cluster: &str) -> Box<[String]> {
+    fn connection_labels(&mut self, host: &dyn Host, reporter: Reporter, cluster: &str) -> Box<ConnectionLabels> {
         let mut f = RequestFacts { reporter, tcp: true, ..Default::default() };
         if reporter.is_server() {
             let down = facts::read_downstream(host);
@@ -158,7 +169,9 @@ impl Telemetry {
             Some(cluster),
             || self.cluster_service(cluster, || host.property(&["xds", "cluster_metadata"])),
         );
-        with_label_values(self.node(), &f, |values| values.iter().map(|v| v.to_string()).collect())
+        let standard = with_label_values(self.node(), &f, |values| values.iter().map(|v| v.to_string()).collect());
+        let upserts = self.queries().upsert_values_alone(host);
+        Box::new(ConnectionLabels { standard, upserts, server: reporter.is_server() })
     }
 }
 

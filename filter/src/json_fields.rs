@@ -64,6 +64,21 @@ impl<'a> Fields<'a> {
         self.read(name, default, "a boolean", Value::as_bool)
     }
 
+    /// A boolean, `None` when absent.
+    pub fn optional_bool(&self, name: &str) -> Result<Option<bool>, ConfigError> {
+        self.get(name).map(|v| v.as_bool().ok_or_else(|| invalid_type(&self.path(name), v, "a boolean"))).transpose()
+    }
+
+    /// An array of objects whose fields may only be `known`, empty when absent.
+    pub fn objects(&self, name: &str, known: &[&str]) -> Result<Vec<Fields<'a>>, ConfigError> {
+        let Some(v) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let path = self.path(name);
+        let items = v.as_array().ok_or_else(|| invalid_type(&path, v, "an array of objects"))?;
+        items.iter().enumerate().map(|(i, v)| Fields::new(&format!("{path}[{i}]"), v, known)).collect()
+    }
+
     /// A non-negative integer, `default` when absent.
     pub fn u64(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
         self.read(name, default, "a non-negative integer", Value::as_u64)

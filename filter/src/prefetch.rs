@@ -36,6 +36,7 @@ use crate::host::{HeaderMap, Host};
 use crate::istio::facts::{DOWNSTREAM_PEER, LOCAL_PRINCIPAL, PEER_PRINCIPAL, UPSTREAM_PEER};
 use crate::istio::node::{NodeInfo, ProxyKind};
 use crate::istio::peer::PEER_METADATA_HEADER;
+use crate::metrics::overrides;
 
 /// One read of the request path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,8 +205,14 @@ pub struct LogQueries {
     /// there are any.
     pub joined: Option<Query>,
     /// Each user expression alone, for a request whose joined evaluation failed: one that
-    /// fails does not take the others, nor meshtel's facts, with it.
+    /// fails does not take the others, nor meshtel's facts, with it. `logs.filter` first when
+    /// set, then the UPSERT expressions of `metrics.overrides`.
     pub user: Vec<Query>,
+    /// The configuration field of each user expression and the expression as written there,
+    /// for errors.
+    fields: Vec<(String, String)>,
+    /// Whether the first user expression is `logs.filter`.
+    filter: bool,
 }
 
 /// What compiling the queries came to.
@@ -216,8 +223,13 @@ pub enum Compiled {
     /// The proxy refused meshtel's own queries: it has no CEL. Requests are read fact by fact,
     /// and the user's expressions are not applied.
     NoCel,
-    /// The proxy compiles meshtel's queries but refused this user expression.
-    Refused(String),
+    /// The proxy compiles meshtel's queries but refused the user expression in this field.
+    Refused {
+        /// The configuration field that holds it.
+        field: String,
+        /// The expression.
+        expression: String,
+    },
 }
 
 /// What one request's log phase read: the facts, and the user's expressions' raw values (`None`
@@ -305,10 +317,48 @@ impl LogQueries {
             Fact::Property(&["request", "protocol"]),
             Fact::Property(&["source", "address"]),
         ];
-        let expressions: Vec<String> = config.logs.filter.iter().filter(|_| config.logs.enabled).cloned().collect();
+        let filter = config.logs.filter.as_ref().filter(|_| config.logs.enabled);
+        let upserts = overrides::expressions(&config.metrics.overrides);
+        let upserts = upserts.into_iter().filter(|_| config.metrics.enabled);
+        let (expressions, fields): (Vec<String>, Vec<(String, String)>) = filter
+            .map(|f| (f.clone(), ("logs.filter".to_string(), f.clone())))
+            .into_iter()
+            .chain(upserts.map(|(e, field)| (overrides::as_string_expression(&e), (field, e))))
+            .unzip();
         let joined = (!expressions.is_empty()).then(|| request.clone().with_tail(expressions.clone()));
         let user = expressions.into_iter().map(|e| Query::new(Vec::new()).with_tail(vec![e])).collect();
-        Self { request, connection: Query::new(connection), joined, user }
+        Self { request, connection: Query::new(connection), joined, user, fields, filter: filter.is_some() }
+    }
+
+    /// What `logs.filter` came to in `phase`; `None` when it failed or is not set.
+    pub fn filter_value<'p>(&self, phase: &'p LogPhase) -> Option<&'p [u8]> {
+        phase.user.first().filter(|_| self.filter)?.as_deref()
+    }
+
+    /// The label values the UPSERT expressions came to in `phase`, in
+    /// [`overrides::Shapes::expressions`] order.
+    pub fn upsert_values(&self, phase: &LogPhase) -> Vec<String> {
+        let upserts = phase.user.iter().skip(usize::from(self.filter));
+        upserts.map(|v| overrides::label_value(v.as_deref())).collect()
+    }
+
+    /// The UPSERT expressions' label values, each evaluated alone (a TCP connection's, once).
+    pub fn upsert_values_alone(&self, host: &dyn Host) -> Vec<String> {
+        let upserts = self.user.iter().skip(usize::from(self.filter)).map(|q| {
+            let (p, evaluation) = Prefetched::new(host, q);
+            overrides::label_value((evaluation == Evaluation::Done).then(|| p.tail(0)).flatten())
+        });
+        upserts.collect()
+    }
+
+    /// Compile the user expressions alone (a TCP root context, which reads no request).
+    pub fn compile_user(&mut self, host: &dyn Host) -> Compiled {
+        for (user, (field, expression)) in self.user.iter_mut().zip(&self.fields) {
+            if !user.compile(host) {
+                return Compiled::Refused { field: field.clone(), expression: expression.clone() };
+            }
+        }
+        Compiled::Done
     }
 
     /// Compile them all in the proxy.
@@ -318,10 +368,8 @@ impl LogQueries {
             self.connection.token = None;
             return Compiled::NoCel;
         }
-        for user in &mut self.user {
-            if !user.compile(host) {
-                return Compiled::Refused(user.tail.first().cloned().unwrap_or_default());
-            }
+        if let refused @ Compiled::Refused { .. } = self.compile_user(host) {
+            return refused;
         }
         // Both parts compile, so the two together do; if not, the parts serve alone.
         if let Some(joined) = self.joined.as_mut() {

@@ -56,9 +56,10 @@ impl Telemetry {
         let phase = self.queries().evaluate(host);
         self.count_evaluation(phase.evaluation);
         let mut active = active;
-        if active.log && !self.filter_keeps(phase.user.first().and_then(|v| v.as_deref())) {
+        if active.log && !self.filter_keeps(self.queries().filter_value(&phase)) {
             active.log = false;
         }
+        let upserts = if metrics { self.queries().upsert_values(&phase) } else { Vec::new() };
         let host: &dyn Host = &phase.host;
         let cluster = host.property_string(&["xds", "cluster_name"]);
         let reporter =
@@ -109,7 +110,10 @@ impl Telemetry {
                 .then(|| host.property_string(&["xds", "route_name"]))
                 .flatten(),
         };
-        let facts = metrics.then(|| self.metric_facts(host, reporter, connection, &active, &completion, flags));
+        let facts = metrics.then(|| MetricFacts {
+            upserts,
+            ..self.metric_facts(host, reporter, connection, &active, &completion, flags)
+        });
         self.finish_request(active, completion, facts);
     }
 
@@ -169,6 +173,7 @@ impl Telemetry {
             labels: f,
             request_bytes: host.property_u64(&["request", "total_size"]).unwrap_or(0),
             response_bytes: host.property_u64(&["response", "total_size"]).unwrap_or(0),
+            upserts: Vec::new(),
         }
     }
 }
@@ -229,7 +234,7 @@ mod tests {
         Telemetry::new(config::parse(json.as_bytes()).unwrap(), node, 7, "test", 0)
     }
 
-    fn only_series(t: &Telemetry) -> BTreeMap<&'static str, String> {
+    fn only_series(t: &Telemetry) -> BTreeMap<String, String> {
         let mut series = t.recorded_series();
         assert_eq!(series.len(), 1, "{series:#?}");
         series.remove(0).0
@@ -582,6 +587,43 @@ mod tests {
         assert!(t.notices(0).is_empty(), "once, not per tick");
     }
 
+    /// `metrics.overrides` as Istio's stats filter applies them (envoyproxy/envoy
+    /// `contrib/istio/filters/http/istio_stats/source/istio_stats.cc`, `overrideTags` and
+    /// `StreamOverrides::evaluate`): removed labels go, an UPSERT's value is its expression's
+    /// string, `unknown` when it fails; a disabled metric is not recorded; the other side keeps
+    /// Istio's labels. The UPSERTs join the one evaluation of the log phase.
+    #[test]
+    fn metric_overrides_label_the_series_they_match_with_the_values_cel_gives() {
+        let extra = r#","metrics":{"overrides":[
+            {"match":{"metric":"REQUEST_COUNT","mode":"SERVER"},"tag_overrides":{
+              "request_protocol":{"operation":"REMOVE"},"response_flags":{"operation":"REMOVE"},
+              "request_host":{"value":"request.host"},"destination_port":{"value":"string(destination.port)"}}},
+            {"match":{"metric":"REQUEST_DURATION"},"disabled":true}]}"#;
+        let (host_expr, port_expr) = ("string(request.host)", "string(string(destination.port))");
+        // One more evaluation: the downstream connection's facts, read at its first request.
+        for (host_value, evaluations) in [(Some(b"example.com".to_vec()), 2), (None, 5)] {
+            let mut t = telemetry(SIDECAR, extra);
+            let host = steady_inbound()
+                .with_expression(host_expr, host_value.clone())
+                .with_expression(port_expr, Some(b"9080".to_vec()));
+            assert_eq!(t.compile_queries(&host), crate::prefetch::Compiled::Done);
+            let active = t.on_request_headers(&host);
+            host.reset();
+            t.on_log(&host, active);
+            assert_eq!(host.counts().evaluations, evaluations, "{host_value:?}: joined, or apart after a failure");
+            let series = t.recorded_series();
+            assert_eq!(series.len(), 1, "the histograms' series holds no request count: {series:?}");
+            let (labels, n) = &series[0];
+            assert_eq!(*n, 1);
+            let expected_host = if host_value.is_some() { "example.com" } else { "unknown" };
+            assert_eq!(labels["request_host"], expected_host);
+            assert_eq!(labels["destination_port"], "9080");
+            assert!(!labels.contains_key("request_protocol") && !labels.contains_key("response_flags"));
+            assert_eq!(labels.len(), 25, "two removed, two added");
+            assert_eq!(labels["destination_workload"], "ratings-v1", "the others as Istio derives them");
+        }
+    }
+
     /// Envoy's CEL access-log filter (envoyproxy/envoy
     /// `source/extensions/access_loggers/filters/cel/cel.cc`, what Istio renders
     /// `accessLogging[].filter.expression` to) logs a request only when the expression is `true`:
@@ -621,6 +663,9 @@ mod tests {
         assert_eq!(t.take_records().1.len(), 1);
         // An expression the proxy cannot compile refuses the configuration.
         let mut t = telemetry(SIDECAR, extra);
-        assert_eq!(t.compile_queries(&steady_inbound().refusing(filter)), Compiled::Refused(filter.into()));
+        assert_eq!(
+            t.compile_queries(&steady_inbound().refusing(filter)),
+            Compiled::Refused { field: "logs.filter".into(), expression: filter.into() }
+        );
     }
 }

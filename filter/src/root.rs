@@ -235,18 +235,21 @@ impl Root {
         let scope = proxy.property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
         let mut telemetry = Telemetry::new(config, node, seed, &scope, proxy.now_ns());
         telemetry.init_shared(host.store());
-        if !self.tcp {
-            match telemetry.compile_queries(proxy) {
+        {
+            // A TCP root context reads no request: it compiles the UPSERT expressions alone.
+            let compiled =
+                if self.tcp { telemetry.compile_user_expressions(proxy) } else { telemetry.compile_queries(proxy) };
+            match compiled {
                 Compiled::Done => {}
                 Compiled::NoCel => host.log(
                     Level::Warn,
-                    "meshtel: the proxy refused to compile the log phase's CEL query (expr_create): it was built without the CEL parser, or does not know an attribute; requests are read fact by fact, with the same telemetry at a higher cost (counter meshtel.cel_refused), and logs.filter is not applied",
+                    "meshtel: the proxy refused to compile the log phase's CEL query (expr_create): it was built without the CEL parser, or does not know an attribute; requests are read fact by fact, with the same telemetry at a higher cost (counter meshtel.cel_refused); logs.filter is not applied, and the labels metrics.overrides sets by CEL are `unknown`",
                 ),
-                Compiled::Refused(expression) => {
+                Compiled::Refused { field, expression } => {
                     host.log(
                         Level::Error,
                         &format!(
-                            "meshtel: invalid pluginConfig, refused: logs.filter: the proxy cannot compile {} (its log says why: `expr_create parse error` or `compile error`)",
+                            "meshtel: invalid pluginConfig, refused: {field}: the proxy cannot compile {} (its log says why: `expr_create parse error` or `compile error`)",
                             quote::quote(&expression)
                         ),
                     );

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
-use crate::connection::TcpConnection;
+use crate::connection::{ConnectionLabels, TcpConnection};
 use crate::episode::CounterEpisode;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
 use crate::handoff;
@@ -91,6 +91,9 @@ pub struct MetricFacts {
     pub request_bytes: u64,
     /// Response bytes, headers included.
     pub response_bytes: u64,
+    /// The values of `metrics.overrides`' UPSERT expressions, in
+    /// [`crate::metrics::overrides::Shapes::expressions`] order.
+    pub upserts: Vec<String>,
 }
 
 /// meshtel's own health counters for one VM, cumulative.
@@ -296,6 +299,12 @@ impl Telemetry {
         compiled
     }
 
+    /// Compile the user's expressions alone (a TCP root context: the UPSERT expressions of
+    /// `metrics.overrides`, evaluated once per connection).
+    pub fn compile_user_expressions(&mut self, host: &dyn Host) -> Compiled {
+        self.queries.compile_user(host)
+    }
+
     /// Whether a request whose `logs.filter` came to `value` is logged: only a `true` is, as
     /// Envoy's CEL access-log filter decides (an error or another type is not); without CEL
     /// in the proxy the filter is not applied.
@@ -328,10 +337,9 @@ impl Telemetry {
 
     /// The label sets recorded since the last tick, as `name -> value` maps, with their counts.
     #[cfg(test)]
-    pub(crate) fn recorded_series(&self) -> Vec<(std::collections::BTreeMap<&'static str, String>, u64)> {
-        let names = crate::istio::labels::LABEL_NAMES;
+    pub(crate) fn recorded_series(&self) -> Vec<(std::collections::BTreeMap<String, String>, u64)> {
         let series = self.metrics.as_ref().map(|m| m.local_series()).unwrap_or_default();
-        series.into_iter().map(|(values, n)| (names.iter().copied().zip(values).collect(), n)).collect()
+        series.into_iter().map(|(values, n)| (crate::metrics::overrides::attribute_map(&values), n)).collect()
     }
 
     /// A TCP connection opened (the network filter's `on_new_connection`): counted on an
@@ -365,9 +373,9 @@ impl Telemetry {
     }
 
     /// Record a connection's report into the metrics.
-    pub(crate) fn record_connection(&mut self, labels: &[String], delta: &TcpDelta) {
+    pub(crate) fn record_connection(&mut self, labels: &ConnectionLabels, delta: &TcpDelta) {
         if let Some(m) = self.metrics.as_mut() {
-            m.record_tcp(labels, delta);
+            m.record_connection(&labels.standard, &labels.upserts, labels.server, delta);
         }
     }
 
@@ -562,7 +570,10 @@ impl Telemetry {
                     .filter(|t| t.sampled)
                     .map(|t| (t.trace_id.0, t.span_id.0, completion.end_unix_nanos)),
             };
-            with_label_values(&self.node, &facts.labels, |labels| metrics.record(labels, &measurement));
+            let server = facts.labels.reporter.is_server();
+            with_label_values(&self.node, &facts.labels, |labels| {
+                metrics.record_request(labels, &facts.upserts, server, &measurement)
+            });
         }
         let log = active.log && access_log::keep(self.config.logs.mode, &completion);
         let ActiveRequest { trace, start_unix_nanos: start, request, .. } = active;

@@ -12,6 +12,7 @@ use prost::encoding::{decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 
 use super::exponential::ExpHistogram;
+use super::overrides::{Metric, REQUEST_METRICS};
 use crate::config::Histograms;
 use crate::otlp::wire::Writer;
 
@@ -187,6 +188,17 @@ pub struct TcpDelta {
 }
 
 impl TcpDelta {
+    /// The counts of the TCP metrics in `metrics` alone (a set of [`Metric`] bits).
+    pub fn only(&self, metrics: u16) -> Self {
+        let keep = |metric: Metric, n: u64| if metrics & metric as u16 != 0 { n } else { 0 };
+        Self {
+            opened: keep(Metric::TcpOpened, self.opened),
+            closed: keep(Metric::TcpClosed, self.closed),
+            sent_bytes: keep(Metric::TcpSent, self.sent_bytes),
+            received_bytes: keep(Metric::TcpReceived, self.received_bytes),
+        }
+    }
+
     /// Whether it changes anything.
     pub fn is_empty(&self) -> bool {
         *self == TcpDelta::default()
@@ -243,9 +255,18 @@ pub struct SeriesData {
 }
 
 impl SeriesData {
-    /// Whether anything was recorded into it (since its last clear).
+    /// Whether anything was recorded into it (since its last clear). A series of a family
+    /// without `istio_requests_total` (see [`super::overrides`]) holds histograms alone.
     pub fn touched(&self) -> bool {
-        self.requests > 0 || self.has_tcp()
+        self.requests > 0 || self.has_tcp() || self.has_histograms()
+    }
+
+    /// Whether a histogram holds a request.
+    pub fn has_histograms(&self) -> bool {
+        let explicit = [&self.duration, &self.request_bytes, &self.response_bytes];
+        let exponential = [&self.duration_exp, &self.request_bytes_exp, &self.response_bytes_exp];
+        explicit.iter().any(|h| h.as_ref().is_some_and(|h| h.count > 0))
+            || exponential.iter().any(|h| h.as_ref().is_some_and(|h| h.count > 0))
     }
 
     /// Whether it holds TCP connection counts.
@@ -292,6 +313,37 @@ impl SeriesData {
         if histograms.exponential() {
             for (h, v) in self.exponential_mut().into_iter().zip(values) {
                 h.get_or_insert_with(ExpHistogram::default).record(v);
+            }
+        }
+    }
+
+    /// Record only the request metrics in `metrics` (a set of [`Metric`] bits): a series or an
+    /// overflow holds what its family exports, so that a metric is never counted twice.
+    fn record_parts(&mut self, m: &Measurement, histograms: Histograms, metrics: u16) {
+        if metrics & REQUEST_METRICS == REQUEST_METRICS {
+            return self.record(m, histograms);
+        }
+        if metrics & Metric::RequestCount as u16 != 0 {
+            self.requests += 1;
+        }
+        let duration = metrics & Metric::RequestDuration as u16 != 0;
+        if let Some((trace_id, span_id, time_ns)) =
+            m.traced.filter(|_| duration && would_keep(&self.exemplars, m.duration_ms))
+        {
+            let e = Exemplar { trace_id: trace_id.to_vec(), span_id: span_id.to_vec(), time_ns, value: m.duration_ms };
+            keep_exemplar(&mut self.exemplars, e);
+        }
+        let parts = [
+            (Metric::RequestDuration, m.duration_ms, &mut self.duration, &mut self.duration_exp),
+            (Metric::RequestSize, m.request_bytes as f64, &mut self.request_bytes, &mut self.request_bytes_exp),
+            (Metric::ResponseSize, m.response_bytes as f64, &mut self.response_bytes, &mut self.response_bytes_exp),
+        ];
+        for (_, v, explicit, exponential) in parts.into_iter().filter(|p| metrics & p.0 as u16 != 0) {
+            if histograms.explicit() {
+                explicit.get_or_insert_with(Histogram::default).record(v);
+            }
+            if histograms.exponential() {
+                exponential.get_or_insert_with(ExpHistogram::default).record(v);
             }
         }
     }
@@ -636,6 +688,16 @@ impl Aggregator {
         if self.update(labels, |s| s.record(m, histograms)).is_none() {
             self.folded += 1;
             self.overflow.get_or_insert_with(SeriesData::default).record(m, histograms);
+        }
+    }
+
+    /// Record one request into a series of a family that exports only `metrics` (see
+    /// [`super::overrides::Family`]).
+    pub fn record_parts<S: AsRef<str>>(&mut self, labels: &[S], m: &Measurement, metrics: u16) {
+        let histograms = self.histograms;
+        if self.update(labels, |s| s.record_parts(m, histograms, metrics)).is_none() {
+            self.folded += 1;
+            self.overflow.get_or_insert_with(SeriesData::default).record_parts(m, histograms, metrics);
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod aggregate;
 pub mod exponential;
+pub mod overrides;
 pub mod shared;
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -12,6 +13,7 @@ use crate::episode::CounterEpisode;
 use crate::export::{duration_ns, Payload, Sender};
 use crate::otlp::{MetricsEncoder, Signal};
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
+use overrides::{Layout, Shapes};
 use shared::SharedStore;
 
 /// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
@@ -122,6 +124,8 @@ pub struct MetricsPipeline {
     /// The tick that produced the last export part: one part per tick.
     last_part_ns: Option<u64>,
     encoder: MetricsEncoder,
+    /// How `metrics.overrides` labels each side's metrics.
+    shapes: Shapes,
     sender: Sender,
     stats: MetricStats,
     /// Unreadable batches, as an episode.
@@ -135,6 +139,7 @@ impl MetricsPipeline {
         let m = &config.metrics;
         let export_interval_ns = duration_ns(m.export_interval);
         let values = Values::default();
+        let shapes = Shapes::new(&m.overrides);
         Self {
             temporality: m.temporality,
             max_series: m.max_series,
@@ -163,7 +168,8 @@ impl MetricsPipeline {
             last_export_ns: now_ns,
             last_full_export_ns: now_ns,
             last_part_ns: None,
-            encoder: MetricsEncoder::new(resource, m.histograms),
+            encoder: MetricsEncoder::new(resource, m.histograms).exporting(shapes.exported()),
+            shapes,
             sender: Sender::new(config.export.max_in_flight, config.export.max_retries).with_seed(token),
             stats: MetricStats::default(),
             unreadable: CounterEpisode::default(),
@@ -194,6 +200,39 @@ impl MetricsPipeline {
         self.stats.recorded += 1;
         self.updates += 1;
         self.local.record(labels, m);
+    }
+
+    /// Record one request of the server side (or the client side) whose standard label values
+    /// are `standard` and whose UPSERT expressions came to `upserts`, as `metrics.overrides`
+    /// shapes that side (see [`overrides`]).
+    pub fn record_request(&mut self, standard: &[&str; 25], upserts: &[String], server: bool, m: &Measurement) {
+        let Layout::Families(families) = self.shapes.requests(server) else {
+            return self.record(standard, m);
+        };
+        if families.is_empty() {
+            return;
+        }
+        self.stats.recorded += 1;
+        self.updates += 1;
+        for f in families {
+            self.local.record_parts(&f.values(standard, upserts), m, f.metrics);
+        }
+    }
+
+    /// Record what a TCP connection moved since its last report, as [`Self::record_request`].
+    pub fn record_connection(&mut self, standard: &[String], upserts: &[String], server: bool, d: &TcpDelta) {
+        let Layout::Families(families) = self.shapes.tcp(server) else {
+            return self.record_tcp(standard, d);
+        };
+        if d.is_empty() || families.is_empty() {
+            return;
+        }
+        self.stats.connections += d.closed;
+        self.updates += 1;
+        let standard: Vec<&str> = standard.iter().map(String::as_str).collect();
+        for f in families {
+            self.local.record_tcp(&f.values(&standard, upserts), &d.only(f.metrics));
+        }
     }
 
     /// Record what a TCP connection moved since its last report (see [`TcpDelta`]).
@@ -930,5 +969,53 @@ mod tests {
         let req = ExportMetricsServiceRequest::decode(exports[0].body.as_slice()).unwrap();
         let Some(metric::Data::Sum(sum)) = &req.resource_metrics[0].scope_metrics[0].metrics[0].data else { panic!() };
         assert_eq!(sum.data_points.len(), 4, "3 series plus overflow");
+    }
+
+    /// An override's families go out under their own labels, each metric once: a series past
+    /// `max_series` folds into the overflow series with only the metrics of its family, so the
+    /// totals stay exact; a disabled metric is not exported at all.
+    #[test]
+    fn overridden_metrics_go_out_under_their_labels_and_overflow_keeps_each_total_exact() {
+        let json = r#"{"collector":{"cluster":"outbound|4318||c.ns.svc.cluster.local"},
+            "metrics":{"export_interval_ms":1000,"max_series":2,"overrides":[
+              {"match":{"metric":"REQUEST_COUNT"},"tag_overrides":{"request_host":{"value":"request.host"},"reporter":{"operation":"REMOVE"}}},
+              {"match":{"metric":"RESPONSE_SIZE"},"disabled":true}]},
+            "export":{"flush_interval_ms":100}}"#;
+        let store = MemoryStore::default();
+        let mut w = MetricsPipeline::new(&config::parse(json.as_bytes()).unwrap(), Resource::default(), "p", 1, 0);
+        w.init_shared(&store);
+        let standard: [&str; 25] = std::array::from_fn(|i| crate::istio::labels::LABEL_NAMES[i]);
+        let m = Measurement { duration_ms: 5.0, request_bytes: 10, response_bytes: 20, traced: None };
+        // Two hosts: the requests family takes two series, the histograms' one; the third
+        // series is past the cap of two and folds.
+        for host in ["a", "a", "b"] {
+            w.record_request(&standard, &[host.to_string()], true, &m);
+        }
+        let exports = run(std::slice::from_mut(&mut w), &store, 0, 1_500 * MS);
+        let req = ExportMetricsServiceRequest::decode(exports[0].body.as_slice()).unwrap();
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes"]);
+        let Some(metric::Data::Sum(sum)) = &metrics[0].data else { panic!("a sum") };
+        let mut counted = 0;
+        for p in &sum.data_points {
+            let keys: Vec<&str> = p.attributes.iter().map(|a| a.key.as_str()).collect();
+            counted += match p.value {
+                Some(number_data_point::Value::AsInt(v)) => v,
+                _ => 0,
+            };
+            if keys == ["otel.metric.overflow"] {
+                continue;
+            }
+            assert_eq!(keys.len(), 25, "reporter removed, request_host added: {keys:?}");
+            assert_eq!(keys.last(), Some(&"request_host"));
+            assert!(!keys.contains(&"reporter"));
+        }
+        assert_eq!(counted, 3, "every request counted once");
+        let Some(metric::Data::Histogram(h)) = &metrics[1].data else { panic!("a histogram") };
+        assert_eq!(h.data_points.iter().map(|p| p.count).sum::<u64>(), 3, "every request once");
+        for p in &h.data_points {
+            assert!(p.attributes.len() == 25 || p.attributes.len() == 1, "Istio's labels, or the overflow mark");
+        }
     }
 }

@@ -10,9 +10,9 @@ use std::rc::Rc;
 use super::common::Envelope;
 use super::wire::Writer;
 use crate::config::{Histograms, Temporality};
-use crate::istio::labels::{self, LABEL_NAMES, NOT_TCP_LABELS};
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
 use crate::metrics::exponential::ExpHistogram;
+use crate::metrics::overrides::{Described, Metric, REQUEST_METRICS, TCP_METRICS};
 
 /// `istio_requests_total`: a monotonic sum; the name already ends in `_total`.
 pub const REQUESTS_TOTAL: &str = "istio_requests_total";
@@ -84,36 +84,20 @@ mod field {
 pub struct MetricsEncoder {
     envelope: Envelope,
     histograms: Histograms,
+    /// The metrics exported (a set of [`Metric`] bits): those the overflow series carries.
+    exported: u16,
 }
 
+/// A series' point attributes: its labels by their names, or the overflow mark.
 fn point_attributes(w: &mut Writer, field: u32, labels: Option<&[Rc<str>]>) {
     match labels {
-        Some(values) => LABEL_NAMES.iter().zip(values).for_each(|(k, v)| w.string_attribute(field, k, v)),
+        Some(values) => {
+            for (k, v) in Described::of(values).into_iter().flat_map(|d| d.attributes(values)) {
+                w.string_attribute(field, k, v);
+            }
+        }
         None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
     }
-}
-
-/// A TCP connection's attributes: Istio's labels but those only requests have.
-fn tcp_point_attributes(w: &mut Writer, field: u32, labels: Option<&[Rc<str>]>) {
-    match labels {
-        Some(values) => LABEL_NAMES
-            .iter()
-            .zip(values)
-            .enumerate()
-            .filter(|(i, _)| !NOT_TCP_LABELS.contains(i))
-            .for_each(|(_, (k, v))| w.string_attribute(field, k, v)),
-        None => w.bool_attribute(field, OVERFLOW_ATTRIBUTE, true),
-    }
-}
-
-/// Whether a series counts requests (HTTP) or connections (TCP): by its `request_protocol`,
-/// and for the overflow series, which folds both, by what it holds.
-fn counts_requests(labels: Option<&[Rc<str>]>, data: &SeriesData) -> bool {
-    labels.map_or(data.requests > 0, |v| !labels::is_tcp(v))
-}
-
-fn counts_connections(labels: Option<&[Rc<str>]>, data: &SeriesData) -> bool {
-    labels.map_or(data.has_tcp(), labels::is_tcp)
 }
 
 /// A TCP counter of a series.
@@ -131,15 +115,170 @@ type Series<'a> = (Option<&'a [Rc<str>]>, &'a SeriesData);
 /// Writes what a point has beside its times.
 type PointOf<'a> = dyn Fn(&mut Writer, Option<&[Rc<str>]>, &SeriesData) + 'a;
 
+/// One export body being written: its series and their common times.
+struct Part<'a> {
+    series: Vec<Series<'a>>,
+    temporality: u64,
+    start_ns: u64,
+    now_ns: u64,
+    exported: u16,
+}
+
+impl<'a> Part<'a> {
+    /// The series that carry `metric`: a series as its labels say, the overflow series when
+    /// the metric is exported and it holds traffic of that kind.
+    fn of(&self, metric: Metric) -> Vec<Series<'a>> {
+        let carries = |(labels, data): &Series| match labels {
+            Some(values) => Described::of(values).is_some_and(|d| d.has(metric)),
+            None if self.exported & metric as u16 == 0 => false,
+            None if metric as u16 & TCP_METRICS != 0 => data.has_tcp(),
+            None => data.requests > 0 || data.has_histograms(),
+        };
+        self.series.iter().filter(|s| carries(s)).copied().collect()
+    }
+
+    /// One metric: its name, one point per series, and its temporality (sums are monotonic).
+    fn metric(&self, w: &mut Writer, about: (&str, &str, &str), kind: u32, series: &[Series], point: &PointOf) {
+        let (name, description, unit) = about;
+        w.message(Envelope::ITEMS, |w| {
+            w.string(field::METRIC_NAME, name);
+            w.string(field::METRIC_DESCRIPTION, description);
+            w.string(field::METRIC_UNIT, unit);
+            w.message(kind, |w| {
+                for (labels, data) in series {
+                    w.message(field::DATA_POINTS, |w| {
+                        // A series the cumulative totals began counting later (or again, after
+                        // its expiry) carries its own start.
+                        w.fixed64(
+                            field::POINT_START_TIME,
+                            if data.start_ns != 0 { data.start_ns } else { self.start_ns },
+                        );
+                        w.fixed64(field::POINT_TIME, self.now_ns);
+                        point(w, *labels, data);
+                    });
+                }
+                w.varint(field::AGGREGATION_TEMPORALITY, self.temporality);
+                if kind == field::METRIC_SUM {
+                    w.bool(field::SUM_IS_MONOTONIC, true);
+                }
+            });
+        });
+    }
+
+    fn counter(&self, w: &mut Writer, about: (&str, &str, &str), series: &[Series], of: CounterOf) {
+        self.metric(w, about, field::METRIC_SUM, series, &|w, labels, data| {
+            w.sfixed64(field::NUMBER_AS_INT, i64::try_from(of(data)).unwrap_or(i64::MAX));
+            point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
+        });
+    }
+
+    fn histogram(
+        &self,
+        w: &mut Writer,
+        about: (&str, &str, &str),
+        series: &[Series],
+        of: HistogramOf,
+        exemplars: bool,
+    ) {
+        let none = aggregate::Histogram::default();
+        self.metric(w, about, field::METRIC_HISTOGRAM, series, &|w, labels, data| {
+            let h = of(data).as_ref().unwrap_or(&none);
+            w.fixed64(field::HISTOGRAM_COUNT, h.count);
+            w.double(field::HISTOGRAM_SUM, h.sum);
+            let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
+            w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
+            w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
+            point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
+            for e in data.exemplars.iter().filter(|_| exemplars) {
+                w.message(field::HISTOGRAM_EXEMPLARS, |w| exemplar(w, e));
+            }
+        });
+    }
+
+    fn exponential(
+        &self,
+        w: &mut Writer,
+        about: (&str, &str, &str),
+        series: &[Series],
+        of: ExponentialOf,
+        exemplars: bool,
+    ) {
+        let none = ExpHistogram::default();
+        self.metric(w, about, field::METRIC_EXPONENTIAL_HISTOGRAM, series, &|w, labels, data| {
+            let h = of(data).as_ref().unwrap_or(&none);
+            point_attributes(w, field::EXPONENTIAL_ATTRIBUTES, labels);
+            w.fixed64(field::HISTOGRAM_COUNT, h.count);
+            w.double(field::HISTOGRAM_SUM, h.sum);
+            w.sint32(field::EXPONENTIAL_SCALE, h.scale);
+            w.fixed64(field::EXPONENTIAL_ZERO_COUNT, h.zero_count);
+            w.message(field::EXPONENTIAL_POSITIVE, |w| {
+                w.sint32(field::BUCKETS_OFFSET, h.offset);
+                w.packed_varint(field::BUCKETS_COUNTS, &h.counts);
+            });
+            for e in data.exemplars.iter().filter(|_| exemplars) {
+                w.message(field::EXPONENTIAL_EXEMPLARS, |w| exemplar(w, e));
+            }
+        });
+    }
+}
+
+/// The three request histograms: the metric that selects their series, their name and
+/// exponential twin's, description, unit, the explicit and exponential data, and whether
+/// exemplars go with them.
+const HISTOGRAMS: [(Metric, &str, &str, &str, &str, HistogramOf, ExponentialOf, bool); 3] = [
+    (
+        Metric::RequestDuration,
+        REQUEST_DURATION,
+        REQUEST_DURATION_EXPONENTIAL,
+        "Request duration",
+        "ms",
+        |d| &d.duration,
+        |d| &d.duration_exp,
+        true,
+    ),
+    (
+        Metric::RequestSize,
+        REQUEST_BYTES,
+        REQUEST_BYTES_EXPONENTIAL,
+        "Request size, headers included",
+        "By",
+        |d| &d.request_bytes,
+        |d| &d.request_bytes_exp,
+        false,
+    ),
+    (
+        Metric::ResponseSize,
+        RESPONSE_BYTES,
+        RESPONSE_BYTES_EXPONENTIAL,
+        "Response size, headers included",
+        "By",
+        |d| &d.response_bytes,
+        |d| &d.response_bytes_exp,
+        false,
+    ),
+];
+
+/// The four TCP counters: the metric, name, description, unit and data.
+const TCP_COUNTERS: [(Metric, &str, &str, &str, CounterOf); 4] = [
+    (Metric::TcpOpened, TCP_OPENED, "TCP connections opened", "", |d| d.tcp_opened),
+    (Metric::TcpClosed, TCP_CLOSED, "TCP connections closed", "", |d| d.tcp_closed),
+    (Metric::TcpSent, TCP_SENT_BYTES, "Bytes sent to the downstream peer", "By", |d| d.tcp_sent_bytes),
+    (Metric::TcpReceived, TCP_RECEIVED_BYTES, "Bytes received from the downstream peer", "By", |d| {
+        d.tcp_received_bytes
+    }),
+];
+
 impl MetricsEncoder {
     /// An encoder for metrics of the workload `resource` describes, with the `histograms` given.
     pub fn new(resource: Resource, histograms: Histograms) -> Self {
-        Self { envelope: Envelope::new(&resource), histograms }
+        Self { envelope: Envelope::new(&resource), histograms, exported: REQUEST_METRICS | TCP_METRICS }
     }
 
-    /// Data points per HTTP series: the counter and each histogram.
-    fn points_per_request_series(&self) -> u64 {
-        1 + 3 * u64::from(self.histograms.explicit()) + 3 * u64::from(self.histograms.exponential())
+    /// The same, exporting only the metrics in `metrics` for the overflow series (a series
+    /// says its own; see [`crate::metrics::overrides`]).
+    pub fn exporting(mut self, metrics: u16) -> Self {
+        self.exported = metrics;
+        self
     }
 
     /// The protobuf body of an OTLP metrics export (`ExportMetricsServiceRequest`) of an aggregate
@@ -159,153 +298,60 @@ impl MetricsEncoder {
         now_ns: u64,
         part: std::ops::Range<usize>,
     ) -> (Vec<u8>, u64) {
-        let series = || agg.series().skip(part.start).take(part.len());
-        let http = || series().filter(|(labels, data)| counts_requests(*labels, data));
-        let tcp = || series().filter(|(labels, data)| counts_connections(*labels, data));
-        let (http_count, tcp_count) = (http().count(), tcp().count());
-        // The body's size, nearly: each of the four points of a series carries its attributes
-        // (key, value and ~8 bytes of framing each) and ~230 bytes of times, counts and buckets.
-        // Sized right, the body is written without regrowing, and holds no unused capacity
-        // while it is in flight.
-        let attributes = |labels: Option<&[Rc<str>]>| -> usize {
-            labels.map_or(32, |v| LABEL_NAMES.iter().zip(v).map(|(k, v)| k.len() + v.len() + 8).sum())
-        };
-        // An exponential point: up to 160 buckets of a few bytes each.
-        let per_series = if self.histograms.exponential() { 4 + 3 } else { 4 };
-        let exponential_bytes = if self.histograms.exponential() { 3 * 400 } else { 0 };
-        let capacity = 512
-            + series().map(|(labels, _)| per_series * (attributes(labels) + 230) + exponential_bytes).sum::<usize>();
         let temporality = match temporality {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
         } as u64;
-        // A series the cumulative totals began counting later (or again, after its expiry)
-        // carries its own start.
-        let times = |w: &mut Writer, data: &SeriesData| {
-            w.fixed64(field::POINT_START_TIME, if data.start_ns != 0 { data.start_ns } else { start_ns });
-            w.fixed64(field::POINT_TIME, now_ns);
-        };
-        let (http_series, tcp_series): (Vec<Series>, Vec<Series>) = (http().collect(), tcp().collect());
-        // One metric: its name, one point per series, and its temporality (sums are monotonic).
-        let metric = |w: &mut Writer,
-                      name: &str,
-                      description: &str,
-                      unit: &str,
-                      kind: u32,
-                      series: &[Series],
-                      point: &PointOf| {
-            w.message(Envelope::ITEMS, |w| {
-                w.string(field::METRIC_NAME, name);
-                w.string(field::METRIC_DESCRIPTION, description);
-                w.string(field::METRIC_UNIT, unit);
-                w.message(kind, |w| {
-                    for (labels, data) in series {
-                        w.message(field::DATA_POINTS, |w| {
-                            times(w, data);
-                            point(w, *labels, data);
-                        });
-                    }
-                    w.varint(field::AGGREGATION_TEMPORALITY, temporality);
-                    if kind == field::METRIC_SUM {
-                        w.bool(field::SUM_IS_MONOTONIC, true);
-                    }
-                });
-            });
-        };
-        let no_requests = aggregate::Histogram::default();
-        let histogram =
-            |w: &mut Writer, name: &str, description: &str, unit: &str, of: HistogramOf, exemplars: bool| {
-                metric(w, name, description, unit, field::METRIC_HISTOGRAM, &http_series, &|w, labels, data| {
-                    let h = of(data).as_ref().unwrap_or(&no_requests);
-                    w.fixed64(field::HISTOGRAM_COUNT, h.count);
-                    w.double(field::HISTOGRAM_SUM, h.sum);
-                    let buckets = (0..BUCKET_BOUNDS.len() + 1).map(|i| h.buckets.get(i).copied().unwrap_or(0));
-                    w.packed_fixed64(field::HISTOGRAM_BUCKET_COUNTS, buckets);
-                    w.packed_double(field::HISTOGRAM_EXPLICIT_BOUNDS, &BUCKET_BOUNDS);
-                    point_attributes(w, field::HISTOGRAM_ATTRIBUTES, labels);
-                    for e in data.exemplars.iter().filter(|_| exemplars) {
-                        w.message(field::HISTOGRAM_EXEMPLARS, |w| exemplar(w, e));
-                    }
-                });
-            };
-        let no_values = ExpHistogram::default();
-        let exponential =
-            |w: &mut Writer, name: &str, description: &str, unit: &str, of: ExponentialOf, exemplars: bool| {
-                metric(
-                    w,
-                    name,
-                    description,
-                    unit,
-                    field::METRIC_EXPONENTIAL_HISTOGRAM,
-                    &http_series,
-                    &|w, labels, data| {
-                        let h = of(data).as_ref().unwrap_or(&no_values);
-                        point_attributes(w, field::EXPONENTIAL_ATTRIBUTES, labels);
-                        w.fixed64(field::HISTOGRAM_COUNT, h.count);
-                        w.double(field::HISTOGRAM_SUM, h.sum);
-                        w.sint32(field::EXPONENTIAL_SCALE, h.scale);
-                        w.fixed64(field::EXPONENTIAL_ZERO_COUNT, h.zero_count);
-                        w.message(field::EXPONENTIAL_POSITIVE, |w| {
-                            w.sint32(field::BUCKETS_OFFSET, h.offset);
-                            w.packed_varint(field::BUCKETS_COUNTS, &h.counts);
-                        });
-                        for e in data.exemplars.iter().filter(|_| exemplars) {
-                            w.message(field::EXPONENTIAL_EXEMPLARS, |w| exemplar(w, e));
-                        }
-                    },
-                );
-            };
-        let counter = |w: &mut Writer, name: &str, description: &str, unit: &str, of: CounterOf| {
-            metric(w, name, description, unit, field::METRIC_SUM, &tcp_series, &|w, labels, data| {
-                w.sfixed64(field::NUMBER_AS_INT, i64::try_from(of(data)).unwrap_or(i64::MAX));
-                tcp_point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
-            });
-        };
-        let body = self.envelope.encode(capacity, |w| {
-            // An export without TCP connections still names the request metrics.
-            if http_count > 0 || tcp_count == 0 {
-                let requests = |w: &mut Writer, labels: Option<&[Rc<str>]>, data: &SeriesData| {
-                    w.sfixed64(field::NUMBER_AS_INT, i64::try_from(data.requests).unwrap_or(i64::MAX));
-                    point_attributes(w, field::NUMBER_ATTRIBUTES, labels);
-                };
-                metric(
-                    w,
-                    REQUESTS_TOTAL,
-                    "Requests handled by the proxy",
-                    "",
-                    field::METRIC_SUM,
-                    &http_series,
-                    &requests,
-                );
+        let series = agg.series().skip(part.start).take(part.len()).collect();
+        let p = Part { series, temporality, start_ns, now_ns, exported: self.exported };
+        let requests = p.of(Metric::RequestCount);
+        let histograms = HISTOGRAMS.map(|h| p.of(h.0));
+        let counters = TCP_COUNTERS.map(|c| p.of(c.0));
+        let kinds = u64::from(self.histograms.explicit()) + u64::from(self.histograms.exponential());
+        let points = requests.len() as u64
+            + histograms.iter().map(|s| s.len() as u64 * kinds).sum::<u64>()
+            + counters.iter().map(|s| s.len() as u64).sum::<u64>();
+        let body = self.envelope.encode(self.capacity(&p.series), |w| {
+            // An export without any point still names the request metrics.
+            let none = points == 0;
+            if !requests.is_empty() || none {
+                p.counter(w, (REQUESTS_TOTAL, "Requests handled by the proxy", ""), &requests, |d| d.requests);
+            }
+            for ((_, name, exponential_name, description, unit, of, exp_of, exemplars), series) in
+                HISTOGRAMS.iter().zip(&histograms).filter(|(_, s)| !s.is_empty() || none)
+            {
                 if self.histograms.explicit() {
-                    histogram(w, REQUEST_DURATION, DURATION_DESCRIPTION, "ms", |d| &d.duration, true);
-                    histogram(w, REQUEST_BYTES, REQUEST_BYTES_DESCRIPTION, "By", |d| &d.request_bytes, false);
-                    histogram(w, RESPONSE_BYTES, RESPONSE_BYTES_DESCRIPTION, "By", |d| &d.response_bytes, false);
+                    p.histogram(w, (name, description, unit), series, *of, *exemplars);
                 }
                 if self.histograms.exponential() {
-                    let (duration, request, response) =
-                        (REQUEST_DURATION_EXPONENTIAL, REQUEST_BYTES_EXPONENTIAL, RESPONSE_BYTES_EXPONENTIAL);
-                    exponential(w, duration, DURATION_DESCRIPTION, "ms", |d| &d.duration_exp, true);
-                    exponential(w, request, REQUEST_BYTES_DESCRIPTION, "By", |d| &d.request_bytes_exp, false);
-                    exponential(w, response, RESPONSE_BYTES_DESCRIPTION, "By", |d| &d.response_bytes_exp, false);
+                    p.exponential(w, (exponential_name, description, unit), series, *exp_of, *exemplars);
                 }
             }
-            if tcp_count > 0 {
-                counter(w, TCP_OPENED, "TCP connections opened", "", |d| d.tcp_opened);
-                counter(w, TCP_CLOSED, "TCP connections closed", "", |d| d.tcp_closed);
-                counter(w, TCP_SENT_BYTES, "Bytes sent to the downstream peer", "By", |d| d.tcp_sent_bytes);
-                counter(w, TCP_RECEIVED_BYTES, "Bytes received from the downstream peer", "By", |d| {
-                    d.tcp_received_bytes
-                });
+            for ((_, name, description, unit, of), series) in TCP_COUNTERS.iter().zip(&counters) {
+                if !series.is_empty() {
+                    p.counter(w, (name, description, unit), series, *of);
+                }
             }
         });
-        (body, http_count as u64 * self.points_per_request_series() + tcp_count as u64 * 4)
+        (body, points)
+    }
+
+    /// The body's size, nearly: each of the four points of a series carries its attributes
+    /// (key, value and ~8 bytes of framing each) and ~230 bytes of times, counts and buckets.
+    /// Sized right, the body is written without regrowing, and holds no unused capacity while
+    /// it is in flight.
+    fn capacity(&self, series: &[Series]) -> usize {
+        let attributes =
+            |labels: Option<&[Rc<str>]>| -> usize { labels.map_or(32, |v| v.iter().map(|v| v.len() + 32).sum()) };
+        // An exponential point: up to 160 buckets of a few bytes each.
+        let per_series = if self.histograms.exponential() { 4 + 3 } else { 4 };
+        let exponential_bytes = if self.histograms.exponential() { 3 * 400 } else { 0 };
+        512 + series
+            .iter()
+            .map(|(labels, _)| per_series * (attributes(*labels) + 230) + exponential_bytes)
+            .sum::<usize>()
     }
 }
-
-const DURATION_DESCRIPTION: &str = "Request duration";
-const REQUEST_BYTES_DESCRIPTION: &str = "Request size, headers included";
-const RESPONSE_BYTES_DESCRIPTION: &str = "Response size, headers included";
 
 fn exemplar(w: &mut Writer, e: &aggregate::Exemplar) {
     w.fixed64(field::EXEMPLAR_TIME, e.time_ns);
@@ -325,9 +371,10 @@ pub fn rejected_points(body: &[u8]) -> (u64, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::istio::labels::LABEL_NAMES;
     use crate::metrics::aggregate::Measurement;
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric as OtlpMetric};
 
     fn decoded(agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> ExportMetricsServiceRequest {
         let (bytes, points) =
@@ -336,7 +383,7 @@ mod tests {
         ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap()
     }
 
-    fn find<'a>(req: &'a ExportMetricsServiceRequest, name: &str) -> &'a Metric {
+    fn find<'a>(req: &'a ExportMetricsServiceRequest, name: &str) -> &'a OtlpMetric {
         req.resource_metrics[0].scope_metrics[0].metrics.iter().find(|m| m.name == name).unwrap()
     }
 
