@@ -222,40 +222,52 @@ impl<'a> Part<'a> {
     }
 }
 
-/// The three request histograms: the metric that selects their series, their name and
-/// exponential twin's, description, unit, the explicit and exponential data, and whether
-/// exemplars go with them.
-const HISTOGRAMS: [(Metric, &str, &str, &str, &str, HistogramOf, ExponentialOf, bool); 3] = [
-    (
-        Metric::RequestDuration,
-        REQUEST_DURATION,
-        REQUEST_DURATION_EXPONENTIAL,
-        "Request duration",
-        "ms",
-        |d| &d.duration,
-        |d| &d.duration_exp,
-        true,
-    ),
-    (
-        Metric::RequestSize,
-        REQUEST_BYTES,
-        REQUEST_BYTES_EXPONENTIAL,
-        "Request size, headers included",
-        "By",
-        |d| &d.request_bytes,
-        |d| &d.request_bytes_exp,
-        false,
-    ),
-    (
-        Metric::ResponseSize,
-        RESPONSE_BYTES,
-        RESPONSE_BYTES_EXPONENTIAL,
-        "Response size, headers included",
-        "By",
-        |d| &d.response_bytes,
-        |d| &d.response_bytes_exp,
-        false,
-    ),
+/// One of the three request histograms.
+struct RequestHistogram {
+    /// The metric that selects its series.
+    metric: Metric,
+    name: &'static str,
+    /// The name of its exponential twin.
+    exponential_name: &'static str,
+    description: &'static str,
+    unit: &'static str,
+    explicit: HistogramOf,
+    exponential: ExponentialOf,
+    /// Whether the duration's exemplars go with it.
+    exemplars: bool,
+}
+
+const HISTOGRAMS: [RequestHistogram; 3] = [
+    RequestHistogram {
+        metric: Metric::RequestDuration,
+        name: REQUEST_DURATION,
+        exponential_name: REQUEST_DURATION_EXPONENTIAL,
+        description: "Request duration",
+        unit: "ms",
+        explicit: |d| &d.duration,
+        exponential: |d| &d.duration_exp,
+        exemplars: true,
+    },
+    RequestHistogram {
+        metric: Metric::RequestSize,
+        name: REQUEST_BYTES,
+        exponential_name: REQUEST_BYTES_EXPONENTIAL,
+        description: "Request size, headers included",
+        unit: "By",
+        explicit: |d| &d.request_bytes,
+        exponential: |d| &d.request_bytes_exp,
+        exemplars: false,
+    },
+    RequestHistogram {
+        metric: Metric::ResponseSize,
+        name: RESPONSE_BYTES,
+        exponential_name: RESPONSE_BYTES_EXPONENTIAL,
+        description: "Response size, headers included",
+        unit: "By",
+        explicit: |d| &d.response_bytes,
+        exponential: |d| &d.response_bytes_exp,
+        exemplars: false,
+    },
 ];
 
 /// The four TCP counters: the metric, name, description, unit and data.
@@ -305,7 +317,7 @@ impl MetricsEncoder {
         let series = agg.series().skip(part.start).take(part.len()).collect();
         let p = Part { series, temporality, start_ns, now_ns, exported: self.exported };
         let requests = p.of(Metric::RequestCount);
-        let histograms = HISTOGRAMS.map(|h| p.of(h.0));
+        let histograms = HISTOGRAMS.each_ref().map(|h| p.of(h.metric));
         let counters = TCP_COUNTERS.map(|c| p.of(c.0));
         let kinds = u64::from(self.histograms.explicit()) + u64::from(self.histograms.exponential());
         let points = requests.len() as u64
@@ -317,14 +329,12 @@ impl MetricsEncoder {
             if !requests.is_empty() || none {
                 p.counter(w, (REQUESTS_TOTAL, "Requests handled by the proxy", ""), &requests, |d| d.requests);
             }
-            for ((_, name, exponential_name, description, unit, of, exp_of, exemplars), series) in
-                HISTOGRAMS.iter().zip(&histograms).filter(|(_, s)| !s.is_empty() || none)
-            {
+            for (h, series) in HISTOGRAMS.iter().zip(&histograms).filter(|(_, s)| !s.is_empty() || none) {
                 if self.histograms.explicit() {
-                    p.histogram(w, (name, description, unit), series, *of, *exemplars);
+                    p.histogram(w, (h.name, h.description, h.unit), series, h.explicit, h.exemplars);
                 }
                 if self.histograms.exponential() {
-                    p.exponential(w, (exponential_name, description, unit), series, *exp_of, *exemplars);
+                    p.exponential(w, (h.exponential_name, h.description, h.unit), series, h.exponential, h.exemplars);
                 }
             }
             for ((_, name, description, unit, of), series) in TCP_COUNTERS.iter().zip(&counters) {
