@@ -621,3 +621,155 @@ fn several_response_flags_read_as_envoy_writes_them() {
         assert_eq!(got, want, "{case}: meshtel's response_flags");
     }
 }
+
+/// istio/proxy `testdata/stats/client_config_customized.yaml.tmpl`, the stats filter's
+/// configuration of TestStatsPayload/Customized, as the Telemetry-shaped `metrics.overrides`
+/// istiod's translation starts from (istio/istio `pilot/pkg/model/telemetry.go`,
+/// `generateStatsConfig`: `disabled` is `drop`, UPSERTs are `dimensions`, REMOVEs are
+/// `tags_to_remove`), entry by entry and in its order. Two entries differ, and say why.
+fn customized_overrides() -> Value {
+    let client = |metric: Option<&str>, tags: Value| {
+        let mut m = json!({"mode": "CLIENT"});
+        if let Some(metric) = metric {
+            m["metric"] = json!(metric);
+        }
+        json!({"match": m, "tag_overrides": tags})
+    };
+    let upsert = |v: &str| json!({"value": v});
+    let remove = json!({"operation": "REMOVE"});
+    json!([
+        {"match": {"metric": "REQUEST_DURATION", "mode": "CLIENT"}, "disabled": true},
+        // The `custom` metric's definition and its entry: meshtel exports Istio's standard metrics only.
+        client(None, json!({"response_flags": remove, "source_principal": remove})),
+        client(Some("REQUEST_COUNT"), json!({
+            "configurable_metric_a": upsert("'gateway'"),
+            "source_workload": upsert("'_' + xds.node.metadata['WORKLOAD_NAME']"),
+            "source_workload_namespace": upsert("'_' + xds.node.metadata['NAMESPACE']"),
+            "source_app": upsert("'_' + xds.node.metadata['LABELS'].app"),
+            "source_version": upsert("'_' + xds.node.metadata['LABELS'].app"),
+            "request_protocol": upsert("request.protocol"),
+            "destination_version": upsert("'_' + xds.node.metadata.LABELS.version"),
+            "destination_service_namespace": upsert("'_' + filter_state.upstream_peer.service"),
+            // Istio's `cannot _ parse | ...` fails to parse, and its stats filter then drops the
+            // label (`tag_overrides_[metric][tag] = {}`); meshtel refuses an expression Envoy
+            // cannot compile, so the configuration says REMOVE.
+            "destination_app": remove,
+            "destination_workload": upsert("cannot_evaluate"),
+            "route_name": upsert("xds.route_name + \",\" + xds.cluster_name + \",\" + xds.cluster_metadata.filter_metadata.istio.services[0].name"),
+            "grpc_response_status": remove,
+        })),
+        client(Some("REQUEST_SIZE"), json!({"configurable_metric_b": upsert("'test'"), "reporter": remove})),
+        client(None, json!({"source_principal": upsert("'malicious'")})),
+    ])
+}
+
+#[test]
+fn sidecar_outbound_customized_matches_client_request_total_customized() {
+    // TestStatsPayload/Customized: testdata/metric/client_request_total_customized.yaml.tmpl,
+    // and `istio_request_duration_milliseconds` missing (a `MissingStat`).
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let port = free_port();
+    let mut listener = outbound(port, OUTBOUND_SERVER);
+    listener.route_name = Some("client_route".into());
+    let mut p = proxy(client_node(), listener, vec![server_cluster(OUTBOUND_SERVER, app.port)], &collector);
+    p.plugin_config =
+        Some(plugin_config(json!({"metrics": {"export_interval_ms": 1000, "overrides": customized_overrides()}})));
+    let _envoy = Envoy::start(&p);
+    let point = run(&collector, port, &[(PEER_METADATA_REQUEST, &answer_as_server())], "/", 200);
+    let mut want = client_request_total();
+    for removed in ["destination_app", "grpc_response_status", "response_flags"] {
+        want.remove(removed);
+    }
+    let route = format!("client_route,{OUTBOUND_SERVER},server");
+    want.extend([
+        ("source_workload", "_productpage-v1"),
+        ("source_workload_namespace", "_default"),
+        ("source_principal", "malicious"),
+        ("source_app", "_productpage"),
+        ("source_version", "_productpage"),
+        ("destination_workload", "unknown"),
+        ("destination_version", "_v1"),
+        // Istio's test has `_ratings` from the upstream peer's filter state, which upstream
+        // Envoy cannot create: the expression fails here, and a failed value is `unknown`
+        // (`StreamOverrides::evaluate`).
+        ("destination_service_namespace", "unknown"),
+        ("request_protocol", "HTTP/1.1"),
+        ("configurable_metric_a", "gateway"),
+        ("route_name", route.as_str()),
+    ]);
+    let got: BTreeMap<&str, &str> = point.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(got, want, "client_request_total_customized.yaml.tmpl");
+    assert_eq!(point.value, COUNT);
+    let points = collector.wait_for_points(WAIT, |p| !series(p, "istio_request_bytes").is_empty());
+    assert!(series(&points, "istio_request_duration_milliseconds").is_empty(), "dropped");
+    let bytes = series(&points, "istio_request_bytes");
+    assert_eq!(bytes.len(), 1);
+    assert_eq!(bytes[0].label("configurable_metric_b"), "test");
+    assert_eq!(bytes[0].label("source_principal"), "malicious");
+    assert!(!bytes[0].labels.contains_key("reporter") && !bytes[0].labels.contains_key("response_flags"));
+    assert_eq!(bytes[0].labels.len(), 24, "two removed, one added");
+    assert_eq!(series(&points, "istio_response_bytes")[0].labels.len(), 24, "the all-metrics entries only");
+}
+
+#[test]
+fn an_override_labels_the_side_and_metrics_it_matches_and_no_other() {
+    // server_request_total.yaml.tmpl's labels as `overrideTags` (envoyproxy/envoy
+    // contrib/istio/filters/http/istio_stats/source/istio_stats.cc) changes them: REMOVEs
+    // dropped, UPSERTs of other names appended; the client side keeps
+    // client_request_total.yaml.tmpl's; a disabled metric is exported by neither.
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let (inbound_port, outbound_port) = (free_port(), free_port());
+    let tags = json!({
+        "request_protocol": {"operation": "REMOVE"},
+        "response_flags": {"operation": "REMOVE"},
+        "request_host": {"operation": "UPSERT", "value": "request.host"},
+        "destination_port": {"operation": "UPSERT", "value": "string(destination.port)"},
+    });
+    let overrides = json!([
+        {"match": {"metric": "REQUEST_COUNT", "mode": "SERVER"}, "tag_overrides": tags},
+        {"match": {"metric": "REQUEST_DURATION", "mode": "SERVER"}, "tag_overrides": tags},
+        {"match": {"metric": "RESPONSE_SIZE"}, "disabled": true},
+    ]);
+    let mut clusters = vec![server_cluster("inbound|9080||", app.port), server_cluster(OUTBOUND_SERVER, app.port)];
+    clusters.push(Cluster::to(COLLECTOR_CLUSTER, collector.port));
+    let config = plugin_config(json!({"metrics": {"export_interval_ms": 1000, "overrides": overrides}}));
+    let listeners = vec![inbound(inbound_port), outbound(outbound_port, OUTBOUND_SERVER)];
+    let _envoy = Envoy::start(&Proxy::new(server_node(), listeners, clusters, Some(config)));
+    for _ in 0..COUNT {
+        let url = format!("http://127.0.0.1:{inbound_port}/");
+        assert_eq!(request(&url, &[("x-envoy-peer-metadata", &from_client())]).map(|r| r.0), Some(200));
+        let url = format!("http://127.0.0.1:{outbound_port}/");
+        assert_eq!(request(&url, &[(PEER_METADATA_REQUEST, &answer_as_server())]).map(|r| r.0), Some(200));
+    }
+    let points = collector.wait_for_points(WAIT, |p| {
+        total(p, REQUESTS, |_| true) == 2 * COUNT && series(p, "istio_request_bytes").len() == 2
+    });
+    let side = |metric: &str, reporter: &str| -> Point {
+        let mut s: Vec<Point> =
+            series(&points, metric).into_iter().filter(|p| p.label("reporter") == reporter).collect();
+        assert_eq!(s.len(), 1, "{metric} {reporter}: {s:#?}");
+        s.remove(0)
+    };
+    let host = format!("127.0.0.1:{inbound_port}");
+    let port = inbound_port.to_string();
+    let mut server = server_request_total();
+    server.remove("request_protocol");
+    server.remove("response_flags");
+    server.extend([("request_host", host.as_str()), ("destination_port", port.as_str())]);
+    for metric in [REQUESTS, "istio_request_duration_milliseconds"] {
+        let got = side(metric, "destination");
+        assert_eq!(got.value, COUNT, "{metric}");
+        let labels: BTreeMap<&str, &str> = got.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(labels, server, "{metric} on the server side");
+    }
+    // The request size matches no override: Istio's labels; so does the client side.
+    assert_eq!(side("istio_request_bytes", "destination").labels.len(), 25);
+    for metric in [REQUESTS, "istio_request_duration_milliseconds", "istio_request_bytes"] {
+        let got = side(metric, "source");
+        assert_eq!(got.labels.len(), 25, "{metric} on the client side");
+        assert_eq!(got.label("destination_workload"), client_request_total()["destination_workload"]);
+    }
+    assert!(series(&points, "istio_response_bytes").is_empty(), "disabled on both sides");
+}

@@ -458,3 +458,42 @@ fn grpc_requests_carry_protocol_and_status() {
     let unavailable = one(&points, REQUESTS, |p| p.label("grpc_response_status") == "14");
     assert_eq!((unavailable.value, unavailable.label("response_code")), (1, "200"));
 }
+
+/// Hostile `metrics.overrides`: an UPSERT whose value is whatever a client sends (a 30 KB
+/// header, new each request) is cut to 256 bytes and capped by `max_series`, with every
+/// request answered and counted; an expression nested past Envoy's CEL parser (recursion limit
+/// 250, cel-cpp `parser/options.h`) is refused at configure time, and the configuration before
+/// it keeps serving.
+#[test]
+fn hostile_overrides_cost_telemetry_detail_never_traffic_or_unbounded_memory() {
+    let collector = Collector::start();
+    let app = App::start(Behavior::Echo);
+    let upsert =
+        json!({"overrides": [{"tag_overrides": {"x": {"value": "request.headers['x-big']"}}}], "max_series": 3});
+    let (mut proxy, inbound, _) = SidecarSpec::new("a", "ns-a", app.port, collector.port)
+        .config(metrics_config(json!({"metrics": upsert})))
+        .proxy();
+    proxy.ecds = true;
+    let envoy = meshtel_tests::envoy::Envoy::start(&proxy);
+    for i in 0..10 {
+        let big = format!("{i}{}", "y".repeat(30_000));
+        assert_eq!(send(inbound, "/", &[("x-big", &big)]), 200);
+    }
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 10);
+    let all = series(&points, REQUESTS);
+    assert_eq!(all.len(), 4, "three series and the overflow one: {}", all.len());
+    for p in all.iter().filter(|p| !p.labels.contains_key("otel.metric.overflow")) {
+        assert_eq!(p.label("x").len(), 256, "cut to 256 bytes");
+    }
+    let nested = format!("{}1{}", "(".repeat(300), ")".repeat(300));
+    let refused = json!({"overrides": [{"tag_overrides": {"x": {"value": format!("string({nested})")}}}]});
+    let config = plugin_config(metrics_config(json!({"metrics": refused})));
+    assert!(!envoy.push_plugin(&meshtel_tests::envoy::wasm_path(), &config), "refused");
+    assert!(
+        envoy.log().contains("metrics.overrides[0].tag_overrides.x.value: the proxy cannot compile"),
+        "{}",
+        envoy.log()
+    );
+    assert_eq!(send(inbound, "/", &[("x-big", "after")]), 200, "the configuration before serves");
+    collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 11);
+}
