@@ -313,6 +313,36 @@ mod tests {
         }
     }
 
+    /// `metrics.overrides` on TCP metrics: the UPSERT is evaluated once per connection, a
+    /// disabled metric is not counted, and each metric keeps its own labels and counts.
+    #[test]
+    fn tcp_overrides_label_each_metric_as_its_override_says() {
+        let json = r#"{"collector":{"cluster":"outbound|4318||otel.obs.svc.cluster.local"},"metrics":{"overrides":[
+            {"match":{"metric":"TCP_SENT_BYTES","mode":"CLIENT"},"tag_overrides":{"sni":{"value":"connection.requested_server_name"}}},
+            {"match":{"metric":"TCP_OPENED_CONNECTIONS"},"disabled":true}]}}"#;
+        let mut t = Telemetry::new(config::parse(json.as_bytes()).unwrap(), client(), 7, "tcp", 0);
+        t.init_shared(&MemoryStore::default());
+        let host = MockHost::new()
+            .with_property("xds.cluster_name", "outbound|9080||server.default.svc.cluster.local")
+            .with_expression("string(connection.requested_server_name)", Some(b"ratings.example".to_vec()))
+            .with_u64("response.flags", 0);
+        assert_eq!(t.compile_user_expressions(&host), crate::prefetch::Compiled::Done);
+        ten_connections(&mut t, &host);
+        assert_eq!(host.counts().evaluations, 10, "once per connection");
+        let series: Vec<_> = t
+            .recorded_tcp_series()
+            .into_iter()
+            .map(|(values, counts)| (crate::metrics::overrides::attribute_map(&values), counts))
+            .collect();
+        assert_eq!(series.len(), 2, "{series:?}");
+        let sent = series.iter().find(|(l, _)| l.contains_key("sni")).expect("the sent bytes' series");
+        assert_eq!(sent.0["sni"], "ratings.example");
+        assert_eq!(sent.1, [0, 0, 120, 0], "sent bytes only");
+        let rest = series.iter().find(|(l, _)| !l.contains_key("sni")).expect("the others' series");
+        assert_eq!(rest.0.len(), 23, "Istio's TCP labels");
+        assert_eq!(rest.1, [0, 10, 0, 60], "closed and received; opened is disabled");
+    }
+
     #[test]
     fn the_client_side_reproduces_istios_tcp_golden_files() {
         // istio/proxy testdata/metric/tcp_client_{connection_open,connection_close,sent_bytes,
