@@ -11,6 +11,7 @@ use crate::custom_tags::{self, CustomTag};
 use crate::json_fields::Fields;
 use crate::metrics::overrides::{self, MetricOverride};
 use crate::quote::{name as quoted_name, quote};
+use crate::scopes;
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,10 +254,27 @@ const MAX_SERIES: u64 = 100_000;
 /// prefix of the input (see [`crate::quote`]), so that it fits one log line.
 pub const MAX_ERROR_LEN: usize = 1_024;
 
-/// Parse and validate a `pluginConfig` JSON document.
+/// Parse and validate a `pluginConfig` JSON document: the settings of a proxy that no scope
+/// matches, every scope checked (see [`crate::scopes`]).
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    parse_scoped(json, None)
+}
+
+/// [`parse`] for a proxy in `namespace` with `labels`: its settings with the scopes that match
+/// it applied.
+pub fn parse_for(json: &[u8], namespace: &str, labels: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    parse_scoped(json, Some((namespace, labels)))
+}
+
+fn parse_scoped(json: &[u8], proxy: Option<(&str, &BTreeMap<String, String>)>) -> Result<Config, ConfigError> {
     let doc: serde_json::Value = serde_json::from_slice(json).map_err(|e| ConfigError::new(".", e.to_string()))?;
-    Config::try_from(RawConfig::read(&doc)?)
+    let resolved = scopes::resolve(doc, proxy)?;
+    for (i, alone) in &resolved.each {
+        RawConfig::read(alone)
+            .and_then(Config::try_from)
+            .map_err(|e| ConfigError { field: format!("scopes[{i}]: {}", e.field), reason: e.reason })?;
+    }
+    Config::try_from(RawConfig::read(&resolved.doc)?)
 }
 
 const PROPAGATIONS: [(&str, Propagation); 2] = [("w3c", Propagation::W3c), ("b3", Propagation::B3)];
@@ -285,7 +303,7 @@ struct RawConfig {
 
 impl RawConfig {
     fn read(doc: &serde_json::Value) -> Result<Self, ConfigError> {
-        let f = Fields::new("", doc, &["collector", "traces", "metrics", "logs", "export", "resource"])?;
+        let f = Fields::new("", doc, &["collector", "traces", "metrics", "logs", "export", "resource", "scopes"])?;
         let section = |name: &str, known: &[&str]| f.object(name, known);
         Ok(Self {
             collector: section(

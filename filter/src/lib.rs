@@ -24,6 +24,7 @@ pub mod quote;
 pub mod request;
 pub mod root;
 pub mod sampler;
+pub mod scopes;
 pub mod span;
 pub mod telemetry;
 pub mod trace_context;

@@ -200,14 +200,16 @@ impl Root {
         env: impl Fn(&str) -> Option<String>,
         seed: u64,
     ) -> bool {
-        let mut config = match config::parse(raw) {
+        let proxy = host.proxy();
+        // The scopes of the mesh's narrower Telemetry settings that match this proxy apply.
+        let node = read_node(proxy);
+        let mut config = match config::parse_for(raw, &node.namespace, &node.labels) {
             Ok(config) => config,
             Err(e) => {
                 host.log(Level::Error, &format!("meshtel: invalid pluginConfig, refused: {e}"));
                 return false;
             }
         };
-        let proxy = host.proxy();
         self.tcp = proxy.property_string(&["plugin_root_id"]).as_deref() == Some(TCP_ROOT_ID);
         // Credentials come from the proxy's environment (vmConfig.env, valueFrom HOST); their
         // values are never logged.
@@ -230,7 +232,6 @@ impl Root {
                 "meshtel: collector.cluster and collector.authority are too long to pass the authority with gRPC calls; the proxy sends the cluster name as :authority",
             );
         }
-        let node = read_node(proxy);
         host.log(Level::Info, &configured(&config, &node, self.tcp));
         let scope = proxy.property_string(&["plugin_name"]).unwrap_or_else(|| "meshtel".into());
         let mut telemetry = Telemetry::new(config, node, seed, &scope, proxy.now_ns());

@@ -400,6 +400,13 @@ fn main() {
         Scenario::config("meshtel traces + metrics, 100%", Filter::Meshtel(with(json!({})))),
         Scenario::config("meshtel metrics only", Filter::Meshtel(with(json!({"traces": {"enabled": false}})))),
         Scenario::config(
+            "meshtel metrics only, two UPSERTs (request_host, destination_port)",
+            Filter::Meshtel(with(json!({"traces": {"enabled": false}, "metrics": {"overrides": [{"tag_overrides": {
+                "request_host": {"value": "request.host"},
+                "destination_port": {"value": "string(destination.port)"},
+            }}]}}))),
+        ),
+        Scenario::config(
             "meshtel traces 1% + metrics",
             Filter::Meshtel(with(json!({"traces": {"sampling_ratio": 0.01}}))),
         ),
