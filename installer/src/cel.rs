@@ -6,11 +6,33 @@
 //! A parse is what Envoy's `expr_create` checks too (it builds no type environment): what passes
 //! here compiles there, except a function Envoy's runtime does not have.
 
-use meshtel_filter::config::Config;
+use serde_json::Value;
 
-/// Every CEL expression of `config`: its field and the expression.
-pub fn expressions(config: &Config) -> Vec<(&'static str, &str)> {
-    config.logs.filter.as_deref().map(|f| ("logs.filter", f)).into_iter().collect()
+/// Every CEL expression of a pluginConfig: its field and the expression (`logs.filter`, the
+/// UPSERT values of `metrics.overrides`, and the same in each of its `scopes`).
+pub fn expressions(plugin_config: &Value) -> Vec<(String, &str)> {
+    fn settings<'a>(at: &str, v: &'a Value) -> Vec<(String, &'a str)> {
+        let mut found = Vec::new();
+        if let Some(f) = v.pointer("/logs/filter").and_then(Value::as_str) {
+            found.push((format!("{at}logs.filter"), f));
+        }
+        let overrides = v.pointer("/metrics/overrides").and_then(Value::as_array).into_iter().flatten();
+        for (i, o) in overrides.enumerate() {
+            let tags = o.get("tag_overrides").and_then(Value::as_object).into_iter().flatten();
+            for (name, t) in tags {
+                if let Some(e) = t.get("value").and_then(Value::as_str) {
+                    found.push((format!("{at}metrics.overrides[{i}].tag_overrides.{name}.value"), e));
+                }
+            }
+        }
+        found
+    }
+    let mut out = settings("", plugin_config);
+    let scopes = plugin_config.get("scopes").and_then(Value::as_array).into_iter().flatten();
+    for (i, scope) in scopes.enumerate() {
+        out.extend(settings(&format!("scopes[{i}]."), scope));
+    }
+    out
 }
 
 /// Parse `expression`; the parser's message with the line and column of each error otherwise.
@@ -38,9 +60,12 @@ pub fn check(expression: &str) -> Result<(), String> {
 /// The parser thread's stack.
 const PARSER_STACK: usize = 256 << 20;
 
-/// The problems of `config`'s expressions: `(field, reason)`.
-pub fn problems(config: &Config) -> Vec<(&'static str, String)> {
-    expressions(config).into_iter().filter_map(|(field, e)| check(e).err().map(|reason| (field, reason))).collect()
+/// The problems of a pluginConfig's expressions: `(field, reason)`.
+pub fn problems(plugin_config: &Value) -> Vec<(String, String)> {
+    expressions(plugin_config)
+        .into_iter()
+        .filter_map(|(field, e)| check(e).err().map(|reason| (field, reason)))
+        .collect()
 }
 
 #[cfg(test)]

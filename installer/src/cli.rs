@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::istio_telemetry::CarriedOver;
 use crate::render::{Api, CollectorAddress, Mode, RenderOptions};
 
 /// Default module image: meshtel's release for this version.
@@ -220,6 +221,26 @@ pub struct RenderArgs {
     #[arg(long, value_name = "NS", help_heading = "Istio")]
     pub root_namespace: Option<String>,
 
+    /// Carry over a mesh's Istio Telemetry resources (YAML documents, or `kubectl get telemetry
+    /// -A -o yaml`; `-` reads stdin): mesh-wide, per namespace and per workload selector, merged as
+    /// istiod merges them; what cannot be carried is listed as comments and on stderr. Without
+    /// a `Where` option, meshtel runs mesh-wide.
+    #[arg(long, value_name = "FILE", help_heading = "Coming from Istio's Telemetry API")]
+    pub from_istio_telemetry: Option<PathBuf>,
+    /// With --from-istio-telemetry: also render those resources again with Istio's own metrics
+    /// and span reporting off (applying them replaces them), so that nothing is counted twice.
+    #[arg(long, requires = "from_istio_telemetry", help_heading = "Coming from Istio's Telemetry API")]
+    pub disable_istio_telemetry: bool,
+    /// Check the Telemetry resources against these CRDs' OpenAPI schemas
+    /// (e.g. `kubectl get crd telemetries.telemetry.istio.io -o yaml`).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "from_istio_telemetry",
+        help_heading = "Coming from Istio's Telemetry API"
+    )]
+    pub crds: Option<PathBuf>,
+
     /// A YAML file with `pluginConfig:` (the whole filter config) and any of these options
     /// (same names, e.g. `sampling: 0.1`); flags win over the file.
     #[arg(long, value_name = "FILE")]
@@ -409,6 +430,7 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
             Mode::WorkloadLabel { key: key.into(), value: value.into(), namespaces }
         }
         (false, false, None, false) => Mode::Namespaces(namespaces),
+        (false, false, None, true) if args.from_istio_telemetry.is_some() => Mode::MeshWide,
         (false, false, None, true) => {
             return Err(
                 "choose where meshtel runs: --namespace NS, --gateway, --workload-label KEY=VALUE, --mesh-wide, --waypoint NAME, --service NAME or --all-waypoints"
@@ -425,6 +447,14 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     let mut plugin_config = file.plugin_config.clone().unwrap_or_else(|| json!({}));
     if !plugin_config.is_object() {
         return Err("--config: pluginConfig must be a mapping".into());
+    }
+    let carried = args
+        .from_istio_telemetry
+        .as_deref()
+        .map(|p| carry_over(p, args.crds.as_deref(), &root_namespace))
+        .transpose()?;
+    if let Some(c) = &carried {
+        c.apply_to(&mut plugin_config);
     }
     let collector_flag = args.collector.clone().or(file.collector.clone());
     let collector = match (&collector_flag, plugin_config.pointer("/collector/cluster")) {
@@ -478,8 +508,8 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         _ => {}
     }
     let bytes = serde_json::to_vec(&plugin_config).map_err(|e| e.to_string())?;
-    let config = meshtel_filter::config::parse(&bytes).map_err(|e| format!("pluginConfig: {e}"))?;
-    if let Some((field, reason)) = crate::cel::problems(&config).into_iter().next() {
+    meshtel_filter::config::parse(&bytes).map_err(|e| format!("pluginConfig: {e}"))?;
+    if let Some((field, reason)) = crate::cel::problems(&plugin_config).into_iter().next() {
         return Err(format!("pluginConfig: {field}: {reason}"));
     }
 
@@ -566,6 +596,10 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
     if !crate::rules::is_dns_subdomain(&name) {
         return Err(format!("--name: {name:?} is not a valid resource name"));
     }
+    let extra = match &carried {
+        Some(c) if args.disable_istio_telemetry => c.disabling_istio(&root_namespace, &crate::render::labels()),
+        _ => Vec::new(),
+    };
     Ok(RenderOptions {
         mode,
         name,
@@ -582,7 +616,22 @@ pub fn render_options(args: &RenderArgs) -> Result<RenderOptions, String> {
         collector_service_entry,
         host_env,
         tcp,
+        notes: carried.as_ref().map(|c| c.notes.clone()).unwrap_or_default(),
+        extra,
     })
+}
+
+/// Read the Telemetry resources of `--from-istio-telemetry` (`-`: stdin).
+fn carry_over(path: &Path, crds: Option<&Path>, root_namespace: &str) -> Result<CarriedOver, String> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("--from-istio-telemetry: stdin: {e}"))?
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("--from-istio-telemetry: cannot read {}: {e}", path.display()))?
+    };
+    let schemas = crds.map(crate::schema::CrdSchemas::load).transpose()?;
+    crate::istio_telemetry::read(&text, root_namespace, schemas.as_ref())
+        .map_err(|e| format!("--from-istio-telemetry: {e}"))
 }
 
 /// The waypoint modes: Istio attaches a WasmPlugin to a waypoint only through `targetRefs`

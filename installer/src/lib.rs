@@ -3,6 +3,7 @@
 pub mod cel;
 pub mod cli;
 pub mod credentials;
+pub mod istio_telemetry;
 pub mod model;
 pub mod package;
 pub mod render;

@@ -30,6 +30,9 @@ fn main() -> ExitCode {
 
 fn render(args: &meshtel::cli::RenderArgs) -> Result<(), String> {
     let opts = meshtel::cli::render_options(args)?;
+    for note in &opts.notes {
+        eprintln!("from Istio's Telemetry: {note}");
+    }
     let yaml = meshtel::render::render(&opts)?;
     match &args.output {
         Some(path) => std::fs::write(path, yaml).map_err(|e| format!("-o {}: {e}", path.display())),

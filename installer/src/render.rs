@@ -138,6 +138,10 @@ pub struct RenderOptions {
     pub host_env: Vec<String>,
     /// Also render the network filter for Istio's TCP metrics, beside each HTTP one.
     pub tcp: bool,
+    /// What could not be carried over from Istio's Telemetry resources, written as comments.
+    pub notes: Vec<String>,
+    /// More resources to render after meshtel's (Istio's telemetry turned off).
+    pub extra: Vec<Value>,
 }
 
 /// The root id that makes the module Istio's TCP metrics' network filter (`pluginName`).
@@ -153,7 +157,7 @@ enum Role {
 }
 
 /// Labels meshtel puts on what it renders.
-fn labels() -> std::collections::BTreeMap<String, String> {
+pub fn labels() -> std::collections::BTreeMap<String, String> {
     [
         ("app.kubernetes.io/name".to_string(), "meshtel".to_string()),
         ("app.kubernetes.io/managed-by".to_string(), "meshtel".to_string()),
@@ -340,12 +344,19 @@ pub fn resources(opts: &RenderOptions) -> Result<Vec<Value>, String> {
             },
         }));
     }
+    out.extend(opts.extra.iter().cloned());
     Ok(out)
 }
 
 /// Render `opts` as a multi-document YAML stream.
 pub fn render(opts: &RenderOptions) -> Result<String, String> {
     let mut yaml = String::new();
+    if !opts.notes.is_empty() {
+        yaml.push_str("# From Istio's Telemetry resources, not carried over or carried with a caveat:\n");
+        for n in &opts.notes {
+            yaml.push_str(&format!("# - {}\n", n.replace('\n', " ")));
+        }
+    }
     for r in resources(opts)? {
         yaml.push_str("---\n");
         yaml.push_str(&serde_norway::to_string(&r).map_err(|e| format!("cannot write YAML: {e}"))?);

@@ -49,7 +49,7 @@ fn check_plugin_config(module: &WasmModule, at: &str, problems: &mut Vec<Problem
     let config = module.plugin_config.clone().unwrap_or(Value::Object(Default::default()));
     let bytes = serde_json::to_vec(&config).unwrap_or_default();
     match meshtel_filter::config::parse(&bytes) {
-        Ok(config) => {
+        Ok(_) => {
             for (field, reason) in crate::cel::problems(&config) {
                 problems.push(Problem::new(format!("{at}.pluginConfig.{field}"), reason));
             }
