@@ -497,3 +497,61 @@ fn hostile_overrides_cost_telemetry_detail_never_traffic_or_unbounded_memory() {
     assert_eq!(send(inbound, "/", &[("x-big", "after")]), 200, "the configuration before serves");
     collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 11);
 }
+
+/// A mesh's Telemetry resources, carried over by `meshtel render --from-istio-telemetry`
+/// (installer/tests/telemetry/multi-scope.yaml), in real proxies: each applies the settings of
+/// its own scope as istiod would merge them for it. The cart workload gets the mesh's REMOVE,
+/// its own UPSERTs and its duration disabled; the web workload of the same namespace gets the
+/// mesh's REMOVE only; both trace everything with the namespace's tag (customTags replace the
+/// mesh's whole); a workload of another namespace logs only by the mesh's filter.
+#[test]
+fn carried_over_telemetry_resources_apply_per_proxy_by_scope() {
+    let fixture = meshtel_tests::repo_root().join("installer/tests/telemetry/multi-scope.yaml");
+    let args = meshtel::cli::RenderArgs { from_istio_telemetry: Some(fixture), ..Default::default() };
+    let mut config = meshtel::cli::render_options(&args).expect("renders").plugin_config;
+    meshtel_tests::mesh::merge(&mut config, plugin_config(metrics_config(json!({}))));
+    let collector = Collector::start();
+    let start = |app: &str, ns: &str| {
+        let backend = App::start(Behavior::Echo);
+        let sidecar = SidecarSpec {
+            plugin_config: Some(config.clone()),
+            ..SidecarSpec::new(app, ns, backend.port, collector.port)
+        }
+        .start();
+        (backend, sidecar)
+    };
+    let (_a, cart) = start("cart", "shop");
+    let (_b, web) = start("web", "shop");
+    let (_c, api) = start("api", "default");
+    for s in [&cart, &web] {
+        for _ in 0..3 {
+            assert_eq!(send(s.inbound, "/x", &[("x-tenant", "acme")]), 200);
+        }
+    }
+    assert_eq!(send(api.inbound, "/ok", &[]), 200);
+    assert_eq!(send(api.inbound, "/status/503", &[]), 503);
+    let points = collector.wait_for_points(WAIT, |p| total(p, REQUESTS, |_| true) == 8);
+    let of = |workload: &str, metric: &str| -> Vec<Point> {
+        series(&points, metric).into_iter().filter(|p| p.label("destination_workload") == workload).collect()
+    };
+    let cart_requests = of("cart-v1", REQUESTS);
+    assert_eq!(cart_requests.len(), 1);
+    assert_eq!(cart_requests[0].label("request_host"), format!("127.0.0.1:{}", cart.inbound));
+    assert_eq!(cart_requests[0].label("destination_port"), cart.inbound.to_string());
+    assert!(of("cart-v1", "istio_request_duration_milliseconds").is_empty(), "cart's duration is disabled");
+    assert_eq!(of("cart-v1", "istio_request_bytes").len(), 1);
+    let web_requests = of("web-v1", REQUESTS);
+    assert!(!web_requests[0].labels.contains_key("request_host"), "the selector is cart's");
+    assert_eq!(of("web-v1", "istio_request_duration_milliseconds").len(), 1);
+    for p in cart_requests.iter().chain(&web_requests) {
+        assert!(!p.labels.contains_key("request_protocol"), "the mesh's REMOVE applies everywhere");
+    }
+    let spans = collector.wait_for_spans(6, WAIT);
+    assert!(spans.iter().all(|s| s.attr("tenant").as_deref() == Some("acme")), "the namespace's tag");
+    assert!(spans.iter().all(|s| s.attr("cluster_id").is_none()), "the mesh's tags replaced whole");
+    let logs = collector.wait_for_logs(1, WAIT);
+    thread::sleep(Duration::from_millis(500));
+    let logs = if collector.logs().len() > logs.len() { collector.logs() } else { logs };
+    let codes: Vec<Option<String>> = logs.iter().map(|l| l.attr("http.response.status_code")).collect();
+    assert_eq!(codes, [Some("503".to_string())], "the mesh's log filter: response.code >= 500");
+}
