@@ -18,7 +18,6 @@
 //! encoder carry it as any value, and a series recorded under another configuration keeps its
 //! own names.
 
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::config::{ConfigError, MAX_EXPRESSION_LEN};
@@ -103,8 +102,9 @@ pub struct MetricOverride {
     pub mode: Mode,
     /// Whether the metrics are turned off (`None`: left as the overrides before say).
     pub disabled: Option<bool>,
-    /// Label name to operation.
-    pub tags: BTreeMap<String, TagOperation>,
+    /// Label name to operation, in name order (a sorted list: a map type more in the module
+    /// costs kilobytes).
+    pub tags: Vec<(String, TagOperation)>,
 }
 
 /// Most overrides taken.
@@ -125,6 +125,7 @@ fn is_label_name(name: &str) -> bool {
 
 /// Read `metrics.overrides`: an array of `{"match": {"metric", "mode"}, "disabled",
 /// "tag_overrides": {NAME: {"operation": "UPSERT"|"REMOVE", "value"}}}`.
+#[inline(never)]
 pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
     let entries = f.objects("overrides", &["match", "disabled", "tag_overrides"])?;
     if entries.len() > MAX_OVERRIDES {
@@ -146,7 +147,7 @@ pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
             None => (None, Mode::ClientAndServer),
         };
         let disabled = o.optional_bool("disabled")?;
-        let mut tags = BTreeMap::new();
+        let mut tags = Vec::new();
         if let Some(map) = o.map("tag_overrides")? {
             for (name, value) in map.entries() {
                 let path = map.path(name);
@@ -175,10 +176,11 @@ pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
                     (false, Some(_)) => return Err(ConfigError::new(&t.path("value"), "must not be set for REMOVE")),
                     (false, None) => TagOperation::Remove,
                 };
-                tags.insert(name.clone(), op);
+                tags.push((name.clone(), op));
             }
         }
         let metrics = metric.map_or(ALL_METRICS, |m| m as u16);
+        tags.sort_by(|a, b| a.0.cmp(&b.0));
         out.push(MetricOverride { metrics, mode, disabled, tags });
     }
     if expressions.len() > MAX_UPSERT_EXPRESSIONS {
@@ -324,7 +326,22 @@ impl Shapes {
 #[derive(Default, Clone, PartialEq)]
 struct Merged<'a> {
     disabled: bool,
-    tags: BTreeMap<&'a str, &'a TagOperation>,
+    /// In name order.
+    tags: Vec<(&'a str, &'a TagOperation)>,
+}
+
+impl<'a> Merged<'a> {
+    /// Set `name`'s operation, replacing the one before.
+    fn set(&mut self, name: &'a str, op: &'a TagOperation) {
+        match self.tags.binary_search_by(|(n, _)| (*n).cmp(name)) {
+            Ok(at) => self.tags[at].1 = op,
+            Err(at) => self.tags.insert(at, (name, op)),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a TagOperation> {
+        self.tags.binary_search_by(|(n, _)| (*n).cmp(name)).ok().map(|at| self.tags[at].1)
+    }
 }
 
 fn layout(overrides: &[MetricOverride], expressions: &[String], server: bool, kind: u16) -> Layout {
@@ -335,7 +352,9 @@ fn layout(overrides: &[MetricOverride], expressions: &[String], server: bool, ki
             let mut state = Merged::default();
             for o in overrides.iter().filter(|o| o.metrics & bit != 0 && covers(o.mode)) {
                 state.disabled = o.disabled.unwrap_or(state.disabled);
-                state.tags.extend(o.tags.iter().map(|(k, v)| (k.as_str(), v)));
+                for (name, op) in &o.tags {
+                    state.set(name, op);
+                }
             }
             (bit, state)
         })
@@ -363,7 +382,7 @@ fn labels_of<'a>(state: &Merged<'a>, expressions: &[String], tcp: bool) -> (Vec<
     let standard = (0..LABEL_NAMES.len()).filter(|i| !(tcp && NOT_TCP_LABELS.contains(i)));
     for i in standard {
         let name = LABEL_NAMES[i];
-        let source = match state.tags.get(name) {
+        let source = match state.get(name) {
             Some(TagOperation::Remove) => None,
             Some(TagOperation::Upsert(e)) => upsert(e),
             None => Some(Source::Standard(i)),
@@ -373,8 +392,8 @@ fn labels_of<'a>(state: &Merged<'a>, expressions: &[String], tcp: bool) -> (Vec<
             sources.push(s);
         }
     }
-    for (name, op) in &state.tags {
-        if let (TagOperation::Upsert(e), false) = (op, LABEL_NAMES.contains(name)) {
+    for (name, op) in state.tags.iter().copied() {
+        if let (TagOperation::Upsert(e), false) = (op, LABEL_NAMES.contains(&name)) {
             if let Some(s) = upsert(e) {
                 names.push(name);
                 sources.push(s);
@@ -461,7 +480,7 @@ impl<'a> Described<'a> {
 
 /// A series' attributes by name (`None` for values that cannot be exported).
 #[cfg(test)]
-pub(crate) fn attribute_map<S: AsRef<str>>(values: &[S]) -> BTreeMap<String, String> {
+pub(crate) fn attribute_map<S: AsRef<str>>(values: &[S]) -> std::collections::BTreeMap<String, String> {
     let attributes = Described::of(values).into_iter().flat_map(|d| d.attributes(values));
     attributes.map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
