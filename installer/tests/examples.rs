@@ -93,7 +93,7 @@ fn every_example_yaml_is_valid() {
             }
         }
     }
-    assert_eq!(plugins, 5, "one WasmPlugin per deployment mode, and the TCP network filter where metrics are on");
+    assert_eq!(plugins, 7, "one WasmPlugin per deployment mode, and the TCP network filter where metrics are on");
     assert_eq!(collectors, 5, "the base collector and four backends");
 }
 
@@ -111,7 +111,9 @@ fn readme_render_commands_reproduce_the_files_beside_them() {
                 Some((args, target)) => (args, Some(target.trim())),
                 None => (command.split(" | ").next().unwrap(), None),
             };
+            // Input files are named from the repository's root.
             let out = Command::new(env!("CARGO_BIN_EXE_meshtel"))
+                .current_dir(repo())
                 .arg("render")
                 .args(args.split_whitespace())
                 .output()

@@ -20,6 +20,11 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/telemetry").join(name)
 }
 
+/// The realistic multi-scope set: examples/istio-telemetry/telemetry.yaml.
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/istio-telemetry/telemetry.yaml")
+}
+
 /// Render from `path` mesh-wide with Istio's telemetry turned off beside it.
 fn render_from(path: &Path) -> Result<(RenderOptions, Vec<Value>), String> {
     let args = RenderArgs {
@@ -138,7 +143,7 @@ fn every_example_of_istios_documentation_carries_over_or_is_refused_with_the_rea
 #[test]
 fn a_multi_scope_mesh_carries_over_scope_by_scope_in_istiods_order() {
     let schemas = CrdSchemas::load(&crds_path()).unwrap();
-    let (opts, rendered) = render_from(&fixture("multi-scope.yaml")).unwrap();
+    let (opts, rendered) = render_from(&example()).unwrap();
     let c = &opts.plugin_config;
     assert_eq!(c["traces"]["sampling_ratio"], json!(0.05));
     assert_eq!(c["logs"], json!({"enabled": true, "filter": "response.code >= 500"}));
@@ -217,7 +222,7 @@ fn the_command_reads_stdin_and_says_what_it_did_not_carry_as_comments_and_on_std
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let input = std::fs::read(fixture("multi-scope.yaml")).unwrap();
+    let input = std::fs::read(example()).unwrap();
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), &input).unwrap();
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();

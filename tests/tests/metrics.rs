@@ -499,14 +499,14 @@ fn hostile_overrides_cost_telemetry_detail_never_traffic_or_unbounded_memory() {
 }
 
 /// A mesh's Telemetry resources, carried over by `meshtel render --from-istio-telemetry`
-/// (installer/tests/telemetry/multi-scope.yaml), in real proxies: each applies the settings of
+/// (examples/istio-telemetry/telemetry.yaml), in real proxies: each applies the settings of
 /// its own scope as istiod would merge them for it. The cart workload gets the mesh's REMOVE,
 /// its own UPSERTs and its duration disabled; the web workload of the same namespace gets the
 /// mesh's REMOVE only; both trace everything with the namespace's tag (customTags replace the
 /// mesh's whole); a workload of another namespace logs only by the mesh's filter.
 #[test]
 fn carried_over_telemetry_resources_apply_per_proxy_by_scope() {
-    let fixture = meshtel_tests::repo_root().join("installer/tests/telemetry/multi-scope.yaml");
+    let fixture = meshtel_tests::repo_root().join("examples/istio-telemetry/telemetry.yaml");
     let args = meshtel::cli::RenderArgs { from_istio_telemetry: Some(fixture), ..Default::default() };
     let mut config = meshtel::cli::render_options(&args).expect("renders").plugin_config;
     meshtel_tests::mesh::merge(&mut config, plugin_config(metrics_config(json!({}))));
