@@ -273,12 +273,7 @@ fn settings(t: &Telemetry, notes: &mut Vec<String>) -> Map<String, Value> {
     }
     for (i, tr) in array(&t.spec, "tracing").iter().enumerate() {
         let at = format!("spec.tracing[{i}]");
-        if tr.get("providers").is_some() {
-            note(format!("{at}.providers"), PROVIDERS);
-        }
-        if let Some(mode) = tr.pointer("/match/mode").and_then(Value::as_str).filter(|m| *m != "CLIENT_AND_SERVER") {
-            note(format!("{at}.match.mode"), &format!("not carried over: meshtel traces both sides alike; these settings apply to both, not to {mode} alone"));
-        }
+        providers_and_mode(tr, &at, "traces", &mut note);
         if let Some(p) = tr.get("randomSamplingPercentage").and_then(Value::as_f64) {
             traces.insert("sampling_ratio".into(), json!(p / 100.0));
         }
@@ -297,12 +292,7 @@ fn settings(t: &Telemetry, notes: &mut Vec<String>) -> Map<String, Value> {
     }
     for (i, l) in array(&t.spec, "accessLogging").iter().enumerate() {
         let at = format!("spec.accessLogging[{i}]");
-        if l.get("providers").is_some() {
-            note(format!("{at}.providers"), PROVIDERS);
-        }
-        if let Some(mode) = l.pointer("/match/mode").and_then(Value::as_str).filter(|m| *m != "CLIENT_AND_SERVER") {
-            note(format!("{at}.match.mode"), &format!("not carried over: meshtel logs both sides alike; these settings apply to both, not to {mode} alone"));
-        }
+        providers_and_mode(l, &at, "logs", &mut note);
         let disabled = l.get("disabled").and_then(Value::as_bool).unwrap_or(false);
         logs.insert("enabled".into(), json!(!disabled));
         if let Some(e) = l.pointer("/filter/expression").and_then(Value::as_str) {
@@ -320,6 +310,20 @@ fn settings(t: &Telemetry, notes: &mut Vec<String>) -> Map<String, Value> {
         out.insert("logs".into(), Value::Object(logs));
     }
     out
+}
+
+/// Note a tracing or logging entry's `providers` and a `match.mode` of one side: meshtel `does`
+/// the same on both sides.
+fn providers_and_mode(entry: &Value, at: &str, does: &str, note: &mut impl FnMut(String, &str)) {
+    if entry.get("providers").is_some() {
+        note(format!("{at}.providers"), PROVIDERS);
+    }
+    if let Some(mode) = entry.pointer("/match/mode").and_then(Value::as_str).filter(|m| *m != "CLIENT_AND_SERVER") {
+        let why = format!(
+            "not carried over: meshtel {does} both sides alike; these settings apply to both, not to {mode} alone"
+        );
+        note(format!("{at}.match.mode"), &why);
+    }
 }
 
 const PROVIDERS: &str =
