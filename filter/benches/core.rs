@@ -23,10 +23,12 @@ use meshtel_filter::istio::peer::{encode_filter_state, encode_peer_metadata};
 use meshtel_filter::metrics::aggregate::{Aggregator, Measurement};
 use meshtel_filter::metrics::shared::{hand_over, take_over, MemoryStore, SharedStore};
 use meshtel_filter::otlp::{self, LogEncoder, MetricsEncoder, TraceEncoder};
-use meshtel_filter::propagation::{IdGenerator, TraceDecision};
-use meshtel_filter::span::{Completion, RequestInfo, SpanKind, SpanRecord};
 use meshtel_filter::telemetry::{ActiveRequest, MetricFacts, Telemetry};
-use meshtel_filter::trace_context::{format_traceparent, parse_b3_single, parse_traceparent, sanitize_tracestate};
+use meshtel_filter::traces::propagation::{IdGenerator, TraceDecision};
+use meshtel_filter::traces::span::{Completion, RequestInfo, SpanKind, SpanRecord};
+use meshtel_filter::traces::trace_context::{
+    format_traceparent, parse_b3_single, parse_traceparent, sanitize_tracestate,
+};
 
 /// Counts heap allocations, to report what one request costs.
 struct Counting;

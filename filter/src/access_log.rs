@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use crate::config::LogMode;
-use crate::propagation::TraceDecision;
-use crate::span::{Completion, RequestInfo};
+use crate::traces::propagation::TraceDecision;
+use crate::traces::span::{Completion, RequestInfo};
 
 /// A finished request's access-log record, ready to be queued for export.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,11 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::custom_tags::{self, CustomTag};
 use crate::json_fields::Fields;
 use crate::metrics::overrides::{self, MetricOverride};
 use crate::quote::{name as quoted_name, quote};
 use crate::scopes;
+use crate::traces::custom_tags::{self, CustomTag};
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,6 @@ pub mod access_log;
 pub mod base64;
 pub mod config;
 pub mod connection;
-pub mod custom_tags;
 pub mod episode;
 pub mod export;
 pub mod handoff;
@@ -19,15 +18,12 @@ mod json_fields;
 pub mod metrics;
 pub mod otlp;
 pub mod prefetch;
-pub mod propagation;
 pub mod quote;
 pub mod request;
 pub mod root;
-pub mod sampler;
 pub mod scopes;
-pub mod span;
 pub mod telemetry;
-pub mod trace_context;
+pub mod traces;
 
 // Unit-test binaries are commands with their own entry point; the glue is the reactor's.
 #[cfg(all(target_arch = "wasm32", not(test)))]

@@ -12,9 +12,9 @@ use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
 use crate::istio::peer;
 use crate::istio::response_flags;
 use crate::prefetch::Prefetched;
-use crate::propagation::HeaderOp;
-use crate::span::{span_kind, Completion};
 use crate::telemetry::{ActiveRequest, MetricFacts, Telemetry};
+use crate::traces::propagation::HeaderOp;
+use crate::traces::span::{span_kind, Completion};
 
 impl Telemetry {
     /// The request phase: decide the trace and propagate it. `None` when the request is left

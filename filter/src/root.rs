@@ -213,7 +213,7 @@ impl Root {
         self.tcp = proxy.property_string(&["plugin_root_id"]).as_deref() == Some(TCP_ROOT_ID);
         // Credentials come from the proxy's environment (vmConfig.env, valueFrom HOST); their
         // values are never logged.
-        crate::custom_tags::resolve_environment(&mut config.traces.custom_tags, &env);
+        crate::traces::custom_tags::resolve_environment(&mut config.traces.custom_tags, &env);
         for var in config.collector.resolve_env_headers(&env) {
             host.log(
                 Level::Warn,

@@ -26,9 +26,9 @@ use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::prefetch::{Compiled, Evaluation, LogQueries};
-use crate::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
-use crate::sampler::RatioSampler;
-use crate::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
+use crate::traces::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
+use crate::traces::sampler::RatioSampler;
+use crate::traces::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
 
 /// Most clusters whose Istio service metadata is cached per VM.
 const MAX_CACHED_CLUSTERS: usize = 1024;
@@ -498,7 +498,7 @@ impl Telemetry {
         let request = if sampled || log {
             let mut r = RequestInfo::from_headers(headers, &self.config.traces.request_headers);
             if sampled {
-                r.custom_tags = crate::custom_tags::values(&self.config.traces.custom_tags, headers);
+                r.custom_tags = crate::traces::custom_tags::values(&self.config.traces.custom_tags, headers);
             }
             if log {
                 r.request_id = headers.single("x-request-id").map(|id| truncate(id, MAX_ATTRIBUTE_LEN));
@@ -734,7 +734,7 @@ mod tests {
     use super::*;
     use crate::config;
     use crate::metrics::shared::MemoryStore;
-    use crate::span::SpanKind;
+    use crate::traces::span::SpanKind;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message;
 

@@ -513,7 +513,7 @@ fn malformed_trace_headers_leave_requests_unaffected() {
         let pairs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let seen = send(&sidecar, "/malformed", &pairs);
         let tp = header(&seen, "traceparent");
-        assert!(meshtel_filter::trace_context::parse_traceparent(tp).is_some(), "{headers:?} left with {tp}");
+        assert!(meshtel_filter::traces::trace_context::parse_traceparent(tp).is_some(), "{headers:?} left with {tp}");
     }
     // Repeated and non-UTF-8 values, which a client library will not send, over a raw socket.
     use std::io::{Read, Write};

@@ -4,9 +4,9 @@
 
 use meshtel_filter::config::Propagation;
 use meshtel_filter::headers::HeaderPairs;
-use meshtel_filter::propagation::{start_trace, HeaderOp, IdGenerator};
-use meshtel_filter::sampler::RatioSampler;
-use meshtel_filter::trace_context::{parse_b3_single, parse_traceparent, sanitize_tracestate, TRACESTATE_MAX_LEN};
+use meshtel_filter::traces::propagation::{start_trace, HeaderOp, IdGenerator};
+use meshtel_filter::traces::sampler::RatioSampler;
+use meshtel_filter::traces::trace_context::{parse_b3_single, parse_traceparent, sanitize_tracestate, TRACESTATE_MAX_LEN};
 
 const NAMES: [&str; 8] =
     ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled", "x-b3-flags", "x-b3-parentspanid"];

@@ -100,9 +100,9 @@ pub fn rejected_log_records(body: &[u8]) -> (u64, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::propagation::TraceDecision;
-    use crate::span::{Completion, RequestInfo, SpanKind};
-    use crate::trace_context::{SpanId, TraceId};
+    use crate::traces::propagation::TraceDecision;
+    use crate::traces::span::{Completion, RequestInfo, SpanKind};
+    use crate::traces::trace_context::{SpanId, TraceId};
     use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use opentelemetry_proto::tonic::logs::v1::LogRecord;

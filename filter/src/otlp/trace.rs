@@ -9,7 +9,7 @@ use prost::Message;
 use super::common::Envelope;
 use super::wire::Writer;
 use crate::istio::node::NodeInfo;
-use crate::span::{Completion, RequestInfo, SpanKind, SpanRecord};
+use crate::traces::span::{Completion, RequestInfo, SpanKind, SpanRecord};
 
 // OTLP span flags (trace.proto): W3C trace flags in the low byte, then "is remote is known"
 // and "is remote" for the parent.
@@ -188,8 +188,8 @@ pub(super) fn split_authority(authority: &str) -> (&str, Option<u16>) {
 mod tests {
     use super::*;
     use crate::config::SpanNaming;
-    use crate::propagation::TraceDecision;
-    use crate::trace_context::{SpanId, TraceId};
+    use crate::traces::propagation::TraceDecision;
+    use crate::traces::trace_context::{SpanId, TraceId};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use opentelemetry_proto::tonic::trace::v1::Span;

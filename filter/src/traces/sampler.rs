@@ -3,7 +3,7 @@
 //! The ratio decision is a pure function of the trace id (as in OpenTelemetry's
 //! `TraceIdRatioBased`), so every meshtel hop that sees the same new trace decides alike.
 
-use crate::trace_context::TraceId;
+use crate::traces::trace_context::TraceId;
 
 /// Samples a fraction of new traces, keyed on the low 8 bytes of the trace id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

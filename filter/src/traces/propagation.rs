@@ -5,8 +5,8 @@
 
 use crate::config::Propagation;
 use crate::headers::Headers;
-use crate::sampler::RatioSampler;
-use crate::trace_context::{
+use crate::traces::sampler::RatioSampler;
+use crate::traces::trace_context::{
     format_b3_single, format_traceparent, parse_b3_multi, parse_b3_single, parse_traceparent, sanitize_tracestate,
     Extracted, SpanId, TraceId,
 };

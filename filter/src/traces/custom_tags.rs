@@ -11,7 +11,7 @@ use crate::config::ConfigError;
 use crate::headers::Headers;
 use crate::json_fields::Fields;
 use crate::quote::{name as quoted_name, quote};
-use crate::span::{truncate, MAX_ATTRIBUTE_LEN};
+use crate::traces::span::{truncate, MAX_ATTRIBUTE_LEN};
 
 /// Most custom tags.
 pub const MAX_CUSTOM_TAGS: usize = 32;

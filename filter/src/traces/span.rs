@@ -5,7 +5,7 @@ use crate::config::SpanNaming;
 use crate::headers::Headers;
 use crate::istio::labels::Reporter;
 use crate::istio::node::NodeInfo;
-use crate::propagation::TraceDecision;
+use crate::traces::propagation::TraceDecision;
 
 /// Span kind from the proxy's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -209,7 +209,7 @@ pub fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace_context::{SpanId, TraceId};
+    use crate::traces::trace_context::{SpanId, TraceId};
 
     fn decision() -> TraceDecision {
         TraceDecision {
