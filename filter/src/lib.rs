@@ -14,14 +14,12 @@ pub mod handoff;
 pub mod headers;
 pub mod host;
 pub mod istio;
-mod json_fields;
 pub mod metrics;
 pub mod otlp;
 pub mod prefetch;
 pub mod quote;
 pub mod request;
 pub mod root;
-pub mod scopes;
 pub mod telemetry;
 pub mod traces;
 

@@ -11,7 +11,7 @@
 //!   (`applicableTelemetries`); metric overrides accumulate, tracing and logging fields replace.
 //!
 //! The mesh-wide settings become the pluginConfig's own; the others become its `scopes`, which
-//! each proxy applies to itself (see `meshtel_filter::scopes`): one meshtel runs per proxy.
+//! each proxy applies to itself (see `meshtel_filter::config::scopes`): one meshtel runs per proxy.
 
 use std::collections::BTreeMap;
 
@@ -225,11 +225,11 @@ fn carry_over(mut all: Vec<Telemetry>, root_namespace: &str, mut notes: Vec<Stri
     }
     // A proxy applies its namespace's settings before any selector's.
     out.scopes = namespace_wide.into_iter().chain(selected).collect();
-    if out.scopes.len() > meshtel_filter::scopes::MAX_SCOPES {
+    if out.scopes.len() > meshtel_filter::config::scopes::MAX_SCOPES {
         return Err(format!(
             "{} narrower Telemetry scopes: meshtel carries at most {}",
             out.scopes.len(),
-            meshtel_filter::scopes::MAX_SCOPES
+            meshtel_filter::config::scopes::MAX_SCOPES
         ));
     }
     out.notes = notes;

@@ -20,9 +20,9 @@
 
 use std::rc::Rc;
 
+use crate::config::fields::Fields;
 use crate::config::{ConfigError, MAX_EXPRESSION_LEN};
 use crate::istio::labels::{self, LABEL_NAMES, NOT_TCP_LABELS, UNKNOWN};
-use crate::json_fields::Fields;
 
 /// Istio's standard metrics as Telemetry's `match.metric` names them, each a bit of a set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

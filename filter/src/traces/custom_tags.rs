@@ -7,9 +7,9 @@
 //! value is not empty (envoyproxy/envoy `source/common/tracing/custom_tag_impl.cc`,
 //! `CustomTagBase::applySpan`): a header that is absent and has no default adds nothing.
 
+use crate::config::fields::Fields;
 use crate::config::ConfigError;
 use crate::headers::Headers;
-use crate::json_fields::Fields;
 use crate::quote::{name as quoted_name, quote};
 use crate::traces::span::{truncate, MAX_ATTRIBUTE_LEN};
 

@@ -3,14 +3,17 @@
 //! Every rejection names the field (`traces.sampling_ratio`) and says why, so that a user
 //! reading Envoy's log or `meshtel validate` output knows exactly what to fix.
 
+pub(crate) mod fields;
+pub mod scopes;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::json_fields::Fields;
 use crate::metrics::overrides::{self, MetricOverride};
 use crate::quote::{name as quoted_name, quote};
-use crate::scopes;
+use fields::Fields;
+
 use crate::traces::custom_tags::{self, CustomTag};
 
 /// A rejected configuration: the dotted path of the offending field and the reason.
@@ -255,7 +258,7 @@ const MAX_SERIES: u64 = 100_000;
 pub const MAX_ERROR_LEN: usize = 1_024;
 
 /// Parse and validate a `pluginConfig` JSON document: the settings of a proxy that no scope
-/// matches, every scope checked (see [`crate::scopes`]).
+/// matches, every scope checked (see [`crate::config::scopes`]).
 pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
     parse_scoped(json, None)
 }

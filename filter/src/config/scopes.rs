@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
+use crate::config::fields::Fields;
 use crate::config::ConfigError;
-use crate::json_fields::Fields;
 
 /// Most scopes in one `pluginConfig`.
 pub const MAX_SCOPES: usize = 256;
