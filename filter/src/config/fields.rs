@@ -7,8 +7,11 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::config::ConfigError;
+use super::error::ConfigError;
 use crate::quote::{name as quoted_name, quote};
+
+/// Longest CEL expression taken.
+pub const MAX_EXPRESSION_LEN: usize = 4096;
 
 /// The fields of one JSON object, at `path` in the document.
 pub(crate) struct Fields<'a> {
@@ -206,6 +209,24 @@ fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {
     };
     let path = if path.is_empty() { "." } else { path };
     ConfigError::new(path, format!("invalid type: {got}, expected {expected}"))
+}
+
+/// Whether `name` is a lower-case HTTP header name (RFC 9110 token characters).
+pub(crate) fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A CEL expression as configured: not blank, at most [`MAX_EXPRESSION_LEN`] bytes. Its syntax
+/// is the proxy's to judge (`expr_create`), at configure time.
+pub(crate) fn expression(field: &str, expr: Option<String>) -> Result<Option<String>, ConfigError> {
+    match expr {
+        Some(e) if e.trim().is_empty() => Err(ConfigError::new(field, "is an empty expression")),
+        Some(e) if e.len() > MAX_EXPRESSION_LEN => {
+            Err(ConfigError::new(field, format!("is {} bytes, at most {MAX_EXPRESSION_LEN}: {}", e.len(), quote(&e))))
+        }
+        e => Ok(e),
+    }
 }
 
 #[cfg(test)]

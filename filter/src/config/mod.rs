@@ -3,41 +3,24 @@
 //! Every rejection names the field (`traces.sampling_ratio`) and says why, so that a user
 //! reading Envoy's log or `meshtel validate` output knows exactly what to fix.
 
+pub mod custom_tags;
+pub mod error;
 pub(crate) mod fields;
+pub mod metric_overrides;
 pub mod scopes;
 
+pub use error::ConfigError;
+pub use fields::MAX_EXPRESSION_LEN;
+use fields::{expression, is_header_name};
+
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
-use crate::metrics::overrides::{self, MetricOverride};
 use crate::quote::{name as quoted_name, quote};
 use fields::Fields;
+use metric_overrides::MetricOverride;
 
-use crate::traces::custom_tags::{self, CustomTag};
-
-/// A rejected configuration: the dotted path of the offending field and the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// Dotted path of the field, e.g. `traces.sampling_ratio`; `.` for the document itself.
-    pub field: String,
-    /// Why the value was refused.
-    pub reason: String,
-}
-
-impl ConfigError {
-    pub(crate) fn new(field: &str, reason: impl Into<String>) -> Self {
-        Self { field: field.to_string(), reason: reason.into() }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+use custom_tags::CustomTag;
 
 /// Trace context formats the filter reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,9 +164,6 @@ pub struct Logs {
     /// `accessLogging[].filter.expression`, e.g. `response.code >= 400`), on top of `mode`.
     pub filter: Option<String>,
 }
-
-/// Longest CEL expression taken.
-pub const MAX_EXPRESSION_LEN: usize = 4096;
 
 /// Which requests get an access-log record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -476,7 +456,7 @@ impl RawMetrics {
             histograms: f.variant("histograms", &HISTOGRAMS, d.histograms)?,
             series_expiry_ms: f.u64("series_expiry_ms", d.series_expiry_ms)?,
             peer_metadata_headers: f.bool("peer_metadata_headers", d.peer_metadata_headers)?,
-            overrides: overrides::read(f)?,
+            overrides: metric_overrides::read(f)?,
         })
     }
 }
@@ -755,7 +735,7 @@ fn checked<T: TryFrom<u64> + Default>(v: u64) -> T {
     T::try_from(v).unwrap_or_default()
 }
 
-fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, min: T, max: T) -> Result<(), ConfigError> {
+fn in_range<T: PartialOrd + std::fmt::Display>(field: &str, value: T, min: T, max: T) -> Result<(), ConfigError> {
     if value < min || value > max {
         return Err(ConfigError::new(field, format!("must be between {min} and {max}, got {value}")));
     }
@@ -764,23 +744,6 @@ fn in_range<T: PartialOrd + fmt::Display>(field: &str, value: T, min: T, max: T)
 
 fn is_header_value(value: &str) -> bool {
     !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
-}
-
-/// A CEL expression as configured: not blank, at most [`MAX_EXPRESSION_LEN`] bytes. Its syntax
-/// is the proxy's to judge (`expr_create`), at configure time.
-fn expression(field: &str, expr: Option<String>) -> Result<Option<String>, ConfigError> {
-    match expr {
-        Some(e) if e.trim().is_empty() => Err(ConfigError::new(field, "is an empty expression")),
-        Some(e) if e.len() > MAX_EXPRESSION_LEN => {
-            Err(ConfigError::new(field, format!("is {} bytes, at most {MAX_EXPRESSION_LEN}: {}", e.len(), quote(&e))))
-        }
-        e => Ok(e),
-    }
-}
-
-pub(crate) fn is_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The `host:port` an Istio cluster name such as `outbound|4318||otel.obs.svc.cluster.local` points at.
