@@ -7,10 +7,8 @@
 pub mod access_log;
 pub mod base64;
 pub mod config;
-pub mod connection;
 pub mod episode;
 pub mod export;
-pub mod handoff;
 pub mod headers;
 pub mod host;
 pub mod istio;
@@ -18,7 +16,6 @@ pub mod metrics;
 pub mod otlp;
 pub mod prefetch;
 pub mod quote;
-pub mod request;
 pub mod root;
 pub mod telemetry;
 pub mod traces;

@@ -243,7 +243,7 @@ pub struct LogPhase<'a> {
     pub user: Vec<Option<Vec<u8>>>,
 }
 
-/// What the log phase reads in steady state, by the reporter's side ([`crate::request`]);
+/// What the log phase reads in steady state, by the reporter's side ([`crate::telemetry::request`]);
 /// anything else it reads (a route name behind a non-Istio cluster, a gRPC status, a cluster's
 /// metadata the first time) goes to the proxy.
 fn side_facts(config: &Config, server: bool, kind: ProxyKind) -> Vec<Fact> {

@@ -1,5 +1,5 @@
 //! The HTTP context: hands each callback to the host-independent request path
-//! ([`crate::request`]); nothing is decided here.
+//! ([`crate::telemetry::request`]); nothing is decided here.
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -1,5 +1,5 @@
 //! The stream context of the network filter (root id `meshtel-tcp`): counts a connection's
-//! bytes and hands its open and close to the host-independent path ([`crate::connection`]).
+//! bytes and hands its open and close to the host-independent path ([`crate::telemetry::connection`]).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -8,7 +8,7 @@ use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, PeerType};
 
 use super::host::{now_ns, ProxyHost};
-use crate::connection::TcpConnection;
+use crate::telemetry::connection::TcpConnection;
 use crate::telemetry::Telemetry;
 
 /// One downstream connection's context.

@@ -474,7 +474,7 @@ impl MetricsPipeline {
 
     /// This pipeline is ending: its root context is done because a new `pluginConfig` or a
     /// new module replaced it, or the proxy stops. Returns what is left to send, for the root
-    /// contexts that go on (see [`crate::handoff`]):
+    /// contexts that go on (see [`crate::export::handoff`]):
     /// - the leader makes its last export at once, of everything this VM and the queue hold
     ///   (under delta temporality after the rest of an export in progress), and gives up the
     ///   lead, so that another pipeline takes over at its next heartbeat and starts new totals:

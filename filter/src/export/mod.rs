@@ -6,6 +6,8 @@
 //! reports when failures start and when they settle, so that the proxy logs once per change,
 //! never once per request or tick.
 
+pub mod handoff;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 

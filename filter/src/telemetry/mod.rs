@@ -4,16 +4,18 @@
 //! request path (`start_request`, `finish_request`: no protobuf, no I/O, no shared data) and
 //! from the root context's tick (`next_export`, `sent`, `completed`).
 
+pub mod connection;
+pub mod request;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
 use crate::access_log::{self, AccessLog};
 use crate::config::Config;
-use crate::connection::{ConnectionLabels, TcpConnection};
 use crate::episode::CounterEpisode;
+use crate::export::handoff;
 use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
-use crate::handoff;
 use crate::headers::Headers;
 use crate::host::Host;
 use crate::istio::facts::DownstreamFacts;
@@ -26,6 +28,7 @@ use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::prefetch::{Compiled, Evaluation, LogQueries};
+use crate::telemetry::connection::{ConnectionLabels, TcpConnection};
 use crate::traces::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::traces::sampler::RatioSampler;
 use crate::traces::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
