@@ -78,7 +78,7 @@ fn handle(req: Req, behavior: Behavior) -> Resp {
                 .filter(|(k, _)| TRACE_HEADERS.contains(&k.as_str()))
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            match crate::telemetry::request(&format!("http://127.0.0.1:{port}{}", req.path), &forward) {
+            match crate::request(&format!("http://127.0.0.1:{port}{}", req.path), &forward) {
                 Some((status, body)) => Resp::new(status, "application/json", body),
                 None => Resp::new(502, "text/plain", "upstream call failed"),
             }
