@@ -8,7 +8,7 @@ use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, PeerType};
 
 use super::host::{now_ns, ProxyHost};
-use crate::telemetry::connection::TcpConnection;
+use crate::telemetry::tcp::TcpConnection;
 use crate::telemetry::Telemetry;
 
 /// One downstream connection's context.

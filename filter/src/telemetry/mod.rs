@@ -6,6 +6,7 @@
 
 pub mod connection;
 pub mod request;
+pub mod tcp;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -28,10 +29,10 @@ use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::prefetch::{Compiled, Evaluation, LogQueries};
-use crate::telemetry::connection::{ConnectionLabels, TcpConnection};
 use crate::traces::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::traces::sampler::RatioSampler;
 use crate::traces::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
+use tcp::{ConnectionLabels, TcpConnection};
 
 /// Most clusters whose Istio service metadata is cached per VM.
 const MAX_CACHED_CLUSTERS: usize = 1024;
