@@ -6,6 +6,15 @@
 //! `src/pairs_util.cc`). Reading it where it lies costs one allocation per request (the buffer
 //! itself) instead of two per header.
 
+/// Which header map of the current stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeaderMap {
+    /// The request headers (readable in the request phase and in the log phase).
+    Request,
+    /// The response headers (readable from the response phase on).
+    Response,
+}
+
 /// A header map as the proxy hands it over: lower-case names, raw values, repeats kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderPairs(Vec<u8>);

@@ -4,17 +4,9 @@
 //! Every read tolerates absence: a property or header the proxy does not have is `None`, and
 //! each caller decides what "unknown" means for it.
 
+use crate::headers::HeaderMap;
 use crate::headers::HeaderPairs;
-use crate::prefetch::Query;
-
-/// Which header map of the current stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HeaderMap {
-    /// The request headers (readable in the request phase and in the log phase).
-    Request,
-    /// The response headers (readable from the response phase on).
-    Response,
-}
+use crate::query::Query;
 
 /// What the request path asks of the proxy.
 pub trait Host {
@@ -38,7 +30,7 @@ pub trait Host {
     fn compile(&self, expression: &str) -> Option<u32>;
 
     /// Evaluate a compiled query for the current request (`expr_evaluate`): a CEL list in the
-    /// ABI's pairs encoding (see [`crate::prefetch`]); `None` when the evaluation failed.
+    /// ABI's pairs encoding (see [`crate::query`]); `None` when the evaluation failed.
     fn evaluate(&self, query: &Query) -> Option<Vec<u8>>;
 
     /// A UTF-8 string property.
@@ -97,7 +89,7 @@ pub mod mock {
 
     use super::{HeaderMap, Host};
     use crate::headers::HeaderPairs;
-    use crate::prefetch::{encode_list, Fact, Query};
+    use crate::query::{encode_list, Fact, Query};
 
     /// What the code under test asked for and changed (not kept in counting-only mode).
     #[derive(Debug, Default)]

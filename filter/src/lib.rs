@@ -15,6 +15,7 @@ pub mod istio;
 pub mod metrics;
 pub mod otlp;
 pub mod prefetch;
+pub mod query;
 pub mod quote;
 pub mod root;
 pub mod telemetry;

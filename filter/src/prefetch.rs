@@ -28,170 +28,20 @@
 //! fails, every read goes to the proxy, as before: the telemetry is the same, only dearer.
 
 use std::ops::Range;
-use std::rc::Rc;
 
 use crate::config::{Config, SpanNaming};
+use crate::headers::HeaderMap;
 use crate::headers::{HeaderPairs, Headers};
-use crate::host::{HeaderMap, Host};
+use crate::host::Host;
 use crate::istio::facts::{DOWNSTREAM_PEER, LOCAL_PRINCIPAL, PEER_PRINCIPAL, UPSTREAM_PEER};
 use crate::istio::node::{NodeInfo, ProxyKind};
 use crate::istio::peer::PEER_METADATA_HEADER;
 use crate::metrics::overrides;
+pub use crate::query::{encode_list, Condition, Fact, Query};
 
-/// One read of the request path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fact {
-    /// A property, by its path (`["xds", "cluster_name"]`).
-    Property(&'static [&'static str]),
-    /// A property Envoy has for every HTTP request in the log phase (`response.flags`, the
-    /// total sizes, `connection.id`): not guarded, which saves a lookup. Should it be absent
-    /// after all, the evaluation fails and that request is read fact by fact (counted).
-    Present(&'static [&'static str]),
-    /// A property that is a protobuf message (`["xds", "upstream_host_metadata"]`). An empty
-    /// one is CEL's `null`, which Envoy cannot serialize in a list: it is guarded too.
-    Message(&'static [&'static str]),
-    /// One header of the request's request or response headers.
-    Header(HeaderMap, &'static str),
-}
-
-impl Fact {
-    /// The CEL that yields this fact, or empty bytes when it is absent.
-    fn cel(&self) -> String {
-        let (top, keys): (&str, Vec<&str>) = match self {
-            Fact::Property(path) | Fact::Message(path) | Fact::Present(path) => match path.split_first() {
-                Some((top, rest)) => (top, rest.to_vec()),
-                None => return "b''".into(),
-            },
-            Fact::Header(HeaderMap::Request, name) => ("request", vec!["headers", name]),
-            Fact::Header(HeaderMap::Response, name) => ("response", vec!["headers", name]),
-        };
-        let mut value = top.to_string();
-        let mut guards = Vec::with_capacity(keys.len());
-        for key in keys {
-            // meshtel's own constants: no quote or backslash to escape.
-            guards.push(format!("'{key}' in {value}"));
-            value = format!("{value}['{key}']");
-        }
-        match self {
-            Fact::Message(_) => guards.push(format!("{value} != null")),
-            Fact::Present(_) => return value,
-            _ => {}
-        }
-        format!("({} ? {value} : b'')", guards.join(" && "))
-    }
-}
-
-/// What decides, in the proxy, which of a split query's two lists to evaluate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Condition {
-    /// The request's cluster name starts with this (`inbound|`: a sidecar's inbound side).
-    ClusterPrefix(&'static str),
-}
-
-impl Condition {
-    fn cel(&self) -> String {
-        match self {
-            Condition::ClusterPrefix(prefix) => {
-                format!("('cluster_name' in xds && xds['cluster_name'].startsWith('{prefix}'))")
-            }
-        }
-    }
-
-    /// Whether it holds where `property` reads the properties (what a mock host evaluates).
-    pub fn holds<'a>(&self, property: impl Fn(&[&str]) -> Option<&'a [u8]>) -> bool {
-        match self {
-            Condition::ClusterPrefix(prefix) => {
-                property(&["xds", "cluster_name"]).is_some_and(|c| c.starts_with(prefix.as_bytes()))
-            }
-        }
-    }
-}
-
-/// A list of facts, read in one evaluation once the proxy compiled it. A split query holds two
-/// lists and a condition the proxy evaluates first, so that each request pays only for the
-/// facts its side needs; its answer starts with the condition's value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Query {
-    /// The facts, or those read when the condition holds.
-    facts: Rc<[Fact]>,
-    /// The condition, and the facts read when it does not hold.
-    otherwise: Option<(Condition, Rc<[Fact]>)>,
-    /// The user's expressions (`logs.filter`), evaluated after the facts in either list.
-    tail: Rc<[String]>,
-    /// The proxy's token for the compiled expression; `None` until compiled, or when refused.
-    token: Option<u32>,
-}
-
-fn list(facts: &[Fact], head: Option<&str>, tail: &[String]) -> String {
-    let items: Vec<String> = head
-        .map(str::to_string)
-        .into_iter()
-        .chain(facts.iter().map(Fact::cel))
-        .chain(tail.iter().map(|e| format!("({e})")))
-        .collect();
-    format!("[{}]", items.join(", "))
-}
-
-impl Query {
-    /// A query for `facts`, not compiled yet.
-    pub fn new(facts: Vec<Fact>) -> Self {
-        Self { facts: facts.into(), otherwise: None, tail: Rc::from([]), token: None }
-    }
-
-    /// This query with the user's `expressions` evaluated after its facts.
-    pub fn with_tail(mut self, expressions: Vec<String>) -> Self {
-        self.tail = expressions.into();
-        self.token = None;
-        self
-    }
-
-    /// The user's expressions.
-    pub fn tail(&self) -> &[String] {
-        &self.tail
-    }
-
-    /// A query that reads `then` where `condition` holds and `otherwise` elsewhere.
-    pub fn split(condition: Condition, then: Vec<Fact>, otherwise: Vec<Fact>) -> Self {
-        Self { facts: then.into(), otherwise: Some((condition, otherwise.into())), tail: Rc::from([]), token: None }
-    }
-
-    /// The facts a request reads: those of the list the condition picks.
-    pub fn facts(&self, condition_holds: bool) -> &[Fact] {
-        match &self.otherwise {
-            Some((_, otherwise)) if !condition_holds => otherwise,
-            _ => &self.facts,
-        }
-    }
-
-    /// The condition of a split query.
-    pub fn condition(&self) -> Option<Condition> {
-        self.otherwise.as_ref().map(|(c, _)| *c)
-    }
-
-    /// The CEL expression: a list of the facts, each guarded against absence (a split query:
-    /// `COND ? [true, ...] : [false, ...]`).
-    pub fn expression(&self) -> String {
-        match &self.otherwise {
-            None => list(&self.facts, None, &self.tail),
-            Some((condition, otherwise)) => format!(
-                "{} ? {} : {}",
-                condition.cel(),
-                list(&self.facts, Some("true"), &self.tail),
-                list(otherwise, Some("false"), &self.tail)
-            ),
-        }
-    }
-
-    /// Compile the expression in the proxy; `false` when the proxy refused it.
-    pub fn compile(&mut self, host: &dyn Host) -> bool {
-        self.token = host.compile(&self.expression());
-        self.token.is_some()
-    }
-
-    /// The proxy's token, once compiled.
-    pub fn token(&self) -> Option<u32> {
-        self.token
-    }
+/// Compile `query` in the proxy; `false` when it refused it.
+pub fn compile(query: &mut Query, host: &dyn Host) -> bool {
+    query.compile_with(|e| host.compile(e))
 }
 
 /// The queries of the HTTP log phase for one configuration and proxy kind.
@@ -354,7 +204,7 @@ impl LogQueries {
     /// Compile the user expressions alone (a TCP root context, which reads no request).
     pub fn compile_user(&mut self, host: &dyn Host) -> Compiled {
         for (user, (field, expression)) in self.user.iter_mut().zip(&self.fields) {
-            if !user.compile(host) {
+            if !compile(user, host) {
                 return Compiled::Refused { field: field.clone(), expression: expression.clone() };
             }
         }
@@ -363,7 +213,7 @@ impl LogQueries {
 
     /// Compile them all in the proxy.
     pub fn compile(&mut self, host: &dyn Host) -> Compiled {
-        if !(self.request.compile(host) && self.connection.compile(host)) {
+        if !(compile(&mut self.request, host) && compile(&mut self.connection, host)) {
             self.request.token = None;
             self.connection.token = None;
             return Compiled::NoCel;
@@ -373,7 +223,7 @@ impl LogQueries {
         }
         // Both parts compile, so the two together do; if not, the parts serve alone.
         if let Some(joined) = self.joined.as_mut() {
-            joined.compile(host);
+            compile(joined, host);
         }
         Compiled::Done
     }
@@ -494,12 +344,6 @@ fn ranges(bytes: &[u8]) -> Option<Vec<Range<usize>>> {
     (values.len() == declared).then_some(values)
 }
 
-/// Encode `values` as Envoy encodes a CEL list (mock hosts and tests).
-pub fn encode_list(values: &[Vec<u8>]) -> Vec<u8> {
-    let pairs: Vec<(&[u8], &[u8])> = values.iter().map(|v| (v.as_slice(), &[][..])).collect();
-    HeaderPairs::from_pairs(&pairs).into_bytes()
-}
-
 impl Host for Prefetched<'_> {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         let is = |f: &Fact| matches!(f, Fact::Property(p) | Fact::Message(p) | Fact::Present(p) if *p == path);
@@ -617,7 +461,7 @@ mod tests {
                 vec![Fact::Present(&["connection", "id"])],
                 vec![Fact::Property(&["upstream", "address"])],
             );
-            assert!(q.compile(&MockHost::new()));
+            assert!(compile(&mut q, &MockHost::new()));
             q
         };
         let inbound = MockHost::new().with_property("xds.cluster_name", "inbound|80||").with_u64("connection.id", 7);
@@ -644,7 +488,7 @@ mod tests {
             Fact::Property(&["response", "code"]),
             Fact::Property(&["xds", "route_name"]),
         ]);
-        assert!(q.compile(&host));
+        assert!(compile(&mut q, &host));
         let (p, evaluation) = Prefetched::new(&host, &q);
         assert_eq!(evaluation, Evaluation::Done);
         assert_eq!(p.property_string(&["xds", "cluster_name"]).as_deref(), Some("inbound|9080||"));
@@ -661,14 +505,14 @@ mod tests {
         let q = || Query::new(vec![Fact::Property(&["response", "code"])]);
         let host = MockHost::new().with_u64("response.code", 503).without_cel();
         let mut query = q();
-        assert!(!query.compile(&host));
+        assert!(!compile(&mut query, &host));
         let (p, evaluation) = Prefetched::new(&host, &query);
         assert_eq!((evaluation, p.property_u64(&["response", "code"])), (Evaluation::NotCompiled, Some(503)));
         assert_eq!((host.counts().evaluations, host.counts().properties), (0, 1));
 
         let host = MockHost::new().with_u64("response.code", 503).failing_evaluations();
         let mut query = q();
-        assert!(query.compile(&host));
+        assert!(compile(&mut query, &host));
         let (p, evaluation) = Prefetched::new(&host, &query);
         assert_eq!((evaluation, p.property_u64(&["response", "code"])), (Evaluation::Failed, Some(503)));
     }
@@ -682,7 +526,7 @@ mod tests {
         assert_eq!(ranges(&encode_list(&[])), Some(vec![]));
         let host = MockHost::new().with_u64("response.code", 200);
         let mut q = Query::new(vec![Fact::Property(&["response", "code"]), Fact::Present(&["response", "flags"])]);
-        assert!(q.compile(&host));
+        assert!(compile(&mut q, &host));
         let one_short = encode_list(&[200u64.to_le_bytes().to_vec()]);
         assert!(ranges(&one_short).is_some());
         struct Short<'a>(&'a MockHost, Vec<u8>);

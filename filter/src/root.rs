@@ -441,8 +441,8 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::headers::HeaderMap;
     use crate::host::mock::MockHost;
-    use crate::host::HeaderMap;
     use crate::metrics::shared::MemoryStore;
 
     const S: u64 = 1_000_000_000;

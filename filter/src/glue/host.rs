@@ -11,8 +11,9 @@ use std::time::UNIX_EPOCH;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, Status};
 
+use crate::headers::HeaderMap;
 use crate::headers::HeaderPairs;
-use crate::host::{HeaderMap, Host};
+use crate::host::Host;
 use crate::metrics::shared::{SharedStore, StoreError};
 use crate::prefetch::Query;
 

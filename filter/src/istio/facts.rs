@@ -7,7 +7,8 @@
 
 use std::rc::Rc;
 
-use crate::host::{HeaderMap, Host};
+use crate::headers::HeaderMap;
+use crate::host::Host;
 use crate::istio::labels::{Destination, Reporter};
 use crate::istio::node::{NodeInfo, ProxyKind};
 use crate::istio::peer::{self, PeerInfo};

@@ -6,7 +6,8 @@
 use std::rc::Rc;
 
 use crate::config::SpanNaming;
-use crate::host::{HeaderMap, Host};
+use crate::headers::HeaderMap;
+use crate::host::Host;
 use crate::istio::facts::{self, DownstreamFacts};
 use crate::istio::labels::{is_grpc_content_type, Reporter, RequestFacts};
 use crate::istio::peer;
