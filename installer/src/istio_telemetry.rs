@@ -62,7 +62,7 @@ pub struct CarriedOver {
 pub fn read(text: &str, root_namespace: &str, crds: Option<&CrdSchemas>) -> Result<CarriedOver, String> {
     let mut notes = Vec::new();
     let mut telemetries = Vec::new();
-    for (i, doc) in crate::validate::yaml_documents(text)?.into_iter().enumerate() {
+    for (i, doc) in crate::yaml::yaml_documents(text)?.into_iter().enumerate() {
         let items = match doc.get("kind").and_then(Value::as_str) {
             Some("List") => doc.get("items").and_then(Value::as_array).cloned().unwrap_or_default(),
             _ => vec![doc],

@@ -10,3 +10,4 @@ pub mod render;
 pub mod rules;
 pub mod schema;
 pub mod validate;
+pub mod yaml;

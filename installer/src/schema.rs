@@ -49,7 +49,7 @@ impl CrdSchemas {
     /// Load every CustomResourceDefinition in a YAML file (documents, or a `List` of them).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("--crds: cannot read {}: {e}", path.display()))?;
-        let docs = crate::validate::yaml_documents(&text).map_err(|e| format!("--crds {}: {e}", path.display()))?;
+        let docs = crate::yaml::yaml_documents(&text).map_err(|e| format!("--crds {}: {e}", path.display()))?;
         let mut crds = Vec::new();
         for doc in docs {
             match doc.get("kind").and_then(Value::as_str) {

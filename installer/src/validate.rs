@@ -2,24 +2,12 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::model::{TrafficExtension, WasmModule, WasmPlugin, EXTENSIONS_API};
 use crate::rules::{self, Problem};
 use crate::schema::CrdSchemas;
-
-/// Split a YAML stream into documents (empty documents skipped).
-pub fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
-    let mut docs = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value = Value::deserialize(doc).map_err(|e| format!("document {}: not valid YAML: {e}", i + 1))?;
-        if !value.is_null() {
-            docs.push(value);
-        }
-    }
-    Ok(docs)
-}
+use crate::yaml::yaml_documents;
 
 /// What validating one stream found.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use meshtel::schema::CrdSchemas;
-use meshtel::validate::{validate_text, yaml_documents};
+use meshtel::validate::validate_text;
+use meshtel::yaml::yaml_documents;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
