@@ -20,6 +20,7 @@ pub mod quote;
 pub mod root;
 pub mod telemetry;
 pub mod traces;
+pub mod wire;
 
 // Unit-test binaries are commands with their own entry point; the glue is the reactor's.
 #[cfg(all(target_arch = "wasm32", not(test)))]

@@ -14,7 +14,7 @@ use prost::Message;
 use super::exponential::ExpHistogram;
 use super::overrides::{Metric, REQUEST_METRICS};
 use crate::config::Histograms;
-use crate::otlp::wire::Writer;
+use crate::wire::Writer;
 
 /// Histogram bucket bounds Istio uses for durations (ms) and sizes (bytes): Envoy's defaults.
 pub const BUCKET_BOUNDS: [f64; 19] = [

@@ -10,7 +10,7 @@
 
 use prost::Message;
 
-use crate::otlp::wire::Writer;
+use crate::wire::Writer;
 
 /// The finest scale: 2^20 buckets per power of two (the SDKs' default `max_scale`).
 pub const MAX_SCALE: i32 = 20;

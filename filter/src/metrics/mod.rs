@@ -2,6 +2,7 @@
 //! merged proxy-wide through shared data off the request path, exported by one elected VM.
 
 pub mod aggregate;
+pub mod encoder;
 pub mod exponential;
 pub mod overrides;
 pub mod shared;
@@ -11,8 +12,9 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use crate::config::{Config, Histograms, Temporality};
 use crate::episode::CounterEpisode;
 use crate::export::{duration_ns, Payload, Sender};
-use crate::otlp::{MetricsEncoder, Signal};
+use crate::otlp::Signal;
 use aggregate::{Aggregator, Measurement, Stamp, TcpDelta, Values};
+use encoder::MetricsEncoder;
 use overrides::{Layout, Shapes};
 use shared::SharedStore;
 

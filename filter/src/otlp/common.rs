@@ -8,7 +8,7 @@ use opentelemetry_semantic_conventions::resource as res;
 
 use crate::istio::node::NodeInfo;
 
-use super::wire::Writer;
+use crate::wire::Writer;
 use prost::Message;
 
 /// The part every OTLP export request shares: `Export*ServiceRequest { resource_* { resource,

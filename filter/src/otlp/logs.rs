@@ -7,8 +7,8 @@ use prost::Message;
 
 use super::common::Envelope;
 use super::trace::http_attributes;
-use super::wire::Writer;
 use crate::access_log::AccessLog;
+use crate::wire::Writer;
 
 /// `logs.proto` field numbers.
 mod field {

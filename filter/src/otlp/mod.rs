@@ -1,14 +1,15 @@
 //! Conversion of recorded telemetry to OTLP protobuf, done at flush time in the root context.
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
+use prost::Message;
+
 mod common;
 pub mod logs;
-pub mod metrics;
 mod trace;
-pub(crate) mod wire;
 
+pub(crate) use common::Envelope;
 pub use common::{resource, resource_attributes};
 pub use logs::{rejected_log_records, LogEncoder};
-pub use metrics::MetricsEncoder;
 pub use trace::{rejected_spans, TraceEncoder};
 
 /// What meshtel exports, each to its own OTLP endpoint: one place for what tells them apart.
@@ -50,7 +51,7 @@ impl Signal {
     pub fn rejected(self, body: &[u8]) -> (u64, String) {
         match self {
             Signal::Traces => rejected_spans(body),
-            Signal::Metrics => metrics::rejected_points(body),
+            Signal::Metrics => rejected_points(body),
             Signal::Logs => rejected_log_records(body),
         }
     }
@@ -62,7 +63,7 @@ impl Signal {
 /// target as a string, so the serialized form is used only when it is valid UTF-8 (names short
 /// enough for one-byte lengths); `None` otherwise.
 pub fn envoy_grpc_service(cluster: &str, authority: &str) -> Option<String> {
-    let mut w = wire::Writer::with_capacity(cluster.len() + authority.len() + 8);
+    let mut w = crate::wire::Writer::with_capacity(cluster.len() + authority.len() + 8);
     // GrpcService.envoy_grpc = 1; EnvoyGrpc.cluster_name = 1, .authority = 2.
     w.message(1, |w| {
         w.string(1, cluster);
@@ -77,6 +78,14 @@ pub const CONTENT_TYPE: &str = "application/x-protobuf";
 pub const SCOPE_NAME: &str = "meshtel";
 /// meshtel's version, as the scope and `telemetry.sdk.version` report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Data points the collector refused, from an OTLP/HTTP metrics response body.
+pub fn rejected_points(body: &[u8]) -> (u64, String) {
+    ExportMetricsServiceResponse::decode(body)
+        .ok()
+        .and_then(|r| r.partial_success)
+        .map_or((0, String::new()), |p| (u64::try_from(p.rejected_data_points).unwrap_or(0), p.error_message))
+}
 
 #[cfg(test)]
 mod tests {
@@ -115,5 +124,19 @@ mod tests {
         assert_eq!(Signal::Traces.grpc_method(), ("opentelemetry.proto.collector.trace.v1.TraceService", "Export"));
         let paths: Vec<&str> = Signal::ALL.iter().map(|s| s.path()).collect();
         assert_eq!(paths, ["/v1/traces", "/v1/metrics", "/v1/logs"]);
+    }
+
+    #[test]
+    fn reads_partial_success() {
+        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess;
+        let body = opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse {
+            partial_success: Some(ExportMetricsPartialSuccess {
+                rejected_data_points: 4,
+                error_message: String::new(),
+            }),
+        }
+        .encode_to_vec();
+        assert_eq!(rejected_points(&body).0, 4);
+        assert_eq!(rejected_points(b"junk").0, 0);
     }
 }

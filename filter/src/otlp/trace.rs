@@ -7,9 +7,9 @@ use opentelemetry_semantic_conventions::attribute as attr;
 use prost::Message;
 
 use super::common::Envelope;
-use super::wire::Writer;
 use crate::istio::node::NodeInfo;
 use crate::traces::span::{Completion, RequestInfo, SpanKind, SpanRecord};
+use crate::wire::Writer;
 
 // OTLP span flags (trace.proto): W3C trace flags in the low byte, then "is remote is known"
 // and "is remote" for the parent.

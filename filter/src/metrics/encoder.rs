@@ -1,18 +1,16 @@
 //! Istio's request metrics to `ExportMetricsServiceRequest`, named so that the Collector's
 //! Prometheus exporters produce Istio's own series names.
 
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use prost::Message;
 use std::rc::Rc;
 
-use super::common::Envelope;
-use super::wire::Writer;
 use crate::config::{Histograms, Temporality};
 use crate::metrics::aggregate::{self, Aggregator, SeriesData, BUCKET_BOUNDS};
 use crate::metrics::exponential::ExpHistogram;
 use crate::metrics::overrides::{Described, Metric, REQUEST_METRICS, TCP_METRICS};
+use crate::otlp::Envelope;
+use crate::wire::Writer;
 
 /// `istio_requests_total`: a monotonic sum; the name already ends in `_total`.
 pub const REQUESTS_TOTAL: &str = "istio_requests_total";
@@ -370,14 +368,6 @@ fn exemplar(w: &mut Writer, e: &aggregate::Exemplar) {
     w.bytes(field::EXEMPLAR_TRACE_ID, &e.trace_id);
 }
 
-/// Data points the collector refused, from an OTLP/HTTP metrics response body.
-pub fn rejected_points(body: &[u8]) -> (u64, String) {
-    ExportMetricsServiceResponse::decode(body)
-        .ok()
-        .and_then(|r| r.partial_success)
-        .map_or((0, String::new()), |p| (u64::try_from(p.rejected_data_points).unwrap_or(0), p.error_message))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +375,7 @@ mod tests {
     use crate::metrics::aggregate::Measurement;
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric as OtlpMetric};
+    use prost::Message;
 
     fn decoded(agg: &Aggregator, temporality: Temporality, start_ns: u64, now_ns: u64) -> ExportMetricsServiceRequest {
         let (bytes, points) =
@@ -571,19 +562,5 @@ mod tests {
         let req = decoded(&Aggregator::new(1), Temporality::Delta, 0, 1);
         let Some(metric::Data::Histogram(h)) = &find(&req, REQUEST_BYTES).data else { panic!("a histogram") };
         assert_eq!(h.aggregation_temporality, AggregationTemporality::Delta as i32);
-    }
-
-    #[test]
-    fn reads_partial_success() {
-        use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsPartialSuccess;
-        let body = ExportMetricsServiceResponse {
-            partial_success: Some(ExportMetricsPartialSuccess {
-                rejected_data_points: 4,
-                error_message: String::new(),
-            }),
-        }
-        .encode_to_vec();
-        assert_eq!(rejected_points(&body).0, 4);
-        assert_eq!(rejected_points(b"junk").0, 0);
     }
 }
