@@ -2,9 +2,11 @@
 //! merged proxy-wide through shared data off the request path, exported by one elected VM.
 
 pub mod aggregate;
+pub mod batch;
 pub mod encoder;
 pub mod exponential;
 pub mod overrides;
+pub mod series;
 pub mod shared;
 
 use opentelemetry_proto::tonic::resource::v1::Resource;
