@@ -211,6 +211,11 @@ fn invalid_type(path: &str, v: &Value, expected: &str) -> ConfigError {
     ConfigError::new(path, format!("invalid type: {got}, expected {expected}"))
 }
 
+/// Whether `value` can be sent as a header value (no line breaks, no NUL).
+pub(crate) fn is_header_value(value: &str) -> bool {
+    !value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)
+}
+
 /// Whether `name` is a lower-case HTTP header name (RFC 9110 token characters).
 pub(crate) fn is_header_name(name: &str) -> bool {
     !name.is_empty()
