@@ -35,18 +35,8 @@ impl Telemetry {
     /// request was not propagated, and Istio labels it `http` (it decides gRPC in its own
     /// request phase, which did not run either).
     pub fn on_log(&mut self, host: &dyn Host, active: Option<ActiveRequest>) {
-        let active = match active {
-            Some(a) => a,
-            None => {
-                let headers = host.headers(HeaderMap::Request);
-                let start = host.property_u64(&["request", "time"]).unwrap_or_else(|| host.now_ns());
-                let Some((mut a, _)) = self.start_request(headers.view(), start) else {
-                    return;
-                };
-                a.grpc = false;
-                a.grpc_web = false;
-                a
-            }
+        let Some(active) = active.or_else(|| self.answered_early(host)) else {
+            return;
         };
         let metrics = self.metrics_enabled();
         let recorded = active.recorded();
@@ -69,25 +59,7 @@ impl Telemetry {
         // The server side's metrics need the downstream connection's facts, cached per
         // connection; the protocol and the client's address are the connection's too, so they
         // come from that cache when it is read anyway.
-        let connection = (metrics && reporter.is_server()).then(|| {
-            let id = host.property_u64(&["connection", "id"]);
-            let query = self.queries().connection.clone();
-            let mut evaluation = None;
-            let facts = self.downstream_facts(id, || {
-                let (prefetched, e) = Prefetched::new(host, &query);
-                evaluation = Some(e);
-                let (protocol, client_address) = protocol_and_client(&prefetched);
-                DownstreamFacts {
-                    protocol: protocol.map(Rc::from),
-                    client_address: client_address.map(Rc::from),
-                    ..facts::read_downstream(&prefetched)
-                }
-            });
-            if let Some(e) = evaluation {
-                self.count_evaluation(e);
-            }
-            facts
-        });
+        let connection = (metrics && reporter.is_server()).then(|| self.connection_facts(host));
         let (protocol, client_address) = match (&connection, recorded) {
             (_, false) => (None, None),
             (Some(c), true) => {
@@ -116,6 +88,39 @@ impl Telemetry {
             ..self.metric_facts(host, reporter, connection, &active, &completion, flags)
         });
         self.finish_request(active, completion, facts);
+    }
+
+    /// A request an earlier filter answered before meshtel's request phase ran: what that phase
+    /// would have read, read now.
+    fn answered_early(&mut self, host: &dyn Host) -> Option<ActiveRequest> {
+        let headers = host.headers(HeaderMap::Request);
+        let start = host.property_u64(&["request", "time"]).unwrap_or_else(|| host.now_ns());
+        let (mut a, _) = self.start_request(headers.view(), start)?;
+        a.grpc = false;
+        a.grpc_web = false;
+        Some(a)
+    }
+
+    /// The downstream connection's facts, read in one evaluation at its first request and cached
+    /// for the others.
+    fn connection_facts(&mut self, host: &dyn Host) -> DownstreamFacts {
+        let id = host.property_u64(&["connection", "id"]);
+        let query = self.queries().connection.clone();
+        let mut evaluation = None;
+        let facts = self.downstream_facts(id, || {
+            let (prefetched, e) = Prefetched::new(host, &query);
+            evaluation = Some(e);
+            let (protocol, client_address) = protocol_and_client(&prefetched);
+            DownstreamFacts {
+                protocol: protocol.map(Rc::from),
+                client_address: client_address.map(Rc::from),
+                ..facts::read_downstream(&prefetched)
+            }
+        });
+        if let Some(e) = evaluation {
+            self.count_evaluation(e);
+        }
+        facts
     }
 
     /// Read what Istio's labels need, by the reporter's rules (see [`crate::istio::facts`]).
