@@ -21,11 +21,13 @@ use overrides::{Layout, Shapes};
 use shared::SharedStore;
 
 /// The format of meshtel's shared entries and queue, part of every name. Istio sets no `vm_id`,
-/// so during an upgrade the old and the new module share one namespace (REFERENCE section 4;
-/// proxy-wasm-cpp-host keys shared data and queues by vm_id): a build that changes what they
-/// hold bumps this, and each version then keeps to its own instead of reading the other's as
-/// garbage. Version 2: per-worker delta batches on a queue (version 1: one merged entry).
-pub const SHARED_FORMAT_VERSION: u32 = 2;
+/// so during an upgrade the old and the new module share one namespace (proxy-wasm-cpp-host keys
+/// shared data and queues by vm_id): a build that changes what they hold bumps this, and each
+/// version then keeps to its own instead of reading the other's as garbage. Version 3: a series
+/// may start with a descriptor of its own labels (`metrics.overrides`), which version 2 would
+/// export as a label value; version 2: per-worker delta batches on a queue (version 1: one merged
+/// entry).
+pub const SHARED_FORMAT_VERSION: u32 = 3;
 
 /// The shared name of `entry` for the plugin `scope`: `meshtel/v{format}/{scope}/{entry}`.
 pub fn shared_key(scope: &str, entry: &str) -> String {
@@ -287,7 +289,7 @@ impl MetricsPipeline {
         // Deltas followed by a quiet spell (the end of a burst, or the drain before the proxy
         // stops) leave within about two heartbeats instead of two export intervals: Istio gives
         // a proxy 5 s between draining its listeners and SIGTERM (`terminationDrainDuration`),
-        // and no call made after SIGTERM reaches the collector (REFERENCE section 4).
+        // and no call made after SIGTERM reaches the collector.
         let quiet = self.updates != self.handed_updates
             && now_ns.saturating_sub(self.last_activity_ns) >= self.heartbeat_interval_ns;
         // The leader adds its own deltas when it exports; the others hand theirs over once
@@ -513,6 +515,7 @@ impl MetricsPipeline {
     }
 
     /// Whether this VM exports the proxy's metrics.
+    #[cfg(test)]
     pub fn is_leader(&self) -> bool {
         self.leading
     }
@@ -663,7 +666,7 @@ mod tests {
             assert_eq!(store.get(&format!("{prefix}/pending")).unwrap().0, b"\xffan older encoding");
             assert!(store.get(&format!("{prefix}/leader")).unwrap().0.starts_with(b"99:"));
         }
-        assert!(shared_key("p", "metrics/leader").starts_with("meshtel/v2/p/"));
+        assert!(shared_key("p", "metrics/leader").starts_with("meshtel/v3/p/"));
         assert!(store.get(&shared_key("p", "metrics/leader")).unwrap().0.starts_with(b"1:"));
         assert_eq!(store.queued(&shared_key("p", "metrics/deltas")), 0, "every batch taken");
     }

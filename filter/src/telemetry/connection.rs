@@ -25,7 +25,7 @@
 
 use crate::host::Host;
 use crate::istio::facts;
-use crate::istio::labels::{with_label_values, Reporter, RequestFacts};
+use crate::istio::labels::{label_values, Reporter, RequestFacts};
 use crate::istio::response_flags;
 use crate::metrics::aggregate::TcpDelta;
 use crate::telemetry::tcp::{ConnectionLabels, Labels, TcpConnection, PEER_WAIT_NS};
@@ -97,7 +97,7 @@ impl Telemetry {
             Some(cluster),
             || self.cluster_service(cluster, || host.property(&["xds", "cluster_metadata"])),
         );
-        let standard = with_label_values(self.node(), &f, |values| values.iter().map(|v| v.to_string()).collect());
+        let standard = label_values(self.node(), &f).into();
         let upserts = self.queries().upsert_values_alone(host);
         Box::new(ConnectionLabels { standard, upserts, server: reporter.is_server() })
     }

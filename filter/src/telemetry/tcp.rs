@@ -64,6 +64,7 @@ impl TcpConnection {
     }
 
     /// Whether it is counted (labelled), as opposed to waiting or not proxied.
+    #[cfg(test)]
     pub fn is_counted(&self) -> bool {
         matches!(self.labels, Labels::Counted(_))
     }
