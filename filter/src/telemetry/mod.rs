@@ -5,6 +5,8 @@
 //! from the root context's tick (`next_export`, `sent`, `completed`).
 
 pub mod connection;
+mod exports;
+mod queue;
 pub mod request;
 pub mod tcp;
 
@@ -16,7 +18,7 @@ use crate::access_log::{self, AccessLog};
 use crate::config::Config;
 use crate::episode::CounterEpisode;
 use crate::export::handoff;
-use crate::export::{BoundedQueue, ExportStats, FlushTimer, Outcome, Payload, Sender};
+use crate::export::ExportStats;
 use crate::headers::Headers;
 use crate::host::Host;
 use crate::istio::facts::DownstreamFacts;
@@ -25,13 +27,13 @@ use crate::istio::node::NodeInfo;
 use crate::istio::peer;
 use crate::istio::xds_metadata::{self, ServiceInfo};
 use crate::metrics::aggregate::{Measurement, TcpDelta};
-use crate::metrics::shared::SharedStore;
 use crate::metrics::{MetricStats, MetricsPipeline};
 use crate::otlp::{self, LogEncoder, TraceEncoder};
 use crate::prefetch::{Compiled, Evaluation, LogQueries};
 use crate::traces::propagation::{start_trace, HeaderOp, IdGenerator, TraceDecision};
 use crate::traces::sampler::RatioSampler;
 use crate::traces::span::{truncate, Completion, RequestInfo, SpanRecord, MAX_ATTRIBUTE_LEN};
+use queue::Signal;
 use tcp::{ConnectionLabels, TcpConnection};
 
 /// Most clusters whose Istio service metadata is cached per VM.
@@ -129,83 +131,6 @@ pub struct TelemetryStats {
     pub cel_evaluations_failed: u64,
     /// Requests `logs.filter` could not decide (an evaluation error): not logged.
     pub log_filter_errors: u64,
-}
-
-/// One signal's queue, flush timer and export calls (spans, access logs).
-#[derive(Debug)]
-struct Signal<T> {
-    signal: otlp::Signal,
-    queue: BoundedQueue<T>,
-    flush: FlushTimer,
-    sender: Sender,
-    recorded: u64,
-    /// The queue's drops, as an episode.
-    drops: CounterEpisode,
-}
-
-impl<T> Signal<T> {
-    fn new(signal: otlp::Signal, config: &Config, now_ns: u64, seed: u64) -> Self {
-        let e = &config.export;
-        Self {
-            signal,
-            queue: BoundedQueue::new(e.max_queue),
-            flush: FlushTimer::new(e.flush_interval, now_ns),
-            sender: Sender::new(e.max_in_flight, e.max_retries).with_seed(seed.rotate_left(signal as u32 * 8 + 1)),
-            recorded: 0,
-            drops: CounterEpisode::default(),
-        }
-    }
-
-    fn push(&mut self, item: T) {
-        self.recorded += 1;
-        self.queue.push(item);
-    }
-
-    /// The whole queue, in batches encoded by `encode`.
-    fn drain(&mut self, max_batch: usize, encode: impl Fn(&[T]) -> Vec<u8>) -> Vec<Payload> {
-        let mut out = Vec::new();
-        while !self.queue.is_empty() {
-            let batch = self.queue.take(max_batch);
-            out.push(Payload::new(self.signal, encode(&batch), batch.len() as u64));
-        }
-        out
-    }
-
-    /// A retry or a batch due now, encoded by `encode`.
-    fn next(&mut self, max_batch: usize, now_ns: u64, encode: impl FnOnce(&[T]) -> Vec<u8>) -> Option<Payload> {
-        if let Some(retry) = self.sender.due_retry(now_ns) {
-            return Some(retry);
-        }
-        if self.sender.has_capacity() && self.flush.due(self.queue.len(), max_batch, now_ns) {
-            let batch = self.queue.take(max_batch);
-            self.flush.flushed(now_ns);
-            return Some(Payload::new(self.signal, encode(&batch), batch.len() as u64));
-        }
-        None
-    }
-
-    /// Lines for the episodes of this signal that started or settled: the queue dropping
-    /// records (`what` names them), and its export calls.
-    fn notices(&mut self, what: &str, cap: usize, now_ns: u64, lines: &mut Vec<String>) {
-        let dropped = self.queue.dropped();
-        lines.extend(self.drops.line(
-            dropped,
-            now_ns,
-            |_| {
-                format!(
-                    "{what} queue full (export.max_queue = {cap}): dropping the oldest records until exports catch up"
-                )
-            },
-            |s| {
-                format!(
-                    "{what} queue has room again: dropped {} records over {} s, {dropped} since the VM started",
-                    s.count, s.seconds
-                )
-            },
-        ));
-        let path = self.signal.path();
-        lines.extend(self.sender.settle(now_ns).into_iter().map(|l| format!("{path}: {l}")));
-    }
 }
 
 /// All telemetry state of one VM.
@@ -396,93 +321,6 @@ impl Telemetry {
         self.metrics.as_ref().map(|m| m.local_tcp_series()).unwrap_or_default()
     }
 
-    /// Create the proxy-wide shared entries if this is the first VM, and find the queues.
-    pub fn init_shared(&mut self, store: &dyn SharedStore) {
-        self.handoff_queue(store);
-        if let Some(m) = &mut self.metrics {
-            m.init_shared(store);
-        }
-    }
-
-    /// The hand-over queue, asked of the proxy until it gives it.
-    fn handoff_queue(&mut self, store: &dyn SharedStore) -> Option<u32> {
-        if self.handoff.is_none() {
-            self.handoff = store.queue(&self.handoff_name);
-        }
-        self.handoff
-    }
-
-    /// The root context is done (a new `pluginConfig` or module replaced it, or the proxy
-    /// stops): everything not sent yet (queued spans and access logs, retries, the metrics'
-    /// last export or deltas: [`MetricsPipeline::shutdown`]) goes to the hand-over queue for
-    /// the root contexts that go on; from then on this one sends nothing new, and a call that
-    /// fails is handed over too instead of retried. Call it again after each answer. Returns
-    /// whether no call is in flight any more, i.e. the root context may be deleted.
-    ///
-    /// When the whole VM ends (`vm_ends`: no other root context lives in it, as when a new
-    /// module replaced it), Envoy cancels its calls in flight whether or not the collector got
-    /// them: copies of them are handed over too, so that they are sent at least once, as
-    /// OTLP's retries are (a batch may then arrive twice).
-    pub fn shutdown(&mut self, store: &dyn SharedStore, now_ns: u64, vm_ends: bool) -> bool {
-        let mut unsent = Vec::new();
-        if vm_ends {
-            unsent.extend(self.spans.sender.in_flight_payloads());
-            unsent.extend(self.logs.sender.in_flight_payloads());
-            if let Some(m) = &mut self.metrics {
-                unsent.extend(m.sender().in_flight_payloads());
-            }
-        }
-        if !self.ending {
-            self.ending = true;
-            let max_batch = self.config.export.max_batch;
-            let encoder = &self.encoder;
-            unsent.extend(self.spans.drain(max_batch, |batch| encoder.encode(batch)));
-            let encoder = &self.log_encoder;
-            unsent.extend(self.logs.drain(max_batch, |batch| encoder.encode(batch)));
-            if let Some(m) = &mut self.metrics {
-                unsent.extend(m.shutdown(store, now_ns));
-            }
-        }
-        // Retries, now and after each answer (the metrics' own were settled by their shutdown).
-        unsent.extend(self.spans.sender.take_waiting());
-        unsent.extend(self.logs.sender.take_waiting());
-        if let Some(m) = &mut self.metrics {
-            unsent.extend(m.sender().take_waiting());
-        }
-        let queue = self.handoff_queue(store);
-        for payload in unsent {
-            if queue.is_some_and(|q| store.enqueue(q, &handoff::encode(&payload)).is_ok()) {
-                self.handed_over += 1;
-            } else {
-                self.sender_for(payload.signal).lost(payload.items);
-            }
-        }
-        vm_ends || self.in_flight() == 0
-    }
-
-    fn in_flight(&mut self) -> usize {
-        let metrics = self.metrics.as_mut().map_or(0, |m| m.sender().in_flight());
-        self.spans.sender.in_flight() + self.logs.sender.in_flight() + metrics
-    }
-
-    /// Take what root contexts that ended handed over, while every sender has room for it:
-    /// it is sent like a retry due now.
-    fn take_handed_over(&mut self, store: &dyn SharedStore, now_ns: u64) {
-        let Some(queue) = self.handoff_queue(store) else { return };
-        loop {
-            let metrics_room = self.metrics.as_mut().is_none_or(|m| m.sender().can_adopt());
-            if !(self.spans.sender.can_adopt() && self.logs.sender.can_adopt() && metrics_room) {
-                return;
-            }
-            let Some(bytes) = store.dequeue(queue) else { return };
-            // Nothing meshtel writes is unreadable; anything else is dropped.
-            if let Some(payload) = handoff::decode(&bytes) {
-                self.taken_over += 1;
-                self.sender_for(payload.signal).adopt(payload, now_ns);
-            }
-        }
-    }
-
     /// Start a request: decide its trace and the header changes that propagate it.
     /// `None` when tracing, metrics and logs are all off: the request is left alone.
     pub fn start_request(&mut self, headers: Headers<'_>, now_ns: u64) -> Option<(ActiveRequest, Vec<HeaderOp>)> {
@@ -601,83 +439,6 @@ impl Telemetry {
         self.spans.push(SpanRecord::new(trace, self.config.traces.span_name, start, request, completion));
     }
 
-    /// The next export call to make now, if any: spans, then access logs (retries before new
-    /// batches), then metrics. Encoding happens here, off the request path.
-    pub fn next_export(&mut self, store: &dyn SharedStore, now_ns: u64) -> Option<Payload> {
-        if self.ending {
-            return None;
-        }
-        self.take_handed_over(store, now_ns);
-        let max_batch = self.config.export.max_batch;
-        let encoder = &self.encoder;
-        if let Some(p) = self.spans.next(max_batch, now_ns, |batch| encoder.encode(batch)) {
-            return Some(p);
-        }
-        let encoder = &self.log_encoder;
-        if let Some(p) = self.logs.next(max_batch, now_ns, |batch| encoder.encode(batch)) {
-            return Some(p);
-        }
-        self.metrics.as_mut()?.tick(store, now_ns)
-    }
-
-    fn sender_for(&mut self, signal: otlp::Signal) -> &mut Sender {
-        match (&mut self.metrics, signal) {
-            (Some(m), otlp::Signal::Metrics) => m.sender(),
-            (_, otlp::Signal::Logs) => &mut self.logs.sender,
-            // Metrics taken over by a root context whose metrics are off go with its spans.
-            _ => &mut self.spans.sender,
-        }
-    }
-
-    /// Record that `payload` went out as call `token`.
-    pub fn sent(&mut self, token: u32, payload: Payload) {
-        self.sender_for(payload.signal).sent(token, payload);
-    }
-
-    /// Record that the proxy refused to make the call. Returns a line to log on a state change.
-    pub fn not_sent(&mut self, payload: Payload, reason: String, now_ns: u64) -> Option<String> {
-        let path = payload.signal.path();
-        self.sender_for(payload.signal).not_sent(payload, reason, now_ns).map(|l| format!("{path}: {l}"))
-    }
-
-    /// Record the collector's answer to call `token`: its status, `Retry-After` and body.
-    /// Returns a line to log on a state change.
-    pub fn completed(
-        &mut self,
-        token: u32,
-        status: Option<u32>,
-        retry_after: Option<&str>,
-        body: &[u8],
-        now_ns: u64,
-    ) -> Option<String> {
-        self.answered(token, crate::export::classify(status, retry_after), body, now_ns)
-    }
-
-    /// Record the collector's answer to gRPC call `token`: its gRPC status and response message.
-    /// Returns a line to log on a state change.
-    pub fn completed_grpc(&mut self, token: u32, status: u32, body: &[u8], now_ns: u64) -> Option<String> {
-        self.answered(token, crate::export::classify_grpc(status), body, now_ns)
-    }
-
-    fn answered(&mut self, token: u32, outcome: Outcome, body: &[u8], now_ns: u64) -> Option<String> {
-        let signal = if self.metrics.as_ref().is_some_and(|m| m.owns(token)) {
-            otlp::Signal::Metrics
-        } else if self.logs.sender.owns(token) {
-            otlp::Signal::Logs
-        } else {
-            otlp::Signal::Traces
-        };
-        let outcome = match outcome {
-            Outcome::Success { .. } => {
-                let (rejected, message) = signal.rejected(body);
-                Outcome::Success { rejected, message }
-            }
-            other => other,
-        };
-        let path = signal.path();
-        self.sender_for(signal).completed(token, outcome, now_ns).map(|l| format!("{path}: {l}"))
-    }
-
     /// Lines to log for the repeated conditions that started or settled since the last call
     /// (see [`crate::episode`]): full queues, failing exports, refused items, unreadable metric
     /// batches. Called on every tick; a condition that lasts gives no line until it settles.
@@ -737,6 +498,7 @@ impl Telemetry {
 mod tests {
     use super::*;
     use crate::config;
+    use crate::export::Payload;
     use crate::metrics::shared::MemoryStore;
     use crate::traces::span::SpanKind;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
