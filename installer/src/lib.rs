@@ -5,6 +5,7 @@ pub mod cli;
 pub mod credentials;
 pub mod istio_telemetry;
 pub mod model;
+pub mod options;
 pub mod package;
 pub mod render;
 pub mod rules;

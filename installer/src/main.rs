@@ -29,7 +29,7 @@ fn main() -> ExitCode {
 }
 
 fn render(args: &meshtel::cli::RenderArgs) -> Result<(), String> {
-    let opts = meshtel::cli::render_options(args)?;
+    let opts = meshtel::options::render_options(args)?;
     for note in &opts.notes {
         eprintln!("from Istio's Telemetry: {note}");
     }

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use meshtel::cli::{render_options, RenderArgs};
+use meshtel::cli::RenderArgs;
+use meshtel::options::render_options;
 use meshtel::render::{resources, RenderOptions};
 use meshtel::schema::CrdSchemas;
 use serde_json::{json, Value};

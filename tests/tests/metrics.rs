@@ -508,7 +508,7 @@ fn hostile_overrides_cost_telemetry_detail_never_traffic_or_unbounded_memory() {
 fn carried_over_telemetry_resources_apply_per_proxy_by_scope() {
     let fixture = meshtel_tests::repo_root().join("examples/istio-telemetry/telemetry.yaml");
     let args = meshtel::cli::RenderArgs { from_istio_telemetry: Some(fixture), ..Default::default() };
-    let mut config = meshtel::cli::render_options(&args).expect("renders").plugin_config;
+    let mut config = meshtel::options::render_options(&args).expect("renders").plugin_config;
     meshtel_tests::mesh::merge(&mut config, plugin_config(metrics_config(json!({}))));
     let collector = Collector::start();
     let start = |app: &str, ns: &str| {

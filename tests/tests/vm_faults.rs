@@ -15,8 +15,8 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// Envoy's policy for what `meshtel render` writes by default, mapped as Istio maps failStrategy.
 fn rendered_failure_policy() -> &'static str {
-    let opts =
-        meshtel::cli::render_options(&RenderArgs { namespaces: vec!["shop".into()], ..Default::default() }).unwrap();
+    let opts = meshtel::options::render_options(&RenderArgs { namespaces: vec!["shop".into()], ..Default::default() })
+        .unwrap();
     match opts.fail_strategy.as_str() {
         "FAIL_OPEN" => "FAIL_OPEN",
         "FAIL_CLOSE" => "FAIL_CLOSED",

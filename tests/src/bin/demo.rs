@@ -22,7 +22,7 @@ const DEMO_CONFIG: &str = "logs: all\npluginConfig:\n  export: {flush_interval_m
 /// The pluginConfig `meshtel render <args> --config demo.yaml` puts in the WasmPlugin.
 fn rendered_plugin_config(mut args: RenderArgs, config_file: &std::path::Path) -> Value {
     args.config = Some(config_file.to_path_buf());
-    let opts = meshtel::cli::render_options(&args).unwrap_or_else(|e| fail(&format!("meshtel render: {e}")));
+    let opts = meshtel::options::render_options(&args).unwrap_or_else(|e| fail(&format!("meshtel render: {e}")));
     let resources = meshtel::render::resources(&opts).unwrap_or_else(|e| fail(&e));
     resources[0]["spec"]["pluginConfig"].clone()
 }
