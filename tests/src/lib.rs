@@ -1,6 +1,7 @@
 //! Test harness: real Envoy running meshtel's `.wasm`, stand-in apps, and an OTLP receiver.
 
 pub mod app;
+pub mod bootstrap;
 pub mod callgrind;
 pub mod collector;
 pub mod envoy;
