@@ -387,6 +387,46 @@ fn run(s: &Scenario, seconds: u64) -> Result {
 fn main() {
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let rounds_count: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    let version = Command::new(envoy_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let probe_seconds: u64 = std::env::var("BENCH_PROBE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let scenarios = scenarios();
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let scenarios: Vec<&Scenario> = scenarios
+        .iter()
+        .filter(|s| only.split('|').any(|o| s.name.contains(o)) || s.name.contains("baseline"))
+        .collect();
+    if std::env::var("BENCH_WALLCLOCK").as_deref() == Ok("0") {
+        println!("Envoy: {version}");
+        instruction_table(&scenarios);
+        return;
+    }
+    eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
+    // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
+    // each figure is the median over the rounds.
+    let mut rounds: Vec<Vec<Result>> = vec![Vec::new(); scenarios.len()];
+    for round in 1..=rounds_count {
+        for (i, s) in scenarios.iter().enumerate() {
+            eprintln!("  round {round}/{rounds_count}: {}", s.name);
+            rounds[i].push(run(s, if s.is_probe() { probe_seconds } else { seconds }));
+        }
+    }
+    let results: Vec<Result> = rounds.iter().map(|r| median(r)).collect();
+    wallclock_table(&version, &results, &scenarios, seconds, rounds_count);
+    if scenarios.iter().any(|s| s.is_probe()) {
+        cost_table(&scenarios, &results, probe_seconds);
+    }
+    if std::env::var("BENCH_CALLGRIND").as_deref() != Ok("0") {
+        instruction_table(&scenarios);
+    }
+}
+
+/// Every configuration: the baselines and meshtel's variants, the A/B build when
+/// `BENCH_COMPARE_WASM` names one, the series sweep and the probe's cost model.
+fn scenarios() -> Vec<Scenario> {
     let fast = json!({"export": {"flush_interval_ms": 1000}, "metrics": {"export_interval_ms": 10000}});
     let with = |extra: Value| {
         let mut v = fast.clone();
@@ -443,12 +483,6 @@ fn main() {
             )
         },
     ];
-    let version = Command::new(envoy_bin())
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let probe_seconds: u64 = std::env::var("BENCH_PROBE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
     // A/B against another build of the filter (e.g. the previous commit's), in the same run.
     let mut scenarios = scenarios.to_vec();
     if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
@@ -475,27 +509,11 @@ fn main() {
         }
     }
     scenarios.extend(probe_scenarios());
-    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let scenarios: Vec<&Scenario> = scenarios
-        .iter()
-        .filter(|s| only.split('|').any(|o| s.name.contains(o)) || s.name.contains("baseline"))
-        .collect();
-    if std::env::var("BENCH_WALLCLOCK").as_deref() == Ok("0") {
-        println!("Envoy: {version}");
-        instruction_table(&scenarios);
-        return;
-    }
-    eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
-    // Rounds run every scenario in turn, so slow phases of a shared machine hit all of them alike;
-    // each figure is the median over the rounds.
-    let mut rounds: Vec<Vec<Result>> = vec![Vec::new(); scenarios.len()];
-    for round in 1..=rounds_count {
-        for (i, s) in scenarios.iter().enumerate() {
-            eprintln!("  round {round}/{rounds_count}: {}", s.name);
-            rounds[i].push(run(s, if s.is_probe() { probe_seconds } else { seconds }));
-        }
-    }
-    let results: Vec<Result> = rounds.iter().map(|r| median(r)).collect();
+    scenarios
+}
+
+/// The wall-clock table: CPU per request over the baseline, throughput, latency, memory.
+fn wallclock_table(version: &str, results: &[Result], scenarios: &[&Scenario], seconds: u64, rounds_count: usize) {
     let base = results[0].clone();
     let overhead_of = |prefix: &str| {
         results
@@ -525,12 +543,6 @@ fn main() {
             r.rss_mb,
             r.spans
         );
-    }
-    if !probe_names.is_empty() {
-        cost_table(&scenarios, &results, probe_seconds);
-    }
-    if std::env::var("BENCH_CALLGRIND").as_deref() != Ok("0") {
-        instruction_table(&scenarios);
     }
 }
 
