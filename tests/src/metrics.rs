@@ -128,86 +128,71 @@ pub fn flatten(exports: &[ExportMetricsServiceRequest]) -> Vec<Point> {
                 .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.instance.id"))
                 .and_then(|kv| value_string(&kv.value))
                 .unwrap_or_default();
-            for sm in &rm.scope_metrics {
-                for m in &sm.metrics {
-                    let labels_of = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]| {
-                        attrs.iter().map(|kv| (kv.key.clone(), value_string(&kv.value).unwrap_or_default())).collect()
-                    };
-                    let point = |attrs, start, time, temporality: i32| Point {
-                        metric: m.name.clone(),
-                        unit: m.unit.clone(),
-                        labels: labels_of(attrs),
-                        instance: instance.clone(),
-                        start,
-                        time,
-                        cumulative: temporality == AggregationTemporality::Cumulative as i32,
-                        value: 0,
-                        sum: 0.0,
-                        buckets: Vec::new(),
-                        bounds: Vec::new(),
-                        exponential: None,
-                    };
-                    match &m.data {
-                        Some(metric::Data::Sum(sum)) => {
-                            for p in &sum.data_points {
-                                let mut pt = point(
-                                    &p.attributes,
-                                    p.start_time_unix_nano,
-                                    p.time_unix_nano,
-                                    sum.aggregation_temporality,
-                                );
-                                pt.value = match p.value {
-                                    Some(number_data_point::Value::AsInt(v)) => v as u64,
-                                    Some(number_data_point::Value::AsDouble(v)) => v as u64,
-                                    None => 0,
-                                };
-                                out.push(pt);
-                            }
-                        }
-                        Some(metric::Data::Histogram(h)) => {
-                            for p in &h.data_points {
-                                out.push(Point {
-                                    value: p.count,
-                                    sum: p.sum.unwrap_or(0.0),
-                                    buckets: p.bucket_counts.clone(),
-                                    bounds: p.explicit_bounds.clone(),
-                                    ..point(
-                                        &p.attributes,
-                                        p.start_time_unix_nano,
-                                        p.time_unix_nano,
-                                        h.aggregation_temporality,
-                                    )
-                                });
-                            }
-                        }
-                        Some(metric::Data::ExponentialHistogram(h)) => {
-                            for p in &h.data_points {
-                                let positive = p.positive.clone().unwrap_or_default();
-                                out.push(Point {
-                                    value: p.count,
-                                    sum: p.sum.unwrap_or(0.0),
-                                    buckets: positive.bucket_counts,
-                                    exponential: Some(Exponential {
-                                        scale: p.scale,
-                                        offset: positive.offset,
-                                        zero_count: p.zero_count,
-                                    }),
-                                    ..point(
-                                        &p.attributes,
-                                        p.start_time_unix_nano,
-                                        p.time_unix_nano,
-                                        h.aggregation_temporality,
-                                    )
-                                });
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+            for m in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+                metric_points(m, &instance, &mut out);
             }
         }
     }
     out
+}
+
+/// The points of one metric, each a [`Point`] of `instance`.
+fn metric_points(m: &opentelemetry_proto::tonic::metrics::v1::Metric, instance: &str, out: &mut Vec<Point>) {
+    let point = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], start, time, temporality: i32| Point {
+        metric: m.name.clone(),
+        unit: m.unit.clone(),
+        labels: attrs.iter().map(|kv| (kv.key.clone(), value_string(&kv.value).unwrap_or_default())).collect(),
+        instance: instance.to_string(),
+        start,
+        time,
+        cumulative: temporality == AggregationTemporality::Cumulative as i32,
+        value: 0,
+        sum: 0.0,
+        buckets: Vec::new(),
+        bounds: Vec::new(),
+        exponential: None,
+    };
+    match &m.data {
+        Some(metric::Data::Sum(sum)) => {
+            for p in &sum.data_points {
+                let value = match p.value {
+                    Some(number_data_point::Value::AsInt(v)) => v as u64,
+                    Some(number_data_point::Value::AsDouble(v)) => v as u64,
+                    None => 0,
+                };
+                let at = point(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, sum.aggregation_temporality);
+                out.push(Point { value, ..at });
+            }
+        }
+        Some(metric::Data::Histogram(h)) => {
+            for p in &h.data_points {
+                out.push(Point {
+                    value: p.count,
+                    sum: p.sum.unwrap_or(0.0),
+                    buckets: p.bucket_counts.clone(),
+                    bounds: p.explicit_bounds.clone(),
+                    ..point(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, h.aggregation_temporality)
+                });
+            }
+        }
+        Some(metric::Data::ExponentialHistogram(h)) => {
+            for p in &h.data_points {
+                let positive = p.positive.clone().unwrap_or_default();
+                out.push(Point {
+                    value: p.count,
+                    sum: p.sum.unwrap_or(0.0),
+                    buckets: positive.bucket_counts,
+                    exponential: Some(Exponential {
+                        scale: p.scale,
+                        offset: positive.offset,
+                        zero_count: p.zero_count,
+                    }),
+                    ..point(&p.attributes, p.start_time_unix_nano, p.time_unix_nano, h.aggregation_temporality)
+                });
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The current value of every series of `metric`: the latest cumulative point per
