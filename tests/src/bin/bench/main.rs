@@ -23,6 +23,9 @@
 //! kind meshtel makes or could make (`BENCH_PROBE_SECONDS`, default 6, per saturation run; no
 //! fixed-rate run). `BENCH_ONLY=probe` runs only that table.
 
+mod instructions;
+mod probe;
+
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -32,7 +35,7 @@ use meshtel_tests::app::{App, Behavior};
 use meshtel_tests::collector::Collector;
 use meshtel_tests::envoy::{envoy_bin, Envoy, Proxy};
 use meshtel_tests::mesh::{plugin_config, SidecarSpec};
-use meshtel_tests::{callgrind, repo_root, request};
+use meshtel_tests::{repo_root, request};
 use serde_json::{json, Value};
 
 /// Requests per second of the fixed-rate latency run: moderate for 2 cores.
@@ -121,113 +124,6 @@ fn peers_script(peers: usize) -> std::path::PathBuf {
     );
     std::fs::write(&path, script).expect("write the wrk script");
     path
-}
-
-/// The probe module without, and with, a response-headers callback.
-const PROBE: &str = "meshtel_probe_filter.wasm";
-const PROBE_RESPONSE: &str = "meshtel_probe_filter_response_headers.wasm";
-const PROBE_NO_LOG: &str = "meshtel_probe_filter_no_log.wasm";
-const PROBE_REQUEST_ONLY: &str = "probe: a request-headers callback alone (context included)";
-const PROBE_NONE: &str = "probe: + a log callback (no calls: the reference below)";
-const PROBE_NONE_HEADERS: &str = "probe: no calls, 16 more request headers (the reference of those rows)";
-
-/// The cost-model rows: N calls of one kind per request, priced against a probe making none.
-fn probe_scenarios() -> Vec<Scenario> {
-    let row = |name: &'static str, kind: &str, n: usize, arg: &str| Scenario {
-        name,
-        filter: Filter::Probe(PROBE, json!({"kind": kind, "n": n, "arg": arg})),
-        extra_headers: 0,
-        peers: 0,
-        calls: n,
-        reference: PROBE_NONE,
-        tcp_filter: false,
-        close: false,
-    };
-    let reads = 48;
-    let writes = 24;
-    let evaluations = 12;
-    let queries = meshtel_queries();
-    let with_headers = |mut s: Scenario| {
-        s.extra_headers = 16;
-        s.reference = PROBE_NONE_HEADERS;
-        s
-    };
-    vec![
-        Scenario {
-            filter: Filter::Probe(PROBE_NO_LOG, json!({"kind": "none"})),
-            reference: "Envoy alone (baseline)",
-            calls: 1,
-            ..row(PROBE_REQUEST_ONLY, "none", 0, "")
-        },
-        Scenario { reference: PROBE_REQUEST_ONLY, calls: 1, ..row(PROBE_NONE, "none", 0, "") },
-        Scenario {
-            filter: Filter::Probe(PROBE_RESPONSE, json!({"kind": "none"})),
-            calls: 1,
-            ..row("probe: a response-headers callback", "none", 0, "")
-        },
-        Scenario { extra_headers: 16, ..row(PROBE_NONE_HEADERS, "none", 0, "") },
-        row("probe: get_current_time_nanoseconds", "time", reads, ""),
-        row("probe: get_property response.code", "property", reads, "response.code"),
-        row("probe: get_property response.flags", "property", reads, "response.flags"),
-        row("probe: get_property response.total_size", "property", reads, "response.total_size"),
-        row("probe: get_property request.protocol", "property", reads, "request.protocol"),
-        row("probe: get_property source.address", "property", reads, "source.address"),
-        row("probe: get_property connection.id", "property", reads, "connection.id"),
-        row("probe: get_property xds.cluster_name", "property", reads, "xds.cluster_name"),
-        row("probe: get_property xds.cluster_metadata", "property", reads, "xds.cluster_metadata"),
-        row("probe: get_property node.metadata", "property", reads, "node.metadata"),
-        row("probe: get_map_bytes (wrk's request)", "get_map_bytes", reads, ""),
-        with_headers(row("probe: get_map_bytes (16 more headers)", "get_map_bytes", reads, "")),
-        row("probe: get_map_value traceparent (absent)", "get_map_value", reads, "traceparent"),
-        with_headers(row("probe: get_map_value x-bench-15 (16 more headers)", "get_map_value", reads, "x-bench-15")),
-        row("probe: set_map_bytes (wrk's request + 4)", "set_map_bytes", writes, ""),
-        with_headers(row("probe: set_map_bytes (16 more headers + 4)", "set_map_bytes", writes, "")),
-        row("probe: replace_map_value (new header)", "replace_map_value", writes, ""),
-        row("probe: add_map_value (new header)", "add_map_value", writes, ""),
-        row("probe: remove_map_value (absent header)", "remove_map_value", writes, ""),
-        row("probe: expr_evaluate, a list of 1 property", "cel", evaluations, "[response.flags]"),
-        row(
-            "probe: expr_evaluate, a list of 12 properties",
-            "cel",
-            evaluations,
-            &format!("[{}]", [FLAGS; 12].join(", ")),
-        ),
-        row(
-            "probe: expr_evaluate, 12 guarded properties",
-            "cel",
-            evaluations,
-            &format!("[{}]", [GUARDED; 12].join(", ")),
-        ),
-        row(
-            "probe: expr_evaluate, 12 guarded absent ones",
-            "cel",
-            evaluations,
-            &format!("[{}]", [ABSENT; 12].join(", ")),
-        ),
-        row("probe: expr_evaluate, a list of 6 properties", "cel", evaluations, SIX_PROPERTIES),
-        row("probe: expr_evaluate, meshtel's request query", "cel", evaluations, &queries.request.expression()),
-        row("probe: expr_evaluate, meshtel's connection query", "cel", evaluations, &queries.connection.expression()),
-    ]
-}
-
-/// One property in CEL: as it is, guarded against absence, and absent.
-const FLAGS: &str = "response.flags";
-const GUARDED: &str = "('flags' in response ? response['flags'] : b'')";
-const ABSENT: &str = "('upstream_peer' in filter_state ? filter_state['upstream_peer'] : b'')";
-
-/// The log phase's six most common reads, as one CEL list.
-const SIX_PROPERTIES: &str =
-    "[response.code, response.flags, xds.cluster_name, request.total_size, response.total_size, connection.id]";
-
-/// meshtel's log-phase queries for the benchmark's sidecar and default configuration.
-fn meshtel_queries() -> meshtel_filter::prefetch::LogQueries {
-    let config = plugin_config(json!({})).to_string();
-    let config = meshtel_filter::config::parse(config.as_bytes()).expect("the benchmark's configuration");
-    let node = meshtel_filter::istio::node::NodeInfo {
-        id: "sidecar~10.0.0.1~a.ns-a~ns-a.svc.cluster.local".into(),
-        ..Default::default()
-    };
-    meshtel_filter::prefetch::LogQueries::new(&config, &node)
 }
 
 #[derive(Default, Clone)]
@@ -401,7 +297,7 @@ fn main() {
         .collect();
     if std::env::var("BENCH_WALLCLOCK").as_deref() == Ok("0") {
         println!("Envoy: {version}");
-        instruction_table(&scenarios);
+        instructions::instruction_table(&scenarios);
         return;
     }
     eprintln!("benchmarking {} scenarios, {rounds_count} rounds ...", scenarios.len());
@@ -417,10 +313,10 @@ fn main() {
     let results: Vec<Result> = rounds.iter().map(|r| median(r)).collect();
     wallclock_table(&version, &results, &scenarios, seconds, rounds_count);
     if scenarios.iter().any(|s| s.is_probe()) {
-        cost_table(&scenarios, &results, probe_seconds);
+        probe::cost_table(&scenarios, &results, probe_seconds);
     }
     if std::env::var("BENCH_CALLGRIND").as_deref() != Ok("0") {
-        instruction_table(&scenarios);
+        instructions::instruction_table(&scenarios);
     }
 }
 
@@ -508,7 +404,7 @@ fn scenarios() -> Vec<Scenario> {
             scenarios.push(Scenario { peers, ..Scenario::config(name, filter) });
         }
     }
-    scenarios.extend(probe_scenarios());
+    scenarios.extend(probe::probe_scenarios());
     scenarios
 }
 
@@ -542,139 +438,6 @@ fn wallclock_table(version: &str, results: &[Result], scenarios: &[&Scenario], s
             r.p99_ms,
             r.rss_mb,
             r.spans
-        );
-    }
-}
-
-/// Instructions per request of one scenario under callgrind, and the spans its collector got.
-struct Counted {
-    name: &'static str,
-    per_request: f64,
-    spans: u64,
-    requests: u64,
-}
-
-/// Count the instructions Envoy (one worker) executes for `requests` requests of scenario `s`,
-/// sent one after another on one kept-alive connection after a warm-up, counters zeroed between.
-/// A row that traces waits until its spans arrived: a row that traced nothing would price a
-/// no-op (Envoy's native tracer samples nothing for a client's non-UUID `x-request-id`).
-fn count_instructions(s: &Scenario, requests: u64) -> std::result::Result<Counted, String> {
-    const WARMUP: u64 = 300;
-    let collector = Collector::start_counting();
-    let app = App::start(Behavior::Echo);
-    let (mut proxy, inbound) = proxy_for(s, collector.port, app.port, 1);
-    let dir = repo_root().join("target/callgrind").join(s.name.replace(|c: char| !c.is_ascii_alphanumeric(), "-"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    proxy.wrapper = callgrind::wrapper(&dir);
-    let envoy = Envoy::try_start(&proxy)?;
-    let url = format!("http://127.0.0.1:{inbound}/bench");
-    let headers: Vec<(String, String)> =
-        (0..s.extra_headers).map(|i| (format!("x-bench-{i:02}"), format!("value-{i:02}"))).collect();
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let send = |n: u64| -> std::result::Result<(), String> {
-        for _ in 0..n {
-            match request(&url, &headers) {
-                Some((200, _)) => {}
-                other => return Err(format!("{}: a request got {other:?}", s.name)),
-            }
-        }
-        Ok(())
-    };
-    send(WARMUP)?;
-    callgrind::zero(envoy.pid())?;
-    send(requests)?;
-    let total = callgrind::dump(envoy.pid(), &dir)?;
-    let want = WARMUP + requests;
-    if s.traces_every_request() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while collector.counted_spans() < want && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(200));
-        }
-        if collector.counted_spans() < want {
-            return Err(format!(
-                "{}: {} spans for {want} requests: the row did not trace",
-                s.name,
-                collector.counted_spans()
-            ));
-        }
-    }
-    Ok(Counted {
-        name: s.name,
-        per_request: total as f64 / requests as f64,
-        spans: collector.counted_spans(),
-        requests: want,
-    })
-}
-
-/// The instruction table: every configuration row (not the series sweep) and every call kind of
-/// the probe, each against Envoy alone and the native tracer, the probe rows per call.
-fn instruction_table(scenarios: &[&Scenario]) {
-    let requests: u64 = std::env::var("BENCH_CALLGRIND_REQUESTS").ok().and_then(|s| s.parse().ok()).unwrap_or(3_000);
-    let rows: Vec<&Scenario> = scenarios.iter().copied().filter(|s| s.peers == 0).collect();
-    let mut counted = Vec::new();
-    for s in &rows {
-        eprintln!("  callgrind: {}", s.name);
-        match count_instructions(s, requests) {
-            Ok(c) => counted.push(c),
-            Err(e) => eprintln!("    skipped: {e}"),
-        }
-    }
-    let per = |name: &str| counted.iter().find(|c| c.name == name).map(|c| c.per_request);
-    let starts = |prefix: &str| counted.iter().find(|c| c.name.starts_with(prefix)).map(|c| c.per_request);
-    let (Some(base), native) = (starts("Envoy alone"), starts("native")) else { return };
-    let native_over = native.map(|n| n - base);
-    println!("\nInstructions per request under callgrind (valgrind --tool=callgrind, Envoy --concurrency 1, {requests} requests on one kept-alive connection after 300 warm-up requests, counters zeroed in between; deterministic to ~0.3%):\n");
-    println!(
-        "| configuration | instructions/request | over Envoy alone | / native tracer's | spans received / requests |"
-    );
-    println!("|---|---|---|---|---|");
-    for c in counted.iter().filter(|c| !rows.iter().any(|s| s.name == c.name && s.is_probe())) {
-        let over = c.per_request - base;
-        let share = native_over.filter(|n| *n > 0.0).map_or("-".into(), |n| format!("{:.2}", over / n));
-        println!(
-            "| {} | {:.1} k | {:+.1} k | {share} | {} / {} |",
-            c.name,
-            c.per_request / 1e3,
-            over / 1e3,
-            c.spans,
-            c.requests
-        );
-    }
-    if rows.iter().any(|s| s.is_probe()) {
-        println!("\n| host call or callback (probe) | calls per request | instructions/request | over reference | per call | reference |");
-        println!("|---|---|---|---|---|---|");
-        for s in rows.iter().filter(|s| s.is_probe()) {
-            let (Some(own), Some(reference)) = (per(s.name), per(s.reference)) else { continue };
-            let over = own - reference;
-            let each = if s.calls == 0 { "-".to_string() } else { format!("{:.2} k", over / s.calls as f64 / 1e3) };
-            println!(
-                "| {} | {} | {:.1} k | {:+.1} k | {each} | {} |",
-                s.name.trim_start_matches("probe: "),
-                s.calls,
-                own / 1e3,
-                over / 1e3,
-                s.reference
-            );
-        }
-    }
-}
-
-/// The cost model: per probe row, the CPU it adds over its reference row, divided by its calls.
-fn cost_table(scenarios: &[&Scenario], results: &[Result], seconds: u64) {
-    let cpu = |name: &str| results.iter().find(|r| r.name == name).map(|r| r.cpu_us_per_request);
-    println!("\nCost model of the ABI (probe module; wrk -t2 -c32 -d{seconds}s per row; each row against its reference row in the same run):\n");
-    println!("| host call or callback | calls per request | Envoy CPU µs/request | over reference µs | µs per call | reference |");
-    println!("|---|---|---|---|---|---|");
-    for s in scenarios.iter().filter(|s| s.is_probe()) {
-        let (Some(own), Some(reference)) = (cpu(s.name), cpu(s.reference)) else { continue };
-        let over = own - reference;
-        let per = if s.calls == 0 { "-".to_string() } else { format!("{:.3}", over / s.calls as f64) };
-        println!(
-            "| {} | {} | {own:.1} | {over:+.1} | {per} | {} |",
-            s.name.trim_start_matches("probe: "),
-            s.calls,
-            s.reference
         );
     }
 }
