@@ -379,33 +379,37 @@ fn scenarios() -> Vec<Scenario> {
             )
         },
     ];
-    // A/B against another build of the filter (e.g. the previous commit's), in the same run.
     let mut scenarios = scenarios.to_vec();
-    if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
-        let config = with(json!({}));
-        scenarios.push(Scenario::config(
-            "meshtel traces + metrics, 100%, BENCH_COMPARE_WASM",
-            Filter::Other(path.clone().into(), config),
-        ));
-        scenarios.push(Scenario::config(
-            "meshtel metrics only, BENCH_COMPARE_WASM",
-            Filter::Other(path.into(), with(json!({"traces": {"enabled": false}}))),
-        ));
+    let (full, metrics_only) = (with(json!({})), with(json!({"traces": {"enabled": false}})));
+    let compare = std::env::var("BENCH_COMPARE_WASM").ok();
+    if let Some(path) = &compare {
+        scenarios.extend(compared(path, &full, &metrics_only));
     }
-    let metrics_only = with(json!({"traces": {"enabled": false}}));
     scenarios.extend(sweep_scenarios(&metrics_only));
-    if let Ok(path) = std::env::var("BENCH_COMPARE_WASM") {
+    if let Some(path) = &compare {
         // The ends of the sweep for the other build too: the A/B of a change to the series path.
         for (peers, name) in [
             (1, "series sweep: BENCH_COMPARE_WASM, 1 live series"),
             (2000, "series sweep: BENCH_COMPARE_WASM, 2000 live series"),
         ] {
-            let filter = Filter::Other(path.clone().into(), metrics_only.clone());
+            let filter = Filter::Other(path.into(), metrics_only.clone());
             scenarios.push(Scenario { peers, ..Scenario::config(name, filter) });
         }
     }
     scenarios.extend(probe::probe_scenarios());
     scenarios
+}
+
+/// The A/B against another build of the filter (e.g. the previous commit's), in the same run:
+/// traces + metrics, and metrics only.
+fn compared(path: &str, full: &Value, metrics_only: &Value) -> [Scenario; 2] {
+    [
+        Scenario::config(
+            "meshtel traces + metrics, 100%, BENCH_COMPARE_WASM",
+            Filter::Other(path.into(), full.clone()),
+        ),
+        Scenario::config("meshtel metrics only, BENCH_COMPARE_WASM", Filter::Other(path.into(), metrics_only.clone())),
+    ]
 }
 
 /// The wall-clock table: CPU per request over the baseline, throughput, latency, memory.
