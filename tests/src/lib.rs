@@ -9,6 +9,7 @@ mod grpc;
 pub mod istio;
 pub mod mesh;
 pub mod metrics;
+pub mod node;
 pub mod report;
 pub mod server;
 pub mod tcp;
