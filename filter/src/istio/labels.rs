@@ -8,34 +8,59 @@ use crate::istio::peer::{spiffe_namespace, PeerInfo};
 /// Value of a label nothing is known about.
 pub const UNKNOWN: &str = "unknown";
 
-/// Istio's standard label names, in the order [`label_values`] returns them.
-pub const LABEL_NAMES: [&str; 25] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "source_app",
-    "source_version",
-    "source_canonical_service",
-    "source_canonical_revision",
-    "source_cluster",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_app",
-    "destination_version",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "destination_canonical_service",
-    "destination_canonical_revision",
-    "destination_cluster",
-    "request_protocol",
-    "response_code",
-    "grpc_response_status",
-    "response_flags",
-    "connection_security_policy",
-];
+/// Declares Istio's standard labels once: the fields of [`IstioLabels`], their names in
+/// [`LABEL_NAMES`] and their order in [`IstioLabels::values`] come from this one list.
+macro_rules! istio_labels {
+    ($($field:ident),* $(,)?) => {
+        /// Istio's standard label set of one request or connection, each label by its name
+        /// (ztunnel's `CommonTrafficLabels`, istio/ztunnel `src/proxy/metrics.rs`, is the same idea).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct IstioLabels<'a> {
+            $(
+                #[doc = concat!("`", stringify!($field), "`.")]
+                pub $field: &'a str,
+            )*
+        }
+
+        /// Istio's standard label names, in the order of [`IstioLabels::values`].
+        pub const LABEL_NAMES: [&str; 25] = [$(stringify!($field)),*];
+
+        impl<'a> IstioLabels<'a> {
+            /// The values, in [`LABEL_NAMES`] order: how a series stores them.
+            pub fn values(&self) -> [&'a str; 25] {
+                [$(self.$field),*]
+            }
+        }
+    };
+}
+
+istio_labels!(
+    reporter,
+    source_workload,
+    source_workload_namespace,
+    source_principal,
+    source_app,
+    source_version,
+    source_canonical_service,
+    source_canonical_revision,
+    source_cluster,
+    destination_workload,
+    destination_workload_namespace,
+    destination_principal,
+    destination_app,
+    destination_version,
+    destination_service,
+    destination_service_name,
+    destination_service_namespace,
+    destination_canonical_service,
+    destination_canonical_revision,
+    destination_cluster,
+    request_protocol,
+    response_code,
+    grpc_response_status,
+    response_flags,
+    connection_security_policy,
+);
 
 /// Where `request_protocol` is in [`LABEL_NAMES`].
 pub const REQUEST_PROTOCOL: usize = 20;
@@ -188,7 +213,7 @@ pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnc
     // The namespace of the peer's SAN, else the peer's own.
     let peer_namespace = spiffe_namespace(peer_san).unwrap_or(&peer.namespace);
     let svc = &f.service;
-    let (source, destination): ([&str; 8], [&str; 8]);
+    let (source, destination): (Side, Side);
     let (service_host, service_name, service_namespace);
     match f.reporter {
         Reporter::Destination => {
@@ -221,70 +246,81 @@ pub fn with_label_values<R>(node: &NodeInfo, f: &RequestFacts, visit: impl FnOnc
         (true, true) => "mutual_tls",
         (true, false) => "none",
     };
-    let [sw, sn, sp, sa, sv, scs, scr, sc] = source;
-    let [dw, dn, dp, da, dv, dcs, dcr, dc] = destination;
     let code = Decimal::new(f.response_code);
     let grpc_status = f.grpc_status.filter(|_| f.grpc).map(Decimal::new);
-    visit(&[
-        f.reporter.label(),
-        sw,
-        sn,
-        sp,
-        sa,
-        sv,
-        scs,
-        scr,
-        sc,
-        dw,
-        dn,
-        dp,
-        da,
-        dv,
-        service_host,
-        service_name,
-        service_namespace,
-        dcs,
-        dcr,
-        dc,
+    let labels = IstioLabels {
+        reporter: f.reporter.label(),
+        source_workload: source.workload,
+        source_workload_namespace: source.namespace,
+        source_principal: source.principal,
+        source_app: source.app,
+        source_version: source.version,
+        source_canonical_service: source.canonical_service,
+        source_canonical_revision: source.canonical_revision,
+        source_cluster: source.cluster,
+        destination_workload: destination.workload,
+        destination_workload_namespace: destination.namespace,
+        destination_principal: destination.principal,
+        destination_app: destination.app,
+        destination_version: destination.version,
+        destination_service: service_host,
+        destination_service_name: service_name,
+        destination_service_namespace: service_namespace,
+        destination_canonical_service: destination.canonical_service,
+        destination_canonical_revision: destination.canonical_revision,
+        destination_cluster: destination.cluster,
         // Istio decides gRPC in its decodeHeaders: a request answered before it is `http`.
-        match (f.tcp, f.grpc) {
+        request_protocol: match (f.tcp, f.grpc) {
             (true, _) => TCP_PROTOCOL,
             (false, true) => "grpc",
             (false, false) => "http",
         },
-        if f.tcp { "" } else { code.as_str() },
-        grpc_status.as_ref().filter(|_| !f.tcp).map(Decimal::as_str).unwrap_or_default(),
-        known_or(&f.response_flags, "-"),
-        policy,
-    ])
+        response_code: if f.tcp { "" } else { code.as_str() },
+        grpc_response_status: grpc_status.as_ref().filter(|_| !f.tcp).map(Decimal::as_str).unwrap_or_default(),
+        response_flags: known_or(&f.response_flags, "-"),
+        connection_security_policy: policy,
+    };
+    visit(&labels.values())
+}
+
+/// One side of a request (source or destination): the eight labels each side has.
+struct Side<'a> {
+    workload: &'a str,
+    namespace: &'a str,
+    principal: &'a str,
+    app: &'a str,
+    version: &'a str,
+    canonical_service: &'a str,
+    canonical_revision: &'a str,
+    cluster: &'a str,
 }
 
 /// One side of a request (source or destination) as its peer describes it.
-fn peer_side<'a>(p: &'a PeerInfo, namespace: &'a str, principal: &'a str, latest: &'a str) -> [&'a str; 8] {
-    [
-        known(&p.workload),
-        known(namespace),
-        known(principal),
-        known(&p.app),
-        known(&p.version),
-        known(&p.canonical_service),
-        known_or(&p.canonical_revision, latest),
-        known(&p.cluster),
-    ]
+fn peer_side<'a>(p: &'a PeerInfo, namespace: &'a str, principal: &'a str, latest: &'a str) -> Side<'a> {
+    Side {
+        workload: known(&p.workload),
+        namespace: known(namespace),
+        principal: known(principal),
+        app: known(&p.app),
+        version: known(&p.version),
+        canonical_service: known(&p.canonical_service),
+        canonical_revision: known_or(&p.canonical_revision, latest),
+        cluster: known(&p.cluster),
+    }
 }
 
 /// This proxy's side, from its node metadata (empty stays empty).
-fn local_side<'a>(node: &'a NodeInfo, principal: &'a str) -> [&'a str; 8] {
-    [
-        node.workload_name.as_str(),
-        node.namespace.as_str(),
-        known(principal),
-        node.label(LABEL_APP),
-        node.label(LABEL_VERSION),
-        node.label(LABEL_CANONICAL_NAME),
-        node.label(LABEL_CANONICAL_REVISION),
-        node.cluster_id.as_str(),
-    ]
+fn local_side<'a>(node: &'a NodeInfo, principal: &'a str) -> Side<'a> {
+    Side {
+        workload: node.workload_name.as_str(),
+        namespace: node.namespace.as_str(),
+        principal: known(principal),
+        app: node.label(LABEL_APP),
+        version: node.label(LABEL_VERSION),
+        canonical_service: node.label(LABEL_CANONICAL_NAME),
+        canonical_revision: node.label(LABEL_CANONICAL_REVISION),
+        cluster: node.cluster_id.as_str(),
+    }
 }
 
 /// [`with_label_values`] as owned strings.
@@ -295,6 +331,16 @@ pub fn label_values(node: &NodeInfo, f: &RequestFacts) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::istio::golden;
+
+    #[test]
+    fn the_positions_named_here_are_those_labels() {
+        assert_eq!(LABEL_NAMES[REQUEST_PROTOCOL], "request_protocol");
+        assert_eq!(NOT_TCP_LABELS.map(|i| LABEL_NAMES[i]), ["response_code", "grpc_response_status"]);
+        let l = IstioLabels { request_protocol: "tcp", connection_security_policy: "none", ..Default::default() };
+        assert_eq!(l.values()[REQUEST_PROTOCOL], "tcp");
+        assert_eq!(l.values()[24], "none", "the last of the list is the last field");
+    }
 
     #[test]
     fn status_codes_are_written_in_decimal() {
@@ -343,11 +389,7 @@ mod tests {
     }
 
     fn server_service() -> Destination {
-        Destination {
-            host: "server.default.svc.cluster.local".into(),
-            name: "server".into(),
-            namespace: "default".into(),
-        }
+        Destination { host: golden::SERVER_SERVICE.into(), name: "server".into(), namespace: "default".into() }
     }
 
     #[test]
@@ -362,33 +404,7 @@ mod tests {
             ..Default::default()
         };
         let l = labels(&ratings(), f);
-        let want = [
-            ("reporter", "destination"),
-            ("source_workload", "productpage-v1"),
-            ("source_canonical_service", "productpage-v1"),
-            ("source_canonical_revision", "version-1"),
-            ("source_workload_namespace", "default"),
-            ("source_principal", "unknown"),
-            ("source_app", "productpage"),
-            ("source_version", "v1"),
-            ("source_cluster", "client-cluster"),
-            ("destination_workload", "ratings-v1"),
-            ("destination_workload_namespace", "default"),
-            ("destination_principal", "unknown"),
-            ("destination_app", "ratings"),
-            ("destination_version", "v1"),
-            ("destination_service", "server.default.svc.cluster.local"),
-            ("destination_canonical_service", "ratings"),
-            ("destination_canonical_revision", "version-1"),
-            ("destination_service_name", "server"),
-            ("destination_service_namespace", "default"),
-            ("destination_cluster", "server-cluster"),
-            ("request_protocol", "http"),
-            ("response_code", "200"),
-            ("grpc_response_status", ""),
-            ("response_flags", "-"),
-            ("connection_security_policy", "none"),
-        ];
+        let want = golden::server_request_total();
         for (name, value) in want {
             assert_eq!(l[name], value, "{name}");
         }
@@ -465,18 +481,15 @@ mod tests {
             ..Default::default()
         };
         let l = labels(&client, f);
-        assert_eq!(l["reporter"], "source");
-        assert_eq!(
-            (l["source_workload"].as_str(), l["source_canonical_service"].as_str()),
-            ("productpage-v1", "productpage-v1")
+        // The golden file's request, answered over gRPC with status 7.
+        let want = golden::with(
+            golden::client_request_total(),
+            &[("request_protocol", "grpc"), ("grpc_response_status", "7")],
         );
-        assert_eq!(
-            (l["destination_workload"].as_str(), l["destination_cluster"].as_str()),
-            ("ratings-v1", "server-cluster")
-        );
-        assert_eq!((l["request_protocol"].as_str(), l["grpc_response_status"].as_str()), ("grpc", "7"));
-        assert_eq!(l["connection_security_policy"], "unknown");
-        assert_eq!(l["source_principal"], "unknown");
+        for (name, value) in want {
+            assert_eq!(l[name], value, "{name}");
+        }
+        assert_eq!(l.len(), 25);
     }
 
     #[test]

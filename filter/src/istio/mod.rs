@@ -2,6 +2,7 @@
 //! source it follows.
 
 pub mod facts;
+pub mod golden;
 pub mod labels;
 pub mod node;
 pub mod peer;
