@@ -8,7 +8,7 @@
 //! exchange sends (meshtel's fallback when the peer filter state is absent), and string filter
 //! state for `io.istio.peer_principal` / `io.istio.local_principal`. Reading the peer filter
 //! state itself (a Struct upstream Envoy cannot create) is unit-tested through the host seam
-//! (`filter/src/request.rs`, `filter/src/istio/facts.rs`).
+//! (`filter/src/telemetry/request.rs`, `filter/src/istio/facts.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

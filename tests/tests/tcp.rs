@@ -3,7 +3,7 @@
 //! istio/proxy's `TestTCPMetadataExchange` (`test/envoye2e/tcp_metadata_exchange/`, golden files
 //! `testdata/metric/tcp_*.yaml.tmpl`): `received` counts what the downstream peer sent, `sent`
 //! what it got, both without the exchange's own bytes; the label rules are checked against those
-//! golden files through the host seam (`filter/src/connection.rs`), since upstream Envoy has no
+//! golden files through the host seam (`filter/src/telemetry/connection.rs`), since upstream Envoy has no
 //! Istio metadata exchange to produce the peer here.
 
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! The configuration the filter runs with, once read and validated ([`super::raw`]).
+//! The configuration the filter runs with, once read and validated (`config/raw.rs`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -104,7 +104,7 @@ pub struct Traces {
     /// How spans are named.
     pub span_name: SpanNaming,
     /// Request headers recorded as `http.request.header.<name>` span attributes; none by default.
-    /// Sensitive headers ([`ALWAYS_SENSITIVE`] and `traces.sensitive_headers`) are refused.
+    /// Sensitive headers ([`crate::config::ALWAYS_SENSITIVE`] and `traces.sensitive_headers`) are refused.
     pub request_headers: Vec<String>,
     /// Whether the headers Envoy forces a trace with (`x-client-trace-id`, and
     /// `x-envoy-force-trace` on internal requests) sample a new trace whatever the ratio.

@@ -167,7 +167,7 @@ pub struct SeriesData {
     #[prost(message, optional, tag = "4")]
     pub response_bytes: Option<Histogram>,
     /// When the cumulative totals began counting this series (set by
-    /// a [`Stamp`] of [`Aggregator::merge_batch`]; zero, and so not on the wire, in deltas).
+    /// a [`Stamp`] of [`super::aggregate::Aggregator::merge_batch`]; zero, and so not on the wire, in deltas).
     #[prost(uint64, tag = "5")]
     pub start_ns: u64,
     /// When the cumulative totals last saw this series change (as `start_ns`).

@@ -26,7 +26,7 @@ impl Telemetry {
 
     /// The root context is done (a new `pluginConfig` or module replaced it, or the proxy
     /// stops): everything not sent yet (queued spans and access logs, retries, the metrics'
-    /// last export or deltas: [`MetricsPipeline::shutdown`]) goes to the hand-over queue for
+    /// last export or deltas: [`crate::metrics::MetricsPipeline::shutdown`]) goes to the hand-over queue for
     /// the root contexts that go on; from then on this one sends nothing new, and a call that
     /// fails is handed over too instead of retried. Call it again after each answer. Returns
     /// whether no call is in flight any more, i.e. the root context may be deleted.
