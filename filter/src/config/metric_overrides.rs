@@ -109,7 +109,6 @@ pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
     if entries.len() > MAX_OVERRIDES {
         return Err(ConfigError::new(&f.path("overrides"), format!("at most {MAX_OVERRIDES} overrides")));
     }
-    let mut expressions = Vec::new();
     let mut out = Vec::new();
     for o in entries {
         let (metric, mode) = match o.object("match", &["metric", "mode", "custom_metric"])? {
@@ -135,13 +134,7 @@ pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
                 let t = Fields::new(&path, value, &["operation", "value"])?;
                 let upsert = t.variant("operation", &[("UPSERT", true), ("REMOVE", false)], true)?;
                 let op = match (upsert, t.string("value")?) {
-                    (true, Some(v)) => {
-                        let v = expression(&t.path("value"), Some(v))?.unwrap_or_default();
-                        if !expressions.contains(&v) {
-                            expressions.push(v.clone());
-                        }
-                        TagOperation::Upsert(v)
-                    }
+                    (true, Some(v)) => TagOperation::Upsert(expression(&t.path("value"), Some(v))?.unwrap_or_default()),
                     (true, None) => return Err(ConfigError::new(&t.path("value"), "is required for UPSERT")),
                     (false, Some(_)) => return Err(ConfigError::new(&t.path("value"), "must not be set for REMOVE")),
                     (false, None) => TagOperation::Remove,
@@ -153,7 +146,7 @@ pub(crate) fn read(f: &Fields<'_>) -> Result<Vec<MetricOverride>, ConfigError> {
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         out.push(MetricOverride { metrics, mode, disabled, tags });
     }
-    if expressions.len() > MAX_UPSERT_EXPRESSIONS {
+    if expressions(&out).len() > MAX_UPSERT_EXPRESSIONS {
         return Err(ConfigError::new(
             &f.path("overrides"),
             format!("at most {MAX_UPSERT_EXPRESSIONS} distinct UPSERT expressions, each is evaluated per request"),

@@ -115,24 +115,31 @@ type PointOf<'a> = dyn Fn(&mut Writer, Option<&[Rc<str>]>, &SeriesData) + 'a;
 
 /// One export body being written: its series and their common times.
 struct Part<'a> {
-    series: Vec<Series<'a>>,
+    /// Each series with the metrics it carries (a set of [`Metric`] bits), read once.
+    series: Vec<(Series<'a>, u16)>,
     temporality: u64,
     start_ns: u64,
     now_ns: u64,
-    exported: u16,
 }
 
 impl<'a> Part<'a> {
-    /// The series that carry `metric`: a series as its labels say, the overflow series when
-    /// the metric is exported and it holds traffic of that kind.
-    fn of(&self, metric: Metric) -> Vec<Series<'a>> {
-        let carries = |(labels, data): &Series| match labels {
-            Some(values) => Described::of(values).is_some_and(|d| d.has(metric)),
-            None if self.exported & metric as u16 == 0 => false,
-            None if metric as u16 & TCP_METRICS != 0 => data.has_tcp(),
-            None => data.requests > 0 || data.has_histograms(),
+    /// The series of `agg` in `range`, each with its metrics: a series as its labels say, the
+    /// overflow series those of `exported` it holds traffic of.
+    fn carried(agg: &'a Aggregator, range: std::ops::Range<usize>, exported: u16) -> Vec<(Series<'a>, u16)> {
+        let carried = |(labels, data): &Series| match labels {
+            Some(values) => Described::of(values).map_or(0, |d| d.metrics),
+            None => {
+                let requests = if data.requests > 0 || data.has_histograms() { REQUEST_METRICS } else { 0 };
+                let tcp = if data.has_tcp() { TCP_METRICS } else { 0 };
+                exported & (requests | tcp)
+            }
         };
-        self.series.iter().filter(|s| carries(s)).copied().collect()
+        agg.series().skip(range.start).take(range.len()).map(|s| (s, carried(&s))).collect()
+    }
+
+    /// The series that carry `metric`.
+    fn of(&self, metric: Metric) -> Vec<Series<'a>> {
+        self.series.iter().filter(|(_, m)| m & metric as u16 != 0).map(|(s, _)| *s).collect()
     }
 
     /// One metric: its name, one point per series, and its temporality (sums are monotonic).
@@ -312,8 +319,8 @@ impl MetricsEncoder {
             Temporality::Cumulative => AggregationTemporality::Cumulative,
             Temporality::Delta => AggregationTemporality::Delta,
         } as u64;
-        let series = agg.series().skip(part.start).take(part.len()).collect();
-        let p = Part { series, temporality, start_ns, now_ns, exported: self.exported };
+        let series = Part::carried(agg, part, self.exported);
+        let p = Part { series, temporality, start_ns, now_ns };
         let requests = p.of(Metric::RequestCount);
         let histograms = HISTOGRAMS.each_ref().map(|h| p.of(h.metric));
         let counters = TCP_COUNTERS.map(|c| p.of(c.0));
@@ -321,7 +328,7 @@ impl MetricsEncoder {
         let points = requests.len() as u64
             + histograms.iter().map(|s| s.len() as u64 * kinds).sum::<u64>()
             + counters.iter().map(|s| s.len() as u64).sum::<u64>();
-        let body = self.envelope.encode(self.capacity(&p.series), |w| {
+        let body = self.envelope.encode(self.capacity(p.series.iter().map(|(s, _)| s)), |w| {
             // An export without any point still names the request metrics.
             let none = points == 0;
             if !requests.is_empty() || none {
@@ -348,16 +355,13 @@ impl MetricsEncoder {
     /// (key, value and ~8 bytes of framing each) and ~230 bytes of times, counts and buckets.
     /// Sized right, the body is written without regrowing, and holds no unused capacity while
     /// it is in flight.
-    fn capacity(&self, series: &[Series]) -> usize {
+    fn capacity<'s>(&self, series: impl Iterator<Item = &'s Series<'s>>) -> usize {
         let attributes =
             |labels: Option<&[Rc<str>]>| -> usize { labels.map_or(32, |v| v.iter().map(|v| v.len() + 32).sum()) };
         // An exponential point: up to 160 buckets of a few bytes each.
         let per_series = if self.histograms.exponential() { 4 + 3 } else { 4 };
         let exponential_bytes = if self.histograms.exponential() { 3 * 400 } else { 0 };
-        512 + series
-            .iter()
-            .map(|(labels, _)| per_series * (attributes(*labels) + 230) + exponential_bytes)
-            .sum::<usize>()
+        512 + series.map(|(labels, _)| per_series * (attributes(*labels) + 230) + exponential_bytes).sum::<usize>()
     }
 }
 
